@@ -1,0 +1,76 @@
+// The pgwarden command line: parses the subcommand and its flags (flags derive
+// from the configuration schema), and turns configuration errors into one clear
+// message and exit code 2.
+
+import { parseArgs } from 'node:util';
+import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
+import { runStart } from './start.ts';
+
+const USAGE = `usage: pgwarden <command> [options]
+
+commands:
+  start     run the proxy
+  help      show this help
+
+options of start (each also PGWARDEN_<NAME> in the environment, or a key of --config FILE):
+  --config FILE   YAML or JSON configuration file (PGWARDEN_CONFIG)
+${optionKeys.map((key) => `  --${flagName(key).padEnd(20)} ${(OPTIONS[key] as { description?: string }).description ?? ''} (${envName(key)})`).join('\n')}
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'start':
+      return start(rest);
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      process.stderr.write(`pgwarden: unknown command '${command}'\n${USAGE}`);
+      return 2;
+  }
+}
+
+async function start(args: string[]): Promise<number> {
+  const flagOptions: Record<string, { type: 'string' | 'boolean' }> = { config: { type: 'string' }, help: { type: 'boolean' } };
+  for (const key of optionKeys) flagOptions[flagName(key)] = { type: 'string' };
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    ({ values } = parseArgs({ args, options: flagOptions, strict: true, allowPositionals: false }));
+  } catch (err) {
+    process.stderr.write(`pgwarden: ${(err as Error).message}\n`);
+    return 2;
+  }
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const flags: Partial<Record<OptionKey, string>> = {};
+  for (const key of optionKeys) {
+    const value = values[flagName(key)];
+    if (typeof value === 'string') flags[key] = value;
+  }
+  try {
+    const file = (values.config as string | undefined) ?? process.env.PGWARDEN_CONFIG;
+    const config = loadConfig({ file, env: process.env, flags });
+    await runStart(config);
+    return -1; // keeps running until a signal
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`pgwarden: ${err.message}\n`);
+      return 2;
+    }
+    process.stderr.write(`pgwarden: ${(err as Error).message}\n`);
+    return 1;
+  }
+}
+
+const isEntryPoint = process.argv[1] !== undefined && import.meta.url.endsWith(process.argv[1].replace(/\\/g, '/'));
+if (isEntryPoint) {
+  main(process.argv.slice(2)).then((code) => {
+    if (code >= 0) process.exit(code);
+  });
+}

@@ -1,0 +1,127 @@
+// The one source of truth for configuration: each option is declared once with its
+// schema, default and description; the config file keys, the --flags and the
+// PGWARDEN_* environment variables, and docs/configuration.md all derive from it.
+// Precedence: defaults < config file < environment < flags.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import YAML from 'yaml';
+import { z } from 'zod';
+
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected HOST:PORT');
+const positiveInt = z.coerce.number().int().positive();
+
+/** Every option: key (as in the config file) -> schema with default and description. */
+export const OPTIONS = {
+  listen: hostPort.default('127.0.0.1:6464').describe('Address the proxy accepts PostgreSQL clients on.'),
+  upstream: hostPort.default('127.0.0.1:5432').describe('The PostgreSQL server (or PgBouncer) queries are forwarded to.'),
+  admin: hostPort.default('127.0.0.1:6465').describe('Address of the admin HTTP server (API, metrics, dashboard).'),
+  admin_token: z.string().min(16, 'must be at least 16 characters').optional().describe('Bearer token required by the admin API.'),
+  monitor_url: z.string().regex(/^postgres(ql)?:\/\//, 'expected a postgres:// URL').optional().describe('Connection URL of the monitoring role used for EXPLAIN and catalog checks.'),
+  upstream_tls: z.enum(['disable', 'prefer', 'require', 'verify-full']).default('disable').describe('TLS toward the upstream, with libpq sslmode meanings.'),
+  upstream_tls_ca: z.string().optional().describe('PEM file with the CA that signed the upstream certificate (for verify-full).'),
+  tls_cert: z.string().optional().describe('PEM certificate for TLS toward clients; without it SSLRequest is answered N.'),
+  tls_key: z.string().optional().describe('PEM private key for tls_cert.'),
+  max_message_bytes: positiveInt.min(1024).default(128 * 1024 * 1024).describe('Largest client message accepted; larger ones get 08P01 and the connection is closed.'),
+  startup_timeout_ms: positiveInt.default(10_000).describe('Time a new connection has to send its startup packet.'),
+  connect_timeout_ms: positiveInt.default(5_000).describe('Time allowed to connect to the upstream before the client gets 08006.'),
+  drain_timeout_ms: positiveInt.default(30_000).describe('On SIGTERM, how long in-flight queries may run before connections are closed.'),
+  workers: z.coerce.number().int().min(0).default(1).describe('Proxy processes sharing the listen port; 0 means one per CPU core.'),
+  log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level.'),
+} as const;
+
+const ConfigSchema = z
+  .object(OPTIONS)
+  .strict()
+  .refine((c) => (c.tls_cert === undefined) === (c.tls_key === undefined), {
+    message: 'tls_cert and tls_key must be given together',
+    path: ['tls_cert'],
+  });
+
+export type Config = z.infer<typeof ConfigSchema>;
+export type OptionKey = keyof typeof OPTIONS;
+
+export const optionKeys = Object.keys(OPTIONS) as OptionKey[];
+export const flagName = (key: string): string => key.replace(/_/g, '-');
+export const envName = (key: string): string => `PGWARDEN_${key.toUpperCase()}`;
+
+/** A configuration that cannot be used; the message says what and where. */
+export class ConfigError extends Error {}
+
+export interface ConfigSources {
+  /** Path of a YAML or JSON config file. */
+  file?: string;
+  env?: NodeJS.ProcessEnv;
+  /** Values from command-line flags, by option key. */
+  flags?: Partial<Record<OptionKey, string>>;
+}
+
+/** Merges defaults, file, environment and flags, and validates the result. */
+export function loadConfig(sources: ConfigSources = {}): Config {
+  const origin = new Map<string, string>();
+  const merged: Record<string, unknown> = {};
+  if (sources.file) {
+    for (const [key, value] of Object.entries(readConfigFile(sources.file))) {
+      merged[key] = value;
+      origin.set(key, sources.file);
+    }
+  }
+  for (const key of optionKeys) {
+    const value = sources.env?.[envName(key)];
+    if (value !== undefined && value !== '') {
+      merged[key] = value;
+      origin.set(key, envName(key));
+    }
+  }
+  for (const [key, value] of Object.entries(sources.flags ?? {})) {
+    if (value === undefined) continue;
+    merged[key] = value;
+    origin.set(key, `--${flagName(key)}`);
+  }
+  const result = ConfigSchema.safeParse(merged);
+  if (!result.success) {
+    const problems = result.error.issues.map((issue) => {
+      const key = issue.path.map(String).join('.') || (issue.code === 'unrecognized_keys' ? issue.keys.join(', ') : '');
+      const from = origin.get(String(issue.path[0] ?? '')) ?? (issue.code === 'unrecognized_keys' ? sources.file : undefined);
+      return `${key}${from ? ` (from ${from})` : ''}: ${issue.message}`;
+    });
+    throw new ConfigError(`invalid configuration: ${problems.join('; ')}`);
+  }
+  return result.data;
+}
+
+function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`cannot read config file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  let parsed: unknown;
+  try {
+    parsed = path.extname(file) === '.json' ? JSON.parse(text) : YAML.parse(text);
+  } catch (err) {
+    throw new ConfigError(`config file ${file} is not valid ${path.extname(file) === '.json' ? 'JSON' : 'YAML'}: ${(err as Error).message.split('\n')[0]}`);
+  }
+  if (parsed === null || parsed === undefined) return {};
+  if (typeof parsed !== 'object' || Array.isArray(parsed)) throw new ConfigError(`config file ${file} must contain a mapping of options`);
+  return parsed as Record<string, unknown>;
+}
+
+/** Splits HOST:PORT (IPv6 in brackets). */
+export function parseHostPort(value: string): { host: string; port: number } {
+  const i = value.lastIndexOf(':');
+  const host = value.slice(0, i).replace(/^\[(.*)\]$/, '$1');
+  return { host, port: Number(value.slice(i + 1)) };
+}
+
+/** The options as a Markdown table, for docs/configuration.md. */
+export function configurationReference(): string {
+  const rows = optionKeys.map((key) => {
+    const schema = OPTIONS[key] as z.ZodType;
+    const parsed = z.object({ v: schema }).safeParse({});
+    const fallback = parsed.success && parsed.data.v !== undefined ? `\`${String(parsed.data.v)}\`` : '';
+    return `| \`${key}\` | \`--${flagName(key)}\` | \`${envName(key)}\` | ${fallback} | ${schema.description ?? ''} |`;
+  });
+  return ['| file key | flag | environment | default | meaning |', '|---|---|---|---|---|', ...rows].join('\n');
+}

@@ -1,0 +1,85 @@
+// Wire-protocol constants, named as in the PostgreSQL protocol documentation
+// ("Message Formats"), so the session code reads like the spec.
+
+/** Startup-phase request codes (the int32 after the length of an untyped packet). */
+export const PROTOCOL_VERSION_3_0 = 196608; // 3 << 16
+export const SSL_REQUEST_CODE = 80877103;
+export const GSSENC_REQUEST_CODE = 80877104;
+export const CANCEL_REQUEST_CODE = 80877102;
+
+/** PostgreSQL's own bound on a startup packet (MAX_STARTUP_PACKET_LENGTH). */
+export const MAX_STARTUP_PACKET_BYTES = 10_000;
+
+/** Frontend (client to server) message type bytes. */
+export const Frontend = {
+  Bind: 0x42, // 'B'
+  Close: 0x43, // 'C'
+  CopyData: 0x64, // 'd'
+  CopyDone: 0x63, // 'c'
+  CopyFail: 0x66, // 'f'
+  Describe: 0x44, // 'D'
+  Execute: 0x45, // 'E'
+  Flush: 0x48, // 'H'
+  FunctionCall: 0x46, // 'F'
+  Parse: 0x50, // 'P'
+  Password: 0x70, // 'p' (also SASLInitialResponse, SASLResponse, GSSResponse)
+  Query: 0x51, // 'Q'
+  Sync: 0x53, // 'S'
+  Terminate: 0x58, // 'X'
+} as const;
+
+/** Backend (server to client) message type bytes. */
+export const Backend = {
+  Authentication: 0x52, // 'R'
+  BackendKeyData: 0x4b, // 'K'
+  BindComplete: 0x32, // '2'
+  CloseComplete: 0x33, // '3'
+  CommandComplete: 0x43, // 'C'
+  CopyBothResponse: 0x57, // 'W'
+  CopyData: 0x64, // 'd'
+  CopyDone: 0x63, // 'c'
+  CopyInResponse: 0x47, // 'G'
+  CopyOutResponse: 0x48, // 'H'
+  DataRow: 0x44, // 'D'
+  EmptyQueryResponse: 0x49, // 'I'
+  ErrorResponse: 0x45, // 'E'
+  FunctionCallResponse: 0x56, // 'V'
+  NegotiateProtocolVersion: 0x76, // 'v'
+  NoData: 0x6e, // 'n'
+  NoticeResponse: 0x4e, // 'N'
+  NotificationResponse: 0x41, // 'A'
+  ParameterDescription: 0x74, // 't'
+  ParameterStatus: 0x53, // 'S'
+  ParseComplete: 0x31, // '1'
+  PortalSuspended: 0x73, // 's'
+  ReadyForQuery: 0x5a, // 'Z'
+  RowDescription: 0x54, // 'T'
+} as const;
+
+/** ReadyForQuery transaction status bytes. */
+export const TransactionStatus = {
+  Idle: 0x49, // 'I'
+  InTransaction: 0x54, // 'T'
+  Failed: 0x45, // 'E'
+} as const;
+export type TransactionStatusByte = (typeof TransactionStatus)[keyof typeof TransactionStatus];
+
+/** The SQLSTATEs pgwarden itself originates (PRODUCT.md section 1). */
+export const SqlState = {
+  InsufficientPrivilege: '42501', // shape blocked by a rule
+  ConfigurationLimitExceeded: '53400', // shape shed
+  ConnectionFailure: '08006', // upstream unreachable or lost
+  ProtocolViolation: '08P01', // malformed or oversized client message
+  AdminShutdown: '57P01', // pgwarden is shutting down
+  CannotConnectNow: '57P03', // pgwarden is draining and accepts no new sessions
+} as const;
+
+/** ErrorResponse / NoticeResponse field type bytes we read or write. */
+export const ErrorField = {
+  Severity: 0x53, // 'S' (localized)
+  SeverityNonLocalized: 0x56, // 'V'
+  Code: 0x43, // 'C'
+  Message: 0x4d, // 'M'
+  Detail: 0x44, // 'D'
+  Hint: 0x48, // 'H'
+} as const;

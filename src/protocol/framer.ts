@@ -1,0 +1,221 @@
+// Frames a byte stream into protocol messages by their 5-byte headers only
+// (type byte + int32 length), so the proxy can forward each received chunk as it
+// is. A handler sees only the message types it asked for; everything else is
+// forwarded without being looked at. Messages the handler must read whole (a Query,
+// an ErrorResponse) are gathered when a read splits them; all others stream
+// through, so a 1 GB COPY or a huge DataRow is never buffered.
+
+/** Per message type: what the handler needs. */
+export const PASS = 0; // not shown to the handler
+export const WHOLE = 1; // shown once complete (gathered if split across reads)
+export const HEADER = 2; // shown at its header; the body may not be in the buffer yet
+
+/** What the handler did with a message. */
+export const CONTINUE = 0; // forward it
+export const SKIP = 1; // do not forward it (the handler wrote something else instead)
+export const HOLD = 2; // stop here; the handler will call resume() later
+
+export interface FrameHandler {
+  /**
+   * A message of a WHOLE or HEADER type. `buf[start]` is the type byte and `end` is
+   * one past the message; for HEADER types `end` may lie beyond `buf`.
+   */
+  onMessage(type: number, buf: Buffer, start: number, end: number): number;
+  /** Bytes to pass on verbatim, in order. */
+  onForward(bytes: Buffer): void;
+  /** The stream is not valid protocol; nothing more will be framed. */
+  onViolation(reason: string): void;
+}
+
+const HEADER_BYTES = 5;
+
+export class Framer {
+  /** Bytes of a streamed (PASS or HEADER) message still to come. */
+  private passRemaining = 0;
+  /** A message, or just its header, split across reads. */
+  private gathered: Buffer | null = null;
+  private gatheredFill = 0;
+  private gatheringHeader = false;
+  /** Input that arrived while the handler held a message. */
+  private held: Buffer[] | null = null;
+  private stopped = false;
+  private chunk: Buffer = Buffer.alloc(0);
+  private runStart = 0;
+  private messageStart = 0;
+
+  constructor(
+    private readonly kinds: Uint8Array,
+    private readonly maxMessageLength: number,
+    private readonly handler: FrameHandler,
+  ) {}
+
+  get holding(): boolean {
+    return this.held !== null;
+  }
+
+  push(data: Buffer): void {
+    if (this.stopped) return;
+    if (this.held !== null) {
+      this.held.push(data);
+      return;
+    }
+    this.chunk = data;
+    this.runStart = 0;
+    const n = data.length;
+    let p = 0;
+    while (p < n) {
+      if (this.passRemaining > 0) {
+        const take = Math.min(this.passRemaining, n - p);
+        this.passRemaining -= take;
+        p += take;
+        continue;
+      }
+      if (this.gathered !== null) {
+        p = this.gather(data, p);
+        if (p < 0) return; // held or stopped
+        continue;
+      }
+      if (n - p < HEADER_BYTES) {
+        this.flushTo(p);
+        this.startGathering(Buffer.allocUnsafe(HEADER_BYTES), data, p, true);
+        return;
+      }
+      const type = data[p];
+      const length = data.readInt32BE(p + 1);
+      if (!this.validLength(length, p)) return;
+      const end = p + 1 + length;
+      const kind = this.kinds[type];
+      if (end <= n) {
+        if (kind !== PASS) {
+          this.messageStart = p;
+          const outcome = this.handler.onMessage(type, data, p, end);
+          if (outcome !== CONTINUE) {
+            if (outcome === HOLD) {
+              this.hold(data, end);
+              return;
+            }
+            this.flushTo(p);
+            this.runStart = end;
+          }
+        }
+        p = end;
+        continue;
+      }
+      // The message runs past this read.
+      if (kind === WHOLE) {
+        this.flushTo(p);
+        this.startGathering(Buffer.allocUnsafe(1 + length), data, p, false);
+        return;
+      }
+      if (kind === HEADER) {
+        this.messageStart = p;
+        this.handler.onMessage(type, data, p, end);
+      }
+      this.passRemaining = end - n;
+      p = n;
+    }
+    this.flushTo(n);
+  }
+
+  /**
+   * Forwards what precedes the message being handled, so that a handler that
+   * writes a replacement keeps the stream's order.
+   */
+  flushPending(): void {
+    this.flushTo(this.messageStart);
+  }
+
+  /** Continues after a HOLD, with the input that arrived meanwhile. */
+  resume(): void {
+    const chunks = this.held;
+    if (chunks === null) return;
+    this.held = null;
+    for (let i = 0; i < chunks.length; i++) {
+      const heldAgain = this.held as Buffer[] | null; // push() may hold again
+      if (heldAgain !== null) {
+        // Held again by a later message: keep the rest in order.
+        for (let j = i; j < chunks.length; j++) heldAgain.push(chunks[j]);
+        return;
+      }
+      this.push(chunks[i]);
+    }
+  }
+
+  /** Stops framing: later input is dropped (the connection is going away). */
+  stop(): void {
+    this.stopped = true;
+    this.held = null;
+    this.gathered = null;
+  }
+
+  private flushTo(position: number): void {
+    if (position > this.runStart) {
+      const chunk = this.chunk;
+      this.handler.onForward(this.runStart === 0 && position === chunk.length ? chunk : chunk.subarray(this.runStart, position));
+    }
+    this.runStart = position;
+  }
+
+  private hold(data: Buffer, resumeAt: number): void {
+    this.flushTo(this.messageStart);
+    this.held = resumeAt < data.length ? [data.subarray(resumeAt)] : [];
+  }
+
+  private validLength(length: number, position: number): boolean {
+    if (length >= 4 && length <= this.maxMessageLength) return true;
+    this.flushTo(position);
+    this.stopped = true;
+    this.handler.onViolation(
+      length < 4 ? `invalid message length ${length}` : `message of ${length} bytes exceeds the limit of ${this.maxMessageLength}`,
+    );
+    return false;
+  }
+
+  private startGathering(target: Buffer, data: Buffer, from: number, headerOnly: boolean): void {
+    const take = Math.min(target.length, data.length - from);
+    data.copy(target, 0, from, from + take);
+    this.gathered = target;
+    this.gatheredFill = take;
+    this.gatheringHeader = headerOnly;
+    this.runStart = data.length;
+  }
+
+  /** Feeds a split message; returns the next position in `data`, or -1 to stop this read. */
+  private gather(data: Buffer, p: number): number {
+    const target = this.gathered!;
+    const take = Math.min(target.length - this.gatheredFill, data.length - p);
+    data.copy(target, this.gatheredFill, p, p + take);
+    this.gatheredFill += take;
+    p += take;
+    this.runStart = p;
+    if (this.gatheredFill < target.length) return p;
+    this.gathered = null;
+    this.messageStart = p; // nothing of this read precedes the gathered message
+    const type = target[0];
+    const length = target.readInt32BE(1);
+    if (this.gatheringHeader) {
+      if (!this.validLength(length, p)) return -1;
+      const kind = this.kinds[type];
+      if (kind === WHOLE) {
+        const whole = Buffer.allocUnsafe(1 + length);
+        target.copy(whole, 0);
+        this.gathered = whole;
+        this.gatheredFill = HEADER_BYTES;
+        this.gatheringHeader = false;
+        return whole.length === HEADER_BYTES ? this.gather(data, p) : p;
+      }
+      if (kind === HEADER) this.handler.onMessage(type, target, 0, 1 + length);
+      this.handler.onForward(target);
+      this.passRemaining = 1 + length - HEADER_BYTES;
+      return p;
+    }
+    // A whole message is complete: hand it over as a buffer of its own.
+    const outcome = this.handler.onMessage(type, target, 0, target.length);
+    if (outcome === CONTINUE) this.handler.onForward(target);
+    else if (outcome === HOLD) {
+      this.held = p < data.length ? [data.subarray(p)] : [];
+      return -1;
+    }
+    return p;
+  }
+}

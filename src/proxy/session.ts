@@ -1,0 +1,785 @@
+// One client connection and its own upstream connection. Bytes flow through two
+// Framers; the session looks only at the messages that start, end or route a
+// query, keeps a queue of what the server still owes (so pipelined responses are
+// matched to their queries), publishes a QueryCompletion per statement and asks
+// the gate before forwarding each query.
+//
+// Refusing a query never needs the proxy to imitate the server: the refused
+// message is replaced by one the server itself fails (a syntax error), so the
+// server skips to the next Sync, marks an open transaction failed and reports its
+// true status in ReadyForQuery; the proxy then swaps that ErrorResponse for its own.
+
+import type net from 'node:net';
+import { performance } from 'node:perf_hooks';
+import type { Logger } from 'pino';
+import { Backend, Frontend, SqlState, TransactionStatus } from '../protocol/constants.ts';
+import { commandCompleteRows, errorIsFatal, errorSqlState } from '../protocol/backend.ts';
+import {
+  decodeBindPortal,
+  decodeBindStatement,
+  decodeCloseTarget,
+  decodeExecutePortal,
+  decodeParse,
+  decodeQueryText,
+  ProtocolError,
+} from '../protocol/frontend.ts';
+import { encodeCancelRequest, encodeErrorResponse, encodeParse, encodeQuery, TERMINATE, type ErrorFields } from '../protocol/encode.ts';
+import { CONTINUE, Framer, HEADER, HOLD, PASS, SKIP, WHOLE, type FrameHandler } from '../protocol/framer.ts';
+import {
+  FORWARD,
+  type GateDecision,
+  type PreparedStatement,
+  type QueryCompletion,
+  type QueryGate,
+  type QueryObserver,
+  type QueryRequest,
+  type SessionInfo,
+} from './seam.ts';
+import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
+
+export interface SessionOptions {
+  readonly upstream: UpstreamTarget;
+  readonly maxMessageBytes: number;
+  readonly gate: QueryGate;
+  readonly observers: readonly QueryObserver[];
+  readonly log: Logger;
+}
+
+// What the server still owes, per entry of the pending queue.
+const SIMPLE = 0; // a Query: completions per statement, ends at ReadyForQuery
+const EXECUTE = 1; // an Execute: ends at CommandComplete/EmptyQuery/PortalSuspended/Error
+const SYNC = 2; // a Sync: ends at ReadyForQuery
+const FUNCTION_CALL = 3; // a FunctionCall: ends at ReadyForQuery
+const REFUSED_SIMPLE = 4; // a refused Query: its ErrorResponse is replaced, ends at ReadyForQuery
+const REFUSED_EXTENDED = 5; // a refused Parse/Execute: its ErrorResponse is replaced
+
+/** Server-side text that fails at parse time, cheaply and without side effects. */
+const REFUSAL_SQL = 'pgwarden refused this statement';
+const REFUSAL_QUERY = encodeQuery(REFUSAL_SQL);
+const REFUSAL_PARSE = encodeParse('pgwarden_refused', REFUSAL_SQL);
+
+const READ_BUFFER_BYTES = 64 * 1024;
+
+class Pending {
+  kind = SIMPLE;
+  text = '';
+  statement: PreparedStatement | null = null;
+  bind: Buffer | null = null;
+  /** performance.now() when the message arrived; advanced per statement of a multi-statement Query. */
+  mark = 0;
+  statementIndex = 0;
+  refusal: Buffer | null = null;
+  refusalCode: string | null = null;
+  done: (() => void) | null = null;
+  upstream = 'primary';
+}
+
+/** A FIFO of Pending entries that recycles them, so steady traffic allocates none. */
+class PendingQueue {
+  private items: (Pending | undefined)[] = [];
+  private head = 0;
+  private readonly spare: Pending[] = [];
+
+  get length(): number {
+    return this.items.length - this.head;
+  }
+
+  push(kind: number, mark: number): Pending {
+    const entry = this.spare.pop() ?? new Pending();
+    entry.kind = kind;
+    entry.mark = mark;
+    this.items.push(entry);
+    return entry;
+  }
+
+  peek(): Pending | undefined {
+    return this.items[this.head];
+  }
+
+  shift(): void {
+    const entry = this.items[this.head]!;
+    this.items[this.head++] = undefined;
+    if (this.head === this.items.length) {
+      this.items.length = 0;
+      this.head = 0;
+    } else if (this.head > 1024 && this.head * 2 > this.items.length) {
+      this.items.splice(0, this.head);
+      this.head = 0;
+    }
+    entry.text = '';
+    entry.statement = null;
+    entry.bind = null;
+    entry.statementIndex = 0;
+    entry.refusal = null;
+    entry.refusalCode = null;
+    entry.done = null;
+    entry.upstream = 'primary';
+    this.spare.push(entry);
+  }
+}
+
+class MutableSessionInfo implements SessionInfo {
+  applicationName: string;
+  constructor(
+    readonly id: number,
+    readonly user: string,
+    readonly database: string,
+    applicationName: string,
+    readonly clientAddress: string,
+    readonly replication: boolean,
+  ) {
+    this.applicationName = applicationName;
+  }
+}
+
+class MutableCompletion implements QueryCompletion {
+  text = '';
+  statement: PreparedStatement | null = null;
+  statementIndex = 0;
+  bind: Buffer | null = null;
+  startedAt = 0;
+  durationMs = 0;
+  rows = 0;
+  sqlstate: string | null = null;
+  upstream = 'primary';
+  constructor(readonly session: SessionInfo) {}
+}
+
+class MutableRequest implements QueryRequest {
+  phase: 'query' | 'parse' | 'execute' = 'query';
+  text = '';
+  statement: PreparedStatement | null = null;
+  transactionStatus: 'I' | 'T' | 'E' = 'I';
+  pipelineBusy = false;
+  constructor(readonly session: SessionInfo) {}
+}
+
+/** Which frontend messages the session reads. */
+const FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
+for (const t of [Frontend.Query, Frontend.Parse, Frontend.Bind, Frontend.Execute, Frontend.Close, Frontend.Sync]) FRONTEND_KINDS[t] = WHOLE;
+for (const t of [Frontend.FunctionCall, Frontend.Terminate]) FRONTEND_KINDS[t] = HEADER;
+
+/** Which backend messages the session reads; DataRow only to count it. */
+const BACKEND_KINDS = new Uint8Array(256).fill(PASS);
+for (const t of [
+  Backend.CommandComplete,
+  Backend.ErrorResponse,
+  Backend.ReadyForQuery,
+  Backend.BackendKeyData,
+  Backend.ParameterStatus,
+  Backend.EmptyQueryResponse,
+  Backend.PortalSuspended,
+]) BACKEND_KINDS[t] = WHOLE;
+BACKEND_KINDS[Backend.DataRow] = HEADER;
+
+const APPLICATION_NAME = Buffer.from('application_name\0');
+
+interface Portal {
+  statement: PreparedStatement | null;
+  bind: Buffer;
+}
+
+export type SessionState = 'connecting' | 'open' | 'closed';
+
+export class Session {
+  readonly info: MutableSessionInfo;
+  state: SessionState = 'connecting';
+  /** Server process id from BackendKeyData (0 until received). */
+  backendPid = 0;
+  backendKey: Buffer | null = null;
+
+  private upstream: net.Socket | null = null;
+  private readonly clientFramer: Framer;
+  private readonly serverFramer: Framer;
+  private readonly pending = new PendingQueue();
+  private readonly statements = new Map<string, PreparedStatement>();
+  private readonly portals = new Map<string, Portal>();
+  private unnamedPortal: Portal | null = null;
+  private transactionStatus: number = TransactionStatus.Idle;
+  private dataRows = 0;
+  private readonly completion: MutableCompletion;
+  private readonly request: MutableRequest;
+  /** Client bytes that arrived before the upstream connection was ready. */
+  private early: Buffer[] | null = [];
+
+  // Read-side flow control: the client is read only when the upstream accepts
+  // writes and no gate decision is outstanding.
+  private clientBlockedByBackpressure = false;
+  private upstreamBlockedByBackpressure = false;
+  private gateHolding = false;
+
+  // The upstream's reusable read buffer, replaced only while a write still holds it.
+  private readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  private readBufferInUse = false;
+
+  private clientTerminated = false;
+  private fatalRelayed = false;
+  private draining = false;
+  private closeTimer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly client: net.Socket,
+    private readonly startupPacket: Buffer,
+    params: Map<string, string>,
+    id: number,
+    private readonly options: SessionOptions,
+    private readonly onClosed: (session: Session) => void,
+  ) {
+    const replication = params.get('replication');
+    this.info = new MutableSessionInfo(
+      id,
+      params.get('user') ?? '',
+      params.get('database') ?? params.get('user') ?? '',
+      params.get('application_name') ?? '',
+      `${client.remoteAddress ?? 'unknown'}:${client.remotePort ?? 0}`,
+      replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0',
+    );
+    this.completion = new MutableCompletion(this.info);
+    this.request = new MutableRequest(this.info);
+    this.clientFramer = new Framer(FRONTEND_KINDS, options.maxMessageBytes, this.clientHandler);
+    this.serverFramer = new Framer(BACKEND_KINDS, 0x7fffffff, this.serverHandler);
+    client.on('data', (data: Buffer) => this.onClientData(data));
+    client.on('drain', () => this.onClientDrain());
+    client.on('error', (err) => this.options.log.debug({ err, session: id }, 'client socket error'));
+    client.on('close', () => this.onClientClose());
+  }
+
+  /** Connects upstream and starts relaying; `leftover` is client data read with the startup packet. */
+  async start(leftover: Buffer | null): Promise<void> {
+    if (leftover && leftover.length > 0) this.early!.push(leftover);
+    let connection;
+    try {
+      connection = await connectUpstream(this.options.upstream, {
+        buffer: () => this.nextReadBuffer(),
+        callback: (n, buf) => this.onUpstreamRead(n, buf as Buffer),
+      });
+    } catch (err) {
+      this.options.log.warn({ err, session: this.info.id, upstream: this.options.upstream.name }, 'upstream unreachable');
+      this.failClient(SqlState.ConnectionFailure, (err as Error).message);
+      return;
+    }
+    const socket = connection.socket;
+    if (this.state === 'closed') {
+      socket.destroy();
+      return;
+    }
+    this.upstream = socket;
+    this.state = 'open';
+    if (!connection.usesReadBuffer) socket.on('data', (data: Buffer) => this.serverFramer.push(data));
+    socket.on('drain', () => this.onUpstreamDrain());
+    socket.on('error', (err) => this.options.log.debug({ err, session: this.info.id }, 'upstream socket error'));
+    socket.on('close', () => this.onUpstreamClose());
+    socket.write(this.startupPacket);
+    const early = this.early!;
+    this.early = null;
+    for (const chunk of early) this.clientFramer.push(chunk);
+  }
+
+  /** True when no query is in flight and no transaction is open. */
+  get idle(): boolean {
+    return this.pending.length === 0 && this.transactionStatus === TransactionStatus.Idle && !this.clientFramer.holding;
+  }
+
+  /**
+   * Graceful shutdown: an idle session is closed now, a busy one as soon as it
+   * becomes idle (see onReadyForQuery).
+   */
+  drain(): void {
+    this.draining = true;
+    if (this.state !== 'open' || this.idle) this.shutdown();
+  }
+
+  /** Ends the session now, telling the client why, as PostgreSQL does on shutdown. */
+  shutdown(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
+  }
+
+  /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
+  cancel(): Promise<void> {
+    if (this.backendKey === null) return Promise.resolve();
+    return sendCancelRequest(this.options.upstream, encodeCancelRequest(this.backendPid, this.backendKey));
+  }
+
+  // ---- client to server -------------------------------------------------------
+
+  private onClientData(data: Buffer): void {
+    if (this.early !== null) {
+      this.early.push(data);
+      return;
+    }
+    this.clientFramer.push(data);
+  }
+
+  private readonly clientHandler: FrameHandler = {
+    onMessage: (type, buf, start, end) => this.onClientMessage(type, buf, start, end),
+    onForward: (bytes) => this.writeUpstream(bytes),
+    onViolation: (reason) => this.onClientViolation(reason),
+  };
+
+  private onClientMessage(type: number, buf: Buffer, start: number, end: number): number {
+    try {
+      switch (type) {
+        case Frontend.Query:
+          return this.onQuery(buf, start, end);
+        case Frontend.Parse:
+          return this.onParse(buf, start, end);
+        case Frontend.Bind:
+          this.onBind(buf, start, end);
+          return CONTINUE;
+        case Frontend.Execute:
+          return this.onExecute(buf, start, end);
+        case Frontend.Sync:
+          this.pending.push(SYNC, 0);
+          return CONTINUE;
+        case Frontend.Close:
+          this.onClose(buf, start, end);
+          return CONTINUE;
+        case Frontend.FunctionCall:
+          this.pending.push(FUNCTION_CALL, performance.now());
+          return CONTINUE;
+        case Frontend.Terminate:
+          this.clientTerminated = true;
+          return CONTINUE;
+      }
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      this.clientFramer.stop();
+      this.onClientViolation(err.message);
+      return SKIP;
+    }
+    return CONTINUE;
+  }
+
+  private onQuery(buf: Buffer, start: number, end: number): number {
+    const mark = performance.now();
+    const text = decodeQueryText(buf, start, end);
+    const decision = this.ask('query', text, null);
+    if (decision === FORWARD) {
+      this.pending.push(SIMPLE, mark).text = text;
+      return CONTINUE;
+    }
+    return this.decided(decision, SIMPLE, mark, text, null, null, buf, start, end);
+  }
+
+  private onParse(buf: Buffer, start: number, end: number): number {
+    const parse = decodeParse(buf, start, end);
+    const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
+    this.statements.set(parse.statement, statement);
+    const decision = this.ask('parse', parse.text, statement);
+    if (decision === FORWARD) return CONTINUE;
+    return this.decided(decision, -1, performance.now(), parse.text, statement, null, buf, start, end);
+  }
+
+  private onBind(buf: Buffer, start: number, end: number): void {
+    const portalName = decodeBindPortal(buf, start, end);
+    const statement = this.statements.get(decodeBindStatement(buf, start, end)) ?? null;
+    const bind = start === 0 && end === buf.length ? buf : buf.subarray(start, end);
+    if (portalName === '') {
+      if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind };
+      else {
+        this.unnamedPortal.statement = statement;
+        this.unnamedPortal.bind = bind;
+      }
+    } else {
+      this.portals.set(portalName, { statement, bind });
+    }
+  }
+
+  private onExecute(buf: Buffer, start: number, end: number): number {
+    const mark = performance.now();
+    const portalName = decodeExecutePortal(buf, start, end);
+    const portal = portalName === '' ? this.unnamedPortal : (this.portals.get(portalName) ?? null);
+    const statement = portal?.statement ?? null;
+    const text = statement?.text ?? '';
+    const decision = this.ask('execute', text, statement);
+    if (decision === FORWARD) {
+      const entry = this.pending.push(EXECUTE, mark);
+      entry.text = text;
+      entry.statement = statement;
+      entry.bind = portal?.bind ?? null;
+      return CONTINUE;
+    }
+    return this.decided(decision, EXECUTE, mark, text, statement, portal?.bind ?? null, buf, start, end);
+  }
+
+  private onClose(buf: Buffer, start: number, end: number): void {
+    const target = decodeCloseTarget(buf, start, end);
+    if (target.kind === 0x53 /* 'S' */) this.statements.delete(target.name);
+    else if (target.name === '') this.unnamedPortal = null;
+    else this.portals.delete(target.name);
+  }
+
+  private ask(phase: QueryRequest['phase'], text: string, statement: PreparedStatement | null): GateDecision | Promise<GateDecision> {
+    const request = this.request;
+    request.phase = phase;
+    request.text = text;
+    request.statement = statement;
+    request.transactionStatus = this.transactionStatus === TransactionStatus.Idle ? 'I' : this.transactionStatus === TransactionStatus.InTransaction ? 'T' : 'E';
+    request.pipelineBusy = this.pending.length > 0;
+    return this.options.gate.decide(request);
+  }
+
+  /**
+   * Applies a decision other than the plain forward. `kind` is the pending entry a
+   * forwarded message creates (-1 for Parse, which creates none).
+   */
+  private decided(
+    decision: GateDecision | Promise<GateDecision>,
+    kind: number,
+    mark: number,
+    text: string,
+    statement: PreparedStatement | null,
+    bind: Buffer | null,
+    buf: Buffer,
+    start: number,
+    end: number,
+  ): number {
+    if (decision instanceof Promise) {
+      // Hold this session's input (only this session's) until the gate answers.
+      const message = buf.subarray(start, end);
+      this.gateHolding = true;
+      this.client.pause();
+      decision.then(
+        (settled) => this.resumeAfterGate(settled, kind, mark, text, statement, bind, message),
+        (err: Error) => {
+          this.options.log.error({ err, session: this.info.id }, 'query gate failed; forwarding the query');
+          this.resumeAfterGate(FORWARD, kind, mark, text, statement, bind, message);
+        },
+      );
+      return HOLD;
+    }
+    switch (decision.action) {
+      case 'forward':
+        this.forwardAs(kind, mark, text, statement, bind, decision.done ?? null);
+        return CONTINUE;
+      case 'refuse':
+        this.clientFramer.flushPending();
+        this.refuse(decision.error, kind === SIMPLE, mark, text, statement);
+        return SKIP;
+      case 'reroute':
+        // Reroute is only honoured where the result cannot differ from the
+        // primary's: a simple Query, outside a transaction, with nothing in flight.
+        if (kind !== SIMPLE || this.transactionStatus !== TransactionStatus.Idle || this.pending.length > 0) {
+          this.forwardAs(kind, mark, text, statement, bind, null);
+          return CONTINUE;
+        }
+        this.reroute(decision.target, mark, text, buf.subarray(start, end));
+        return HOLD;
+    }
+  }
+
+  /** Records what a forwarded message is owed; Parse (kind -1) is owed nothing of its own. */
+  private forwardAs(kind: number, mark: number, text: string, statement: PreparedStatement | null, bind: Buffer | null, done: (() => void) | null): void {
+    if (kind < 0) {
+      done?.();
+      return;
+    }
+    const entry = this.pending.push(kind, mark);
+    entry.text = text;
+    entry.statement = statement;
+    entry.bind = bind;
+    entry.done = done;
+  }
+
+  private resumeAfterGate(
+    decision: GateDecision,
+    kind: number,
+    mark: number,
+    text: string,
+    statement: PreparedStatement | null,
+    bind: Buffer | null,
+    message: Buffer,
+  ): void {
+    this.gateHolding = false;
+    if (this.state === 'closed') {
+      if (decision.action === 'forward') decision.done?.();
+      return;
+    }
+    const outcome = this.decided(decision, kind, mark, text, statement, bind, message, 0, message.length);
+    if (outcome === HOLD) return; // rerouted: resumes when the other upstream answers
+    if (outcome === CONTINUE) this.writeUpstream(message);
+    this.resumeClientInput();
+    this.clientFramer.resume();
+  }
+
+  /** Sends the server a message it will fail, and remembers to answer with `error` instead. */
+  private refuse(error: ErrorFields, simple: boolean, mark: number, text: string, statement: PreparedStatement | null): void {
+    const entry = this.pending.push(simple ? REFUSED_SIMPLE : REFUSED_EXTENDED, mark);
+    entry.text = text;
+    entry.statement = statement;
+    entry.refusal = encodeErrorResponse(error);
+    entry.refusalCode = error.code;
+    this.writeUpstream(simple ? REFUSAL_QUERY : REFUSAL_PARSE);
+  }
+
+  private reroute(target: { name: string; run(messages: Buffer): Promise<Buffer> }, mark: number, text: string, message: Buffer): void {
+    this.gateHolding = true;
+    this.client.pause();
+    const copy = Buffer.from(message); // the client's read buffer is not ours to keep across awaits
+    target.run(copy).then(
+      (responses) => {
+        if (this.state === 'closed') return;
+        this.writeClient(responses);
+        this.writeClient(READY_FOR_QUERY_IDLE);
+        this.emit(text, null, 0, null, mark, performance.now(), 0, null, target.name);
+        this.gateHolding = false;
+        this.resumeClientInput();
+        this.clientFramer.resume();
+      },
+      (err: Error) => {
+        // The other upstream failed: run the statement on the primary after all.
+        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
+        if (this.state === 'closed') return;
+        this.gateHolding = false;
+        this.pending.push(SIMPLE, mark).text = text;
+        this.writeUpstream(copy);
+        this.resumeClientInput();
+        this.clientFramer.resume();
+      },
+    );
+  }
+
+  private writeUpstream(bytes: Buffer): void {
+    const upstream = this.upstream;
+    if (upstream === null) return;
+    if (!upstream.write(bytes) && !this.clientBlockedByBackpressure) {
+      this.clientBlockedByBackpressure = true;
+      this.client.pause();
+    }
+  }
+
+  private onUpstreamDrain(): void {
+    if (!this.clientBlockedByBackpressure) return;
+    this.clientBlockedByBackpressure = false;
+    this.resumeClientInput();
+  }
+
+  private resumeClientInput(): void {
+    if (!this.clientBlockedByBackpressure && !this.gateHolding && this.state === 'open') this.client.resume();
+  }
+
+  private onClientViolation(reason: string): void {
+    this.options.log.warn({ session: this.info.id, client: this.info.clientAddress, reason }, 'malformed client message');
+    this.failClient(SqlState.ProtocolViolation, `invalid client message: ${reason}`);
+  }
+
+  // ---- server to client -------------------------------------------------------
+
+  private nextReadBuffer(): Uint8Array {
+    if (this.readBufferInUse) {
+      // A client write still references the old buffer: read into a fresh one.
+      this.readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      this.readBufferInUse = false;
+    }
+    return this.readBuffer;
+  }
+
+  private onUpstreamRead(bytesRead: number, buffer: Buffer): boolean {
+    this.serverFramer.push(buffer.subarray(0, bytesRead));
+    return !this.upstreamBlockedByBackpressure;
+  }
+
+  private readonly serverHandler: FrameHandler = {
+    onMessage: (type, buf, start, end) => this.onServerMessage(type, buf, start, end),
+    onForward: (bytes) => this.writeClient(bytes),
+    onViolation: (reason) => {
+      this.options.log.error({ session: this.info.id, reason }, 'invalid data from upstream');
+      this.failClient(SqlState.ConnectionFailure, `invalid data from upstream: ${reason}`);
+    },
+  };
+
+  private onServerMessage(type: number, buf: Buffer, start: number, end: number): number {
+    switch (type) {
+      case Backend.DataRow:
+        this.dataRows++;
+        return CONTINUE;
+      case Backend.CommandComplete:
+        this.onStatementComplete(commandCompleteRows(buf, start, end));
+        return CONTINUE;
+      case Backend.EmptyQueryResponse:
+        this.onStatementComplete(0);
+        return CONTINUE;
+      case Backend.PortalSuspended:
+        this.onStatementComplete(this.dataRows);
+        return CONTINUE;
+      case Backend.ErrorResponse:
+        return this.onErrorResponse(buf, start, end);
+      case Backend.ReadyForQuery:
+        this.onReadyForQuery(buf[start + 5]);
+        return CONTINUE;
+      case Backend.BackendKeyData:
+        this.backendPid = buf.readInt32BE(start + 5);
+        this.backendKey = Buffer.from(buf.subarray(start + 9, end));
+        return CONTINUE;
+      case Backend.ParameterStatus:
+        if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
+          const valueStart = start + 5 + APPLICATION_NAME.length;
+          this.info.applicationName = buf.toString('utf8', valueStart, end - 1);
+        }
+        return CONTINUE;
+    }
+    return CONTINUE;
+  }
+
+  private onStatementComplete(rows: number): void {
+    const head = this.pending.peek();
+    this.dataRows = 0;
+    if (head === undefined) return;
+    const now = performance.now();
+    if (head.kind === EXECUTE) {
+      this.emit(head.text, head.statement, 0, head.bind, head.mark, now, rows, null, head.upstream);
+      this.finishHead();
+    } else if (head.kind === SIMPLE) {
+      this.emit(head.text, null, head.statementIndex++, null, head.mark, now, rows, null, head.upstream);
+      head.mark = now;
+    }
+  }
+
+  private onErrorResponse(buf: Buffer, start: number, end: number): number {
+    if (errorIsFatal(buf, start, end)) this.fatalRelayed = true;
+    const head = this.pending.peek();
+    this.dataRows = 0;
+    if (head === undefined) return CONTINUE;
+    const now = performance.now();
+    switch (head.kind) {
+      case REFUSED_SIMPLE:
+      case REFUSED_EXTENDED:
+        this.serverFramer.flushPending();
+        this.writeClient(head.refusal!);
+        this.emit(head.text, head.statement, 0, null, head.mark, now, 0, head.refusalCode, head.upstream);
+        if (head.kind === REFUSED_EXTENDED) this.finishHead();
+        return SKIP;
+      case EXECUTE:
+        this.emit(head.text, head.statement, 0, head.bind, head.mark, now, 0, errorSqlState(buf, start, end), head.upstream);
+        this.finishHead();
+        // The server now skips everything up to the next Sync: those owe nothing.
+        while (this.pending.length > 0 && this.pending.peek()!.kind !== SYNC) this.finishHead();
+        return CONTINUE;
+      case SIMPLE:
+        this.emit(head.text, null, head.statementIndex++, null, head.mark, now, 0, errorSqlState(buf, start, end), head.upstream);
+        return CONTINUE;
+    }
+    return CONTINUE;
+  }
+
+  private onReadyForQuery(status: number): void {
+    this.transactionStatus = status;
+    // ReadyForQuery answers the oldest Sync, Query or FunctionCall; Executes still
+    // ahead of it were skipped by the server after an error.
+    while (this.pending.length > 0) {
+      const kind = this.pending.peek()!.kind;
+      this.finishHead();
+      if (kind !== EXECUTE && kind !== REFUSED_EXTENDED) break;
+    }
+    if (this.draining && this.idle) setImmediate(() => this.shutdown());
+  }
+
+  private finishHead(): void {
+    const done = this.pending.peek()!.done;
+    this.pending.shift();
+    if (done !== null) done();
+  }
+
+  private emit(
+    text: string,
+    statement: PreparedStatement | null,
+    statementIndex: number,
+    bind: Buffer | null,
+    mark: number,
+    now: number,
+    rows: number,
+    sqlstate: string | null,
+    upstream: string,
+  ): void {
+    const observers = this.options.observers;
+    if (observers.length === 0) return;
+    const c = this.completion;
+    c.text = text;
+    c.statement = statement;
+    c.statementIndex = statementIndex;
+    c.bind = bind;
+    c.startedAt = performance.timeOrigin + mark;
+    c.durationMs = now - mark;
+    c.rows = rows;
+    c.sqlstate = sqlstate;
+    c.upstream = upstream;
+    for (let i = 0; i < observers.length; i++) {
+      try {
+        observers[i](c);
+      } catch (err) {
+        // A subscriber's bug must never break the query path.
+        this.options.log.error({ err, session: this.info.id }, 'query observer failed');
+      }
+    }
+  }
+
+  private writeClient(bytes: Buffer): void {
+    if (this.client.destroyed) return;
+    const flushed = this.client.write(bytes);
+    if (this.client.writableLength > 0) this.readBufferInUse = true;
+    if (!flushed && !this.upstreamBlockedByBackpressure) {
+      this.upstreamBlockedByBackpressure = true;
+      this.upstream?.pause();
+    }
+  }
+
+  private onClientDrain(): void {
+    if (!this.upstreamBlockedByBackpressure) return;
+    this.upstreamBlockedByBackpressure = false;
+    this.upstream?.resume();
+  }
+
+  // ---- endings ----------------------------------------------------------------
+
+  /** Sends the client a FATAL ErrorResponse and closes both sides. */
+  private failClient(code: string, message: string): void {
+    this.clientFramer.stop();
+    if (!this.client.destroyed) this.client.end(encodeErrorResponse({ severity: 'FATAL', code, message }));
+    this.closeUpstream();
+    this.markClosed();
+  }
+
+  private onClientClose(): void {
+    this.clientFramer.stop();
+    this.closeUpstream();
+    this.markClosed();
+  }
+
+  /** Cancels whatever the client left running, then ends the upstream connection. */
+  private closeUpstream(): void {
+    const upstream = this.upstream;
+    if (upstream === null || upstream.destroyed) return;
+    if (this.pending.length > 0 && this.backendKey !== null && !this.clientTerminated) {
+      this.cancel().catch(() => undefined);
+    }
+    if (!upstream.writableEnded) {
+      if (this.clientTerminated) upstream.end(); // the client's Terminate was forwarded already
+      else upstream.end(TERMINATE);
+    }
+    this.closeTimer = setTimeout(() => upstream.destroy(), 5000);
+    this.closeTimer.unref();
+  }
+
+  private onUpstreamClose(): void {
+    if (this.closeTimer !== null) clearTimeout(this.closeTimer);
+    this.serverFramer.stop();
+    if (!this.client.destroyed && !this.client.writableEnded) {
+      if (this.clientTerminated || this.fatalRelayed) this.client.end();
+      else {
+        this.options.log.warn({ session: this.info.id, upstream: this.options.upstream.name }, 'upstream connection lost');
+        this.client.end(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message: 'upstream connection lost' }));
+      }
+    }
+    this.markClosed();
+  }
+
+  private markClosed(): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    while (this.pending.length > 0) this.finishHead();
+    this.onClosed(this);
+  }
+}
+
+const READY_FOR_QUERY_IDLE = Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, TransactionStatus.Idle]);

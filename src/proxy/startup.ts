@@ -1,0 +1,128 @@
+// The part of a connection before the session exists: SSLRequest (TLS toward the
+// client when a certificate is configured), GSSENCRequest, CancelRequest and the
+// StartupMessage. Reads exactly one packet at a time, as PostgreSQL does, and
+// rejects what PostgreSQL would reject before anything reaches the upstream.
+
+import net from 'node:net';
+import tls from 'node:tls';
+import {
+  CANCEL_REQUEST_CODE,
+  GSSENC_REQUEST_CODE,
+  MAX_STARTUP_PACKET_BYTES,
+  SqlState,
+  SSL_REQUEST_CODE,
+} from '../protocol/constants.ts';
+import { encodeErrorResponse, SSL_ACCEPTED, SSL_REFUSED } from '../protocol/encode.ts';
+import { decodeStartupParameters, ProtocolError } from '../protocol/frontend.ts';
+
+export type StartupOutcome =
+  | { kind: 'startup'; socket: net.Socket; packet: Buffer; params: Map<string, string>; leftover: Buffer | null }
+  | { kind: 'cancel'; packet: Buffer }
+  | { kind: 'rejected'; reason: string };
+
+export interface StartupOptions {
+  /** Present when TLS toward clients is configured. */
+  readonly secureContext: tls.SecureContext | null;
+  readonly timeoutMs: number;
+}
+
+/** Reads packets from a new connection until it asks for a session or a cancel. */
+export async function negotiateStartup(socket: net.Socket, options: StartupOptions): Promise<StartupOutcome> {
+  let current = socket;
+  let tlsDone = false;
+  let gssDone = false;
+  const deadline = setTimeout(() => current.destroy(new Error('startup timed out')), options.timeoutMs);
+  try {
+    for (;;) {
+      const { packet, leftover } = await readPacket(current);
+      const code = packet.readInt32BE(4);
+      if (code === SSL_REQUEST_CODE && packet.length === 8) {
+        if (leftover !== null || tlsDone) return reject(current, 'unexpected data after SSLRequest');
+        tlsDone = true;
+        if (options.secureContext === null) {
+          current.write(SSL_REFUSED);
+          continue;
+        }
+        current.write(SSL_ACCEPTED);
+        current = await acceptTls(current, options.secureContext);
+        continue;
+      }
+      if (code === GSSENC_REQUEST_CODE && packet.length === 8) {
+        if (leftover !== null || gssDone) return reject(current, 'unexpected data after GSSENCRequest');
+        gssDone = true;
+        current.write(SSL_REFUSED);
+        continue;
+      }
+      if (code === CANCEL_REQUEST_CODE && packet.length >= 16) {
+        current.end();
+        return { kind: 'cancel', packet };
+      }
+      if (code >>> 16 !== 3) return reject(current, `unsupported frontend protocol ${code >>> 16}.${code & 0xffff}`);
+      const params = decodeStartupParameters(packet);
+      return { kind: 'startup', socket: current, packet, params, leftover };
+    }
+  } catch (err) {
+    const reason = err instanceof ProtocolError ? err.message : (err as Error).message;
+    if (err instanceof ProtocolError) return reject(current, reason);
+    current.destroy();
+    return { kind: 'rejected', reason };
+  } finally {
+    clearTimeout(deadline);
+  }
+}
+
+function reject(socket: net.Socket, reason: string): StartupOutcome {
+  socket.end(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ProtocolViolation, message: `invalid startup packet: ${reason}` }));
+  return { kind: 'rejected', reason };
+}
+
+/** Reads one length-prefixed startup-phase packet; extra bytes come back as leftover. */
+function readPacket(socket: net.Socket): Promise<{ packet: Buffer; leftover: Buffer | null }> {
+  return new Promise((resolve, reject) => {
+    let buffered: Buffer | null = null;
+    const onData = (data: Buffer) => {
+      buffered = buffered === null ? data : Buffer.concat([buffered, data]);
+      if (buffered.length < 4) return;
+      const length = buffered.readInt32BE(0);
+      if (length < 8 || length > MAX_STARTUP_PACKET_BYTES) {
+        cleanup();
+        return reject(new ProtocolError(`invalid length ${length}`));
+      }
+      if (buffered.length < length) return;
+      cleanup();
+      resolve({
+        packet: buffered.subarray(0, length),
+        leftover: buffered.length > length ? buffered.subarray(length) : null,
+      });
+    };
+    const onEnd = () => {
+      cleanup();
+      reject(new Error('connection closed during startup'));
+    };
+    const onError = (err: Error) => {
+      cleanup();
+      reject(err);
+    };
+    const cleanup = () => {
+      socket.removeListener('data', onData);
+      socket.removeListener('close', onEnd);
+      socket.removeListener('error', onError);
+      socket.pause();
+    };
+    socket.on('data', onData);
+    socket.on('close', onEnd);
+    socket.on('error', onError);
+    socket.resume();
+  });
+}
+
+function acceptTls(socket: net.Socket, secureContext: tls.SecureContext): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const secure = new tls.TLSSocket(socket, { isServer: true, secureContext });
+    secure.once('secure', () => {
+      secure.removeListener('error', reject);
+      resolve(secure);
+    });
+    secure.once('error', reject);
+  });
+}
