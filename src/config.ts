@@ -8,7 +8,10 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 
-const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected HOST:PORT');
+const hostPort = z
+  .string()
+  .regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected HOST:PORT')
+  .refine((v) => Number(v.slice(v.lastIndexOf(':') + 1)) <= 65535, 'port must be at most 65535');
 const positiveInt = z.coerce.number().int().positive();
 
 /** Every option: key (as in the config file) -> schema with default and description. */
