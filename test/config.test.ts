@@ -3,12 +3,15 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import { ConfigError, configurationReference, loadConfig } from '../src/config.ts';
 
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-config-'));
+after(() => fs.rmSync(dir, { recursive: true, force: true }));
+let fileCount = 0;
+
 function tempFile(name: string, content: string): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-config-'));
-  const file = path.join(dir, name);
+  const file = path.join(dir, `${fileCount++}-${name}`);
   fs.writeFileSync(file, content);
   return file;
 }
