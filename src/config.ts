@@ -13,6 +13,10 @@ const hostPort = z
   .regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected HOST:PORT')
   .refine((v) => Number(v.slice(v.lastIndexOf(':') + 1)) <= 65535, 'port must be at most 65535');
 const positiveInt = z.coerce.number().int().positive();
+const nonNegative = z.coerce.number().min(0);
+const bool = z
+  .union([z.boolean(), z.enum(['true', 'false', '1', '0', 'on', 'off', 'yes', 'no'])])
+  .transform((v) => v === true || v === 'true' || v === '1' || v === 'on' || v === 'yes');
 
 /** Every option: key (as in the config file) -> schema with default and description. */
 export const OPTIONS = {
@@ -30,6 +34,15 @@ export const OPTIONS = {
   connect_timeout_ms: positiveInt.default(5_000).describe('Time allowed to connect to the upstream before the client gets 08006.'),
   drain_timeout_ms: positiveInt.default(30_000).describe('On SIGTERM, how long in-flight queries may run before connections are closed.'),
   workers: z.coerce.number().int().min(0).default(1).describe('Proxy processes sharing the listen port; 0 means one per CPU core.'),
+  stats: bool.default(true).describe('Fingerprint every statement and keep per-shape statistics (off: a plain proxy).'),
+  max_shapes: positiveInt.default(2000).describe('Shapes tracked at once; the least recently seen are folded into one overflow shape.'),
+  shape_cache_entries: positiveInt.default(10_000).describe('Distinct statement texts whose shape is cached.'),
+  max_shape_text_bytes: positiveInt.default(65_536).describe('Statements longer than this get a cheap fallback shape instead of being parsed.'),
+  slow_query_ms: nonNegative.default(1000).describe('Statements at least this slow get a log line; 0 logs every statement.'),
+  log_query_values: bool.default(false).describe('Include the literal statement text in log lines (off: only normalized text, never values).'),
+  metrics_top_shapes: positiveInt.default(50).describe('Shapes with their own Prometheus series (by total time); the rest are summed as "other".'),
+  series_bucket_s: positiveInt.default(10).describe('Width of one bucket of the per-shape latency time series.'),
+  series_buckets: positiveInt.default(360).describe('Buckets kept per shape (360 x 10 s = one hour).'),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level.'),
 } as const;
 

@@ -2,47 +2,28 @@
 // processes when asked, to use every core), and drain gracefully on SIGTERM.
 
 import cluster from 'node:cluster';
-import fs from 'node:fs';
 import os from 'node:os';
 import type { Logger } from 'pino';
 import { parseHostPort, type Config } from '../config.ts';
 import { createLogger } from '../log.ts';
-import { ProxyServer } from '../proxy/server.ts';
+import { startApp } from './app.ts';
 
 export async function runStart(config: Config): Promise<void> {
   const log = createLogger(config.log_level);
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
   if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, log);
-  const proxy = buildProxy(config, log);
-  const address = await proxy.listen();
-  log.info({ listen: `${address.address}:${address.port}`, upstream: config.upstream, worker: cluster.worker?.id }, 'pgwarden proxy listening');
+  // With several workers only the first serves the admin API (its statistics are
+  // that worker's own; aggregation across workers is not built yet).
+  const app = await startApp(config, log, { admin: cluster.isPrimary || cluster.worker?.id === 1 });
+  log.info(
+    { listen: `${parseHostPort(config.listen).host}:${app.proxyPort}`, upstream: config.upstream, admin: app.adminPort, worker: cluster.worker?.id },
+    'pgwarden proxy listening',
+  );
   onShutdownSignal(async (signal) => {
-    log.info({ signal, sessions: proxy.sessionCount }, 'draining');
-    await proxy.drain(config.drain_timeout_ms);
+    log.info({ signal, sessions: app.proxy.sessionCount }, 'draining');
+    await app.stop(config.drain_timeout_ms);
     log.info('stopped');
     process.exit(0);
-  });
-}
-
-export function buildProxy(config: Config, log: Logger): ProxyServer {
-  const listen = parseHostPort(config.listen);
-  const upstream = parseHostPort(config.upstream);
-  return new ProxyServer({
-    host: listen.host,
-    port: listen.port,
-    upstream: {
-      name: 'primary',
-      host: upstream.host,
-      port: upstream.port,
-      tls: config.upstream_tls,
-      ca: config.upstream_tls_ca ? fs.readFileSync(config.upstream_tls_ca) : undefined,
-      connectTimeoutMs: config.connect_timeout_ms,
-    },
-    maxMessageBytes: config.max_message_bytes,
-    startupTimeoutMs: config.startup_timeout_ms,
-    tlsCert: config.tls_cert ? fs.readFileSync(config.tls_cert) : undefined,
-    tlsKey: config.tls_key ? fs.readFileSync(config.tls_key) : undefined,
-    log,
   });
 }
 

@@ -24,7 +24,22 @@ export interface ProxyOptions {
   readonly log: Logger;
 }
 
+/** Proxy-level counters, read by the metrics at scrape time (nothing is pushed per query). */
+export class ProxyStats {
+  connectionsAccepted = 0;
+  connectionsRejected = 0;
+  cancelRequests = 0;
+  upstreamConnectFailures = 0;
+  upstreamLost = 0;
+  /** Bytes of sessions that have ended; live sessions are added at read time. */
+  closedBytesFromClient = 0;
+  closedBytesFromServer = 0;
+  /** Upstream connect times (ms) not yet taken by the metrics. */
+  readonly connectTimes: number[] = [];
+}
+
 export class ProxyServer {
+  readonly stats = new ProxyStats();
   private readonly server: net.Server;
   private readonly sessions = new Set<Session>();
   private readonly observers: QueryObserver[] = [];
@@ -83,10 +98,12 @@ export class ProxyServer {
     negotiateStartup(socket, { secureContext: this.secureContext, timeoutMs: this.options.startupTimeoutMs }).then(
       (outcome) => {
         if (outcome.kind === 'rejected') {
+          this.stats.connectionsRejected++;
           this.options.log.info({ client: socket.remoteAddress, reason: outcome.reason }, 'connection rejected during startup');
           return;
         }
         if (outcome.kind === 'cancel') {
+          this.stats.cancelRequests++;
           this.forwardCancel(outcome.packet);
           return;
         }
@@ -102,15 +119,38 @@ export class ProxyServer {
             observers: this.observers,
             log: this.options.log,
           },
-          (s) => this.sessions.delete(s),
+          (s) => this.onSessionClosed(s),
         );
+        this.stats.connectionsAccepted++;
         this.sessions.add(session);
         if (!this.accepting) session.drain();
         outcome.socket.resume();
-        void session.start(outcome.leftover);
+        void session.start(outcome.leftover).then(() => {
+          if (session.upstreamConnectMs < 0) this.stats.upstreamConnectFailures++;
+          else if (this.stats.connectTimes.length < 10_000) this.stats.connectTimes.push(session.upstreamConnectMs);
+        });
       },
       (err: Error) => this.options.log.error({ err }, 'startup negotiation failed'),
     );
+  }
+
+  /** Bytes relayed so far, both ways, including live sessions. */
+  bytesRelayed(): { fromClient: number; fromServer: number } {
+    let fromClient = this.stats.closedBytesFromClient;
+    let fromServer = this.stats.closedBytesFromServer;
+    for (const s of this.sessions) {
+      fromClient += s.bytesFromClient;
+      fromServer += s.bytesFromServer;
+    }
+    return { fromClient, fromServer };
+  }
+
+  private onSessionClosed(session: Session): void {
+    this.sessions.delete(session);
+    const stats = this.stats;
+    stats.closedBytesFromClient += session.bytesFromClient;
+    stats.closedBytesFromServer += session.bytesFromServer;
+    if (session.upstreamLost) stats.upstreamLost++;
   }
 
   /** Lets setGate() take effect for sessions that already exist. */

@@ -184,6 +184,13 @@ export type SessionState = 'connecting' | 'open' | 'closed';
 export class Session {
   readonly info: MutableSessionInfo;
   state: SessionState = 'connecting';
+  /** Bytes relayed each way, for the proxy-level metrics. */
+  bytesFromClient = 0;
+  bytesFromServer = 0;
+  /** Milliseconds the upstream connection took, or -1 if it failed. */
+  upstreamConnectMs = 0;
+  /** The upstream went away while the client still used it. */
+  upstreamLost = false;
   /** Server process id from BackendKeyData (0 until received). */
   backendPid = 0;
   backendKey: Buffer | null = null;
@@ -248,16 +255,19 @@ export class Session {
   async start(leftover: Buffer | null): Promise<void> {
     if (leftover && leftover.length > 0) this.early!.push(leftover);
     let connection;
+    const connectStarted = performance.now();
     try {
       connection = await connectUpstream(this.options.upstream, {
         buffer: () => this.nextReadBuffer(),
         callback: (n, buf) => this.onUpstreamRead(n, buf as Buffer),
       });
     } catch (err) {
+      this.upstreamConnectMs = -1;
       this.options.log.warn({ err, session: this.info.id, upstream: this.options.upstream.name }, 'upstream unreachable');
       this.failClient(SqlState.ConnectionFailure, (err as Error).message);
       return;
     }
+    this.upstreamConnectMs = performance.now() - connectStarted;
     const socket = connection.socket;
     if (this.state === 'closed') {
       socket.destroy();
@@ -543,6 +553,7 @@ export class Session {
   private writeUpstream(bytes: Buffer): void {
     const upstream = this.upstream;
     if (upstream === null) return;
+    this.bytesFromClient += bytes.length;
     if (!upstream.write(bytes) && !this.clientBlockedByBackpressure) {
       this.clientBlockedByBackpressure = true;
       this.client.pause();
@@ -716,6 +727,7 @@ export class Session {
 
   private writeClient(bytes: Buffer): void {
     if (this.client.destroyed) return;
+    this.bytesFromServer += bytes.length;
     const flushed = this.client.write(bytes);
     if (this.client.writableLength > 0) this.readBufferInUse = true;
     if (!flushed && !this.upstreamBlockedByBackpressure) {
@@ -767,6 +779,7 @@ export class Session {
     if (!this.client.destroyed && !this.client.writableEnded) {
       if (this.clientTerminated || this.fatalRelayed) this.client.end();
       else {
+        this.upstreamLost = true;
         this.options.log.warn({ session: this.info.id, upstream: this.options.upstream.name }, 'upstream connection lost');
         this.client.end(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message: 'upstream connection lost' }));
       }

@@ -18,7 +18,7 @@ async function startCli(extra: string[] = []): Promise<Started> {
   const db = testDatabase();
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', 'src/cli/main.ts', 'start', '--listen', '127.0.0.1:0', '--upstream', `${db.host}:${db.port}`, ...extra],
+    ['--import', 'tsx', 'src/cli/main.ts', 'start', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--upstream', `${db.host}:${db.port}`, ...extra],
     { cwd: new URL('../..', import.meta.url), stdio: ['ignore', 'pipe', 'pipe'] },
   );
   const exit = once(child, 'exit').then(([code]) => code as number | null);

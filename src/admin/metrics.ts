@@ -1,0 +1,145 @@
+// Prometheus metrics (prom-client). Nothing is pushed per query: every value is
+// read from the proxy's counters and the shape registry at scrape time. Per-shape
+// series exist only for the top N shapes by total time; the rest are summed under
+// fingerprint="other", so label cardinality stays bounded however many shapes exist.
+// Every metric is documented in docs/metrics.md.
+
+import client from 'prom-client';
+import type { ProxyServer } from '../proxy/server.ts';
+import type { ShapeCollector } from '../shapes/collector.ts';
+import type { ShapeStats } from '../shapes/registry.ts';
+
+export interface MetricsOptions {
+  readonly topShapes: number;
+}
+
+const CONNECT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+
+export function createMetrics(proxy: ProxyServer, collector: ShapeCollector | null, options: MetricsOptions): client.Registry {
+  const registry = new client.Registry();
+  const stats = proxy.stats;
+  const counter = (name: string, help: string, read: () => number) =>
+    new client.Counter({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(read());
+      },
+    });
+  const gauge = (name: string, help: string, read: () => number) =>
+    new client.Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read());
+      },
+    });
+
+  counter('pgwarden_connections_total', 'Client connections that reached a session.', () => stats.connectionsAccepted);
+  counter('pgwarden_connections_rejected_total', 'Connections refused during startup (malformed, unsupported, timed out).', () => stats.connectionsRejected);
+  gauge('pgwarden_connections_active', 'Client sessions open now.', () => proxy.sessionCount);
+  counter('pgwarden_cancel_requests_total', 'CancelRequests received and forwarded.', () => stats.cancelRequests);
+  counter('pgwarden_upstream_connect_failures_total', 'Upstream connections that could not be opened (client got 08006).', () => stats.upstreamConnectFailures);
+  counter('pgwarden_upstream_lost_total', 'Sessions whose upstream connection went away under them (client got 08006).', () => stats.upstreamLost);
+  new client.Counter({
+    name: 'pgwarden_bytes_total',
+    help: 'Bytes relayed, by direction.',
+    labelNames: ['direction'],
+    registers: [registry],
+    collect() {
+      const bytes = proxy.bytesRelayed();
+      this.reset();
+      this.inc({ direction: 'client_to_server' }, bytes.fromClient);
+      this.inc({ direction: 'server_to_client' }, bytes.fromServer);
+    },
+  });
+  const connectTime = new client.Histogram({
+    name: 'pgwarden_upstream_connect_seconds',
+    help: 'Time to open an upstream connection (TCP, and TLS when configured).',
+    buckets: CONNECT_BUCKETS,
+    registers: [registry],
+    collect() {
+      for (const ms of stats.connectTimes) connectTime.observe(ms / 1000);
+      stats.connectTimes.length = 0;
+    },
+  });
+
+  if (collector !== null) registerShapeMetrics(registry, collector, options, counter, gauge);
+  return registry;
+}
+
+function registerShapeMetrics(
+  registry: client.Registry,
+  collector: ShapeCollector,
+  options: MetricsOptions,
+  counter: (name: string, help: string, read: () => number) => client.Counter,
+  gauge: (name: string, help: string, read: () => number) => client.Gauge,
+): void {
+  counter('pgwarden_queries_total', 'Statements completed through the proxy.', () => collector.queries);
+  new client.Counter({
+    name: 'pgwarden_query_errors_total',
+    help: 'Statements that ended in an error, by SQLSTATE class (first two characters).',
+    labelNames: ['class'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [errorClass, n] of collector.errorsByClass) this.inc({ class: errorClass }, n);
+    },
+  });
+  gauge('pgwarden_shapes_tracked', 'Distinct query shapes currently tracked.', () => collector.registry.size);
+  counter('pgwarden_shapes_evicted_total', 'Shapes folded into the overflow shape by the shape cap.', () => collector.registry.evicted);
+
+  // Top-N selection is computed once per scrape and shared by the per-shape metrics.
+  let scrape: { top: ShapeStats[]; rest: ShapeStats[] } | null = null;
+  const select = () => {
+    if (scrape === null) {
+      const all = collector.registry.all().sort((a, b) => b.totalMs - a.totalMs);
+      scrape = { top: all.slice(0, options.topShapes), rest: all.slice(options.topShapes) };
+      setImmediate(() => (scrape = null));
+    }
+    return scrape;
+  };
+  const perShape = (name: string, help: string, read: (s: ShapeStats) => number) =>
+    new client.Counter({
+      name,
+      help,
+      labelNames: ['fingerprint'],
+      registers: [registry],
+      collect() {
+        const { top, rest } = select();
+        this.reset();
+        for (const s of top) this.inc({ fingerprint: s.fingerprint }, read(s));
+        const other = rest.reduce((sum, s) => sum + read(s), 0);
+        if (rest.length > 0) this.inc({ fingerprint: 'other' }, other);
+      },
+    });
+  perShape('pgwarden_shape_calls_total', 'Calls per shape (top shapes by total time; the rest as fingerprint="other").', (s) => s.calls);
+  perShape('pgwarden_shape_errors_total', 'Errors per shape (top shapes; the rest as "other").', (s) => s.errors);
+  perShape('pgwarden_shape_rows_total', 'Rows per shape (top shapes; the rest as "other").', (s) => s.rows);
+  perShape('pgwarden_shape_time_seconds_total', 'Total execution time per shape (top shapes; the rest as "other").', (s) => s.totalMs / 1000);
+  new client.Gauge({
+    name: 'pgwarden_shape_latency_seconds',
+    help: 'Latency quantiles per shape since it was first seen (top shapes only).',
+    labelNames: ['fingerprint', 'quantile'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const s of select().top) {
+        for (const q of [0.5, 0.95, 0.99]) this.set({ fingerprint: s.fingerprint, quantile: String(q) }, s.quantile(q) / 1000);
+      }
+    },
+  });
+  new client.Gauge({
+    name: 'pgwarden_shape_info',
+    help: 'Normalized text of each top shape (value 1), to join on fingerprint.',
+    labelNames: ['fingerprint', 'command', 'query'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const s of select().top) this.set({ fingerprint: s.fingerprint, command: s.command, query: s.query.slice(0, 200) }, 1);
+    },
+  });
+}

@@ -1,0 +1,147 @@
+// Query shapes: libpg_query's fingerprint and normalized text for each statement
+// a client runs. Parsing costs 6-300 us per text, so results are cached: DML by its
+// literal-free key (see sqlscan.ts), everything else by exact text, prepared
+// statements once per statement object. Text that does not parse, or is too long
+// to be worth parsing, still gets a stable fallback shape.
+
+import { createHash } from 'node:crypto';
+import { fingerprintSync, loadModule, normalizeSync, parseSync } from 'libpg-query';
+import { LRUCache } from 'lru-cache';
+import type { PreparedStatement } from '../proxy/seam.ts';
+import { LITERAL_MARK, scanSql, type ScanResult } from './sqlscan.ts';
+
+export interface StatementShape {
+  /** libpg_query's fingerprint (16 hex digits), or 'u' + 15 hex digits for a fallback shape. */
+  readonly fingerprint: string;
+  /** Normalized text: constants replaced by $n (fallback: by ?). Never holds literal values. */
+  readonly query: string;
+  /** True when the text could not be parsed (or was over the size cap). */
+  readonly fallback: boolean;
+  /** The statement's first keyword, upper-cased (SELECT, INSERT, CREATE...). */
+  readonly command: string;
+}
+
+export interface ShapeFinderOptions {
+  /** Distinct texts (or literal-free keys) kept in each cache. */
+  readonly cacheEntries: number;
+  /** Texts longer than this get a fallback shape without being parsed. */
+  readonly maxTextBytes: number;
+}
+
+const FINGERPRINT = /^[0-9a-f]{16}$/;
+/** Statements whose string and number literals are all plain constants (A_Const). */
+const DML = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
+/** Longest normalized text kept per shape. */
+const MAX_QUERY_CHARS = 16 * 1024;
+
+let loaded: Promise<void> | null = null;
+
+/** Loads the libpg_query WebAssembly module once per process. */
+export function loadParser(): Promise<void> {
+  loaded ??= loadModule();
+  return loaded;
+}
+
+export class ShapeFinder {
+  private readonly byText: LRUCache<string, readonly StatementShape[]>;
+  private readonly byKey: LRUCache<string, readonly StatementShape[]>;
+  private readonly byStatement = new WeakMap<PreparedStatement, StatementShape>();
+
+  private constructor(private readonly options: ShapeFinderOptions) {
+    this.byText = new LRUCache({ max: options.cacheEntries });
+    this.byKey = new LRUCache({ max: options.cacheEntries });
+  }
+
+  static async create(options: ShapeFinderOptions): Promise<ShapeFinder> {
+    await loadParser();
+    return new ShapeFinder(options);
+  }
+
+  /** The shape of a prepared statement, computed once per Parse. */
+  shapeOfStatement(statement: PreparedStatement): StatementShape {
+    let shape = this.byStatement.get(statement);
+    if (shape === undefined) {
+      shape = this.shapesOfText(statement.text)[0];
+      this.byStatement.set(statement, shape);
+    }
+    return shape;
+  }
+
+  /** One shape per statement of a (possibly multi-statement) text. */
+  shapesOfText(text: string): readonly StatementShape[] {
+    if (Buffer.byteLength(text) > this.options.maxTextBytes) {
+      return [fallbackShape(text.length > 65536 ? null : scanSql(text), text)];
+    }
+    const scan = scanSql(text);
+    const byKey = scan !== null && DML.has(scan.firstWord);
+    const cache = byKey ? this.byKey : this.byText;
+    const cacheKey = byKey ? scan.key : text;
+    let shapes = cache.get(cacheKey);
+    if (shapes === undefined) {
+      shapes = computeShapes(text, scan);
+      cache.set(cacheKey, shapes);
+    }
+    return shapes;
+  }
+}
+
+function computeShapes(text: string, scan: ScanResult | null): readonly StatementShape[] {
+  if (scan !== null && scan.multiStatement) {
+    const statements = splitStatements(text);
+    if (statements !== null && statements.length > 1) return statements.map((s) => shapeOfSingle(s, scanSql(s)));
+  }
+  return [shapeOfSingle(text, scan)];
+}
+
+function shapeOfSingle(text: string, scan: ScanResult | null): StatementShape {
+  let fingerprint: string;
+  let query: string;
+  try {
+    // For some bad inputs libpg_query returns its error text instead of throwing.
+    fingerprint = fingerprintSync(text);
+    if (!FINGERPRINT.test(fingerprint)) return fallbackShape(scan, text);
+    query = normalizeSync(text);
+  } catch {
+    return fallbackShape(scan, text);
+  }
+  return { fingerprint, query: truncate(query.trim()), fallback: false, command: scan?.firstWord ?? firstWordOf(query) };
+}
+
+/**
+ * Splits a multi-statement text with the parser's statement locations, which are
+ * UTF-8 byte offsets. Returns null when it does not parse (the whole text then
+ * gets one fallback shape, as the server will reject it as a whole).
+ */
+function splitStatements(text: string): string[] | null {
+  let stmts: { stmt_location?: number; stmt_len?: number }[];
+  try {
+    stmts = parseSync(text).stmts ?? [];
+  } catch {
+    return null;
+  }
+  const bytes = Buffer.from(text);
+  return stmts.map((s) => {
+    const start = s.stmt_location ?? 0;
+    const end = s.stmt_len ? start + s.stmt_len : bytes.length;
+    return bytes.toString('utf8', start, end).trim();
+  });
+}
+
+/** A stable shape for text the parser rejects: keyed by its literal-free form. */
+function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
+  const basis = scan?.key ?? text;
+  const digest = createHash('sha256').update(basis).digest('hex');
+  const query =
+    scan !== null
+      ? truncate(scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim())
+      : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
+  return { fingerprint: `u${digest.slice(0, 15)}`, query, fallback: true, command: scan?.firstWord ?? firstWordOf(text) };
+}
+
+function firstWordOf(text: string): string {
+  return /^\s*([A-Za-z_]+)/.exec(text)?.[1].toUpperCase() ?? '';
+}
+
+function truncate(query: string): string {
+  return query.length > MAX_QUERY_CHARS ? `${query.slice(0, MAX_QUERY_CHARS)} ...` : query;
+}

@@ -1,0 +1,140 @@
+// Per-shape statistics: counters, a latency sketch, the time series and who ran
+// the shape. The number of tracked shapes is capped; the least recently seen are
+// folded into one overflow shape, so a flood of distinct texts cannot exhaust memory.
+
+import type { DDSketch } from '@datadog/sketches-js';
+import { LRUCache } from 'lru-cache';
+import type { Clock } from '../clock.ts';
+import type { QueryCompletion } from '../proxy/seam.ts';
+import type { StatementShape } from './fingerprint.ts';
+import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './series.ts';
+
+/** Fingerprint of the shape that absorbs evicted shapes. */
+export const OVERFLOW_FINGERPRINT = 'overflow';
+/** How many distinct users, databases and application names are kept per shape. */
+const MAX_NAMES = 32;
+
+export class ShapeStats {
+  calls = 0;
+  errors = 0;
+  readonly errorsByClass = new Map<string, number>();
+  rows = 0;
+  totalMs = 0;
+  readonly sketch: DDSketch = newSketch();
+  readonly series: ShapeSeries;
+  readonly users = new Set<string>();
+  readonly databases = new Set<string>();
+  readonly applications = new Set<string>();
+  firstSeen: number;
+  lastSeen: number;
+
+  constructor(
+    readonly fingerprint: string,
+    readonly query: string,
+    readonly command: string,
+    readonly fallback: boolean,
+    now: number,
+    seriesOptions: SeriesOptions,
+  ) {
+    this.firstSeen = now;
+    this.lastSeen = now;
+    this.series = new ShapeSeries(seriesOptions);
+  }
+
+  get meanMs(): number {
+    return this.calls === 0 ? 0 : this.totalMs / this.calls;
+  }
+
+  quantile(q: number): number {
+    return this.sketch.count === 0 ? 0 : this.sketch.getValueAtQuantile(q);
+  }
+
+  record(c: QueryCompletion, now: number): void {
+    this.calls++;
+    this.rows += c.rows;
+    this.totalMs += c.durationMs;
+    this.lastSeen = now;
+    const failed = c.sqlstate !== null;
+    if (failed) {
+      this.errors++;
+      const errorClass = c.sqlstate!.slice(0, 2);
+      this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + 1);
+    }
+    this.sketch.accept(Math.max(c.durationMs, 0));
+    this.series.add(now, c.durationMs, failed, c.rows);
+    addName(this.users, c.session.user);
+    addName(this.databases, c.session.database);
+    addName(this.applications, c.session.applicationName);
+  }
+
+  /** Folds an evicted shape's totals into this one (the overflow shape). */
+  absorb(other: ShapeStats): void {
+    this.calls += other.calls;
+    this.errors += other.errors;
+    for (const [k, v] of other.errorsByClass) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    this.rows += other.rows;
+    this.totalMs += other.totalMs;
+    if (other.sketch.count > 0) this.sketch.merge(other.sketch);
+    this.firstSeen = Math.min(this.firstSeen, other.firstSeen);
+    this.lastSeen = Math.max(this.lastSeen, other.lastSeen);
+  }
+}
+
+function addName(names: Set<string>, name: string): void {
+  if (name !== '' && names.size < MAX_NAMES && !names.has(name)) names.add(name);
+}
+
+export interface RegistryOptions {
+  readonly maxShapes: number;
+  readonly series: SeriesOptions;
+  readonly clock: Clock;
+}
+
+export class ShapeRegistry {
+  private readonly shapes: LRUCache<string, ShapeStats>;
+  readonly overflow: ShapeStats;
+  /** Shapes folded into the overflow shape so far. */
+  evicted = 0;
+
+  constructor(private readonly options: RegistryOptions) {
+    const now = options.clock.now();
+    this.overflow = new ShapeStats(OVERFLOW_FINGERPRINT, '(shapes evicted by the shape cap)', '', true, now, options.series);
+    this.shapes = new LRUCache({
+      max: options.maxShapes,
+      dispose: (stats, _key, reason) => {
+        if (reason !== 'evict') return;
+        this.overflow.absorb(stats);
+        this.evicted++;
+      },
+    });
+  }
+
+  record(shape: StatementShape, c: QueryCompletion): ShapeStats {
+    const now = this.options.clock.now();
+    let stats = this.shapes.get(shape.fingerprint);
+    if (stats === undefined) {
+      stats = new ShapeStats(shape.fingerprint, shape.query, shape.command, shape.fallback, now, this.options.series);
+      this.shapes.set(shape.fingerprint, stats);
+    }
+    stats.record(c, now);
+    return stats;
+  }
+
+  get(fingerprint: string): ShapeStats | undefined {
+    if (fingerprint === OVERFLOW_FINGERPRINT) return this.overflow.calls > 0 ? this.overflow : undefined;
+    return this.shapes.peek(fingerprint);
+  }
+
+  /** Every tracked shape, plus the overflow shape once it holds anything. */
+  all(): ShapeStats[] {
+    const out = [...this.shapes.values()];
+    if (this.overflow.calls > 0) out.push(this.overflow);
+    return out;
+  }
+
+  get size(): number {
+    return this.shapes.size;
+  }
+}
+
+export type { SeriesPoint };

@@ -1,0 +1,232 @@
+// A cheap lexical pass over SQL text that blanks out literal values (numbers,
+// strings, dollar-quoted bodies) and drops comments. Two DML texts with the same
+// result differ only in constants, which libpg_query's fingerprint and normalize
+// both ignore, so the result is a sound cache key for them: the workload whose
+// literals change on every query (pgbench's simple protocol, ORMs that inline
+// values) costs one scan and one cache hit instead of a parse per query.
+
+const QUOTE = 0x27; // '
+const DQUOTE = 0x22; // "
+const DOLLAR = 0x24; // $
+const DASH = 0x2d; // -
+const SLASH = 0x2f; // /
+const STAR = 0x2a; // *
+const BACKSLASH = 0x5c;
+const DOT = 0x2e;
+const NEWLINE = 0x0a;
+const SEMICOLON = 0x3b;
+
+/** Stands for one literal in a key; never appears in SQL text a client sends. */
+export const LITERAL_MARK = '\u0001';
+
+export interface ScanResult {
+  /** The text with literals replaced by LITERAL_MARK and comments by a space. */
+  readonly key: string;
+  /** Whether more than one statement follows a top-level semicolon. */
+  readonly multiStatement: boolean;
+  /** The first keyword, upper-cased ('' when none). */
+  readonly firstWord: string;
+}
+
+function isIdentChar(c: number): boolean {
+  return (
+    (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c === 0x5f || c === DOLLAR || c >= 0x80
+  );
+}
+
+function isDigit(c: number): boolean {
+  return c >= 0x30 && c <= 0x39;
+}
+
+function isSpace(c: number): boolean {
+  return c === 0x20 || c === 0x09 || c === NEWLINE || c === 0x0d || c === 0x0c;
+}
+
+/**
+ * Scans `text`; returns null when it cannot be sure where a literal ends (an
+ * unterminated quote or comment), leaving the decision to the real parser.
+ */
+export function scanSql(text: string): ScanResult | null {
+  const n = text.length;
+  let out = '';
+  let copyFrom = 0; // text[copyFrom, i) is still to be copied verbatim
+  let i = 0;
+  let sawSemicolon = false;
+  let multiStatement = false;
+  let firstWord = '';
+
+  const replace = (start: number, end: number, by: string) => {
+    out += text.slice(copyFrom, start) + by;
+    copyFrom = end;
+  };
+
+  while (i < n) {
+    const c = text.charCodeAt(i);
+    if (isSpace(c)) {
+      i++;
+      continue;
+    }
+    if (sawSemicolon && c !== SEMICOLON && !(c === DASH && text.charCodeAt(i + 1) === DASH) && !(c === SLASH && text.charCodeAt(i + 1) === STAR)) {
+      multiStatement = true;
+    }
+    if (c === SEMICOLON) {
+      sawSemicolon = true;
+      i++;
+      continue;
+    }
+    if (c === DASH && text.charCodeAt(i + 1) === DASH) {
+      let end = text.indexOf('\n', i + 2);
+      if (end === -1) end = n;
+      replace(i, end, ' ');
+      i = end;
+      continue;
+    }
+    if (c === SLASH && text.charCodeAt(i + 1) === STAR) {
+      const end = skipBlockComment(text, i);
+      if (end < 0) return null;
+      replace(i, end, ' ');
+      i = end;
+      continue;
+    }
+    if (c === QUOTE) {
+      const end = skipQuoted(text, i, false);
+      if (end < 0) return null;
+      replace(i, end, LITERAL_MARK);
+      i = end;
+      continue;
+    }
+    if (c === DQUOTE) {
+      const end = skipQuotedIdentifier(text, i);
+      if (end < 0) return null;
+      i = end; // identifiers stay
+      continue;
+    }
+    if (c === DOLLAR) {
+      if (isDigit(text.charCodeAt(i + 1))) {
+        // $n parameter reference: kept as it is.
+        i++;
+        while (i < n && isDigit(text.charCodeAt(i))) i++;
+        continue;
+      }
+      const end = skipDollarQuoted(text, i);
+      if (end === -2) return null;
+      if (end > 0) {
+        replace(i, end, LITERAL_MARK);
+        i = end;
+        continue;
+      }
+      i++;
+      continue;
+    }
+    if (isDigit(c) || (c === DOT && isDigit(text.charCodeAt(i + 1)))) {
+      const end = skipNumber(text, i);
+      replace(i, end, LITERAL_MARK);
+      i = end;
+      continue;
+    }
+    if (isIdentChar(c)) {
+      const start = i;
+      while (i < n && isIdentChar(text.charCodeAt(i))) i++;
+      if (firstWord === '' && !sawSemicolon) firstWord = text.slice(start, i).toUpperCase();
+      // E'...' takes backslash escapes; B'..', X'..', N'..' are plain: the prefix stays.
+      if (i - start === 1 && text.charCodeAt(i) === QUOTE) {
+        const escape = c === 0x45 || c === 0x65;
+        const end = skipQuoted(text, i, escape);
+        if (end < 0) return null;
+        replace(i, end, LITERAL_MARK);
+        i = end;
+      }
+      continue;
+    }
+    i++; // operators and punctuation
+  }
+  out += text.slice(copyFrom);
+  return { key: out, multiStatement, firstWord };
+}
+
+function skipQuoted(text: string, start: number, backslashEscapes: boolean): number {
+  const n = text.length;
+  let i = start + 1;
+  while (i < n) {
+    const c = text.charCodeAt(i);
+    if (backslashEscapes && c === BACKSLASH) {
+      i += 2;
+      continue;
+    }
+    if (c === QUOTE) {
+      if (text.charCodeAt(i + 1) === QUOTE) {
+        i += 2;
+        continue;
+      }
+      return i + 1;
+    }
+    i++;
+  }
+  return -1;
+}
+
+function skipQuotedIdentifier(text: string, start: number): number {
+  let i = start + 1;
+  for (;;) {
+    const end = text.indexOf('"', i);
+    if (end === -1) return -1;
+    if (text.charCodeAt(end + 1) === DQUOTE) {
+      i = end + 2;
+      continue;
+    }
+    return end + 1;
+  }
+}
+
+function skipBlockComment(text: string, start: number): number {
+  // PostgreSQL block comments nest.
+  let depth = 0;
+  let i = start;
+  const n = text.length;
+  while (i < n) {
+    if (text.charCodeAt(i) === SLASH && text.charCodeAt(i + 1) === STAR) {
+      depth++;
+      i += 2;
+    } else if (text.charCodeAt(i) === STAR && text.charCodeAt(i + 1) === SLASH) {
+      depth--;
+      i += 2;
+      if (depth === 0) return i;
+    } else i++;
+  }
+  return -1;
+}
+
+/** End of a $tag$...$tag$ literal; 0 if this `$` does not open one; -2 if unterminated. */
+function skipDollarQuoted(text: string, start: number): number {
+  let i = start + 1;
+  while (i < text.length && isIdentChar(text.charCodeAt(i)) && text.charCodeAt(i) !== DOLLAR) i++;
+  if (text.charCodeAt(i) !== DOLLAR) return 0;
+  const tag = text.slice(start, i + 1);
+  const close = text.indexOf(tag, i + 1);
+  return close === -1 ? -2 : close + tag.length;
+}
+
+function skipNumber(text: string, start: number): number {
+  let i = start;
+  const n = text.length;
+  if (text.charCodeAt(i) === 0x30 && (text.charCodeAt(i + 1) | 0x20) === 0x78) {
+    // 0x hexadecimal (PostgreSQL 16+)
+    i += 2;
+    while (i < n && (isIdentChar(text.charCodeAt(i)) && text.charCodeAt(i) !== DOLLAR)) i++;
+    return i;
+  }
+  while (i < n && (isDigit(text.charCodeAt(i)) || text.charCodeAt(i) === 0x5f)) i++;
+  if (text.charCodeAt(i) === DOT && text.charCodeAt(i + 1) !== DOT) {
+    i++;
+    while (i < n && isDigit(text.charCodeAt(i))) i++;
+  }
+  if ((text.charCodeAt(i) | 0x20) === 0x65) {
+    let j = i + 1;
+    if (text.charCodeAt(j) === 0x2b || text.charCodeAt(j) === DASH) j++;
+    if (isDigit(text.charCodeAt(j))) {
+      i = j;
+      while (i < n && isDigit(text.charCodeAt(i))) i++;
+    }
+  }
+  return i;
+}
