@@ -1,0 +1,89 @@
+// The monitoring connection: its own role (configured by URL), bounded concurrency
+// and a statement_timeout of its own, so EXPLAIN sampling and catalog checks can
+// never pile up on the database or hold up the proxy. One small pool per database
+// that shapes were seen in.
+
+import pg from 'pg';
+import type { Logger } from 'pino';
+
+export interface MonitorOptions {
+  /** postgres:// URL of the monitoring role; its database is replaced per pool. */
+  readonly url: string;
+  /** Connections per database. */
+  readonly concurrency: number;
+  /** statement_timeout of monitoring queries, ms. */
+  readonly statementTimeoutMs: number;
+  readonly log: Logger;
+}
+
+export class MonitorPool {
+  private readonly pools = new Map<string, pg.Pool>();
+  private closed = false;
+
+  constructor(private readonly options: MonitorOptions) {}
+
+  /** The database named in the monitor URL. */
+  get defaultDatabase(): string {
+    return decodeURIComponent(new URL(this.options.url).pathname.replace(/^\//, '')) || 'postgres';
+  }
+
+  /** Runs one query on the monitoring connection of `database` (default: the URL's). */
+  async query<R extends pg.QueryResultRow = pg.QueryResultRow>(
+    sql: string,
+    values: readonly unknown[] = [],
+    database = this.defaultDatabase,
+  ): Promise<pg.QueryResult<R>> {
+    if (this.closed) throw new Error('monitor pool is closed');
+    return this.pool(database).query<R>(sql, values as unknown[]);
+  }
+
+  /** A client of `database`'s pool for a multi-statement session (BEGIN ... ROLLBACK); release it. */
+  connect(database = this.defaultDatabase): Promise<pg.PoolClient> {
+    if (this.closed) return Promise.reject(new Error('monitor pool is closed'));
+    return this.pool(database).connect();
+  }
+
+  /** Milliseconds for a trivial round trip to the database. */
+  async roundTripMs(database = this.defaultDatabase): Promise<number> {
+    const pool = this.pool(database);
+    const client = await pool.connect();
+    try {
+      const started = performance.now();
+      await client.query('select 1');
+      return performance.now() - started;
+    } finally {
+      client.release();
+    }
+  }
+
+  /** The server's major version (15, 18...). */
+  async serverMajorVersion(): Promise<number> {
+    const { rows } = await this.query<{ v: string }>('show server_version_num');
+    return Math.floor(Number(rows[0].v) / 10_000);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.all([...this.pools.values()].map((p) => p.end().catch(() => undefined)));
+    this.pools.clear();
+  }
+
+  private pool(database: string): pg.Pool {
+    let pool = this.pools.get(database);
+    if (pool === undefined) {
+      const url = new URL(this.options.url);
+      url.pathname = `/${encodeURIComponent(database)}`;
+      pool = new pg.Pool({
+        connectionString: url.toString(),
+        max: this.options.concurrency,
+        idleTimeoutMillis: 60_000,
+        application_name: 'pgwarden-monitor',
+        statement_timeout: this.options.statementTimeoutMs,
+        connectionTimeoutMillis: 5_000,
+      });
+      pool.on('error', (err) => this.options.log.warn({ err, database }, 'monitoring connection failed'));
+      this.pools.set(database, pool);
+    }
+    return pool;
+  }
+}

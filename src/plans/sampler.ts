@@ -1,0 +1,242 @@
+// EXPLAIN sampling: picks executions of each shape to explain (on first sight,
+// periodically, and at once when asked: a latency jump, a schema change touching
+// the shape's tables), runs them through the monitoring connection at a bounded
+// rate, keeps each shape's plan history and records a plan-change event with a
+// readable diff whenever the plan fingerprint changes. A failure here is logged
+// and never reaches the query path.
+
+import type { Logger } from 'pino';
+import type { Clock } from '../clock.ts';
+import type { EventLog } from '../detect/events.ts';
+import { decodeBindParameters } from '../protocol/frontend.ts';
+import type { QueryCompletion } from '../proxy/seam.ts';
+import type { StatementShape } from '../shapes/fingerprint.ts';
+import type { ShapeStats } from '../shapes/registry.ts';
+import { explainSample } from './explain.ts';
+import type { MonitorPool } from './monitor.ts';
+import { parametersAsText } from './params.ts';
+import { describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary } from './plan.ts';
+
+/** Statements EXPLAIN can describe; everything else is never sampled. */
+const EXPLAINABLE = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
+const MAX_HISTORY = 10;
+
+export interface PlanRecord {
+  readonly summary: PlanSummary;
+  readonly firstSeen: number;
+  lastSeen: number;
+  samples: number;
+}
+
+export interface PlanChange {
+  readonly at: number;
+  readonly from: string;
+  readonly to: string;
+  readonly diff: PlanDiff;
+}
+
+export class ShapePlans {
+  current: PlanRecord | null = null;
+  readonly history: PlanRecord[] = [];
+  readonly changes: PlanChange[] = [];
+  lastSampledAt = 0;
+  inFlight = false;
+  /** A sample is wanted at the next execution, whatever the period says. */
+  wanted = true;
+  /** Why the last attempt failed, if it did. */
+  lastError: string | null = null;
+
+  /** Tables and indexes of every plan this shape has had. */
+  objects(): Set<string> {
+    const out = new Set<string>();
+    for (const record of this.history) for (const name of [...record.summary.relations, ...record.summary.indexes]) out.add(name.toLowerCase());
+    return out;
+  }
+}
+
+export interface SamplerOptions {
+  readonly monitor: MonitorPool;
+  readonly events: EventLog;
+  readonly clock: Clock;
+  readonly log: Logger;
+  /** Re-sample each shape at least this often. */
+  readonly periodMs: number;
+  /** Upper bound on EXPLAINs per second across all shapes. */
+  readonly maxPerSecond: number;
+  /** Samples waiting beyond this are dropped (the next period retries). */
+  readonly queueLimit: number;
+  readonly concurrency: number;
+}
+
+interface Sample {
+  readonly shape: string;
+  readonly database: string;
+  readonly text: string;
+  readonly params: (string | null)[] | null;
+  readonly paramCount: number;
+}
+
+export class PlanSampler {
+  private readonly shapes = new Map<string, ShapePlans>();
+  private readonly queue: Sample[] = [];
+  private running = 0;
+  private tokens: number;
+  private lastRefill: number;
+  private serverVersion: Promise<number> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  explained = 0;
+  failed = 0;
+
+  constructor(private readonly options: SamplerOptions) {
+    this.tokens = options.maxPerSecond;
+    this.lastRefill = options.clock.now();
+  }
+
+  /** Subscribed to the shape collector: decides whether this execution is sampled. */
+  readonly observe = (_stats: ShapeStats, shape: StatementShape, c: QueryCompletion): void => {
+    if (shape.fallback || !EXPLAINABLE.has(shape.command) || c.sqlstate !== null) return;
+    let plans = this.shapes.get(shape.fingerprint);
+    if (plans === undefined) {
+      plans = new ShapePlans();
+      this.shapes.set(shape.fingerprint, plans);
+    }
+    const now = this.options.clock.now();
+    if (plans.inFlight || (!plans.wanted && now - plans.lastSampledAt < this.options.periodMs)) return;
+    if (this.queue.length >= this.options.queueLimit) return;
+    const sample = this.capture(shape.fingerprint, c);
+    if (sample === null) return;
+    plans.inFlight = true;
+    plans.wanted = false;
+    plans.lastSampledAt = now;
+    this.queue.push(sample);
+    this.pump();
+  };
+
+  /** Asks for a fresh plan of `fingerprint` at its next execution. */
+  resample(fingerprint: string): void {
+    const plans = this.shapes.get(fingerprint);
+    if (plans) plans.wanted = true;
+  }
+
+  /** Asks for fresh plans of every shape whose plans touch one of `objects` (all shapes if empty). */
+  resampleTouching(objects: readonly string[]): number {
+    let count = 0;
+    const wanted = new Set(objects.map((o) => o.toLowerCase()));
+    for (const [fingerprint, plans] of this.shapes) {
+      const touches = wanted.size === 0 || [...plans.objects()].some((o) => wanted.has(o));
+      if (touches || plans.current === null) {
+        this.resample(fingerprint);
+        count++;
+      }
+    }
+    return count;
+  }
+
+  plansOf(fingerprint: string): ShapePlans | undefined {
+    return this.shapes.get(fingerprint);
+  }
+
+  /** Forgets shapes the registry no longer tracks. */
+  retain(isTracked: (fingerprint: string) => boolean): void {
+    for (const fingerprint of this.shapes.keys()) if (!isTracked(fingerprint)) this.shapes.delete(fingerprint);
+  }
+
+  stop(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.queue.length = 0;
+  }
+
+  /** Copies what the EXPLAIN needs out of the (reused) completion event. */
+  private capture(shape: string, c: QueryCompletion): Sample | null {
+    if (c.statement === null) {
+      return { shape, database: c.session.database, text: c.text, params: null, paramCount: 0 };
+    }
+    let params: (string | null)[] | null = null;
+    let paramCount = 0;
+    if (c.bind !== null) {
+      try {
+        paramCount = decodeBindParameters(c.bind).values.length;
+        params = parametersAsText(c.bind, c.statement.paramTypes);
+      } catch {
+        return null;
+      }
+    }
+    return { shape, database: c.session.database, text: c.statement.text, params, paramCount };
+  }
+
+  private pump(): void {
+    const now = this.options.clock.now();
+    this.tokens = Math.min(this.options.maxPerSecond, this.tokens + ((now - this.lastRefill) / 1000) * this.options.maxPerSecond);
+    this.lastRefill = now;
+    while (this.queue.length > 0 && this.running < this.options.concurrency && this.tokens >= 1) {
+      this.tokens -= 1;
+      this.running++;
+      void this.run(this.queue.shift()!);
+    }
+    if (this.queue.length > 0 && this.timer === null) {
+      // Out of tokens or slots: try again shortly.
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        this.pump();
+      }, 100);
+      this.timer.unref();
+    }
+  }
+
+  private async run(sample: Sample): Promise<void> {
+    const plans = this.shapes.get(sample.shape);
+    try {
+      this.serverVersion ??= this.options.monitor.serverMajorVersion();
+      const json = await explainSample(this.options.monitor, sample, await this.serverVersion);
+      this.explained++;
+      if (plans) {
+        plans.lastError = null;
+        this.record(sample.shape, plans, summarizePlan(json));
+      }
+    } catch (err) {
+      this.failed++;
+      if (this.serverVersion && (err as Error).message.includes('connect')) this.serverVersion = null;
+      if (plans) plans.lastError = (err as Error).message;
+      this.options.log.debug({ err, fingerprint: sample.shape }, 'EXPLAIN sample failed');
+    } finally {
+      if (plans) plans.inFlight = false;
+      this.running--;
+      this.pump();
+    }
+  }
+
+  private record(shape: string, plans: ShapePlans, summary: PlanSummary): void {
+    const now = this.options.clock.now();
+    const previous = plans.current;
+    if (previous !== null && previous.summary.fingerprint === summary.fingerprint) {
+      previous.lastSeen = now;
+      previous.samples++;
+      return;
+    }
+    let record = plans.history.find((r) => r.summary.fingerprint === summary.fingerprint);
+    if (record === undefined) {
+      record = { summary, firstSeen: now, lastSeen: now, samples: 1 };
+      plans.history.push(record);
+      if (plans.history.length > MAX_HISTORY) plans.history.shift();
+    } else {
+      record.lastSeen = now;
+      record.samples++;
+    }
+    plans.current = record;
+    if (previous === null) return; // the first plan is the baseline, not a change
+    const diff = diffPlans(previous.summary, summary);
+    const change: PlanChange = { at: now, from: previous.summary.fingerprint, to: summary.fingerprint, diff };
+    plans.changes.push(change);
+    if (plans.changes.length > MAX_HISTORY) plans.changes.shift();
+    const objects = new Set([...previous.summary.relations, ...previous.summary.indexes, ...summary.relations, ...summary.indexes].map((o) => o.toLowerCase()));
+    this.options.events.add({
+      type: 'plan_change',
+      fingerprint: shape,
+      summary: diff.headline || `${describePlan(previous.summary)} -> ${describePlan(summary)}`,
+      objects: [...objects],
+      details: { from: change.from, to: change.to, removed: diff.removed, added: diff.added, before: describePlan(previous.summary), after: describePlan(summary) },
+    });
+    this.options.log.info({ fingerprint: shape, from: change.from, to: change.to, diff: diff.headline }, 'plan changed');
+  }
+}
