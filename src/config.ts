@@ -43,6 +43,17 @@ export const OPTIONS = {
   metrics_top_shapes: positiveInt.default(50).describe('Shapes with their own Prometheus series (by total time); the rest are summed as "other".'),
   series_bucket_s: positiveInt.default(10).describe('Width of one bucket of the per-shape latency time series.'),
   series_buckets: positiveInt.default(360).describe('Buckets kept per shape (360 x 10 s = one hour).'),
+  monitor_concurrency: positiveInt.default(2).describe('Monitoring connections per database (EXPLAIN sampling, catalog checks).'),
+  monitor_statement_timeout_ms: positiveInt.default(5000).describe('statement_timeout of monitoring queries.'),
+  plan_sample_period_s: positiveInt.default(60).describe('Each shape is re-explained at least this often (and at once on a latency jump or schema change).'),
+  plan_samples_per_second: positiveInt.default(10).describe('Upper bound on EXPLAINs per second across all shapes.'),
+  schema_check_interval_s: positiveInt.default(5).describe('How often the catalog is compared with its last snapshot (catches migrations run elsewhere).'),
+  detect_min_samples: positiveInt.default(20).describe('Recent calls a shape needs before it can be judged regressed.'),
+  detect_p95_ratio: z.coerce.number().min(1).default(3).describe('Regressed when recent p95 is at least this many times the baseline p95...'),
+  detect_p50_ratio: z.coerce.number().min(1).default(2).describe('...and recent p50 at least this many times the baseline p50...'),
+  detect_absolute_ms: nonNegative.default(10).describe('...and recent p95 at least this many ms above the baseline p95.'),
+  detect_evaluate_ms: positiveInt.default(2000).describe('How often every busy shape is evaluated.'),
+  alert_webhook_url: z.string().url().optional().describe('Incident changes are POSTed here as JSON (retried with backoff).'),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level.'),
 } as const;
 

@@ -41,7 +41,7 @@ export function shapeSummary(s: ShapeStats, status: string) {
   };
 }
 
-export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: ShapeStatusOf = () => 'ok'): Route[] {
+export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: ShapeStatusOf = () => 'ok', detail: DetailSources = {}): Route[] {
   return [
     {
       method: 'GET',
@@ -69,9 +69,21 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
         if (!Number.isFinite(since) || since <= 0) throw new ApiError(400, `since_s must be a positive number of seconds; got '${sinceText}'`);
         return {
           status: 200,
-          body: { ...shapeSummary(stats, statusOf(stats.fingerprint)), series: stats.series.points(now, now - since * 1000) },
+          body: {
+            ...shapeSummary(stats, statusOf(stats.fingerprint)),
+            series: stats.series.points(now, now - since * 1000),
+            ...(detail.plansOf ? { plans: detail.plansOf(stats.fingerprint) } : {}),
+            ...(detail.eventsOf ? { events: detail.eventsOf(stats.fingerprint) } : {}),
+            ...(detail.incidentsOf ? { incidents: detail.incidentsOf(stats.fingerprint) } : {}),
+          },
         };
       },
     },
   ];
+}
+
+export interface DetailSources {
+  readonly plansOf?: (fingerprint: string) => unknown;
+  readonly eventsOf?: (fingerprint: string) => unknown;
+  readonly incidentsOf?: (fingerprint: string) => unknown;
 }

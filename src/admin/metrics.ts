@@ -5,6 +5,8 @@
 // Every metric is documented in docs/metrics.md.
 
 import client from 'prom-client';
+import type { IncidentManager } from '../detect/incidents.ts';
+import type { PlanSampler } from '../plans/sampler.ts';
 import type { ProxyServer } from '../proxy/server.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
@@ -15,7 +17,14 @@ export interface MetricsOptions {
 
 const CONNECT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 
-export function createMetrics(proxy: ProxyServer, collector: ShapeCollector | null, options: MetricsOptions): client.Registry {
+export interface MetricSources {
+  readonly collector: ShapeCollector | null;
+  readonly incidents?: IncidentManager | null;
+  readonly sampler?: PlanSampler | null;
+}
+
+export function createMetrics(proxy: ProxyServer, sources: MetricSources, options: MetricsOptions): client.Registry {
+  const { collector, incidents, sampler } = sources;
   const registry = new client.Registry();
   const stats = proxy.stats;
   const counter = (name: string, help: string, read: () => number) =>
@@ -68,6 +77,29 @@ export function createMetrics(proxy: ProxyServer, collector: ShapeCollector | nu
   });
 
   if (collector !== null) registerShapeMetrics(registry, collector, options, counter, gauge);
+  if (incidents) {
+    gauge('pgwarden_incidents_active', 'Regression incidents currently active.', () => incidents.activeCount);
+    counter('pgwarden_incidents_opened_total', 'Regression incidents opened since start.', () => incidents.opened);
+    new client.Gauge({
+      name: 'pgwarden_shape_regression_ratio',
+      help: 'Recent p95 over baseline p95, for shapes with an active incident and the top shapes by total time.',
+      labelNames: ['fingerprint'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const shapes = new Set(incidents.list('active').map((i) => i.fingerprint));
+        if (collector) for (const s of collector.registry.all().sort((a, b) => b.totalMs - a.totalMs).slice(0, options.topShapes)) shapes.add(s.fingerprint);
+        for (const fp of shapes) {
+          const ratio = incidents.regressionRatio(fp);
+          if (ratio !== null) this.set({ fingerprint: fp }, ratio);
+        }
+      },
+    });
+  }
+  if (sampler) {
+    counter('pgwarden_plan_samples_total', 'EXPLAIN samples taken through the monitoring connection.', () => sampler.explained);
+    counter('pgwarden_plan_sample_failures_total', 'EXPLAIN samples that failed (timeouts, unusable parameters, monitor down).', () => sampler.failed);
+  }
   return registry;
 }
 

@@ -6,10 +6,20 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import { shapeRoutes } from '../admin/api.ts';
+import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts';
 import { createMetrics } from '../admin/metrics.ts';
 import { AdminServer, upstreamProbe } from '../admin/server.ts';
 import { systemClock, type Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
+import { DEFAULT_DETECTOR_OPTIONS } from '../detect/detector.ts';
+import { DdlWatch } from '../detect/ddlwatch.ts';
+import { EventLog } from '../detect/events.ts';
+import { IncidentManager } from '../detect/incidents.ts';
+import { RoundTripTracker } from '../detect/roundtrip.ts';
+import { SchemaWatcher } from '../detect/schema.ts';
+import { WebhookSender } from '../detect/webhook.ts';
+import { MonitorPool } from '../plans/monitor.ts';
+import { PlanSampler } from '../plans/sampler.ts';
 import { ProxyServer } from '../proxy/server.ts';
 import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
@@ -18,6 +28,10 @@ import { ShapeRegistry } from '../shapes/registry.ts';
 export interface App {
   readonly proxy: ProxyServer;
   readonly collector: ShapeCollector | null;
+  readonly events: EventLog;
+  readonly incidents: IncidentManager | null;
+  readonly sampler: PlanSampler | null;
+  readonly schema: SchemaWatcher | null;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
   /** Ports actually bound (useful with port 0). */
@@ -37,13 +51,27 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const upstream = parseHostPort(config.upstream);
   const proxy = buildProxy(config, log);
 
+  const events = new EventLog(clock);
   let collector: ShapeCollector | null = null;
+  let incidents: IncidentManager | null = null;
+  let sampler: PlanSampler | null = null;
+  let schema: SchemaWatcher | null = null;
+  let roundTrip: RoundTripTracker | null = null;
+  const monitor = config.monitor_url
+    ? new MonitorPool({
+        url: config.monitor_url,
+        concurrency: config.monitor_concurrency,
+        statementTimeoutMs: config.monitor_statement_timeout_ms,
+        log: log.child({ component: 'monitor' }),
+      })
+    : null;
   if (config.stats) {
     const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
+    const bucketMs = config.series_bucket_s * 1000;
     const registry = new ShapeRegistry({
       maxShapes: config.max_shapes,
       clock,
-      series: { bucketMs: config.series_bucket_s * 1000, buckets: config.series_buckets, sketchBuckets: 6 },
+      series: { bucketMs, buckets: config.series_buckets, sketchBuckets: 6 },
     });
     collector = new ShapeCollector(finder, registry, {
       slowQueryMs: config.slow_query_ms,
@@ -51,6 +79,51 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       log: log.child({ component: 'shapes' }),
     });
     proxy.onQueryComplete(collector.observe);
+
+    if (monitor) {
+      const plansLog = log.child({ component: 'plans' });
+      sampler = new PlanSampler({
+        monitor,
+        events,
+        clock,
+        log: plansLog,
+        periodMs: config.plan_sample_period_s * 1000,
+        maxPerSecond: config.plan_samples_per_second,
+        queueLimit: 100,
+        concurrency: config.monitor_concurrency,
+      });
+      collector.onShape(sampler.observe);
+      schema = new SchemaWatcher({ monitor, events, clock, log: log.child({ component: 'schema' }), intervalMs: config.schema_check_interval_s * 1000 });
+      schema.start();
+      roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
+      roundTrip.start();
+      // A schema change found in the catalog gets the affected shapes re-explained at once.
+      const plans = sampler;
+      events.onEvent((e) => {
+        if (e.type === 'schema_change') plans.resampleTouching(e.objects ?? []);
+      });
+    }
+    collector.onShape(new DdlWatch(events, sampler).observe);
+    incidents = new IncidentManager({
+      registry,
+      events,
+      clock,
+      log: log.child({ component: 'incidents' }),
+      detector: {
+        ...DEFAULT_DETECTOR_OPTIONS,
+        minRecentSamples: config.detect_min_samples,
+        p95Ratio: config.detect_p95_ratio,
+        p50Ratio: config.detect_p50_ratio,
+        absoluteMs: config.detect_absolute_ms,
+      },
+      bucketMs,
+      evaluateEveryMs: config.detect_evaluate_ms,
+      sampler,
+      roundTrip,
+      webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
+    });
+    collector.onShape(incidents.observe);
+    incidents.start();
   }
 
   const proxyAddress = await proxy.listen();
@@ -66,8 +139,17 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
-      metrics: createMetrics(proxy, collector, { topShapes: config.metrics_top_shapes }),
-      routes: collector ? shapeRoutes(collector.registry, clock) : [],
+      metrics: createMetrics(proxy, { collector, incidents, sampler }, { topShapes: config.metrics_top_shapes }),
+      routes: [
+        ...(collector
+          ? shapeRoutes(collector.registry, clock, (fp) => (incidents?.activeFor(fp) ? 'regressed' : 'ok'), {
+              plansOf: sampler ? (fp) => plansJson(sampler!, fp) : undefined,
+              eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
+              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
+            })
+          : []),
+        ...(incidents ? incidentRoutes(incidents, events) : []),
+      ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
       log: log.child({ component: 'admin' }),
     });
@@ -77,13 +159,22 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   return {
     proxy,
     collector,
+    events,
+    incidents,
+    sampler,
+    schema,
     admin,
     adminToken,
     proxyPort: proxyAddress.port,
     adminPort,
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
+      incidents?.stop();
+      schema?.stop();
+      roundTrip?.stop();
+      sampler?.stop();
       await admin?.close();
+      await monitor?.close();
     },
   };
 }

@@ -2,8 +2,10 @@
 //
 // Designed against noisy latency. The baseline is the median, over the last ten
 // minutes of 10 s buckets (excluding the recent window), of each bucket's p50 and
-// p95: one slow bucket cannot move it. The recent window is the shape's last calls
-// (up to 512, at most 15 s old). A shape counts as regressed only when, at once,
+// p95: one slow bucket cannot move it. The recent window is the shape's calls of
+// the last 5 s (at most the last 512): short, because a regressed hot shape gets
+// slower and so sends fewer calls, and a long window would stay dominated by its
+// fast calls from before. A shape counts as regressed only when, at once,
 //   - it has enough history (>= 6 buckets with >= 5 calls) and recent calls (>= 20),
 //   - its recent p50 is >= 2x the baseline p50 (the typical call is slower, not
 //     just the tail: jitter and bursts move the tail, a plan flip moves everything),
@@ -11,7 +13,7 @@
 //     (sub-millisecond shapes doubling is noise, not an incident);
 // and an incident opens after 5 consecutive such evaluations (2 s apart, so a
 // burst shorter than ~8 s never opens one; a hot shape's persistent flip is caught
-// in ~15 s), and resolves after 3 consecutive evaluations with p95 back under 1.5x
+// in ~10 s), and resolves after 3 consecutive evaluations with p95 back under 1.5x
 // the baseline frozen at onset. A restart starts with no history, hence no
 // incident for its first minute.
 
@@ -32,7 +34,7 @@ export interface DetectorOptions {
 }
 
 export const DEFAULT_DETECTOR_OPTIONS: DetectorOptions = {
-  recentWindowMs: 15_000,
+  recentWindowMs: 5_000,
   baselineWindowMs: 600_000,
   minBaselineBuckets: 6,
   minBucketCalls: 5,

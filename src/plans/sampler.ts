@@ -46,6 +46,13 @@ export class ShapePlans {
   /** Why the last attempt failed, if it did. */
   lastError: string | null = null;
 
+  /** Indexes used by any plan this shape has had. */
+  indexes(): Set<string> {
+    const out = new Set<string>();
+    for (const record of this.history) for (const name of record.summary.indexes) out.add(name.toLowerCase());
+    return out;
+  }
+
   /** Tables and indexes of every plan this shape has had. */
   objects(): Set<string> {
     const out = new Set<string>();

@@ -73,14 +73,20 @@ export class ShapeFinder {
       return [fallbackShape(text.length > 65536 ? null : scanSql(text), text)];
     }
     const scan = scanSql(text);
-    const byKey = scan !== null && DML.has(scan.firstWord);
-    const cache = byKey ? this.byKey : this.byText;
-    const cacheKey = byKey ? scan.key : text;
-    let shapes = cache.get(cacheKey);
-    if (shapes === undefined) {
-      shapes = computeShapes(text, scan);
-      cache.set(cacheKey, shapes);
+    // Only single DML statements share shapes by key: their constants are plain
+    // values that neither the fingerprint nor the normalized text depends on.
+    const byKey = scan !== null && DML.has(scan.firstWord) && !scan.multiStatement && !scan.literalsMatter;
+    if (byKey) {
+      const cached = this.byKey.get(scan.key);
+      if (cached !== undefined) return cached;
     }
+    const exact = this.byText.get(text);
+    if (exact !== undefined) return exact;
+    const shapes = computeShapes(text, scan);
+    // A text the parser rejects is cached only as itself: another text with the
+    // same key may well parse.
+    if (byKey && !shapes[0].fallback) this.byKey.set(scan.key, shapes);
+    else this.byText.set(text, shapes);
     return shapes;
   }
 }
@@ -104,7 +110,7 @@ function shapeOfSingle(text: string, scan: ScanResult | null): StatementShape {
   } catch {
     return fallbackShape(scan, text);
   }
-  return { fingerprint, query: truncate(query.trim()), fallback: false, command: scan?.firstWord ?? firstWordOf(query) };
+  return { fingerprint, query: truncate(withoutComments(query)), fallback: false, command: scan?.firstWord ?? firstWordOf(query) };
 }
 
 /**
@@ -136,6 +142,16 @@ function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
       ? truncate(scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim())
       : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
   return { fingerprint: `u${digest.slice(0, 15)}`, query, fallback: true, command: scan?.firstWord ?? firstWordOf(text) };
+}
+
+/**
+ * The normalized text without comments (libpg_query keeps them, and they may hold
+ * values) and with any constant normalization missed blanked out.
+ */
+function withoutComments(normalized: string): string {
+  const scan = scanSql(normalized);
+  if (scan === null) return normalized.trim();
+  return scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim();
 }
 
 function firstWordOf(text: string): string {

@@ -27,6 +27,10 @@ export class ShapeStats {
   readonly applications = new Set<string>();
   firstSeen: number;
   lastSeen: number;
+  // Who ran the shape last: most calls come from the same session, so the name
+  // sets are only consulted when it changes.
+  private lastSession: QueryCompletion['session'] | null = null;
+  private lastApplication = '';
 
   constructor(
     readonly fingerprint: string,
@@ -62,9 +66,14 @@ export class ShapeStats {
     }
     this.sketch.accept(Math.max(c.durationMs, 0));
     this.series.add(now, c.durationMs, failed, c.rows);
-    addName(this.users, c.session.user);
-    addName(this.databases, c.session.database);
-    addName(this.applications, c.session.applicationName);
+    const session = c.session;
+    if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
+      this.lastSession = session;
+      this.lastApplication = session.applicationName;
+      addName(this.users, session.user);
+      addName(this.databases, session.database);
+      addName(this.applications, session.applicationName);
+    }
   }
 
   /** Folds an evicted shape's totals into this one (the overflow shape). */

@@ -38,6 +38,9 @@ export class ShapeSeries {
   private readonly totalMs: Float64Array;
   private readonly quantiles: Float32Array; // p50, p95, p99 per slot, once the bucket is closed
   private readonly sketches = new Map<number, DDSketch>();
+  // The bucket being filled, so the common case skips the map lookup.
+  private currentBucket = -1;
+  private currentSketch: DDSketch | null = null;
 
   constructor(private readonly options: SeriesOptions) {
     const n = options.buckets;
@@ -57,12 +60,16 @@ export class ShapeSeries {
     if (failed) this.errors[slot]++;
     this.rows[slot] += rows;
     this.totalMs[slot] += durationMs;
-    let sketch = this.sketches.get(bucket);
-    if (sketch === undefined) {
-      sketch = newSketch();
-      this.sketches.set(bucket, sketch);
+    if (bucket !== this.currentBucket) {
+      let sketch = this.sketches.get(bucket);
+      if (sketch === undefined) {
+        sketch = newSketch();
+        this.sketches.set(bucket, sketch);
+      }
+      this.currentBucket = bucket;
+      this.currentSketch = sketch;
     }
-    sketch.accept(durationMs);
+    this.currentSketch!.accept(Math.max(durationMs, 0));
   }
 
   /** Non-empty buckets from `since` (epoch ms) on, oldest first. */
@@ -122,6 +129,10 @@ export class ShapeSeries {
         this.quantiles[oldSlot * 3 + 2] = sketch.getValueAtQuantile(0.99);
       }
       this.sketches.delete(old);
+      if (old === this.currentBucket) {
+        this.currentBucket = -1;
+        this.currentSketch = null;
+      }
     }
   }
 }

@@ -26,7 +26,27 @@ export interface ScanResult {
   readonly multiStatement: boolean;
   /** The first keyword, upper-cased ('' when none). */
   readonly firstWord: string;
+  /**
+   * Whether a literal's content can decide if the text parses at all (E'' and U&''
+   * escape strings, whose escapes may be invalid): such texts are not cached by key.
+   */
+  readonly literalsMatter: boolean;
 }
+
+/**
+ * Types whose modifiers are constants the parser checks (float(54) is an error,
+ * float(53) is not): numbers in their parentheses stay in the key.
+ */
+/** A well-formed numeric literal (PostgreSQL 16+ forms included). */
+const NUMBER = /^(?:0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*|0[oO][0-7]+(?:_[0-7]+)*|0[bB][01]+(?:_[01]+)*|(?:\d+(?:_\d+)*)?(?:\.\d*)?(?:[eE][+-]?\d+)?)$/;
+
+/** Keywords that end an ORDER BY / GROUP BY list, whose numbers are column positions. */
+const END_OF_BY_LIST = new Set(['LIMIT', 'OFFSET', 'FETCH', 'FOR', 'HAVING', 'WINDOW', 'UNION', 'INTERSECT', 'EXCEPT', 'RETURNING', 'ON', 'ROWS', 'RANGE', 'GROUPS']);
+
+const TYPES_WITH_MODIFIERS = new Set([
+  'FLOAT', 'NUMERIC', 'DECIMAL', 'VARCHAR', 'CHAR', 'CHARACTER', 'BIT', 'VARBIT', 'VARYING',
+  'TIME', 'TIMESTAMP', 'TIMETZ', 'TIMESTAMPTZ', 'INTERVAL', 'PRECISION',
+]);
 
 function isIdentChar(c: number): boolean {
   return (
@@ -54,6 +74,9 @@ export function scanSql(text: string): ScanResult | null {
   let sawSemicolon = false;
   let multiStatement = false;
   let firstWord = '';
+  let literalsMatter = false;
+  // Inside ORDER BY / GROUP BY a bare number is a column position, not a value.
+  let inByList = false;
 
   const replace = (start: number, end: number, by: string) => {
     out += text.slice(copyFrom, start) + by;
@@ -69,6 +92,7 @@ export function scanSql(text: string): ScanResult | null {
     if (sawSemicolon && c !== SEMICOLON && !(c === DASH && text.charCodeAt(i + 1) === DASH) && !(c === SLASH && text.charCodeAt(i + 1) === STAR)) {
       multiStatement = true;
     }
+    if (c === SEMICOLON || c === 0x29 /* ) */) inByList = false;
     if (c === SEMICOLON) {
       sawSemicolon = true;
       i++;
@@ -120,28 +144,44 @@ export function scanSql(text: string): ScanResult | null {
     }
     if (isDigit(c) || (c === DOT && isDigit(text.charCodeAt(i + 1)))) {
       const end = skipNumber(text, i);
-      replace(i, end, LITERAL_MARK);
+      // A malformed number (0xZZ, 1__0, 1_) does not parse while a well-formed one
+      // does: it stays in the key as written, like a column position in ORDER BY.
+      const malformed = !NUMBER.test(text.slice(i, end)) || (end < n && isIdentChar(text.charCodeAt(end)));
+      if (!inByList && !malformed) replace(i, end, LITERAL_MARK);
       i = end;
       continue;
     }
     if (isIdentChar(c)) {
       const start = i;
       while (i < n && isIdentChar(text.charCodeAt(i))) i++;
-      if (firstWord === '' && !sawSemicolon) firstWord = text.slice(start, i).toUpperCase();
+      const word = i - start <= 11 ? text.slice(start, i).toUpperCase() : '';
+      if (firstWord === '' && !sawSemicolon) firstWord = word || text.slice(start, i).toUpperCase();
+      if (word === 'BY') inByList = true;
+      else if (END_OF_BY_LIST.has(word)) inByList = false;
       // E'...' takes backslash escapes; B'..', X'..', N'..' are plain: the prefix stays.
       if (i - start === 1 && text.charCodeAt(i) === QUOTE) {
         const escape = c === 0x45 || c === 0x65;
+        if (escape) literalsMatter = true;
         const end = skipQuoted(text, i, escape);
         if (end < 0) return null;
         replace(i, end, LITERAL_MARK);
         i = end;
+      } else if (TYPES_WITH_MODIFIERS.has(word)) {
+        // Keep a type modifier such as (10,2) verbatim: it is checked by the parser.
+        let j = i;
+        while (j < n && isSpace(text.charCodeAt(j))) j++;
+        if (text.charCodeAt(j) === 0x28) {
+          const close = text.indexOf(')', j);
+          if (close > 0 && /^\(\s*[0-9]+\s*(,\s*[0-9]+\s*)?\)$/.test(text.slice(j, close + 1))) i = close + 1;
+        }
       }
       continue;
     }
+    if (c === 0x26 /* & */ && text.charCodeAt(i + 1) === QUOTE) literalsMatter = true; // U&'...'
     i++; // operators and punctuation
   }
   out += text.slice(copyFrom);
-  return { key: out, multiStatement, firstWord };
+  return { key: out, multiStatement, firstWord, literalsMatter };
 }
 
 function skipQuoted(text: string, start: number, backslashEscapes: boolean): number {
@@ -209,8 +249,9 @@ function skipDollarQuoted(text: string, start: number): number {
 function skipNumber(text: string, start: number): number {
   let i = start;
   const n = text.length;
-  if (text.charCodeAt(i) === 0x30 && (text.charCodeAt(i + 1) | 0x20) === 0x78) {
-    // 0x hexadecimal (PostgreSQL 16+)
+  const radix = text.charCodeAt(i + 1) | 0x20;
+  if (text.charCodeAt(i) === 0x30 && (radix === 0x78 || radix === 0x6f || radix === 0x62)) {
+    // 0x hexadecimal, 0o octal, 0b binary (PostgreSQL 16+)
     i += 2;
     while (i < n && (isIdentChar(text.charCodeAt(i)) && text.charCodeAt(i) !== DOLLAR)) i++;
     return i;
@@ -229,4 +270,14 @@ function skipNumber(text: string, start: number): number {
     }
   }
   return i;
+}
+
+/**
+ * The text with every literal replaced by `?` and comments dropped, for showing
+ * statements (DDL on the timeline) without the values they carry; null when the
+ * text cannot be scanned.
+ */
+export function redactLiterals(text: string): string | null {
+  const scan = scanSql(text);
+  return scan === null ? null : scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim();
 }

@@ -1,0 +1,73 @@
+// JSON API routes over incidents, the event timeline and plan histories.
+
+import type { EventLog, EventType, TimelineEvent } from '../detect/events.ts';
+import type { IncidentManager } from '../detect/incidents.ts';
+import type { PlanSampler } from '../plans/sampler.ts';
+import { ApiError, type Route } from './server.ts';
+
+const EVENT_TYPES: EventType[] = ['ddl', 'schema_change', 'plan_change', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed', 'mitigation'];
+
+export function eventJson(e: TimelineEvent) {
+  return { ...e, at: new Date(e.at).toISOString() };
+}
+
+/** A shape's plan history for the shape detail: current plan, past plans, changes with diffs. */
+export function plansJson(sampler: PlanSampler, fingerprint: string) {
+  const plans = sampler.plansOf(fingerprint);
+  if (!plans) return { current: null, history: [], changes: [], last_error: null };
+  const record = (r: NonNullable<typeof plans.current>) => ({
+    fingerprint: r.summary.fingerprint,
+    nodes: r.summary.nodes.map((n) => n.description),
+    relations: r.summary.relations,
+    indexes: r.summary.indexes,
+    total_cost: r.summary.totalCost,
+    first_seen: new Date(r.firstSeen).toISOString(),
+    last_seen: new Date(r.lastSeen).toISOString(),
+    samples: r.samples,
+  });
+  return {
+    current: plans.current ? record(plans.current) : null,
+    history: plans.history.map(record),
+    changes: plans.changes.map((c) => ({ at: new Date(c.at).toISOString(), from: c.from, to: c.to, ...c.diff })),
+    last_error: plans.lastError,
+  };
+}
+
+export function incidentRoutes(incidents: IncidentManager, events: EventLog): Route[] {
+  return [
+    {
+      method: 'GET',
+      path: '/api/incidents',
+      handle({ query }) {
+        const status = query.get('status') ?? 'all';
+        if (status !== 'all' && status !== 'active' && status !== 'resolved') throw new ApiError(400, `status must be active, resolved or all; got '${status}'`);
+        return { status: 200, body: incidents.list(status === 'all' ? undefined : status) };
+      },
+    },
+    {
+      method: 'GET',
+      path: '/api/incidents/:id',
+      handle({ params }) {
+        const incident = incidents.get(params.id);
+        if (!incident) throw new ApiError(404, `no incident '${params.id}'`);
+        return { status: 200, body: incident };
+      },
+    },
+    {
+      method: 'GET',
+      path: '/api/events',
+      handle({ query }) {
+        const limitText = query.get('limit') ?? '200';
+        const limit = Number(limitText);
+        if (!Number.isInteger(limit) || limit < 1 || limit > 2000) throw new ApiError(400, `limit must be an integer from 1 to 2000; got '${limitText}'`);
+        const type = query.get('type');
+        if (type !== null && !EVENT_TYPES.includes(type as EventType)) throw new ApiError(400, `type must be one of ${EVENT_TYPES.join(', ')}; got '${type}'`);
+        const sinceText = query.get('since');
+        const since = sinceText === null ? undefined : Date.parse(sinceText);
+        if (since !== undefined && Number.isNaN(since)) throw new ApiError(400, `since must be an ISO 8601 time; got '${sinceText}'`);
+        const list = events.recent(limit, { fingerprint: query.get('fingerprint') ?? undefined, types: type ? [type as EventType] : undefined, since });
+        return { status: 200, body: list.map(eventJson) };
+      },
+    },
+  ];
+}
