@@ -8,6 +8,21 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 
+/** An option given as JSON on the command line or in the environment. */
+const json = <T extends z.ZodType>(schema: T) =>
+  z.preprocess((v) => {
+    if (typeof v !== 'string') return v;
+    try {
+      return JSON.parse(v);
+    } catch {
+      return v; // reported by the schema as the wrong type
+    }
+  }, schema);
+const list = z.preprocess(
+  (v) => (typeof v === 'string' ? v.split(',').map((s) => s.trim()).filter(Boolean) : v),
+  z.array(z.string()),
+);
+
 const hostPort = z
   .string()
   .regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'expected HOST:PORT')
@@ -54,6 +69,22 @@ export const OPTIONS = {
   detect_absolute_ms: nonNegative.default(10).describe('...and recent p95 at least this many ms above the baseline p95.'),
   detect_evaluate_ms: positiveInt.default(2000).describe('How often every busy shape is evaluated.'),
   alert_webhook_url: z.string().url().optional().describe('Incident changes are POSTed here as JSON (retried with backoff).'),
+  state_file: z.string().min(1).default('.pgwarden-state.json').describe('Local file where rules survive a restart (when no control database is configured).'),
+  control_url: z.string().regex(/^postgres(ql)?:\/\//, 'expected a postgres:// URL').optional().describe('Control database shared by several pgwarden instances (rules and incidents, LISTEN/NOTIFY).'),
+  instance_name: z.string().min(1).optional().describe('Name of this instance in the control database (default: host:pid).'),
+  mitigation: z.enum(['off', 'dry-run', 'enforce']).default('dry-run').describe('Automatic mitigation of regression incidents: off, dry-run (say what it would do) or enforce (shed the shape).'),
+  mitigation_protect: list.default([]).describe('Fingerprints the mitigation policy never touches (comma-separated in flags and environment).'),
+  mitigation_max_concurrent: z.coerce.number().int().min(0).default(1).describe('Concurrent executions a shed rule of the policy allows.'),
+  mitigation_queue_timeout_ms: z.coerce.number().int().min(0).default(50).describe('Queue wait of a shed rule of the policy before 53400.'),
+  mitigation_ttl_s: positiveInt.default(600).describe('TTL of a shed rule of the policy (it is lifted earlier when the shape recovers).'),
+  replicas: json(
+    z.record(z.string().regex(/^[A-Za-z0-9_-]+$/, 'replica names are letters, digits, _ and -'), z.object({ url: z.string().regex(/^postgres(ql)?:\/\//, 'expected a postgres:// URL'), pool_size: positiveInt.default(4) }).strict()),
+  )
+    .default({})
+    .describe('Reroute targets by name: { name: { url: postgres://role:password@host:port/db, pool_size: 4 } } (JSON in flags and environment).'),
+  rules: json(z.array(z.record(z.string(), z.unknown())))
+    .default([])
+    .describe('Rules that always apply, as in POST /api/rules (JSON in flags and environment).'),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level.'),
 } as const;
 
@@ -147,7 +178,8 @@ export function configurationReference(): string {
   const rows = optionKeys.map((key) => {
     const schema = OPTIONS[key] as z.ZodType;
     const parsed = z.object({ v: schema }).safeParse({});
-    const fallback = parsed.success && parsed.data.v !== undefined ? `\`${String(parsed.data.v)}\`` : '';
+    const value = parsed.success ? parsed.data.v : undefined;
+    const fallback = value === undefined ? '' : `\`${typeof value === 'object' ? JSON.stringify(value) : String(value)}\``;
     return `| \`${key}\` | \`--${flagName(key)}\` | \`${envName(key)}\` | ${fallback} | ${schema.description ?? ''} |`;
   });
   return ['| file key | flag | environment | default | meaning |', '|---|---|---|---|---|', ...rows].join('\n');

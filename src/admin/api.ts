@@ -75,6 +75,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
             ...(detail.plansOf ? { plans: detail.plansOf(stats.fingerprint) } : {}),
             ...(detail.eventsOf ? { events: detail.eventsOf(stats.fingerprint) } : {}),
             ...(detail.incidentsOf ? { incidents: detail.incidentsOf(stats.fingerprint) } : {}),
+            ...(detail.rulesOf ? { rules: detail.rulesOf(stats.fingerprint) } : {}),
           },
         };
       },
@@ -86,4 +87,5 @@ export interface DetailSources {
   readonly plansOf?: (fingerprint: string) => unknown;
   readonly eventsOf?: (fingerprint: string) => unknown;
   readonly incidentsOf?: (fingerprint: string) => unknown;
+  readonly rulesOf?: (fingerprint: string) => unknown;
 }

@@ -33,7 +33,7 @@ export function plansJson(sampler: PlanSampler, fingerprint: string) {
   };
 }
 
-export function incidentRoutes(incidents: IncidentManager, events: EventLog): Route[] {
+export function incidentRoutes(incidents: IncidentManager, events: EventLog, fleet?: () => unknown[]): Route[] {
   return [
     {
       method: 'GET',
@@ -41,6 +41,13 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog): Ro
       handle({ query }) {
         const status = query.get('status') ?? 'all';
         if (status !== 'all' && status !== 'active' && status !== 'resolved') throw new ApiError(400, `status must be active, resolved or all; got '${status}'`);
+        const scope = query.get('scope') ?? 'instance';
+        if (scope !== 'instance' && scope !== 'fleet') throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
+        if (scope === 'fleet') {
+          if (!fleet) throw new ApiError(400, 'scope=fleet needs a control database (control_url)');
+          const all = fleet() as { status?: string }[];
+          return { status: 200, body: status === 'all' ? all : all.filter((i) => i.status === status) };
+        }
         return { status: 200, body: incidents.list(status === 'all' ? undefined : status) };
       },
     },

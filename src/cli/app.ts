@@ -21,6 +21,17 @@ import { WebhookSender } from '../detect/webhook.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
 import { ProxyServer } from '../proxy/server.ts';
+import { ruleRoutes } from '../admin/rules-api.ts';
+import { RulesGate } from '../rules/gate.ts';
+import { MitigationPolicy } from '../rules/policy.ts';
+import { ReplicaPool } from '../rules/replica.ts';
+import { createRule } from '../rules/rule.ts';
+import { RuleStore } from '../rules/store.ts';
+import { ControlDatabase } from '../state/control.ts';
+import { StateFile } from '../state/file.ts';
+import type { RulePersistence } from '../state/persistence.ts';
+import { createHash } from 'node:crypto';
+import os from 'node:os';
 import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ShapeRegistry } from '../shapes/registry.ts';
@@ -32,6 +43,7 @@ export interface App {
   readonly incidents: IncidentManager | null;
   readonly sampler: PlanSampler | null;
   readonly schema: SchemaWatcher | null;
+  readonly rules: RuleStore;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
   /** Ports actually bound (useful with port 0). */
@@ -65,8 +77,29 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         log: log.child({ component: 'monitor' }),
       })
     : null;
+  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
+
+  // Rules: persisted in the control database when there is one, else in the state file.
+  const rulesLog = log.child({ component: 'rules' });
+  const persistence: RulePersistence = config.control_url
+    ? await ControlDatabase.open({ url: config.control_url, instance: config.instance_name ?? `${os.hostname()}:${process.pid}`, log: rulesLog })
+    : new StateFile(config.state_file, rulesLog);
+  const rules = new RuleStore({ clock, log: rulesLog, events, persistence });
+  await rules.start();
+  for (const input of config.rules) {
+    const id = `cfg-${createHash('sha256').update(JSON.stringify(input)).digest('hex').slice(0, 10)}`;
+    if (!rules.get(id)) await rules.add(createRule({ created_by: 'config', ...input }, clock.now(), 'config', id));
+  }
+  const replicas = new Map(
+    Object.entries(config.replicas).map(([name, r]) => [
+      name,
+      new ReplicaPool({ name, url: r.url, size: r.pool_size, connectTimeoutMs: config.connect_timeout_ms, log: log.child({ component: 'replica', replica: name }) }),
+    ]),
+  );
+  const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
+  proxy.setGate(gate);
+
   if (config.stats) {
-    const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
     const bucketMs = config.series_bucket_s * 1000;
     const registry = new ShapeRegistry({
       maxShapes: config.max_shapes,
@@ -123,8 +156,39 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
     });
     collector.onShape(incidents.observe);
+    incidents.onChange(
+      new MitigationPolicy({
+        mode: config.mitigation,
+        protect: new Set(config.mitigation_protect),
+        maxConcurrent: config.mitigation_max_concurrent,
+        queueTimeoutMs: config.mitigation_queue_timeout_ms,
+        ttlS: config.mitigation_ttl_s,
+        store: rules,
+        events,
+        clock,
+        log: rulesLog,
+      }).onIncident,
+    );
+    if (persistence instanceof ControlDatabase) {
+      // The fleet sees every instance's incidents through the control database.
+      const control = persistence;
+      incidents.onChange((incident) =>
+        control.publishIncident(incident as unknown as { id: string } & Record<string, unknown>).catch((err: Error) =>
+          rulesLog.warn({ err, incident: incident.id }, 'incident not shared: control database unreachable'),
+        ),
+      );
+    }
     incidents.start();
   }
+
+  /** What a shape's status is: a rule on it, else an active incident, else ok. */
+  const statusOf = (fp: string): string => {
+    const actions = new Set((rules.forFingerprint(fp) ?? []).map((r) => r.action));
+    if (actions.has('block')) return 'blocked';
+    if (actions.has('shed')) return 'shed';
+    if (actions.has('reroute')) return 'rerouted';
+    return incidents?.activeFor(fp) ? 'regressed' : 'ok';
+  };
 
   const proxyAddress = await proxy.listen();
   let admin: AdminServer | null = null;
@@ -142,13 +206,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       metrics: createMetrics(proxy, { collector, incidents, sampler }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector
-          ? shapeRoutes(collector.registry, clock, (fp) => (incidents?.activeFor(fp) ? 'regressed' : 'ok'), {
+          ? shapeRoutes(collector.registry, clock, statusOf, {
               plansOf: sampler ? (fp) => plansJson(sampler!, fp) : undefined,
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
+              rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
             })
           : []),
-        ...(incidents ? incidentRoutes(incidents, events) : []),
+        ...ruleRoutes(rules, gate, [...replicas.keys()], clock),
+        ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
       ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
       log: log.child({ component: 'admin' }),
@@ -163,6 +229,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     incidents,
     sampler,
     schema,
+    rules,
     admin,
     adminToken,
     proxyPort: proxyAddress.port,
@@ -173,8 +240,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       schema?.stop();
       roundTrip?.stop();
       sampler?.stop();
+      rules.stop();
       await admin?.close();
       await monitor?.close();
+      await Promise.all([...replicas.values()].map((r) => r.close()));
+      await persistence.close();
     },
   };
 }

@@ -4,12 +4,14 @@
 
 import { parseArgs } from 'node:util';
 import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
+import { runRules } from './rules.ts';
 import { runStart } from './start.ts';
 
 const USAGE = `usage: pgwarden <command> [options]
 
 commands:
   start     run the proxy
+  rules     list, add (block, shed, reroute) and lift rules on a running pgwarden
   help      show this help
 
 options of start (each also PGWARDEN_<NAME> in the environment, or a key of --config FILE):
@@ -22,6 +24,8 @@ export async function main(argv: string[]): Promise<number> {
   switch (command) {
     case 'start':
       return start(rest);
+    case 'rules':
+      return runRules(rest);
     case undefined:
     case 'help':
     case '--help':

@@ -61,6 +61,8 @@ export interface Incident {
   causes: Cause[];
   ruled_out: { check: Check['check']; summary: string }[];
   checks: Check[];
+  /** What the mitigation policy did about it (set by the policy, if one runs). */
+  mitigation?: { mode: string; action: string; rule_id: string | null; note: string };
 }
 
 export type IncidentChange = 'opened' | 'attributed' | 'resolved';
@@ -101,6 +103,7 @@ export class IncidentManager {
 
   /** Subscribed to the shape collector: feeds each shape's recent-calls ring. */
   readonly observe = (stats: ShapeStats, _shape: StatementShape, c: QueryCompletion): void => {
+    if (c.refused) return; // refused by a rule: not a latency sample
     let watch = this.watches.get(stats.fingerprint);
     if (watch === undefined) {
       watch = new ShapeWatch();
@@ -296,8 +299,8 @@ export class IncidentManager {
     if (plan) summary += `, plan changed ${plan.summary}`;
     if (schema) {
       const seconds = Math.round(schema.seconds_before_onset);
-      const what = schema.statement ? `\`${schema.statement}\`` : `the catalog showed ${schema.summary}`;
-      summary += seconds >= 0 ? `, ${seconds} s after ${what} was seen` : `; ${what} (seen ${-seconds} s after the onset)`;
+      const what = schema.statement ? `\`${schema.statement}\` was seen` : `the catalog showed: ${schema.summary}`;
+      summary += seconds >= 0 ? `, ${seconds} s after ${what}` : `; ${what} (${-seconds} s after the onset)`;
     }
     incident.summary = summary;
   }

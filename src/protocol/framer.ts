@@ -44,10 +44,15 @@ export class Framer {
   private messageStart = 0;
 
   constructor(
-    private readonly kinds: Uint8Array,
+    private kinds: Uint8Array,
     private readonly maxMessageLength: number,
     private readonly handler: FrameHandler,
   ) {}
+
+  /** Changes which message types the handler sees (from the next message on). */
+  setKinds(kinds: Uint8Array): void {
+    this.kinds = kinds;
+  }
 
   get holding(): boolean {
     return this.held !== null;

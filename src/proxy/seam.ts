@@ -51,6 +51,8 @@ export interface QueryCompletion {
   readonly sqlstate: string | null;
   /** Name of the upstream that ran it: 'primary' unless the gate rerouted it. */
   readonly upstream: string;
+  /** Refused by the gate (the error is pgwarden's own): not an execution, so no latency sample. */
+  readonly refused: boolean;
 }
 
 export type QueryObserver = (completion: QueryCompletion) => void;
@@ -76,7 +78,7 @@ export interface RerouteTarget {
    * ending with Sync) and returns the backend messages to relay to the client, up to
    * but excluding the final ReadyForQuery.
    */
-  run(messages: Buffer): Promise<Buffer>;
+  run(messages: Buffer, database: string): Promise<Buffer>;
 }
 
 export type GateDecision =

@@ -33,6 +33,7 @@ import {
   type QueryGate,
   type QueryObserver,
   type QueryRequest,
+  type RerouteTarget,
   type SessionInfo,
 } from './seam.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
@@ -142,6 +143,7 @@ class MutableCompletion implements QueryCompletion {
   rows = 0;
   sqlstate: string | null = null;
   upstream = 'primary';
+  refused = false;
   constructor(readonly session: SessionInfo) {}
 }
 
@@ -158,6 +160,9 @@ class MutableRequest implements QueryRequest {
 const FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
 for (const t of [Frontend.Query, Frontend.Parse, Frontend.Bind, Frontend.Execute, Frontend.Close, Frontend.Sync]) FRONTEND_KINDS[t] = WHOLE;
 for (const t of [Frontend.FunctionCall, Frontend.Terminate]) FRONTEND_KINDS[t] = HEADER;
+
+/** While an extended-protocol group is captured for reroute, every message is seen whole. */
+const CAPTURE_KINDS = new Uint8Array(256).fill(WHOLE);
 
 /** Which backend messages the session reads; DataRow only to count it. */
 const BACKEND_KINDS = new Uint8Array(256).fill(PASS);
@@ -218,6 +223,11 @@ export class Session {
   // The upstream's reusable read buffer, replaced only while a write still holds it.
   private readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
   private readBufferInUse = false;
+
+  /** An extended-protocol group being collected, up to its Sync, to run on a reroute target. */
+  private capture: { target: RerouteTarget; messages: Buffer[]; mark: number; statement: PreparedStatement; executes: number } | null = null;
+  /** Replaying captured messages to the primary: the gate has already decided. */
+  private bypassGate = false;
 
   private clientTerminated = false;
   private fatalRelayed = false;
@@ -329,6 +339,7 @@ export class Session {
 
   private onClientMessage(type: number, buf: Buffer, start: number, end: number): number {
     try {
+      if (this.capture !== null) return this.onCaptured(type, buf, start, end);
       switch (type) {
         case Frontend.Query:
           return this.onQuery(buf, start, end);
@@ -421,6 +432,7 @@ export class Session {
   }
 
   private ask(phase: QueryRequest['phase'], text: string, statement: PreparedStatement | null): GateDecision | Promise<GateDecision> {
+    if (this.bypassGate) return FORWARD;
     const request = this.request;
     request.phase = phase;
     request.text = text;
@@ -467,15 +479,24 @@ export class Session {
         this.clientFramer.flushPending();
         this.refuse(decision.error, kind === SIMPLE, mark, text, statement);
         return SKIP;
-      case 'reroute':
+      case 'reroute': {
         // Reroute is only honoured where the result cannot differ from the
-        // primary's: a simple Query, outside a transaction, with nothing in flight.
-        if (kind !== SIMPLE || this.transactionStatus !== TransactionStatus.Idle || this.pending.length > 0) {
-          this.forwardAs(kind, mark, text, statement, bind, null);
-          return CONTINUE;
+        // primary's: outside a transaction, with nothing in flight, for a simple
+        // Query or an extended-protocol group on the unnamed statement.
+        const idle = this.transactionStatus === TransactionStatus.Idle && this.pending.length === 0;
+        if (idle && kind === SIMPLE) {
+          this.reroute(decision.target, mark, text, buf.subarray(start, end));
+          return HOLD;
         }
-        this.reroute(decision.target, mark, text, buf.subarray(start, end));
-        return HOLD;
+        if (idle && kind < 0 && statement !== null && statement.name === '') {
+          this.clientFramer.flushPending();
+          this.capture = { target: decision.target, messages: [Buffer.from(buf.subarray(start, end))], mark, statement, executes: 0 };
+          this.clientFramer.setKinds(CAPTURE_KINDS);
+          return SKIP;
+        }
+        this.forwardAs(kind, mark, text, statement, bind, null);
+        return CONTINUE;
+      }
     }
   }
 
@@ -523,29 +544,103 @@ export class Session {
     this.writeUpstream(simple ? REFUSAL_QUERY : REFUSAL_PARSE);
   }
 
-  private reroute(target: { name: string; run(messages: Buffer): Promise<Buffer> }, mark: number, text: string, message: Buffer): void {
+  /** Runs a simple Query on a reroute target; the client's input waits meanwhile. */
+  private reroute(target: RerouteTarget, mark: number, text: string, message: Buffer): void {
     this.gateHolding = true;
     this.client.pause();
     const copy = Buffer.from(message); // the client's read buffer is not ours to keep across awaits
-    target.run(copy).then(
+    this.runElsewhere(target, copy, mark, text, null, null, () => {
+      this.pending.push(SIMPLE, mark).text = text;
+      this.writeUpstream(copy);
+    });
+  }
+
+  /**
+   * A message of the extended-protocol group being captured. Only the plain
+   * single-statement shape (Parse, Bind, Describe, Execute on unnamed objects, then
+   * Sync) is rerouted; anything else sends the whole group to the primary.
+   */
+  private onCaptured(type: number, buf: Buffer, start: number, end: number): number {
+    const capture = this.capture!;
+    capture.messages.push(Buffer.from(buf.subarray(start, end)));
+    switch (type) {
+      case Frontend.Bind:
+        if (decodeBindPortal(buf, start, end) !== '' || decodeBindStatement(buf, start, end) !== '') return this.abandonCapture();
+        return SKIP;
+      case Frontend.Execute:
+        if (decodeExecutePortal(buf, start, end) !== '' || ++capture.executes > 1) return this.abandonCapture();
+        return SKIP;
+      case Frontend.Describe:
+      case Frontend.Flush:
+        return SKIP;
+      case Frontend.Sync: {
+        this.capture = null;
+        this.clientFramer.setKinds(FRONTEND_KINDS);
+        this.gateHolding = true;
+        this.client.pause();
+        const bindMessage = capture.messages.find((m) => m[0] === Frontend.Bind) ?? null;
+        const group = Buffer.concat(capture.messages);
+        this.runElsewhere(capture.target, group, capture.mark, capture.statement.text, capture.statement, bindMessage, () =>
+          this.replayToPrimary(capture.messages),
+        );
+        return HOLD;
+      }
+      default:
+        return this.abandonCapture();
+    }
+  }
+
+  /** The captured group cannot be rerouted: it goes to the primary, in order, as it came. */
+  private abandonCapture(): number {
+    const messages = this.capture!.messages;
+    this.capture = null;
+    this.clientFramer.setKinds(FRONTEND_KINDS);
+    this.replayToPrimary(messages);
+    return SKIP;
+  }
+
+  private replayToPrimary(messages: Buffer[]): void {
+    this.bypassGate = true;
+    try {
+      for (const m of messages) if (this.onClientMessage(m[0], m, 0, m.length) === CONTINUE) this.writeUpstream(m);
+    } finally {
+      this.bypassGate = false;
+    }
+  }
+
+  /**
+   * Runs frontend messages on a reroute target and relays the answer followed by
+   * ReadyForQuery with the primary's (idle) status; if the target fails, `fallback`
+   * sends them to the primary instead. Client input resumes either way.
+   */
+  private runElsewhere(
+    target: RerouteTarget,
+    messages: Buffer,
+    mark: number,
+    text: string,
+    statement: PreparedStatement | null,
+    bind: Buffer | null,
+    fallback: () => void,
+  ): void {
+    const resume = () => {
+      this.gateHolding = false;
+      this.resumeClientInput();
+      this.clientFramer.resume();
+    };
+    target.run(messages, this.info.database).then(
       (responses) => {
         if (this.state === 'closed') return;
         this.writeClient(responses);
         this.writeClient(READY_FOR_QUERY_IDLE);
-        this.emit(text, null, 0, null, mark, performance.now(), 0, null, target.name);
-        this.gateHolding = false;
-        this.resumeClientInput();
-        this.clientFramer.resume();
+        const outcome = summarizeResponses(responses);
+        this.emit(text, statement, 0, bind, mark, performance.now(), outcome.rows, outcome.sqlstate, target.name);
+        resume();
       },
       (err: Error) => {
-        // The other upstream failed: run the statement on the primary after all.
         this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
         if (this.state === 'closed') return;
-        this.gateHolding = false;
-        this.pending.push(SIMPLE, mark).text = text;
-        this.writeUpstream(copy);
-        this.resumeClientInput();
-        this.clientFramer.resume();
+        fallback();
+        resume();
       },
     );
   }
@@ -658,7 +753,7 @@ export class Session {
       case REFUSED_EXTENDED:
         this.serverFramer.flushPending();
         this.writeClient(head.refusal!);
-        this.emit(head.text, head.statement, 0, null, head.mark, now, 0, head.refusalCode, head.upstream);
+        this.emit(head.text, head.statement, 0, null, head.mark, now, 0, head.refusalCode, head.upstream, true);
         if (head.kind === REFUSED_EXTENDED) this.finishHead();
         return SKIP;
       case EXECUTE:
@@ -702,6 +797,7 @@ export class Session {
     rows: number,
     sqlstate: string | null,
     upstream: string,
+    refused = false,
   ): void {
     const observers = this.options.observers;
     if (observers.length === 0) return;
@@ -715,6 +811,7 @@ export class Session {
     c.rows = rows;
     c.sqlstate = sqlstate;
     c.upstream = upstream;
+    c.refused = refused;
     for (let i = 0; i < observers.length; i++) {
       try {
         observers[i](c);
@@ -796,3 +893,16 @@ export class Session {
 }
 
 const READY_FOR_QUERY_IDLE = Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, TransactionStatus.Idle]);
+
+/** Rows and SQLSTATE of a rerouted statement, from the backend messages relayed for it. */
+function summarizeResponses(responses: Buffer): { rows: number; sqlstate: string | null } {
+  let rows = 0;
+  let sqlstate: string | null = null;
+  for (let p = 0; p + 5 <= responses.length; ) {
+    const end = p + 1 + responses.readInt32BE(p + 1);
+    if (responses[p] === Backend.CommandComplete) rows = commandCompleteRows(responses, p, end);
+    else if (responses[p] === Backend.ErrorResponse) sqlstate = errorSqlState(responses, p, end);
+    p = end;
+  }
+  return { rows, sqlstate };
+}

@@ -16,6 +16,8 @@ const MAX_NAMES = 32;
 
 export class ShapeStats {
   calls = 0;
+  /** Calls that ran (not refused by a rule), the ones with a latency. */
+  timedCalls = 0;
   errors = 0;
   readonly errorsByClass = new Map<string, number>();
   rows = 0;
@@ -46,7 +48,7 @@ export class ShapeStats {
   }
 
   get meanMs(): number {
-    return this.calls === 0 ? 0 : this.totalMs / this.calls;
+    return this.timedCalls === 0 ? 0 : this.totalMs / this.timedCalls;
   }
 
   quantile(q: number): number {
@@ -56,7 +58,10 @@ export class ShapeStats {
   record(c: QueryCompletion, now: number): void {
     this.calls++;
     this.rows += c.rows;
-    this.totalMs += c.durationMs;
+    if (!c.refused) {
+      this.timedCalls++;
+      this.totalMs += c.durationMs;
+    }
     this.lastSeen = now;
     const failed = c.sqlstate !== null;
     if (failed) {
@@ -64,8 +69,10 @@ export class ShapeStats {
       const errorClass = c.sqlstate!.slice(0, 2);
       this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + 1);
     }
-    this.sketch.accept(Math.max(c.durationMs, 0));
-    this.series.add(now, c.durationMs, failed, c.rows);
+    // A query the gate refused never ran: it counts as a call and an error, but its
+    // (tiny) duration would fake a recovery in the latency figures.
+    if (!c.refused) this.sketch.accept(Math.max(c.durationMs, 0));
+    this.series.add(now, c.durationMs, failed, c.rows, !c.refused);
     const session = c.session;
     if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
       this.lastSession = session;
@@ -79,6 +86,7 @@ export class ShapeStats {
   /** Folds an evicted shape's totals into this one (the overflow shape). */
   absorb(other: ShapeStats): void {
     this.calls += other.calls;
+    this.timedCalls += other.timedCalls;
     this.errors += other.errors;
     for (const [k, v] of other.errorsByClass) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
     this.rows += other.rows;

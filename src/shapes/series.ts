@@ -33,6 +33,7 @@ export interface SeriesOptions {
 export class ShapeSeries {
   private readonly index: Float64Array; // absolute bucket number held by each slot (-1 empty)
   private readonly calls: Float64Array;
+  private readonly timed: Float64Array; // calls with a latency sample
   private readonly errors: Float64Array;
   private readonly rows: Float64Array;
   private readonly totalMs: Float64Array;
@@ -46,19 +47,23 @@ export class ShapeSeries {
     const n = options.buckets;
     this.index = new Float64Array(n).fill(-1);
     this.calls = new Float64Array(n);
+    this.timed = new Float64Array(n);
     this.errors = new Float64Array(n);
     this.rows = new Float64Array(n);
     this.totalMs = new Float64Array(n);
     this.quantiles = new Float32Array(n * 3);
   }
 
-  add(at: number, durationMs: number, failed: boolean, rows: number): void {
+  /** Counts a call; `timed` false leaves it out of the latency figures (a refused query). */
+  add(at: number, durationMs: number, failed: boolean, rows: number, timed = true): void {
     const bucket = Math.floor(at / this.options.bucketMs);
     const slot = bucket % this.options.buckets;
     if (this.index[slot] !== bucket) this.open(slot, bucket);
     this.calls[slot]++;
     if (failed) this.errors[slot]++;
     this.rows[slot] += rows;
+    if (!timed) return;
+    this.timed[slot]++;
     this.totalMs[slot] += durationMs;
     if (bucket !== this.currentBucket) {
       let sketch = this.sketches.get(bucket);
@@ -88,7 +93,7 @@ export class ShapeSeries {
         calls: this.calls[slot],
         errors: this.errors[slot],
         rows: this.rows[slot],
-        mean_ms: this.totalMs[slot] / this.calls[slot],
+        mean_ms: this.timed[slot] === 0 ? 0 : this.totalMs[slot] / this.timed[slot],
         p50_ms: q(0, 0.5),
         p95_ms: q(1, 0.95),
         p99_ms: q(2, 0.99),
@@ -116,6 +121,7 @@ export class ShapeSeries {
   private open(slot: number, bucket: number): void {
     this.index[slot] = bucket;
     this.calls[slot] = 0;
+    this.timed[slot] = 0;
     this.errors[slot] = 0;
     this.rows[slot] = 0;
     this.totalMs[slot] = 0;

@@ -58,6 +58,7 @@ class Simulation {
       rows: 1,
       sqlstate: null,
       upstream: 'primary',
+      refused: false,
     };
     const s = shape(fingerprint);
     const stats = this.registry.record(s, completion);

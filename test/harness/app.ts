@@ -1,6 +1,9 @@
 // Starts a whole pgwarden (proxy, shapes, admin API) in the test process, wired
 // exactly as `pgwarden start` wires it, in front of the test database.
 
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import pino from 'pino';
 import { startApp, type App } from '../../src/cli/app.ts';
 import type { Clock } from '../../src/clock.ts';
@@ -20,12 +23,16 @@ export interface TestApp {
 
 export async function startTestApp(overrides: Partial<Config> = {}, clock?: Clock): Promise<TestApp> {
   const db = testDatabase();
+  // Each app keeps its rules in a state file of its own, removed at stop unless the
+  // test chose the path (to restart on it).
+  const stateDir = overrides.state_file === undefined ? fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-state-')) : null;
   const config: Config = {
     ...loadConfig(),
     listen: '127.0.0.1:0',
     admin: '127.0.0.1:0',
     upstream: `${db.host}:${db.port}`,
     admin_token: 'test-admin-token-0123456789',
+    ...(stateDir ? { state_file: path.join(stateDir, 'state.json') } : {}),
     ...overrides,
   };
   const logLines: Record<string, unknown>[] = [];
@@ -56,6 +63,9 @@ export async function startTestApp(overrides: Partial<Config> = {}, clock?: Cloc
       }
       return { status: response.status, body };
     },
-    stop: () => app.stop(2000),
+    async stop() {
+      await app.stop(2000);
+      if (stateDir) fs.rmSync(stateDir, { recursive: true, force: true });
+    },
   };
 }

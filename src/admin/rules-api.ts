@@ -1,0 +1,55 @@
+// JSON API routes over rules: list, add (validated: 400 says what is wrong), lift.
+
+import type { Clock } from '../clock.ts';
+import type { RulesGate } from '../rules/gate.ts';
+import { createRule, RuleError } from '../rules/rule.ts';
+import type { RuleStore } from '../rules/store.ts';
+import { ApiError, type Route } from './server.ts';
+
+export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: readonly string[], clock: Clock): Route[] {
+  const withCounts = (rule: ReturnType<RuleStore['list']>[number]) => ({ ...rule, applied: gate.applied.get(rule.id) ?? 0 });
+  return [
+    {
+      method: 'GET',
+      path: '/api/rules',
+      handle: () => ({ status: 200, body: store.list().map(withCounts) }),
+    },
+    {
+      method: 'POST',
+      path: '/api/rules',
+      async handle({ body }) {
+        if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new ApiError(400, 'request body must be a JSON object with the rule fields');
+        let rule;
+        try {
+          rule = createRule(body, clock.now(), 'api');
+        } catch (err) {
+          if (err instanceof RuleError) throw new ApiError(400, err.message);
+          throw err;
+        }
+        if (rule.target !== null && !replicaNames.includes(rule.target)) {
+          throw new ApiError(400, `target: no replica named '${rule.target}' is configured${replicaNames.length ? ` (configured: ${replicaNames.join(', ')})` : ' (none are)'}`);
+        }
+        try {
+          await store.add(rule);
+        } catch (err) {
+          throw new ApiError(503, `rule not stored: ${(err as Error).message}`);
+        }
+        return { status: 201, body: withCounts(rule) };
+      },
+    },
+    {
+      method: 'DELETE',
+      path: '/api/rules/:id',
+      async handle({ params, query }) {
+        let removed: boolean;
+        try {
+          removed = await store.remove(params.id, query.get('by') ?? 'api');
+        } catch (err) {
+          throw new ApiError(503, `rule not lifted: ${(err as Error).message}`);
+        }
+        if (!removed) throw new ApiError(404, `no rule '${params.id}'`);
+        return { status: 200, body: { id: params.id, removed: true } };
+      },
+    },
+  ];
+}

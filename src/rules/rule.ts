@@ -1,0 +1,111 @@
+// What a rule is: its JSON form (PRODUCT.md section 4), how API input is validated
+// into one, and how a rule matches a query. Pure: no clock of its own, no I/O.
+
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+
+export type RuleAction = 'block' | 'shed' | 'reroute';
+
+export interface Rule {
+  readonly id: string;
+  readonly action: RuleAction;
+  readonly fingerprint: string;
+  readonly user: string | null;
+  readonly database: string | null;
+  readonly application_name: string | null;
+  /** shed: executions allowed at once across the proxy. */
+  readonly max_concurrent: number | null;
+  /** shed: how long an execution waits for a slot before failing with 53400. */
+  readonly queue_timeout_ms: number | null;
+  /** reroute: the name of a configured replica. */
+  readonly target: string | null;
+  readonly reason: string;
+  readonly ttl_s: number | null;
+  readonly created_by: string;
+  /** ISO 8601. */
+  readonly created_at: string;
+  /** ISO 8601, or null without a TTL. */
+  readonly expires_at: string | null;
+}
+
+const name = z.string().min(1).max(200);
+
+/** The body of POST /api/rules: the rule's fields without id and times. */
+export const RuleInput = z
+  .object({
+    action: z.enum(['block', 'shed', 'reroute']),
+    fingerprint: z.string().regex(/^([0-9a-f]{16}|u[0-9a-f]{15}|overflow)$/, 'must be a shape fingerprint (16 hex digits)'),
+    user: name.nullish(),
+    database: name.nullish(),
+    application_name: name.nullish(),
+    max_concurrent: z.number().int().min(0).max(100_000).nullish(),
+    queue_timeout_ms: z.number().int().min(0).max(600_000).nullish(),
+    target: name.nullish(),
+    reason: z.string().min(1, 'a reason is required').max(1000),
+    ttl_s: z.number().int().positive().max(30 * 24 * 3600).nullish(),
+    created_by: name.nullish(),
+  })
+  .strict()
+  .superRefine((r, ctx) => {
+    if (r.action === 'shed' && (r.max_concurrent === undefined || r.max_concurrent === null)) {
+      ctx.addIssue({ code: 'custom', path: ['max_concurrent'], message: 'a shed rule needs max_concurrent' });
+    }
+    if (r.action === 'reroute' && !r.target) ctx.addIssue({ code: 'custom', path: ['target'], message: 'a reroute rule needs a target' });
+    if (r.action !== 'shed' && r.max_concurrent != null) ctx.addIssue({ code: 'custom', path: ['max_concurrent'], message: 'only shed rules take max_concurrent' });
+    if (r.action !== 'reroute' && r.target != null) ctx.addIssue({ code: 'custom', path: ['target'], message: 'only reroute rules take a target' });
+  });
+
+export type RuleInputValue = z.infer<typeof RuleInput>;
+
+/** A bad rule; the message says which field and why. */
+export class RuleError extends Error {}
+
+export const DEFAULT_QUEUE_TIMEOUT_MS = 1000;
+
+/** Validates API/CLI/config input and completes it into a rule created at `now`. */
+export function createRule(input: unknown, now: number, defaultCreator: string, id?: string): Rule {
+  const parsed = RuleInput.safeParse(input);
+  if (!parsed.success) {
+    throw new RuleError(parsed.error.issues.map((i) => `${i.path.join('.') || (i.code === 'unrecognized_keys' ? i.keys.join(', ') : 'body')}: ${i.message}`).join('; '));
+  }
+  const r = parsed.data;
+  return {
+    id: id ?? `r-${randomBytes(5).toString('hex')}`,
+    action: r.action,
+    fingerprint: r.fingerprint,
+    user: r.user ?? null,
+    database: r.database ?? null,
+    application_name: r.application_name ?? null,
+    max_concurrent: r.action === 'shed' ? r.max_concurrent! : null,
+    queue_timeout_ms: r.action === 'shed' ? (r.queue_timeout_ms ?? DEFAULT_QUEUE_TIMEOUT_MS) : null,
+    target: r.target ?? null,
+    reason: r.reason,
+    ttl_s: r.ttl_s ?? null,
+    created_by: r.created_by ?? defaultCreator,
+    created_at: new Date(now).toISOString(),
+    expires_at: r.ttl_s ? new Date(now + r.ttl_s * 1000).toISOString() : null,
+  };
+}
+
+/** Whether a rule applies to a query of `fingerprint` run by this session. */
+export function ruleMatches(rule: Rule, fingerprint: string, session: { user: string; database: string; applicationName: string }): boolean {
+  return (
+    rule.fingerprint === fingerprint &&
+    (rule.user === null || rule.user === session.user) &&
+    (rule.database === null || rule.database === session.database) &&
+    (rule.application_name === null || rule.application_name === session.applicationName)
+  );
+}
+
+export function isExpired(rule: Rule, now: number): boolean {
+  return rule.expires_at !== null && Date.parse(rule.expires_at) <= now;
+}
+
+/** Loose check of a rule read back from a state file or the control database. */
+export function isRule(value: unknown): value is Rule {
+  const r = value as Rule;
+  return (
+    typeof r === 'object' && r !== null && typeof r.id === 'string' && typeof r.fingerprint === 'string' &&
+    (r.action === 'block' || r.action === 'shed' || r.action === 'reroute') && typeof r.created_at === 'string'
+  );
+}
