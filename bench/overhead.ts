@@ -2,10 +2,11 @@
 // next to going direct and next to PgBouncer?
 //
 // One command starts a throwaway PostgreSQL (or uses PGWARDEN_BENCH_DATABASE_URL),
-// starts pgwarden and PgBouncer as separate processes, runs pgbench against the
-// three targets interleaved (so drift hits all of them alike), measures each
-// proxy's CPU per transaction and memory from /proc, prints one table per mode
-// and, with --json, writes every number to a file. See bench/README.md.
+// starts two pgwardens (a plain proxy with --stats false, and one with
+// fingerprints and statistics on) and PgBouncer as separate processes, runs
+// pgbench against the targets interleaved (so drift hits all of them alike),
+// measures each proxy's CPU per transaction and memory from /proc, prints one
+// table per mode and, with --json, writes every number to a file. See bench/README.md.
 
 import fs from 'node:fs';
 import os from 'node:os';
@@ -13,7 +14,15 @@ import path from 'node:path';
 import pg from 'pg';
 import { startPostgres } from '../test/harness/postgres.ts';
 import { Cleanup } from './lib/cleanup.ts';
-import { parseOptions, UsageError, USAGE, type BenchOptions, type Target } from './lib/options.ts';
+import {
+  isPgwardenTarget,
+  parseOptions,
+  PGWARDEN_TARGETS,
+  UsageError,
+  USAGE,
+  type BenchOptions,
+  type Target,
+} from './lib/options.ts';
 import { initPgbench, pgbenchVersion, runPgbench, type Endpoint, type Mode } from './lib/pgbench.ts';
 import { findPgbouncer, pgbouncerVersion, startPgbouncer } from './lib/pgbouncer.ts';
 import { buildPgwarden, pgwardenVersion, startPgwarden, type StartedProxy } from './lib/pgwarden.ts';
@@ -36,8 +45,13 @@ interface ActiveTarget {
   daemon?: Daemon;
 }
 
-/** The warm-up load: enough clients to exercise every proxy path, JIT included. */
-const WARMUP_MODE: Mode = 'select-prepared';
+/**
+ * The warm-up load: enough clients to exercise every proxy path, JIT included.
+ * select-simple is there for pgwarden-stats: its literal changes on every
+ * query, so every query takes the path that finds the shape of a new text,
+ * which -M prepared takes once per connection.
+ */
+const WARMUP_MODES: Mode[] = ['select-prepared', 'select-simple'];
 const WARMUP_CLIENTS = 8;
 const RSS_SAMPLE_INTERVAL_MS = 1_000;
 
@@ -80,10 +94,15 @@ async function benchmark(options: BenchOptions, cleanup: Cleanup): Promise<void>
 
   const skipped: Record<string, string> = {};
   const targets: ActiveTarget[] = [];
+  // Both pgwarden targets run the same dist/, built once.
+  const build = once(async () => {
+    progress('building pgwarden (npm run build)');
+    await buildPgwarden();
+  });
   for (const name of options.targets) {
     cleanup.check();
     try {
-      targets.push(await startTarget(name, database, options, tempDir, cleanup));
+      targets.push(await startTarget(name, database, options, tempDir, build, cleanup));
     } catch (error) {
       if (cleanup.signal.aborted) throw error;
       skipped[name] = (error as Error).message;
@@ -163,15 +182,17 @@ async function startTarget(
   database: Endpoint,
   options: BenchOptions,
   tempDir: string,
+  build: () => Promise<void>,
   cleanup: Cleanup,
 ): Promise<ActiveTarget> {
   if (name === 'direct') return { name, endpoint: database };
   let started: StartedProxy;
-  if (name === 'pgwarden') {
-    progress('building and starting pgwarden');
-    await buildPgwarden();
+  if (isPgwardenTarget(name)) {
+    await build();
+    const { stats } = PGWARDEN_TARGETS[name];
+    progress(`starting ${name} (--stats ${stats})`);
     const upstream = `${database.host.includes(':') ? `[${database.host}]` : database.host}:${database.port}`;
-    started = await startPgwarden(upstream, options.pgwardenArgs, tempDir);
+    started = await startPgwarden(upstream, { name, stats, extraArgs: options.pgwardenArgs, tempDir });
   } else {
     const binary = findPgbouncer();
     if (!binary) throw new Error('pgbouncer is not installed (apt-get install -y pgbouncer)');
@@ -188,7 +209,7 @@ async function versions(database: Endpoint, targets: ActiveTarget[]): Promise<Re
     PostgreSQL: await serverVersion(database),
     pgbench: await pgbenchVersion(),
   };
-  if (targets.some((target) => target.name === 'pgwarden')) result.pgwarden = await pgwardenVersion();
+  if (targets.some((target) => isPgwardenTarget(target.name))) result.pgwarden = await pgwardenVersion();
   const pgbouncer = findPgbouncer();
   if (pgbouncer) result.pgbouncer = await pgbouncerVersion(pgbouncer);
   return result;
@@ -210,13 +231,16 @@ async function serverVersion(database: Endpoint): Promise<string> {
 async function warmUp(targets: ActiveTarget[], options: BenchOptions, cleanup: Cleanup): Promise<void> {
   if (options.warmupS === 0) return;
   for (const target of targets) {
-    cleanup.check();
-    progress(`warming up ${target.name} (${options.warmupS} s)`);
-    try {
-      await runPgbench(target.endpoint, { mode: WARMUP_MODE, clients: WARMUP_CLIENTS, durationS: options.warmupS }, cleanup.signal);
-    } catch (error) {
-      if (cleanup.signal.aborted) throw error;
-      progress(`warm-up of ${target.name} failed (its runs will show why): ${(error as Error).message}`);
+    for (const mode of WARMUP_MODES) {
+      cleanup.check();
+      progress(`warming up ${target.name} with ${mode} (${options.warmupS} s)`);
+      try {
+        await runPgbench(target.endpoint, { mode, clients: WARMUP_CLIENTS, durationS: options.warmupS }, cleanup.signal);
+      } catch (error) {
+        if (cleanup.signal.aborted) throw error;
+        progress(`warm-up of ${target.name} failed (its runs will show why): ${(error as Error).message}`);
+        break;
+      }
     }
   }
 }
@@ -271,6 +295,12 @@ function sampleRss(pid: number): { stop(): void; peak(): number; last(): number 
     peak = Math.max(peak, last);
   }, RSS_SAMPLE_INTERVAL_MS);
   return { stop: () => clearInterval(timer), peak: () => peak, last: () => last };
+}
+
+/** Runs fn the first time it is called; later calls share its promise (and its failure). */
+function once(fn: () => Promise<void>): () => Promise<void> {
+  let promise: Promise<void> | undefined;
+  return () => (promise ??= fn());
 }
 
 function progress(message: string): void {

@@ -3,8 +3,20 @@
 import { parseArgs } from 'node:util';
 import { MODE_NAMES, type Mode } from './pgbench.ts';
 
-export const TARGETS = ['direct', 'pgwarden', 'pgbouncer'] as const;
+/** In the order of the interleaved runs: direct first, the baseline every ratio is taken against. */
+export const TARGETS = ['direct', 'pgwarden', 'pgwarden-stats', 'pgbouncer'] as const;
 export type Target = (typeof TARGETS)[number];
+
+/** The two pgwarden targets, one process each: a plain proxy, and fingerprints + statistics (the default config). */
+export const PGWARDEN_TARGETS = {
+  pgwarden: { stats: false },
+  'pgwarden-stats': { stats: true },
+} as const satisfies Partial<Record<Target, { stats: boolean }>>;
+export type PgwardenTarget = keyof typeof PGWARDEN_TARGETS;
+
+export function isPgwardenTarget(target: Target): target is PgwardenTarget {
+  return target in PGWARDEN_TARGETS;
+}
 
 export interface BenchOptions {
   durationS: number;
@@ -21,12 +33,15 @@ export interface BenchOptions {
 export const USAGE = `usage: node --import tsx bench/overhead.ts [options]
 
   --duration S          seconds per pgbench run (default 10)
-  --warmup S            seconds of unrecorded load per target before measuring (default 3, 0 = none)
+  --warmup S            seconds of unrecorded select-prepared, then select-simple load per
+                        target before measuring (default 3 each, 0 = none)
   --clients LIST        client counts, comma-separated (default 1,8,32)
   --modes LIST          ${MODE_NAMES.join(',')} (default all)
   --scale N             pgbench scale factor for pgbench -i (default 10)
   --targets LIST        ${TARGETS.join(',')} (default all)
-  --pgwarden-args ARGS  extra flags for 'pgwarden start', split on spaces
+  --pgwarden-args ARGS  extra flags for 'pgwarden start' of both pgwarden targets, split on
+                        spaces (not --stats: pgwarden runs with --stats false, pgwarden-stats
+                        with --stats true)
   --json FILE           also write every result as JSON (bench/results/ is git-ignored)
   --help
 
@@ -62,7 +77,7 @@ export function parseOptions(argv: string[], env: NodeJS.ProcessEnv): BenchOptio
     modes: oneOf('--modes', values.modes, MODE_NAMES),
     scale: positiveInteger('--scale', values.scale ?? '10'),
     targets: oneOf('--targets', values.targets, TARGETS),
-    pgwardenArgs: (values['pgwarden-args'] ?? '').split(/\s+/).filter(Boolean),
+    pgwardenArgs: pgwardenArgs(values['pgwarden-args'] ?? ''),
     jsonFile: values.json,
     databaseUrl: env.PGWARDEN_BENCH_DATABASE_URL || undefined,
   };
@@ -93,6 +108,17 @@ function attachValues(argv: string[]): string[] {
     }
   }
   return result;
+}
+
+/** --stats is what tells the two pgwarden targets apart, so it cannot be passed to both. */
+function pgwardenArgs(value: string): string[] {
+  const args = value.split(/\s+/).filter(Boolean);
+  if (args.some((arg) => arg === '--stats' || arg.startsWith('--stats='))) {
+    throw new UsageError(
+      "--pgwarden-args: --stats is set per target (pgwarden: --stats false, pgwarden-stats: --stats true); use --targets to choose",
+    );
+  }
+  return args;
 }
 
 function list(value: string): string[] {

@@ -41,11 +41,35 @@ export async function pgwardenVersion(): Promise<string> {
   }
 }
 
-export async function startPgwarden(upstream: string, extraArgs: string[], tempDir: string): Promise<StartedProxy> {
+/** How one pgwarden target is started; two of them can run side by side. */
+export interface PgwardenSpec {
+  /** The target's name: names the process, its log and its state file. */
+  name: string;
+  /** The `stats` option: fingerprints and per-shape statistics on or off. */
+  stats: boolean;
+  /** --pgwarden-args; they come last, so they can override the benchmark's other defaults. */
+  extraArgs: string[];
+  tempDir: string;
+}
+
+/** The flags the benchmark gives `pgwarden start` besides --listen, --upstream and --admin. */
+export function pgwardenFlags(spec: PgwardenSpec): string[] {
+  return [
+    '--stats',
+    String(spec.stats),
+    // Its own rules file, so that neither a developer's .pgwarden-state.json in
+    // the checkout nor the other pgwarden target can put rules in the path.
+    '--state-file',
+    path.join(spec.tempDir, `${spec.name}-state.json`),
+    ...spec.extraArgs,
+  ];
+}
+
+export async function startPgwarden(upstream: string, spec: PgwardenSpec): Promise<StartedProxy> {
   const port = await freePort();
   const adminPort = await freePort();
   const daemon = await spawnDaemon({
-    name: 'pgwarden',
+    name: spec.name,
     command: process.execPath,
     args: [
       path.join(ROOT, 'bin', 'pgwarden.js'),
@@ -56,11 +80,11 @@ export async function startPgwarden(upstream: string, extraArgs: string[], tempD
       upstream,
       '--admin',
       `127.0.0.1:${adminPort}`,
-      ...extraArgs,
+      ...pgwardenFlags(spec),
     ],
     env: { ...process.env, PGWARDEN_LOG_LEVEL: 'warn', PGWARDEN_ADMIN_TOKEN: ADMIN_TOKEN },
     cwd: ROOT,
-    logFile: path.join(tempDir, 'pgwarden.log'),
+    logFile: path.join(spec.tempDir, `${spec.name}.log`),
   });
   try {
     await waitUntilListening(daemon, '127.0.0.1', port);

@@ -13,6 +13,8 @@ export interface Stream {
 export interface RunningWorkload {
   /** Calls completed and failed, per stream index. */
   readonly calls: number[];
+  /** Per stream: [finished at (epoch ms), duration ms] of each successful call. */
+  readonly latencies: [number, number][][];
   readonly errors: number[];
   readonly lastError: (string | null)[];
   stop(): Promise<void>;
@@ -31,13 +33,16 @@ export async function startWorkload(url: string, streams: Stream[]): Promise<Run
   const calls = streams.map(() => 0);
   const errors = streams.map(() => 0);
   const lastError: (string | null)[] = streams.map(() => null);
+  const latencies: [number, number][][] = streams.map(() => []);
   const loops = streams.map(async (stream, index) => {
     const client = clients[index];
     for (let i = 0; running; i++) {
       const { text, values } = stream.next(i);
+      const started = performance.now();
       try {
         await client.query(text, values);
         calls[index]++;
+        if (latencies[index].length < 200_000) latencies[index].push([Date.now(), performance.now() - started]);
       } catch (err) {
         errors[index]++;
         lastError[index] = (err as Error).message;
@@ -48,6 +53,7 @@ export async function startWorkload(url: string, streams: Stream[]): Promise<Run
   });
   return {
     calls,
+    latencies,
     errors,
     lastError,
     async stop() {
@@ -56,4 +62,11 @@ export async function startWorkload(url: string, streams: Stream[]): Promise<Run
       await Promise.all(clients.map((c) => c.end().catch(() => undefined)));
     },
   };
+}
+
+/** The p95 of one stream's call durations that finished between `from` and `to` (epoch ms). */
+export function p95Between(latencies: [number, number][], from: number, to: number): number {
+  const durations = latencies.filter(([at]) => at >= from && at <= to).map(([, ms]) => ms).sort((a, b) => a - b);
+  if (durations.length === 0) return NaN;
+  return durations[Math.min(durations.length - 1, Math.ceil(0.95 * durations.length) - 1)];
 }
