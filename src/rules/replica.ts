@@ -66,7 +66,8 @@ export class ReplicaPool implements RerouteTarget {
     this.size = options.size ?? DEFAULT_SIZE;
     if (!Number.isInteger(this.size) || this.size < 1) throw new Error(`replica ${options.name}: size must be a positive integer`);
     this.connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
-    this.log = options.log.child({ replica: options.name });
+    // The caller may already have bound the name (src/cli/app.ts does); pino would repeat the key.
+    this.log = 'replica' in options.log.bindings() ? options.log : options.log.child({ replica: options.name });
   }
 
   /**
@@ -206,11 +207,11 @@ class DatabasePool {
         log: this.log,
         onDead: (dead) => this.onIdleDeath(dead),
       });
-      this.live.add(connection);
       if (this.closed) {
         void connection.terminate();
         throw new Error(`replica ${this.name}: the pool is closed`);
       }
+      this.live.add(connection);
       return connection;
     } catch (error) {
       this.slots--;
@@ -294,7 +295,7 @@ class ReplicaConnection {
   private keep = false;
   private status = 0;
   private terminating = false;
-  private closedPromise: Promise<void>;
+  private readonly closedPromise: Promise<void>;
 
   private constructor(
     private readonly socket: Duplex,
