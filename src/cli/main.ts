@@ -4,6 +4,7 @@
 
 import { parseArgs } from 'node:util';
 import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
+import { runDemo } from './demo.ts';
 import { runRules } from './rules.ts';
 import { runStart } from './start.ts';
 
@@ -12,6 +13,7 @@ const USAGE = `usage: pgwarden <command> [options]
 commands:
   start     run the proxy
   rules     list, add (block, shed, reroute) and lift rules on a running pgwarden
+  demo      replay the index-change incident on an embedded PostgreSQL (--once to exit after it)
   help      show this help
 
 options of start (each also PGWARDEN_<NAME> in the environment, or a key of --config FILE):
@@ -26,6 +28,8 @@ export async function main(argv: string[]): Promise<number> {
       return start(rest);
     case 'rules':
       return runRules(rest);
+    case 'demo':
+      return runDemo(rest);
     case undefined:
     case 'help':
     case '--help':

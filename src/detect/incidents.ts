@@ -90,6 +90,8 @@ const SILENT_RESOLVE_MS = 5 * 60_000;
 const MAX_RESOLVED = 200;
 
 const round = (n: number) => Math.round(n * 1000) / 1000;
+/** A rate for people: whole numbers from 10/s up. */
+const rate = (perSecond: number) => (perSecond >= 10 ? Math.round(perSecond) : Math.round(perSecond * 10) / 10);
 
 export class IncidentManager {
   private readonly watches = new Map<string, ShapeWatch>();
@@ -352,8 +354,8 @@ export class IncidentManager {
       check: 'traffic',
       ruled_out: trafficNormal,
       summary: trafficNormal
-        ? `the shape's own traffic did not jump: ${round(recent.rate)}/s now vs ${round(baseline.rate)}/s before`
-        : `the shape's traffic rose: ${round(recent.rate)}/s now vs ${round(baseline.rate)}/s before`,
+        ? `the shape's own traffic did not jump: ${rate(recent.rate)}/s now vs ${rate(baseline.rate)}/s before`
+        : `the shape's traffic rose: ${rate(recent.rate)}/s now vs ${rate(baseline.rate)}/s before`,
     });
 
     let compared = 0;
@@ -392,8 +394,8 @@ export class IncidentManager {
         check: 'round_trip',
         ruled_out: unchanged,
         summary: unchanged
-          ? `the proxy-to-database round trip did not change: ${round(after)} ms now vs ${round(before)} ms before`
-          : `the proxy-to-database round trip rose: ${round(after)} ms now vs ${round(before)} ms before`,
+          ? `the proxy-to-database round trip did not change: ${after.toFixed(2)} ms now vs ${before.toFixed(2)} ms before`
+          : `the proxy-to-database round trip rose: ${after.toFixed(2)} ms now vs ${before.toFixed(2)} ms before`,
       });
     }
     return checks;

@@ -16,20 +16,20 @@ import { startReplica, type Replica } from '../harness/replica.ts';
 const run = promisify(execFile);
 const WHERE_AM_I = 'select pg_is_in_recovery() as replica, count(*)::int as n from pgw_reroute_t where id > $1';
 
-describe('reroute to a streaming replica', { timeout: 120_000 }, () => {
+const binDir = process.env.PGWARDEN_TEST_PG_BIN_DIR;
+
+describe('reroute to a streaming replica', { timeout: 120_000, skip: binDir ? false : 'PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)' }, () => {
   let replica: Replica | null = null;
   let pgw: TestApp;
 
-  before(async (t) => {
-    const binDir = process.env.PGWARDEN_TEST_PG_BIN_DIR;
-    if (!binDir) return t.skip?.('PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)');
+  before(async () => {
     const db = testDatabase();
     await withClient(async (c) => {
       await c.query('drop table if exists pgw_reroute_t');
       await c.query('create table pgw_reroute_t (id int primary key)');
       await c.query('insert into pgw_reroute_t select generate_series(1, 10)');
     });
-    replica = await startReplica({ host: db.host, port: db.port, binDir });
+    replica = await startReplica({ host: db.host, port: db.port, binDir: binDir! });
     await waitFor(async () => (await withClient((c) => c.query('select count(*)::int as n from pgw_reroute_t'), replica!.url())).rows[0].n === 10, {
       what: 'the replica to have the table',
     });
