@@ -108,6 +108,9 @@ export class IncidentManager {
     if (c.refused) return; // refused by a rule: not a latency sample
     let watch = this.watches.get(stats.fingerprint);
     if (watch === undefined) {
+      // A shape seen fewer times than a judgement needs cannot regress yet: no watch
+      // (and no ring buffers) for the long tail of rare or one-off shapes.
+      if (stats.calls < this.options.detector.minRecentSamples) return;
       watch = new ShapeWatch();
       this.watches.set(stats.fingerprint, watch);
     }

@@ -285,7 +285,10 @@ export class Session {
     }
     this.upstream = socket;
     this.state = 'open';
-    if (!connection.usesReadBuffer) socket.on('data', (data: Buffer) => this.serverFramer.push(data));
+    if (!connection.usesReadBuffer) {
+      socket.on('data', (data: Buffer) => this.serverFramer.push(data));
+      socket.resume(); // paused after the SSLRequest answer was read
+    }
     socket.on('drain', () => this.onUpstreamDrain());
     socket.on('error', (err) => this.options.log.debug({ err, session: this.info.id }, 'upstream socket error'));
     socket.on('close', () => this.onUpstreamClose());

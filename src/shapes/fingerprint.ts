@@ -139,7 +139,7 @@ function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
   const digest = createHash('sha256').update(basis).digest('hex');
   const query =
     scan !== null
-      ? truncate(scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim())
+      ? truncate(scan.key.split(LITERAL_MARK).join('?').trim())
       : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
   return { fingerprint: `u${digest.slice(0, 15)}`, query, fallback: true, command: scan?.firstWord ?? firstWordOf(text) };
 }
@@ -151,7 +151,8 @@ function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
 function withoutComments(normalized: string): string {
   const scan = scanSql(normalized);
   if (scan === null) return normalized.trim();
-  return scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim();
+  // Whitespace stays as written: quoted identifiers may hold meaningful spaces.
+  return scan.key.split(LITERAL_MARK).join('?').trim();
 }
 
 function firstWordOf(text: string): string {

@@ -279,5 +279,5 @@ function skipNumber(text: string, start: number): number {
  */
 export function redactLiterals(text: string): string | null {
   const scan = scanSql(text);
-  return scan === null ? null : scan.key.split(LITERAL_MARK).join('?').replace(/\s+/g, ' ').trim();
+  return scan === null ? null : scan.key.split(LITERAL_MARK).join('?').trim();
 }

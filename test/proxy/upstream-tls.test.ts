@@ -1,0 +1,85 @@
+// TLS from pgwarden to the upstream, against a PostgreSQL server with ssl = on.
+
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { startPostgres, type PostgresServer } from '../harness/postgres.ts';
+import { startProxy, type TestProxy } from '../harness/proxy.ts';
+import { testDatabase } from '../harness/database.ts';
+
+const haveOpenssl = (() => {
+  try {
+    execFileSync('openssl', ['version']);
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false : 'openssl is not installed (apt-get install -y openssl)' }, () => {
+  let dir: string;
+  let server: PostgresServer;
+  const proxies: TestProxy[] = [];
+
+  before(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-upstream-tls-'));
+    const cert = path.join(dir, 'server.crt');
+    const key = path.join(dir, 'server.key');
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost', '-keyout', key, '-out', cert], { stdio: 'ignore' });
+    fs.chmodSync(dir, 0o755);
+    fs.chmodSync(cert, 0o644);
+    fs.chmodSync(key, 0o600);
+    if (process.getuid?.() === 0) {
+      // PostgreSQL runs as the unprivileged 'postgres' user and wants its key to itself.
+      const uid = Number(execFileSync('id', ['-u', 'postgres']).toString());
+      const gid = Number(execFileSync('id', ['-g', 'postgres']).toString());
+      fs.chownSync(key, uid, gid);
+      fs.chownSync(cert, uid, gid);
+    }
+    server = await startPostgres({ binDir: process.env.PGWARDEN_TEST_PG_BIN_DIR, extraConfig: { ssl: 'on', ssl_cert_file: cert, ssl_key_file: key } });
+  });
+
+  after(async () => {
+    await Promise.all(proxies.map((p) => p.stop()));
+    await server?.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function sslOfSession(proxy: TestProxy): Promise<boolean> {
+    const client = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'postgres', database: 'postgres' });
+    await client.connect();
+    try {
+      return (await client.query('select ssl from pg_stat_ssl where pid = pg_backend_pid()')).rows[0].ssl;
+    } finally {
+      await client.end();
+    }
+  }
+
+  test('upstream_tls require: the session to the server is encrypted while the client speaks plain TCP', async () => {
+    const proxy = await startProxy({ upstreamHost: '127.0.0.1', upstreamPort: server.port, upstreamTls: 'require' });
+    proxies.push(proxy);
+    assert.equal(await sslOfSession(proxy), true);
+  });
+
+  test('upstream_tls prefer falls back to plain TCP against a server without TLS', async () => {
+    const proxy = await startProxy({ upstreamTls: 'prefer' });
+    proxies.push(proxy);
+    assert.equal(await sslOfSession(proxy), false);
+  });
+
+  test('upstream_tls require against a server without TLS gives the client 08006', async () => {
+    const proxy = await startProxy({ upstreamTls: 'require' });
+    proxies.push(proxy);
+    const db = testDatabase();
+    const client = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: db.user, database: db.database });
+    await assert.rejects(client.connect(), (err: pg.DatabaseError) => {
+      assert.equal(err.code, '08006');
+      assert.match(err.message, /pgwarden: .*does not support TLS/);
+      return true;
+    });
+  });
+});
