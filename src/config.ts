@@ -55,6 +55,7 @@ export const OPTIONS = {
   max_shape_text_bytes: positiveInt.default(65_536).describe('Statements longer than this get a cheap fallback shape instead of being parsed.'),
   slow_query_ms: nonNegative.default(1000).describe('Statements at least this slow get a log line; 0 logs every statement.'),
   log_query_values: bool.default(false).describe('Include the literal statement text in log lines (off: only normalized text, never values).'),
+  workload_sample_params: bool.default(false).describe('Include sample parameter values in the workload export (off: literal values never leave pgwarden).'),
   metrics_top_shapes: positiveInt.default(50).describe('Shapes with their own Prometheus series (by total time); the rest are summed as "other".'),
   series_bucket_s: positiveInt.default(10).describe('Width of one bucket of the per-shape latency time series.'),
   series_buckets: positiveInt.default(360).describe('Buckets kept per shape (360 x 10 s = one hour).'),

@@ -47,6 +47,12 @@ export interface AdminOptions {
   /** Whether the upstream accepts connections (for /readyz). */
   readonly upstreamReady: () => Promise<boolean>;
   readonly log: Logger;
+  /** The dashboard's files (HTML, script, styles): served without the token, they hold no data. */
+  readonly files?: StaticFiles;
+}
+
+export interface StaticFiles {
+  get(pathname: string): { readonly body: Buffer; readonly headers: Readonly<Record<string, string>>; readonly etag: string } | undefined;
 }
 
 const MAX_BODY_BYTES = 1024 * 1024;
@@ -80,6 +86,17 @@ export class AdminServer {
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://admin');
     if (url.pathname === '/healthz') return send(res, 200, { status: 'ok' });
+    const file = req.method === 'GET' || req.method === 'HEAD' ? this.options.files?.get(url.pathname) : undefined;
+    if (file) {
+      if (req.headers['if-none-match'] === file.etag) {
+        res.writeHead(304, { ETag: file.etag, 'Cache-Control': file.headers['Cache-Control'] ?? 'no-cache' });
+        res.end();
+        return;
+      }
+      res.writeHead(200, file.headers);
+      res.end(req.method === 'HEAD' ? undefined : file.body);
+      return;
+    }
     if (!this.authorized(req)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="pgwarden"');
       return send(res, 401, { error: 'missing or invalid bearer token (Authorization: Bearer <admin token>)' });

@@ -9,6 +9,7 @@ import { shapeRoutes } from '../admin/api.ts';
 import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts';
 import { createMetrics } from '../admin/metrics.ts';
 import { AdminServer, upstreamProbe } from '../admin/server.ts';
+import { loadDashboard } from '../dashboard/assets.ts';
 import { systemClock, type Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
 import { DEFAULT_DETECTOR_OPTIONS } from '../detect/detector.ts';
@@ -35,6 +36,7 @@ import os from 'node:os';
 import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ShapeRegistry } from '../shapes/registry.ts';
+import { workloadRoutes } from '../workload/export.ts';
 
 export interface App {
   readonly proxy: ProxyServer;
@@ -124,6 +126,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         maxPerSecond: config.plan_samples_per_second,
         queueLimit: 100,
         concurrency: config.monitor_concurrency,
+        keepSamples: config.workload_sample_params ? 3 : 0,
       });
       collector.onShape(sampler.observe);
       schema = new SchemaWatcher({ monitor, events, clock, log: log.child({ component: 'schema' }), intervalMs: config.schema_check_interval_s * 1000 });
@@ -213,10 +216,12 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
             })
           : []),
+        ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
         ...ruleRoutes(rules, gate, [...replicas.keys()], clock),
         ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
       ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
+      files: loadDashboard(),
       log: log.child({ component: 'admin' }),
     });
     adminPort = (await admin.listen()).port;

@@ -4,9 +4,11 @@
 
 import { parseArgs } from 'node:util';
 import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
+import { runCheckMigration } from './check-migration.ts';
 import { runDemo } from './demo.ts';
 import { runRules } from './rules.ts';
 import { runStart } from './start.ts';
+import { runWorkload } from './workload.ts';
 
 const USAGE = `usage: pgwarden <command> [options]
 
@@ -14,6 +16,8 @@ commands:
   start     run the proxy
   rules     list, add (block, shed, reroute) and lift rules on a running pgwarden
   demo      replay the index-change incident on an embedded PostgreSQL (--once to exit after it)
+  workload  export the captured workload of a running pgwarden (workload export --help)
+  check-migration  EXPLAIN the workload before and after a migration on a staging database (--help)
   help      show this help
 
 options of start (each also PGWARDEN_<NAME> in the environment, or a key of --config FILE):
@@ -30,6 +34,10 @@ export async function main(argv: string[]): Promise<number> {
       return runRules(rest);
     case 'demo':
       return runDemo(rest);
+    case 'workload':
+      return runWorkload(rest);
+    case 'check-migration':
+      return runCheckMigration(rest);
     case undefined:
     case 'help':
     case '--help':

@@ -99,14 +99,15 @@ function median(values: number[]): number {
 
 /** The shape's normal behaviour from its series, or null without enough history. */
 export function baselineOf(points: readonly SeriesPoint[], bucketMs: number, options: DetectorOptions): Percentiles | null {
-  const usable = points.filter((p) => p.calls >= options.minBucketCalls);
+  // Buckets are judged by the calls that ran: refused ones have no latency.
+  const usable = points.filter((p) => p.timed >= options.minBucketCalls);
   if (usable.length < options.minBaselineBuckets) return null;
   return {
     p50_ms: median(usable.map((p) => p.p50_ms)),
     p95_ms: median(usable.map((p) => p.p95_ms)),
     p99_ms: median(usable.map((p) => p.p99_ms)),
     rate: median(usable.map((p) => p.calls)) / (bucketMs / 1000),
-    samples: usable.reduce((sum, p) => sum + p.calls, 0),
+    samples: usable.reduce((sum, p) => sum + p.timed, 0),
   };
 }
 

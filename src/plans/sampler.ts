@@ -35,6 +35,16 @@ export interface PlanChange {
   readonly diff: PlanDiff;
 }
 
+/**
+ * One execution's values, kept for the workload export only when the operator
+ * allows it (workload_sample_params): the text as run, whose literals are values
+ * too, and the Bind parameters as text ([] for a simple Query).
+ */
+export interface ParamSample {
+  readonly text: string;
+  readonly params: readonly (string | null)[];
+}
+
 export class ShapePlans {
   current: PlanRecord | null = null;
   readonly history: PlanRecord[] = [];
@@ -45,6 +55,12 @@ export class ShapePlans {
   wanted = true;
   /** Why the last attempt failed, if it did. */
   lastError: string | null = null;
+  /** Parameter type OIDs declared in Parse (0: undeclared); null until an extended-protocol execution is seen. */
+  paramTypes: readonly number[] | null = null;
+  /** Recent distinct executions' values, only with SamplerOptions.keepSamples. */
+  readonly samples: ParamSample[] = [];
+  /** When the last sample was kept: until there are enough, at most one a second. */
+  lastKeptAt = 0;
 
   /** Indexes used by any plan this shape has had. */
   indexes(): Set<string> {
@@ -73,6 +89,8 @@ export interface SamplerOptions {
   /** Samples waiting beyond this are dropped (the next period retries). */
   readonly queueLimit: number;
   readonly concurrency: number;
+  /** Parameter sets kept per shape for the workload export; 0 (the default) keeps none. */
+  readonly keepSamples?: number;
 }
 
 interface Sample {
@@ -108,6 +126,10 @@ export class PlanSampler {
       this.shapes.set(shape.fingerprint, plans);
     }
     const now = this.options.clock.now();
+    if (plans.paramTypes === null && c.statement !== null) plans.paramTypes = [...c.statement.paramTypes];
+    // Until the shape has its samples, one execution a second; then one per EXPLAIN sample.
+    const keep = this.options.keepSamples ?? 0;
+    if (keep > 0 && plans.samples.length < keep && now - plans.lastKeptAt >= 1000) this.keepSample(plans, c, keep, now);
     if (plans.inFlight || (!plans.wanted && now - plans.lastSampledAt < this.options.periodMs)) return;
     if (this.queue.length >= this.options.queueLimit) return;
     const sample = this.capture(shape.fingerprint, c);
@@ -115,6 +137,7 @@ export class PlanSampler {
     plans.inFlight = true;
     plans.wanted = false;
     plans.lastSampledAt = now;
+    if (keep > 0 && (sample.params !== null || c.statement === null)) this.keepSample(plans, c, keep, now, sample.params ?? []);
     this.queue.push(sample);
     this.pump();
   };
@@ -152,6 +175,26 @@ export class PlanSampler {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     this.queue.length = 0;
+  }
+
+  /** Keeps this execution's values (distinct from those kept, newest last). */
+  private keepSample(plans: ShapePlans, c: QueryCompletion, keep: number, now: number, rendered?: (string | null)[]): void {
+    plans.lastKeptAt = now;
+    let params = rendered ?? [];
+    if (rendered === undefined && c.statement !== null && c.bind !== null) {
+      try {
+        const values = parametersAsText(c.bind, c.statement.paramTypes);
+        if (values === null) return;
+        params = values;
+      } catch {
+        return;
+      }
+    }
+    const text = c.statement?.text ?? c.text;
+    const same = plans.samples.findIndex((s) => s.text === text && s.params.length === params.length && s.params.every((v, i) => v === params[i]));
+    if (same !== -1) plans.samples.splice(same, 1);
+    plans.samples.push({ text, params });
+    if (plans.samples.length > keep) plans.samples.shift();
   }
 
   /** Copies what the EXPLAIN needs out of the (reused) completion event. */

@@ -15,6 +15,8 @@ export interface SeriesPoint {
   /** Bucket start, epoch ms. */
   t: number;
   calls: number;
+  /** Calls that ran (refused ones excluded): the latency figures describe these. */
+  timed: number;
   errors: number;
   rows: number;
   mean_ms: number;
@@ -87,10 +89,12 @@ export class ShapeSeries {
       const slot = bucket % buckets;
       if (this.index[slot] !== bucket || this.calls[slot] === 0) continue;
       const sketch = this.sketches.get(bucket);
-      const q = (i: number, quantile: number) => (sketch ? sketch.getValueAtQuantile(quantile) : this.quantiles[slot * 3 + i]);
+      const timed = this.timed[slot];
+      const q = (i: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.quantiles[slot * 3 + i]);
       out.push({
         t: bucket * bucketMs,
         calls: this.calls[slot],
+        timed,
         errors: this.errors[slot],
         rows: this.rows[slot],
         mean_ms: this.timed[slot] === 0 ? 0 : this.totalMs[slot] / this.timed[slot],

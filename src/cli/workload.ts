@@ -1,0 +1,90 @@
+// `pgwarden workload export`: the captured workload of a running pgwarden, from
+// its admin API, for `pgwarden check-migration`.
+
+import fs from 'node:fs';
+import { parseArgs } from 'node:util';
+import type { Output } from './rules.ts';
+
+export const WORKLOAD_USAGE = `usage: pgwarden workload export [--output FILE] [options]
+
+  writes the captured workload (GET /api/workload) as JSON, to stdout or FILE:
+  every shape with its normalized text, calls, latency percentiles and current
+  plan, heaviest first; sample parameter values only if the running pgwarden
+  has workload_sample_params on
+
+connection: --admin HOST:PORT (PGWARDEN_ADMIN, default 127.0.0.1:6465)
+            --token TOKEN (PGWARDEN_ADMIN_TOKEN)
+`;
+
+const OPTIONS = {
+  output: { type: 'string', short: 'o' },
+  admin: { type: 'string' },
+  token: { type: 'string' },
+  help: { type: 'boolean' },
+} as const;
+
+/** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
+export async function runWorkload(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    err.write(`pgwarden workload: ${(e as Error).message}\n${WORKLOAD_USAGE}`);
+    return 2;
+  }
+  const { values, positionals } = parsed;
+  const [verb, extra] = positionals;
+  if (values.help || verb === undefined) {
+    (values.help ? out : err).write(WORKLOAD_USAGE);
+    return values.help ? 0 : 2;
+  }
+  if (verb !== 'export' || extra !== undefined) {
+    err.write(`pgwarden workload: unknown subcommand '${positionals.join(' ')}'\n${WORKLOAD_USAGE}`);
+    return 2;
+  }
+  const admin = values.admin ?? process.env.PGWARDEN_ADMIN ?? '127.0.0.1:6465';
+  const token = values.token ?? process.env.PGWARDEN_ADMIN_TOKEN;
+  if (!token) {
+    err.write('pgwarden workload: the admin token is needed: --token or PGWARDEN_ADMIN_TOKEN\n');
+    return 2;
+  }
+
+  let response: Response;
+  let text: string;
+  try {
+    response = await fetch(`http://${admin}/api/workload`, { headers: { Authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(30_000) });
+    text = await response.text();
+  } catch (e) {
+    err.write(`pgwarden workload: cannot reach the admin API at http://${admin}: ${(e as Error).message}\n`);
+    return 2;
+  }
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = text;
+  }
+  if (response.status !== 200) {
+    const message = typeof body === 'object' && body !== null && 'error' in body ? String((body as { error: unknown }).error) : String(body);
+    err.write(`pgwarden workload: ${response.status === 401 ? 'the admin token was refused' : message} (HTTP ${response.status})\n`);
+    return 1;
+  }
+  const json = `${JSON.stringify(body, null, 2)}\n`;
+  if (values.output === undefined || values.output === '-') {
+    out.write(json);
+    return 0;
+  }
+  // Written whole or not at all: a half-written workload would fail check-migration later, far from here.
+  const temporary = `${values.output}.${process.pid}.tmp`;
+  try {
+    fs.writeFileSync(temporary, json);
+    fs.renameSync(temporary, values.output);
+  } catch (e) {
+    fs.rmSync(temporary, { force: true });
+    err.write(`pgwarden workload: cannot write ${values.output}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}\n`);
+    return 2;
+  }
+  const shapes = (body as { shapes?: unknown[] }).shapes?.length ?? 0;
+  err.write(`pgwarden workload: wrote ${shapes} shape${shapes === 1 ? '' : 's'} to ${values.output}\n`);
+  return 0;
+}
