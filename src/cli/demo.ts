@@ -10,13 +10,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
-import { startPostgres, type PostgresServer } from '../embedded/postgres.ts';
+import { freePort, startPostgres, type PostgresServer } from '../embedded/postgres.ts';
 
 const USERS = 300_000;
 const HOT = 'select id, name from users where email = $1';
@@ -319,15 +318,4 @@ class Demo {
       every3s();
     }
   }
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
 }

@@ -62,9 +62,13 @@ host replication all 127.0.0.1/32 trust
 host all all 127.0.0.1/32 md5
 `;
 
-interface RunAs {
+/** The user a server's processes run as, when not us (PostgreSQL refuses to run as root). */
+export interface RunAs {
   uid: number;
   gid: number;
+}
+
+interface LocalUser extends RunAs {
   name: string;
 }
 
@@ -84,7 +88,7 @@ export async function startPostgres(options: StartPostgresOptions = {}): Promise
 
   const dataDir = await fsp.mkdtemp(path.join(os.tmpdir(), 'pgwarden-pg-'));
   // Tracked from birth, so an interrupt during initdb or startup leaves nothing behind.
-  const guard: LiveServer = {
+  const guard: GuardedServer = {
     dataDir,
     pid: undefined,
     stop: async () => {
@@ -92,7 +96,7 @@ export async function startPostgres(options: StartPostgresOptions = {}): Promise
       await fsp.rm(dataDir, { recursive: true, force: true });
     },
   };
-  track(guard);
+  liveServers.track(guard);
   try {
     if (runAs) await fsp.chown(dataDir, runAs.uid, runAs.gid);
     await initdb(binDir, dataDir, runAs);
@@ -102,7 +106,15 @@ export async function startPostgres(options: StartPostgresOptions = {}): Promise
       const port = options.port ?? (await freePort());
       await writeConfig(dataDir, port, options.extraConfig);
       try {
-        const child = await launch(binDir, dataDir, port, runAs, guard);
+        const child = await launch({
+          binDir,
+          dataDir,
+          port,
+          runAs,
+          guard,
+          name: 'postgres',
+          ready: { what: 'accept connections', check: probe, deadlineMs: READY_DEADLINE_MS },
+        });
         return makeServer({ child, port, version, binDir, dataDir, guard });
       } catch (error) {
         // Another process may grab the port between our probe and the bind.
@@ -112,7 +124,7 @@ export async function startPostgres(options: StartPostgresOptions = {}): Promise
     }
   } catch (error) {
     await guard.stop();
-    untrack(guard);
+    liveServers.untrack(guard);
     throw error;
   }
 }
@@ -152,7 +164,7 @@ async function embeddedBinDir(): Promise<string> {
  * PostgreSQL refuses to run as root, and CI containers usually are root. Returns
  * the user to run initdb/postgres as, or undefined when we are not root.
  */
-async function unprivilegedUser(): Promise<RunAs | undefined> {
+async function unprivilegedUser(): Promise<LocalUser | undefined> {
   if (process.getuid?.() !== 0) return undefined;
   const existing = (await lookupUser(SUPERUSER)) ?? (await lookupUser(UNPRIVILEGED_FALLBACK_USER));
   if (existing) return existing;
@@ -178,7 +190,7 @@ async function unprivilegedUser(): Promise<RunAs | undefined> {
   return created;
 }
 
-async function lookupUser(name: string): Promise<RunAs | undefined> {
+async function lookupUser(name: string): Promise<LocalUser | undefined> {
   try {
     const { stdout } = await execFileAsync('getent', ['passwd', name]);
     const fields = stdout.trim().split(':');
@@ -188,12 +200,13 @@ async function lookupUser(name: string): Promise<RunAs | undefined> {
   }
 }
 
-function asUser(runAs: RunAs | undefined): { uid?: number; gid?: number } {
+/** spawn/execFile options that run the program as runAs (none when undefined). */
+export function asUser(runAs: RunAs | undefined): { uid?: number; gid?: number } {
   return runAs ? { uid: runAs.uid, gid: runAs.gid } : {};
 }
 
 /** Also proves that runAs can execute the binaries and load their libraries. */
-async function postgresMajorVersion(binDir: string, runAs: RunAs | undefined): Promise<number> {
+async function postgresMajorVersion(binDir: string, runAs: LocalUser | undefined): Promise<number> {
   let stdout: string;
   try {
     ({ stdout } = await execFileAsync(path.join(binDir, 'postgres'), ['--version'], {
@@ -260,8 +273,8 @@ async function initdb(binDir: string, dataDir: string, runAs: RunAs | undefined)
   }
 }
 
-/** The PG* variables of the developer's shell must not redirect our server. */
-function serverEnv(): NodeJS.ProcessEnv {
+/** Our environment without PG* variables: the developer's shell must not redirect our servers and tools. */
+export function serverEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [key, value] of Object.entries(process.env)) {
     if (!key.startsWith('PG')) env[key] = value;
@@ -295,7 +308,8 @@ async function writeConfig(dataDir: string, port: number, extra: Record<string, 
   if (!current.includes(include)) await fsp.appendFile(main, `\n# pgwarden test harness\n${include}\n`);
 }
 
-async function freePort(): Promise<number> {
+/** A TCP port on 127.0.0.1 that was free a moment ago (someone may take it before we bind). */
+export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
     server.unref();
@@ -307,15 +321,37 @@ async function freePort(): Promise<number> {
   });
 }
 
-class PortInUseError extends Error {}
+/** launch's error when the postmaster exited because its port was taken: worth a retry on another port. */
+export class PortInUseError extends Error {}
 
-async function launch(
-  binDir: string,
-  dataDir: string,
-  port: number,
-  runAs: RunAs | undefined,
-  guard: LiveServer,
-): Promise<ChildProcess> {
+/** What launch needs; name and ready are where the primary and a replica differ. */
+export interface LaunchOptions {
+  binDir: string;
+  /** An initialized data directory; the postmaster's output is appended to its server.log. */
+  dataDir: string;
+  /** The port the configuration in dataDir listens on, for ready.check and the messages. */
+  port: number;
+  runAs: RunAs | undefined;
+  /** Its pid is the postmaster's once spawned, and undefined again once it has exited. */
+  guard: { pid: number | undefined };
+  /** Names the server in errors, e.g. 'postgres' or 'replica postgres'. */
+  name: string;
+  /**
+   * When the server counts as started: check resolves true once it is (false or a
+   * rejection: not yet; the last rejection is quoted on timeout); `what` completes
+   * "did not ... on host:port" in the timeout error.
+   */
+  ready: { what: string; check(port: number): Promise<boolean>; deadlineMs: number };
+}
+
+/**
+ * Spawns the postmaster of options.dataDir as a direct child in its own process
+ * group and waits until options.ready says it is up; PortInUseError if it exited
+ * for want of its port. A postmaster still running when launch throws (a timeout)
+ * is the caller's to stop, through guard.pid.
+ */
+export async function launch(options: LaunchOptions): Promise<ChildProcess> {
+  const { binDir, dataDir, port, runAs, guard, name, ready } = options;
   const logFile = path.join(dataDir, 'server.log');
   const logFd = fs.openSync(logFile, 'a');
   const logStart = fs.fstatSync(logFd).size;
@@ -345,35 +381,32 @@ async function launch(
     guard.pid = undefined; // never signal a PID the kernel may have handed to someone else
   });
 
-  const deadline = Date.now() + READY_DEADLINE_MS;
-  let lastError: unknown;
+  const deadline = Date.now() + ready.deadlineMs;
+  let lastError = ''; // for the timeout error: why ready.check last rejected
   for (;;) {
     if (spawnError) throw new Error(`could not start ${path.join(binDir, 'postgres')}`, { cause: spawnError });
     if (exited !== undefined) {
       const log = await readLogFrom(logFile, logStart);
-      const message = `postgres exited during startup (${exited}); end of its server.log:\n${tail(log)}`;
+      const message = `${name} exited during startup (${exited}); end of its server.log:\n${tail(log)}`;
       throw /could not bind|Address already in use/.test(log) ? new PortInUseError(message) : new Error(message);
     }
     if (Date.now() > deadline) {
-      killGroup(child.pid);
       const log = await readLogFrom(logFile, logStart);
       throw new Error(
-        `postgres did not accept connections on ${HOST}:${port} within ${READY_DEADLINE_MS} ms ` +
-          `(last error: ${String(lastError)}); end of its server.log:\n${tail(log)}`,
+        `${name} did not ${ready.what} on ${HOST}:${port} within ${ready.deadlineMs} ms${lastError}; end of its server.log:\n${tail(log)}`,
       );
     }
     try {
-      await probe(port);
-      return child;
+      if (await ready.check(port)) return child;
     } catch (error) {
-      lastError = error;
-      await delay(20);
+      lastError = ` (last error: ${String(error)})`;
     }
+    await delay(20);
   }
 }
 
 /** A real login, not just an open port: the server may still be in recovery. */
-async function probe(port: number): Promise<void> {
+async function probe(port: number): Promise<boolean> {
   const client = new pg.Client({
     host: HOST,
     port,
@@ -385,12 +418,14 @@ async function probe(port: number): Promise<void> {
   client.on('error', () => {});
   try {
     await client.connect();
+    return true;
   } finally {
     await client.end().catch(() => {});
   }
 }
 
-async function readLogFrom(file: string, offset: number): Promise<string> {
+/** The text of file from byte offset on ('' if it cannot be read). */
+export async function readLogFrom(file: string, offset: number): Promise<string> {
   try {
     const content = await fsp.readFile(file);
     return content.subarray(offset).toString('utf8');
@@ -399,14 +434,17 @@ async function readLogFrom(file: string, offset: number): Promise<string> {
   }
 }
 
-function tail(text: string, lines = 30): string {
+/** The last `lines` lines of text, for quoting a server log in an error. */
+export function tail(text: string, lines = 30): string {
   return text.trimEnd().split('\n').slice(-lines).join('\n');
 }
 
+/** Resolves after ms milliseconds. */
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/** SIGKILL to the process group of pid (a postmaster we spawned detached); nothing if it is already gone. */
 function killGroup(pid: number | undefined): void {
   if (pid === undefined) return;
   try {
@@ -416,10 +454,33 @@ function killGroup(pid: number | undefined): void {
   }
 }
 
-/** What the crash guard must clean up; pid is set once the postmaster is spawned. */
-interface LiveServer {
+/** Fast shutdown (SIGINT) of a postmaster we spawned; its whole group is killed if that takes over STOP_DEADLINE_MS. */
+export async function stopPostmaster(child: ChildProcess): Promise<void> {
+  const pid = child.pid;
+  if (pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  try {
+    process.kill(pid, 'SIGINT'); // fast shutdown: abort sessions, clean checkpoint
+  } catch {
+    // Already gone between the check and the signal.
+  }
+  // A ref'd timer keeps the event loop alive while we wait for the unref'd child.
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), STOP_DEADLINE_MS)));
+  if (await Promise.race([exited.then(() => false), timedOut])) {
+    killGroup(pid);
+    await exited;
+  }
+  clearTimeout(timer);
+}
+
+/** What a crash guard must clean up; pid is set once the postmaster is spawned. */
+export interface LiveServer {
   pid: number | undefined;
   dataDir: string;
+}
+
+interface GuardedServer extends LiveServer {
   stop(): Promise<void>;
 }
 
@@ -429,7 +490,7 @@ function makeServer(args: {
   version: number;
   binDir: string;
   dataDir: string;
-  guard: LiveServer;
+  guard: GuardedServer;
 }): PostgresServer {
   const { child, port, version, binDir, dataDir, guard } = args;
   const pid = child.pid!;
@@ -437,24 +498,9 @@ function makeServer(args: {
 
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-        try {
-          process.kill(pid, 'SIGINT'); // fast shutdown: abort sessions, clean checkpoint
-        } catch {
-          // Already gone between the check and the signal.
-        }
-        // A ref'd timer keeps the event loop alive while we wait for the unref'd child.
-        let timer: NodeJS.Timeout | undefined;
-        const timedOut = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), STOP_DEADLINE_MS)));
-        if (await Promise.race([exited.then(() => false), timedOut])) {
-          killGroup(pid);
-          await exited;
-        }
-        clearTimeout(timer);
-      }
+      await stopPostmaster(child);
       await fsp.rm(dataDir, { recursive: true, force: true });
-      untrack(guard);
+      liveServers.untrack(guard);
     })();
     return stopping;
   };
@@ -476,39 +522,61 @@ function makeServer(args: {
   };
 }
 
-// Crash safety: whatever happens to the test process, its servers must not outlive it.
-const liveServers = new Set<LiveServer>();
+/**
+ * Crash safety: servers that must not outlive this process. While any is tracked,
+ * 'exit' kills them and removes their data dirs (only synchronous work runs
+ * there), and SIGINT/SIGTERM go to onSignal.
+ */
+export class LiveServers<T extends LiveServer> {
+  private readonly servers = new Set<T>();
+
+  constructor(private readonly onSignal: (signal: NodeJS.Signals, live: LiveServers<T>) => void) {}
+
+  /** The tracked servers, oldest first. */
+  get tracked(): T[] {
+    return [...this.servers];
+  }
+
+  track(server: T): void {
+    if (this.servers.size === 0) {
+      process.on('exit', this.killAllNow);
+      for (const signal of SIGNALS) process.on(signal, this.signalListener);
+    }
+    this.servers.add(server);
+  }
+
+  untrack(server: T): void {
+    if (!this.servers.delete(server) || this.servers.size > 0) return;
+    // With no server left our listeners would only suppress the default signal exit.
+    this.stopListening();
+  }
+
+  /** Kills every tracked server and removes its data dir, synchronously; they are no longer tracked. */
+  readonly killAllNow = (): void => {
+    for (const server of this.servers) {
+      killGroup(server.pid);
+      fs.rmSync(server.dataDir, { recursive: true, force: true });
+    }
+    this.servers.clear();
+  };
+
+  /** Removes our 'exit' and signal listeners (track adds them again). */
+  stopListening(): void {
+    process.off('exit', this.killAllNow);
+    for (const signal of SIGNALS) process.off(signal, this.signalListener);
+  }
+
+  private readonly signalListener = (signal: NodeJS.Signals): void => this.onSignal(signal, this);
+}
+
 const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
 
-function track(server: LiveServer): void {
-  if (liveServers.size === 0) {
-    process.on('exit', killAllNow);
-    for (const signal of SIGNALS) process.on(signal, onSignal);
-  }
-  liveServers.add(server);
-}
-
-function untrack(server: LiveServer): void {
-  if (!liveServers.delete(server) || liveServers.size > 0) return;
-  // With no server left our listeners would only suppress the default signal exit.
-  process.off('exit', killAllNow);
-  for (const signal of SIGNALS) process.off(signal, onSignal);
-}
-
-/** Last resort on 'exit', where only synchronous work runs. */
-function killAllNow(): void {
-  for (const server of liveServers) {
-    killGroup(server.pid);
-    fs.rmSync(server.dataDir, { recursive: true, force: true });
-  }
-}
-
-function onSignal(signal: NodeJS.Signals): void {
+// Whatever happens to the test process, its servers must not outlive it.
+const liveServers = new LiveServers<GuardedServer>((signal, live) => {
   // If the program installed its own handler (test/run.ts does), it owns the
   // shutdown order and stops its servers itself; 'exit' remains our backstop.
   if (process.listenerCount(signal) > 1) return;
-  const servers = [...liveServers];
-  void Promise.allSettled(servers.map((server) => server.stop())).then(() =>
+  void Promise.allSettled(live.tracked.map((server) => server.stop())).then(() =>
     process.exit(128 + (os.constants.signals[signal] ?? 0)),
   );
-}
+});

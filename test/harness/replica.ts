@@ -10,7 +10,7 @@
 // Like the primary, the replica is a direct child run as the data directory's
 // owner (PostgreSQL refuses root), so we always know the PID we own.
 
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs';
@@ -21,6 +21,19 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { waitFor } from './database.ts';
+import {
+  asUser,
+  freePort,
+  launch,
+  LiveServers,
+  PortInUseError,
+  readLogFrom,
+  serverEnv,
+  stopPostmaster,
+  tail,
+  type LiveServer,
+  type RunAs,
+} from './postgres.ts';
 
 const execFileAsync = promisify(execFile);
 
@@ -58,7 +71,6 @@ export interface Replica {
 const HOST = '127.0.0.1';
 const SUPERUSER = 'postgres';
 const READY_DEADLINE_MS = 60_000;
-const STOP_DEADLINE_MS = 10_000;
 const SLOT_DROP_DEADLINE_MS = 10_000;
 const PORT_ATTEMPTS = 3;
 
@@ -88,17 +100,13 @@ const EXCLUDED_FILES = new Set([
   'recovery.signal',
 ]);
 
-interface RunAs {
-  uid: number;
-  gid: number;
-}
-
 let replicaCounter = 0;
 
 export async function startReplica(primary: StartReplicaOptions): Promise<Replica> {
   const started = performance.now();
   const admin = await connect(primary.host, primary.port);
   let copyDir: string | undefined;
+  let guard: LiveServer | undefined;
   let slotName: string | undefined;
   let child: ChildProcess | undefined;
   try {
@@ -110,8 +118,8 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
     const runAs = await ownerOf(primaryDataDir);
 
     copyDir = await fsp.mkdtemp(path.join(os.tmpdir(), 'pgwarden-replica-'));
-    const guard: LiveReplica = { pid: undefined, dataDir: copyDir };
-    track(guard);
+    guard = { pid: undefined, dataDir: copyDir };
+    liveReplicas.track(guard);
     if (runAs) await fsp.chown(copyDir, runAs.uid, runAs.gid);
     await fsp.chmod(copyDir, 0o700);
 
@@ -140,7 +148,16 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
       port = await freePort();
       await writeStandbyConfig(copyDir, primary, port, slotName);
       try {
-        child = await launch(primary.binDir, copyDir, port, runAs, guard);
+        child = await launch({
+          binDir: primary.binDir,
+          dataDir: copyDir,
+          port,
+          runAs,
+          guard,
+          name: 'replica postgres',
+          // Listening is enough here; logins are refused until recovery reaches consistency.
+          ready: { what: 'listen', check: listening, deadlineMs: READY_DEADLINE_MS },
+        });
         break;
       } catch (error) {
         if (!(error instanceof PortInUseError) || attempt >= PORT_ATTEMPTS) throw error;
@@ -179,7 +196,7 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
       startedMs: performance.now() - started,
     });
   } catch (error) {
-    await cleanUp(child, copyDir, slotName ? () => dropSlot(admin, slotName!) : undefined).catch((cleanupError: unknown) => {
+    await cleanUp(child, guard, slotName ? () => dropSlot(admin, slotName!) : undefined).catch((cleanupError: unknown) => {
       throw new AggregateError([error, cleanupError], `startReplica failed (${describeError(error)}), and so did its cleanup`);
     });
     throw error;
@@ -212,19 +229,6 @@ async function ownerOf(dataDir: string): Promise<RunAs | undefined> {
     });
   }
   return stat.uid === process.getuid?.() ? undefined : { uid: stat.uid, gid: stat.gid };
-}
-
-function asUser(runAs: RunAs | undefined): { uid?: number; gid?: number } {
-  return runAs ? { uid: runAs.uid, gid: runAs.gid } : {};
-}
-
-/** The PG* variables of the developer's shell must not redirect our tools. */
-function serverEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [key, value] of Object.entries(process.env)) {
-    if (!key.startsWith('PG')) env[key] = value;
-  }
-  return env;
 }
 
 /** binDir's pg_basebackup if it is of the server's major version (an older one cannot copy a newer server). */
@@ -373,73 +377,6 @@ async function writeStandbyConfig(copyDir: string, primary: StartReplicaOptions,
   await fsp.writeFile(file, `${base}${base.endsWith('\n') || base === '' ? '' : '\n'}${marker}${lines.join('\n')}\n`);
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.unref();
-    server.on('error', reject);
-    server.listen(0, HOST, () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-class PortInUseError extends Error {}
-
-/** Spawns the postmaster and waits until it is listening (not yet until it accepts logins: see the caller). */
-async function launch(
-  binDir: string,
-  dataDir: string,
-  port: number,
-  runAs: RunAs | undefined,
-  guard: LiveReplica,
-): Promise<ChildProcess> {
-  const logFile = path.join(dataDir, 'server.log');
-  const logFd = fs.openSync(logFile, 'a');
-  const logStart = fs.fstatSync(logFd).size;
-  if (runAs) fs.fchownSync(logFd, runAs.uid, runAs.gid);
-  let child: ChildProcess;
-  try {
-    child = spawn(path.join(binDir, 'postgres'), ['-D', dataDir], {
-      ...asUser(runAs),
-      cwd: dataDir,
-      env: serverEnv(),
-      detached: true, // own process group, as the primary: we decide the shutdown order
-      stdio: ['ignore', logFd, logFd],
-    });
-  } finally {
-    fs.closeSync(logFd);
-  }
-  child.unref();
-  guard.pid = child.pid;
-
-  let exited: string | undefined;
-  let spawnError: Error | undefined;
-  child.once('error', (error) => (spawnError = error));
-  child.once('exit', (code, signal) => {
-    exited = signal ? `signal ${signal}` : `code ${code}`;
-    guard.pid = undefined; // never signal a PID the kernel may have handed to someone else
-  });
-
-  const deadline = Date.now() + READY_DEADLINE_MS;
-  for (;;) {
-    if (spawnError) throw new Error(`could not start ${path.join(binDir, 'postgres')}`, { cause: spawnError });
-    if (exited !== undefined) {
-      const log = await readLogFrom(logFile, logStart);
-      const message = `replica postgres exited during startup (${exited}); end of its server.log:\n${tail(log)}`;
-      throw /could not bind|Address already in use/.test(log) ? new PortInUseError(message) : new Error(message);
-    }
-    if (Date.now() > deadline) {
-      const log = await readLogFrom(logFile, logStart);
-      throw new Error(`replica postgres did not listen on ${HOST}:${port} within ${READY_DEADLINE_MS} ms; end of its server.log:\n${tail(log)}`);
-    }
-    // Listening is enough here; logins are refused until recovery reaches consistency.
-    if (await listening(port)) return child;
-    await delay(20);
-  }
-}
-
 function listening(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect({ host: HOST, port });
@@ -492,34 +429,15 @@ async function dropSlot(admin: pg.Client, slotName: string): Promise<void> {
   );
 }
 
-async function stopChild(child: ChildProcess | undefined): Promise<void> {
-  if (!child?.pid || child.exitCode !== null || child.signalCode !== null) return;
-  const pid = child.pid;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  try {
-    process.kill(pid, 'SIGINT'); // fast shutdown
-  } catch {
-    // Already gone between the check and the signal.
-  }
-  // A ref'd timer keeps the event loop alive while we wait for the unref'd child.
-  let timer: NodeJS.Timeout | undefined;
-  const timedOut = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), STOP_DEADLINE_MS)));
-  if (await Promise.race([exited.then(() => false), timedOut])) {
-    killGroup(pid);
-    await exited;
-  }
-  clearTimeout(timer);
-}
-
 async function cleanUp(
   child: ChildProcess | undefined,
-  copyDir: string | undefined,
+  guard: LiveServer | undefined,
   drop: (() => Promise<void>) | undefined,
 ): Promise<void> {
-  await stopChild(child);
-  if (copyDir) {
-    await fsp.rm(copyDir, { recursive: true, force: true });
-    untrackDir(copyDir);
+  if (child) await stopPostmaster(child);
+  if (guard) {
+    await fsp.rm(guard.dataDir, { recursive: true, force: true });
+    liveReplicas.untrack(guard);
   }
   if (drop) await drop();
 }
@@ -531,13 +449,13 @@ function makeReplica(args: {
   slotName: string;
   method: Replica['method'];
   primary: StartReplicaOptions;
-  guard: LiveReplica;
+  guard: LiveServer;
   startedMs: number;
 }): Replica {
-  const { child, port, dataDir, slotName, method, primary } = args;
+  const { child, port, dataDir, slotName, method, primary, guard } = args;
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
-    stopping ??= cleanUp(child, dataDir, async () => {
+    stopping ??= cleanUp(child, guard, async () => {
       let admin: pg.Client;
       try {
         admin = await connect(primary.host, primary.port);
@@ -569,76 +487,19 @@ function makeReplica(args: {
   };
 }
 
-async function readLogFrom(file: string, offset: number): Promise<string> {
-  try {
-    return (await fsp.readFile(file)).subarray(offset).toString('utf8');
-  } catch {
-    return '';
-  }
-}
-
-function tail(text: string, lines = 30): string {
-  return text.trimEnd().split('\n').slice(-lines).join('\n');
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 function describeError(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-function killGroup(pid: number | undefined): void {
-  if (pid === undefined) return;
-  try {
-    process.kill(-pid, 'SIGKILL');
-  } catch {
-    // Already gone.
-  }
-}
-
 // Crash safety: a replica must not outlive the test process (it would keep
 // retrying a primary that test/run.ts has stopped). Only synchronous work is
-// possible here, so a crash leaves the slot behind; on a throwaway primary it
+// possible on 'exit', so a crash leaves the slot behind; on a throwaway primary it
 // goes with the server.
-interface LiveReplica {
-  pid: number | undefined;
-  dataDir: string;
-}
-
-const liveReplicas = new Set<LiveReplica>();
-const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
-
-function track(replica: LiveReplica): void {
-  if (liveReplicas.size === 0) {
-    process.on('exit', killAllNow);
-    for (const signal of SIGNALS) process.on(signal, onSignal);
-  }
-  liveReplicas.add(replica);
-}
-
-function untrackDir(dataDir: string): void {
-  for (const replica of liveReplicas) if (replica.dataDir === dataDir) liveReplicas.delete(replica);
-  if (liveReplicas.size > 0) return;
-  process.off('exit', killAllNow);
-  for (const signal of SIGNALS) process.off(signal, onSignal);
-}
-
-function killAllNow(): void {
-  for (const replica of liveReplicas) {
-    killGroup(replica.pid);
-    fs.rmSync(replica.dataDir, { recursive: true, force: true });
-  }
-  liveReplicas.clear();
-}
-
-function onSignal(signal: NodeJS.Signals): void {
+const liveReplicas = new LiveServers<LiveServer>((signal, live) => {
   // Clean up now, then step aside and re-raise: whoever else listens (the primary's
   // harness, a test runner) decides how the process ends; with nobody, the default
   // action ends it.
-  killAllNow();
-  process.off('exit', killAllNow);
-  for (const s of SIGNALS) process.off(s, onSignal);
+  live.killAllNow();
+  live.stopListening();
   process.kill(process.pid, signal);
-}
+});

@@ -12,7 +12,8 @@ import { serialize } from 'pg-protocol';
 import type { DataRowMessage } from 'pg-protocol/dist/messages.js';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 import { startProxy, type TestProxy } from '../harness/proxy.ts';
-import { conninfo, psql, RawConnection, sqlstate } from './clients.ts';
+import { conninfo, psql } from '../harness/clients.ts';
+import { RawConnection, sqlstate } from '../harness/wire.ts';
 
 const db = testDatabase();
 const suffix = `${process.pid}_${randomBytes(3).toString('hex')}`;

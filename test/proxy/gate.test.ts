@@ -8,7 +8,7 @@ import pg from 'pg';
 import { FORWARD, type GateDecision, type QueryRequest } from '../../src/proxy/seam.ts';
 import { testDatabase, withClient } from '../harness/database.ts';
 import { startProxy, type TestProxy } from '../harness/proxy.ts';
-import { describeMessages, serialize, WireClient } from '../harness/wire.ts';
+import { describeMessages, RawConnection, serialize } from '../harness/wire.ts';
 
 const BLOCKED_MARK = 'pgw_gate_refuse_me';
 const HOLD_MARK = 'pgw_gate_hold_me';
@@ -106,14 +106,14 @@ describe('the query gate', () => {
       serialize.sync(),
     ];
     // PostgreSQL's own behaviour, for a runtime error at the same position.
-    const direct = await WireClient.connect(db.port, { user: db.user, database: db.database });
-    direct.send(...group('select 1 / (random() * 0)::int'));
-    const expected = describeMessages([...(await direct.readUntilReady()), ...(await direct.readUntilReady())]);
+    const direct = await RawConnection.login(db.port, { user: db.user, database: db.database });
+    direct.write(...group('select 1 / (random() * 0)::int'));
+    const expected = describeMessages([...(await direct.untilReady()), ...(await direct.untilReady())]);
     direct.close();
 
-    const viaProxy = await WireClient.connect(proxy.port, { user: db.user, database: db.database });
-    viaProxy.send(...group(`select '${BLOCKED_MARK}'`));
-    const got = describeMessages([...(await viaProxy.readUntilReady()), ...(await viaProxy.readUntilReady())]);
+    const viaProxy = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
+    viaProxy.write(...group(`select '${BLOCKED_MARK}'`));
+    const got = describeMessages([...(await viaProxy.untilReady()), ...(await viaProxy.untilReady())]);
     viaProxy.close();
 
     // The only differences: the refusal comes at Parse (no ParseComplete and
@@ -131,16 +131,16 @@ describe('the query gate', () => {
 
   test('a refused statement in an extended-protocol transaction reports the server true status', async () => {
     const db = testDatabase();
-    const client = await WireClient.connect(proxy.port, { user: db.user, database: db.database });
+    const client = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
     try {
-      client.send(serialize.query('begin'));
-      assert.deepEqual(describeMessages(await client.readUntilReady()).at(-1), 'readyForQuery:T');
-      client.send(serialize.parse({ text: `select '${BLOCKED_MARK}'` }), serialize.bind({}), serialize.execute({}), serialize.sync());
-      assert.deepEqual(describeMessages(await client.readUntilReady()), ['error:42501', 'readyForQuery:E']);
-      client.send(serialize.query('select 1'));
-      assert.deepEqual(describeMessages(await client.readUntilReady()), ['error:25P02', 'readyForQuery:E']);
-      client.send(serialize.query('rollback'));
-      assert.deepEqual(describeMessages(await client.readUntilReady()).at(-1), 'readyForQuery:I');
+      client.write(serialize.query('begin'));
+      assert.deepEqual(describeMessages(await client.untilReady()).at(-1), 'readyForQuery:T');
+      client.write(serialize.parse({ text: `select '${BLOCKED_MARK}'` }), serialize.bind({}), serialize.execute({}), serialize.sync());
+      assert.deepEqual(describeMessages(await client.untilReady()), ['error:42501', 'readyForQuery:E']);
+      client.write(serialize.query('select 1'));
+      assert.deepEqual(describeMessages(await client.untilReady()), ['error:25P02', 'readyForQuery:E']);
+      client.write(serialize.query('rollback'));
+      assert.deepEqual(describeMessages(await client.untilReady()).at(-1), 'readyForQuery:I');
     } finally {
       client.close();
     }
@@ -148,16 +148,16 @@ describe('the query gate', () => {
 
   test('a gate that takes its time holds only its own session, and later input keeps its order', async () => {
     const db = testDatabase();
-    const held = await WireClient.connect(proxy.port, { user: db.user, database: db.database });
+    const held = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
     const other = await connect();
     try {
-      held.send(serialize.query(`select 1 as ${HOLD_MARK}`), serialize.query('select 2'));
+      held.write(serialize.query(`select 1 as ${HOLD_MARK}`), serialize.query('select 2'));
       await other.query('select 1'); // not held up
       assert.ok(releaseHeld, 'the gate was asked');
       const before = proxy.completions.length;
       releaseHeld!();
-      const first = describeMessages(await held.readUntilReady());
-      const second = describeMessages(await held.readUntilReady());
+      const first = describeMessages(await held.untilReady());
+      const second = describeMessages(await held.untilReady());
       assert.deepEqual(first, ['rowDescription', 'dataRow', 'commandComplete', 'readyForQuery:I']);
       assert.deepEqual(second, ['rowDescription', 'dataRow', 'commandComplete', 'readyForQuery:I']);
       const texts = proxy.completions.slice(before).map((c) => c.text);

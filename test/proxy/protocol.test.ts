@@ -14,7 +14,8 @@ import postgres from 'postgres';
 import { serialize } from 'pg-protocol';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 import { startProxy, type TestProxy } from '../harness/proxy.ts';
-import { conninfo, libpqEnv, PGBENCH, psql, RawConnection, startProcess } from './clients.ts';
+import { conninfo, libpqEnv, PGBENCH, psql, startProcess } from '../harness/clients.ts';
+import { RawConnection } from '../harness/wire.ts';
 
 const db = testDatabase();
 const suffix = `${process.pid}_${randomBytes(3).toString('hex')}`;

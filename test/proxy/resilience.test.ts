@@ -16,7 +16,8 @@ import pg from 'pg';
 import { serialize } from 'pg-protocol';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 import { startProxy, type TestProxy } from '../harness/proxy.ts';
-import { conninfo, psql, RawConnection, sqlstate } from './clients.ts';
+import { conninfo, psql } from '../harness/clients.ts';
+import { RawConnection, sqlstate } from '../harness/wire.ts';
 
 const db = testDatabase();
 const suffix = `${process.pid}_${randomBytes(3).toString('hex')}`;

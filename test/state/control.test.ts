@@ -8,35 +8,15 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import pino from 'pino';
-import type { Rule } from '../../src/rules/rule.ts';
 import { ControlDatabase, ControlDatabaseUnreachableError } from '../../src/state/control.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
+import { rule } from './rules.ts';
 
 const suffix = randomBytes(4).toString('hex');
 const CONTROL_DB = `pgw_control_${suffix}`;
 const LIMITED_ROLE = `pgw_control_${suffix}_limited`;
 const LIMITED_PASSWORD = randomBytes(8).toString('hex');
 const silent = pino({ level: 'silent' });
-
-function rule(id: string, overrides: Partial<Rule> = {}): Rule {
-  return {
-    id,
-    action: 'block',
-    fingerprint: '0123456789abcdef',
-    user: null,
-    database: null,
-    application_name: null,
-    max_concurrent: null,
-    queue_timeout_ms: null,
-    target: null,
-    reason: `test rule ${id}`,
-    ttl_s: null,
-    created_by: 'test',
-    created_at: '2026-01-01T00:00:00.000Z',
-    expires_at: null,
-    ...overrides,
-  };
-}
 
 function controlUrl(user?: { name: string; password: string }): string {
   const url = new URL(testDatabase().url);

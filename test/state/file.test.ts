@@ -9,28 +9,9 @@ import { afterEach, beforeEach, describe, test } from 'node:test';
 import pino from 'pino';
 import type { Rule } from '../../src/rules/rule.ts';
 import { StateFile } from '../../src/state/file.ts';
+import { rule } from './rules.ts';
 
 const log = pino({ level: 'silent' });
-
-function rule(id: string, overrides: Partial<Rule> = {}): Rule {
-  return {
-    id,
-    action: 'block',
-    fingerprint: '0123456789abcdef',
-    user: null,
-    database: null,
-    application_name: null,
-    max_concurrent: null,
-    queue_timeout_ms: null,
-    target: null,
-    reason: `test rule ${id}`,
-    ttl_s: null,
-    created_by: 'test',
-    created_at: '2026-01-01T00:00:00.000Z',
-    expires_at: null,
-    ...overrides,
-  };
-}
 
 describe('StateFile', () => {
   let dir: string;
