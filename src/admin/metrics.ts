@@ -7,6 +7,8 @@
 import client from 'prom-client';
 import type { IncidentManager } from '../detect/incidents.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
+import type { RulesGate } from '../rules/gate.ts';
+import type { RuleStore } from '../rules/store.ts';
 import type { ProxyServer } from '../proxy/server.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
@@ -21,10 +23,11 @@ export interface MetricSources {
   readonly collector: ShapeCollector | null;
   readonly incidents?: IncidentManager | null;
   readonly sampler?: PlanSampler | null;
+  readonly rules?: { store: RuleStore; gate: RulesGate } | null;
 }
 
 export function createMetrics(proxy: ProxyServer, sources: MetricSources, options: MetricsOptions): client.Registry {
-  const { collector, incidents, sampler } = sources;
+  const { collector, incidents, sampler, rules } = sources;
   const registry = new client.Registry();
   const stats = proxy.stats;
   const counter = (name: string, help: string, read: () => number) =>
@@ -93,6 +96,19 @@ export function createMetrics(proxy: ProxyServer, sources: MetricSources, option
           const ratio = incidents.regressionRatio(fp);
           if (ratio !== null) this.set({ fingerprint: fp }, ratio);
         }
+      },
+    });
+  }
+  if (rules) {
+    gauge('pgwarden_rules_active', 'Rules in force (block, shed, reroute).', () => rules.store.list().length);
+    new client.Counter({
+      name: 'pgwarden_rule_applied_total',
+      help: 'Queries a rule refused (block, shed) or rerouted, by rule id and action, for the rules in force.',
+      labelNames: ['rule', 'action'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const rule of rules.store.list()) this.inc({ rule: rule.id, action: rule.action }, rules.gate.applied.get(rule.id) ?? 0);
       },
     });
   }

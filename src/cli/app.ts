@@ -206,7 +206,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
-      metrics: createMetrics(proxy, { collector, incidents, sampler }, { topShapes: config.metrics_top_shapes }),
+      metrics: createMetrics(proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector
           ? shapeRoutes(collector.registry, clock, statusOf, {

@@ -1,7 +1,8 @@
 // TLS from pgwarden to the upstream, against a PostgreSQL server with ssl = on.
 
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -22,13 +23,15 @@ const haveOpenssl = (() => {
 
 describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false : 'openssl is not installed (apt-get install -y openssl)' }, () => {
   let dir: string;
+  let cert: string;
+  let key: string;
   let server: PostgresServer;
   const proxies: TestProxy[] = [];
 
   before(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-upstream-tls-'));
-    const cert = path.join(dir, 'server.crt');
-    const key = path.join(dir, 'server.key');
+    cert = path.join(dir, 'server.crt');
+    key = path.join(dir, 'server.key');
     execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost', '-keyout', key, '-out', cert], { stdio: 'ignore' });
     fs.chmodSync(dir, 0o755);
     fs.chmodSync(cert, 0o644);
@@ -81,5 +84,30 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
       assert.match(err.message, /pgwarden: .*does not support TLS/);
       return true;
     });
+  });
+
+  // SCRAM channel binding ties the exchange to the TLS session the server sees, and
+  // is built to defeat any party in the middle: a client of a TLS-terminating
+  // pgwarden in front of a TLS upstream must not ask for it (channel_binding=disable).
+  test('SCRAM through TLS on both sides works with channel_binding=disable', async () => {
+    const admin = new pg.Client({ host: '127.0.0.1', port: server.port, user: 'postgres', database: 'postgres' });
+    await admin.connect();
+    await admin.query("set password_encryption = 'scram-sha-256'");
+    await admin.query("drop role if exists pgw_scram_tls; create role pgw_scram_tls login password 'scram-secret'");
+    await admin.end();
+    const proxy = await startProxy({
+      upstreamHost: '127.0.0.1',
+      upstreamPort: server.port,
+      upstreamTls: 'require',
+      tlsCert: fs.readFileSync(cert),
+      tlsKey: fs.readFileSync(key),
+    });
+    proxies.push(proxy);
+    const { stdout } = await promisify(execFile)(
+      'psql',
+      ['-X', '-At', '-c', 'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())', `host=127.0.0.1 port=${proxy.port} user=pgw_scram_tls dbname=postgres sslmode=require channel_binding=disable`],
+      { env: { ...process.env, PGPASSWORD: 'scram-secret' } },
+    );
+    assert.equal(stdout.trim(), 'pgw_scram_tls|t');
   });
 });
