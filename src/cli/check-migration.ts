@@ -10,7 +10,7 @@ import { CheckError, checkMigration } from '../workload/check.ts';
 import { parseWorkload, WorkloadError, type Workload } from '../workload/format.ts';
 import { MigrationSyntaxError, parseMigration, type MigrationStatement } from '../workload/migration.ts';
 import { regressions, renderText, reportJson } from '../workload/report.ts';
-import type { Output } from './rules.ts';
+import type { Output } from './admin-client.ts';
 
 export const CHECK_MIGRATION_USAGE = `usage: pgwarden check-migration --database-url URL --workload FILE MIGRATION.sql [options]
 

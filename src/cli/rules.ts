@@ -3,6 +3,7 @@
 
 import os from 'node:os';
 import { parseArgs } from 'node:util';
+import { adminClient, refusal, type AdminResponse, type Output } from './admin-client.ts';
 
 export const RULES_USAGE = `usage: pgwarden rules <list|block|shed|reroute|delete> [arguments] [options]
 
@@ -45,11 +46,6 @@ interface RuleJson {
 }
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
-/** Where the command writes (stdout and stderr by default; tests pass their own). */
-export interface Output {
-  write(text: string): unknown;
-}
-
 export async function runRules(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
   let parsed;
   try {
@@ -64,19 +60,16 @@ export async function runRules(args: string[], out: Output = process.stdout, err
     (values.help ? out : err).write(RULES_USAGE);
     return values.help ? 0 : 2;
   }
-  const admin = values.admin ?? process.env.PGWARDEN_ADMIN ?? '127.0.0.1:6465';
-  const token = values.token ?? process.env.PGWARDEN_ADMIN_TOKEN;
-  if (!token) {
-    err.write('pgwarden rules: the admin token is needed: --token or PGWARDEN_ADMIN_TOKEN\n');
-    return 2;
-  }
-  const call = (method: string, path: string, body?: unknown) => request(`http://${admin}${path}`, token, method, body);
+  const api = adminClient(values, 'rules', err);
+  if (api === null) return 2;
+  const call = (method: string, path: string, body?: unknown) => api.request(method, path, body);
 
   try {
     switch (verb) {
       case 'list': {
-        const { status, body } = await call('GET', '/api/rules');
-        if (status !== 200) return failed(err, status, body);
+        const response = await call('GET', '/api/rules');
+        if (response.status !== 200) return failed(err, response);
+        const body = response.body;
         const rules = body as RuleJson[];
         if (values.json) out.write(`${JSON.stringify(rules, null, 2)}\n`);
         else if (rules.length === 0) out.write('no rules\n');
@@ -109,8 +102,9 @@ export async function runRules(args: string[], out: Output = process.stdout, err
           database: values.database,
           application_name: values['application-name'],
         };
-        const { status, body } = await call('POST', '/api/rules', JSON.parse(JSON.stringify(rule)));
-        if (status !== 201) return failed(err, status, body);
+        const response = await call('POST', '/api/rules', JSON.parse(JSON.stringify(rule)));
+        if (response.status !== 201) return failed(err, response);
+        const body = response.body;
         const r = body as RuleJson;
         out.write(`${r.id}  ${r.action} ${r.fingerprint} ${detail(r)}${r.expires_at ? ` until ${r.expires_at}` : ''}\nlift it with: pgwarden rules delete ${r.id}\n`);
         return 0;
@@ -120,8 +114,8 @@ export async function runRules(args: string[], out: Output = process.stdout, err
           err.write('pgwarden rules delete: which rule? Give its RULE_ID (see pgwarden rules list)\n');
           return 2;
         }
-        const { status, body } = await call('DELETE', `/api/rules/${encodeURIComponent(target)}?by=${encodeURIComponent(os.userInfo().username)}`);
-        if (status !== 200) return failed(err, status, body);
+        const response = await call('DELETE', `/api/rules/${encodeURIComponent(target)}?by=${encodeURIComponent(os.userInfo().username)}`);
+        if (response.status !== 200) return failed(err, response);
         out.write(`rule ${target} lifted\n`);
         return 0;
       }
@@ -134,7 +128,7 @@ export async function runRules(args: string[], out: Output = process.stdout, err
       err.write(`pgwarden rules: ${e.message}\n`);
       return 2;
     }
-    err.write(`pgwarden rules: cannot reach the admin API at http://${admin}: ${(e as Error).message}\n`);
+    err.write(`pgwarden rules: cannot reach the admin API at ${api.base}: ${(e as Error).message}\n`);
     return 2;
   }
 }
@@ -147,23 +141,7 @@ function detail(r: RuleJson): string {
   return '';
 }
 
-function failed(err: Output, status: number, body: unknown): number {
-  const message = typeof body === 'object' && body !== null && 'error' in body ? String((body as { error: unknown }).error) : String(body);
-  err.write(`pgwarden rules: ${status === 401 ? 'the admin token was refused' : message} (HTTP ${status})\n`);
+function failed(err: Output, response: AdminResponse): number {
+  err.write(`pgwarden rules: ${refusal(response)}\n`);
   return 1;
-}
-
-async function request(url: string, token: string, method: string, body?: unknown): Promise<{ status: number; body: unknown }> {
-  const response = await fetch(url, {
-    method,
-    headers: { Authorization: `Bearer ${token}`, ...(body ? { 'Content-Type': 'application/json' } : {}) },
-    body: body ? JSON.stringify(body) : undefined,
-    signal: AbortSignal.timeout(10_000),
-  });
-  const text = await response.text();
-  try {
-    return { status: response.status, body: JSON.parse(text) };
-  } catch {
-    return { status: response.status, body: text };
-  }
 }

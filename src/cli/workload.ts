@@ -3,7 +3,7 @@
 
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
-import type { Output } from './rules.ts';
+import { adminClient, refusal, type AdminResponse, type Output } from './admin-client.ts';
 
 export const WORKLOAD_USAGE = `usage: pgwarden workload export [--output FILE] [options]
 
@@ -42,33 +42,20 @@ export async function runWorkload(args: string[], out: Output = process.stdout, 
     err.write(`pgwarden workload: unknown subcommand '${positionals.join(' ')}'\n${WORKLOAD_USAGE}`);
     return 2;
   }
-  const admin = values.admin ?? process.env.PGWARDEN_ADMIN ?? '127.0.0.1:6465';
-  const token = values.token ?? process.env.PGWARDEN_ADMIN_TOKEN;
-  if (!token) {
-    err.write('pgwarden workload: the admin token is needed: --token or PGWARDEN_ADMIN_TOKEN\n');
-    return 2;
-  }
-
-  let response: Response;
-  let text: string;
+  const api = adminClient(values, 'workload', err);
+  if (api === null) return 2;
+  let response: AdminResponse;
   try {
-    response = await fetch(`http://${admin}/api/workload`, { headers: { Authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(30_000) });
-    text = await response.text();
+    response = await api.request('GET', '/api/workload', undefined, 30_000);
   } catch (e) {
-    err.write(`pgwarden workload: cannot reach the admin API at http://${admin}: ${(e as Error).message}\n`);
+    err.write(`pgwarden workload: cannot reach the admin API at ${api.base}: ${(e as Error).message}\n`);
     return 2;
-  }
-  let body: unknown;
-  try {
-    body = JSON.parse(text);
-  } catch {
-    body = text;
   }
   if (response.status !== 200) {
-    const message = typeof body === 'object' && body !== null && 'error' in body ? String((body as { error: unknown }).error) : String(body);
-    err.write(`pgwarden workload: ${response.status === 401 ? 'the admin token was refused' : message} (HTTP ${response.status})\n`);
+    err.write(`pgwarden workload: ${refusal(response)}\n`);
     return 1;
   }
+  const body = response.body;
   const json = `${JSON.stringify(body, null, 2)}\n`;
   if (values.output === undefined || values.output === '-') {
     out.write(json);
