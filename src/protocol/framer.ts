@@ -61,7 +61,7 @@ export class Framer {
   push(data: Buffer): void {
     if (this.stopped) return;
     if (this.held !== null) {
-      this.held.push(data);
+      this.held.push(Buffer.from(data)); // callers may reuse `data` once push returns
       return;
     }
     this.chunk = data;
@@ -163,7 +163,7 @@ export class Framer {
 
   private hold(data: Buffer, resumeAt: number): void {
     this.flushTo(this.messageStart);
-    this.held = resumeAt < data.length ? [data.subarray(resumeAt)] : [];
+    this.held = resumeAt < data.length ? [Buffer.from(data.subarray(resumeAt))] : [];
   }
 
   private validLength(length: number, position: number): boolean {
@@ -218,7 +218,7 @@ export class Framer {
     const outcome = this.handler.onMessage(type, target, 0, target.length);
     if (outcome === CONTINUE) this.handler.onForward(target);
     else if (outcome === HOLD) {
-      this.held = p < data.length ? [data.subarray(p)] : [];
+      this.held = p < data.length ? [Buffer.from(data.subarray(p))] : [];
       return -1;
     }
     return p;

@@ -36,6 +36,7 @@ import {
   type RerouteTarget,
   type SessionInfo,
 } from './seam.ts';
+import { withReadBuffer } from './readbuffer.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
 
 export interface SessionOptions {
@@ -181,7 +182,7 @@ const APPLICATION_NAME = Buffer.from('application_name\0');
 
 interface Portal {
   statement: PreparedStatement | null;
-  bind: Buffer;
+  bind: Buffer | null;
 }
 
 export type SessionState = 'connecting' | 'open' | 'closed';
@@ -234,8 +235,13 @@ export class Session {
   private draining = false;
   private closeTimer: NodeJS.Timeout | null = null;
 
+  private readonly client: net.Socket;
+  // The client's reusable read buffer, replaced only while a write still holds it.
+  private clientBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  private clientBufferInUse = false;
+
   constructor(
-    private readonly client: net.Socket,
+    socket: net.Socket,
     private readonly startupPacket: Buffer,
     params: Map<string, string>,
     id: number,
@@ -248,14 +254,24 @@ export class Session {
       params.get('user') ?? '',
       params.get('database') ?? params.get('user') ?? '',
       params.get('application_name') ?? '',
-      `${client.remoteAddress ?? 'unknown'}:${client.remotePort ?? 0}`,
+      `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`,
       replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0',
     );
     this.completion = new MutableCompletion(this.info);
     this.request = new MutableRequest(this.info);
     this.clientFramer = new Framer(FRONTEND_KINDS, options.maxMessageBytes, this.clientHandler);
     this.serverFramer = new Framer(BACKEND_KINDS, 0x7fffffff, this.serverHandler);
-    client.on('data', (data: Buffer) => this.onClientData(data));
+    const adopted = withReadBuffer(socket, {
+      buffer: () => this.nextClientBuffer(),
+      callback: (n, buf) => {
+        this.onClientData((buf as Buffer).subarray(0, n));
+        return true;
+      },
+    });
+    const client = adopted?.socket ?? socket;
+    if (adopted === null) client.on('data', (data: Buffer) => this.onClientData(data));
+    else if (adopted.pending) this.early!.push(adopted.pending);
+    this.client = client;
     client.on('drain', () => this.onClientDrain());
     client.on('error', (err) => this.options.log.debug({ err, session: id }, 'client socket error'));
     client.on('close', () => this.onClientClose());
@@ -328,7 +344,7 @@ export class Session {
 
   private onClientData(data: Buffer): void {
     if (this.early !== null) {
-      this.early.push(data);
+      this.early.push(Buffer.from(data)); // the read buffer is reused
       return;
     }
     this.clientFramer.push(data);
@@ -398,7 +414,9 @@ export class Session {
   private onBind(buf: Buffer, start: number, end: number): void {
     const portalName = decodeBindPortal(buf, start, end);
     const statement = this.statements.get(decodeBindStatement(buf, start, end)) ?? null;
-    const bind = start === 0 && end === buf.length ? buf : buf.subarray(start, end);
+    // Kept until the execution completes, beyond this read: a copy, as the read
+    // buffer is reused; only subscribers of the completion event read it.
+    const bind = this.options.observers.length > 0 ? Buffer.from(buf.subarray(start, end)) : null;
     if (portalName === '') {
       if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind };
       else {
@@ -462,7 +480,7 @@ export class Session {
   ): number {
     if (decision instanceof Promise) {
       // Hold this session's input (only this session's) until the gate answers.
-      const message = buf.subarray(start, end);
+      const message = Buffer.from(buf.subarray(start, end));
       this.gateHolding = true;
       this.client.pause();
       decision.then(
@@ -652,7 +670,9 @@ export class Session {
     const upstream = this.upstream;
     if (upstream === null) return;
     this.bytesFromClient += bytes.length;
-    if (!upstream.write(bytes) && !this.clientBlockedByBackpressure) {
+    const flushed = upstream.write(bytes);
+    if (upstream.writableLength > 0) this.clientBufferInUse = true;
+    if (!flushed && !this.clientBlockedByBackpressure) {
       this.clientBlockedByBackpressure = true;
       this.client.pause();
     }
@@ -674,6 +694,15 @@ export class Session {
   }
 
   // ---- server to client -------------------------------------------------------
+
+  private nextClientBuffer(): Uint8Array {
+    if (this.clientBufferInUse) {
+      // An upstream write still references the old buffer: read into a fresh one.
+      this.clientBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      this.clientBufferInUse = false;
+    }
+    return this.clientBuffer;
+  }
 
   private nextReadBuffer(): Uint8Array {
     if (this.readBufferInUse) {
