@@ -279,7 +279,8 @@ export class Session {
 
   /** Connects upstream and starts relaying; `leftover` is client data read with the startup packet. */
   async start(leftover: Buffer | null): Promise<void> {
-    if (leftover && leftover.length > 0) this.early!.push(leftover);
+    // Read with the startup packet, so before anything the socket delivered since.
+    if (leftover && leftover.length > 0) this.early!.unshift(leftover);
     let connection;
     const connectStarted = performance.now();
     try {
