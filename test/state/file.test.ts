@@ -114,11 +114,7 @@ describe('StateFile', () => {
     assert.deepEqual(fs.readdirSync(dir), ['state.json']);
   });
 
-  test('a failed rewrite leaves the previous file and no temp file', async (t) => {
-    if (process.getuid?.() === 0) {
-      t.skip('root ignores directory permissions');
-      return;
-    }
+  test('a failed rewrite leaves the previous file and no temp file', { skip: process.getuid?.() === 0 ? 'root ignores directory permissions' : false }, async () => {
     const state = new StateFile(file, log);
     await state.add(rule('r-1'));
     fs.chmodSync(dir, 0o500);
