@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Endpoint } from './pgbench.ts';
-import { execFileAsync, findExecutable, freePort, lookupUser, spawnDaemon, waitUntilListening } from './processes.ts';
+import { execFileAsync, findExecutable, freePort, lookupUser, spawnDaemon, listeningOrStopped } from './processes.ts';
 import type { StartedProxy } from './pgwarden.ts';
 
 const RUN_AS_WHEN_ROOT = 'postgres';
@@ -46,12 +46,7 @@ export async function startPgbouncer(binary: string, upstream: Endpoint, tempDir
     gid: runAs?.gid,
     logFile: path.join(dir, 'pgbouncer.log'),
   });
-  try {
-    await waitUntilListening(daemon, '127.0.0.1', port);
-  } catch (error) {
-    await daemon.stop();
-    throw error;
-  }
+  await listeningOrStopped(daemon, '127.0.0.1', port);
   return { daemon, port };
 }
 

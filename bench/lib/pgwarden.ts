@@ -6,7 +6,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { execFileAsync, freePort, spawnDaemon, tail, waitUntilListening, type Daemon } from './processes.ts';
+import { execFileAsync, freePort, spawnDaemon, tail, listeningOrStopped, type Daemon } from './processes.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..', '..');
 /** The schema wants at least 16 characters; the admin API is not used by the benchmark. */
@@ -86,11 +86,6 @@ export async function startPgwarden(upstream: string, spec: PgwardenSpec): Promi
     cwd: ROOT,
     logFile: path.join(spec.tempDir, `${spec.name}.log`),
   });
-  try {
-    await waitUntilListening(daemon, '127.0.0.1', port);
-  } catch (error) {
-    await daemon.stop();
-    throw error;
-  }
+  await listeningOrStopped(daemon, '127.0.0.1', port);
   return { daemon, port };
 }

@@ -109,6 +109,16 @@ export async function spawnDaemon(spec: DaemonSpec): Promise<Daemon> {
 }
 
 /** Resolves once host:port accepts TCP connections; rejects if the daemon dies first. */
+/** Waits until the daemon listens; a daemon that never does is stopped before the error is thrown. */
+export async function listeningOrStopped(daemon: Daemon, host: string, port: number): Promise<void> {
+  try {
+    await waitUntilListening(daemon, host, port);
+  } catch (error) {
+    await daemon.stop();
+    throw error;
+  }
+}
+
 export async function waitUntilListening(daemon: Daemon, host: string, port: number): Promise<void> {
   const deadline = Date.now() + READY_DEADLINE_MS;
   for (;;) {
@@ -138,17 +148,7 @@ function canConnect(host: string, port: number): Promise<boolean> {
   });
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
+export { freePort } from '../../src/embedded/postgres.ts';
 
 /** uid/gid of a user from the passwd database, or undefined if there is none. */
 export async function lookupUser(name: string): Promise<{ uid: number; gid: number } | undefined> {

@@ -13,8 +13,9 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import pg from 'pg';
 import { chromium, type Browser, type Page } from 'playwright-core';
-import { testDatabase, waitFor, withClient } from '../harness/database.ts';
+import { waitFor, withClient } from '../harness/database.ts';
 import { startTestApp, type TestApp } from '../harness/app.ts';
+import { createUsersTable, dropUsersTable, fastDetection } from '../harness/incident.ts';
 import { startWorkload, type RunningWorkload } from '../harness/workload.ts';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -54,25 +55,8 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
   before(async () => {
     if (!HAVE_CHROMIUM) return;
     fs.mkdirSync(OUTPUT, { recursive: true });
-    await withClient(async (c) => {
-      await c.query(`drop table if exists ${TABLE}, ${TABLE}_events`);
-      await c.query(`create table ${TABLE} (id bigserial primary key, email text not null, name text not null, bio text not null)`);
-      await c.query(
-        `insert into ${TABLE} (email, name, bio) select 'user' || g || '@example.com', 'name ' || (g % 1000), repeat('x', 200) from generate_series(1, ${ROWS}) g`,
-      );
-      await c.query(`create unique index ${INDEX} on ${TABLE} (email)`);
-      await c.query(`alter table ${TABLE} set (parallel_workers = 0)`);
-      await c.query(`create table ${TABLE}_events (id bigserial primary key, user_id bigint, at timestamptz default now())`);
-      await c.query(`analyze ${TABLE}`);
-    });
-    pgw = await startTestApp({
-      monitor_url: testDatabase().url,
-      series_bucket_s: 2,
-      schema_check_interval_s: 2,
-      detect_evaluate_ms: 1000,
-      mitigation: 'off',
-      slow_query_ms: 10_000,
-    });
+    await createUsersTable(TABLE, INDEX, ROWS, { events: true });
+    pgw = await startTestApp({ ...fastDetection(), mitigation: 'off' });
     let n = 0;
     const email = () => `user${1 + ((n++ * 7919) % ROWS)}@example.com`;
     workload = await startWorkload(pgw.url(), [
@@ -100,7 +84,7 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
     await browser?.close();
     await workload?.stop();
     await pgw?.stop();
-    if (HAVE_CHROMIUM) await withClient((c) => c.query(`drop table if exists ${TABLE}, ${TABLE}_events`));
+    if (HAVE_CHROMIUM) await dropUsersTable(TABLE);
   });
 
   function skipWithoutChromium(t: TestContext): boolean {

@@ -7,8 +7,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { testDatabase, waitFor, withClient } from '../harness/database.ts';
+import { waitFor, withClient } from '../harness/database.ts';
 import { startTestApp, type TestApp } from '../harness/app.ts';
+import { createUsersTable, dropUsersTable, fastDetection } from '../harness/incident.ts';
 import { startWorkload, type RunningWorkload } from '../harness/workload.ts';
 
 const TABLE = 'pgw_replay_users';
@@ -38,26 +39,8 @@ describe('the incident replay', { timeout: 240_000 }, () => {
   let workload: RunningWorkload;
 
   before(async () => {
-    await withClient(async (c) => {
-      await c.query(`drop table if exists ${TABLE}, ${TABLE}_events`);
-      await c.query(`create table ${TABLE} (id bigserial primary key, email text not null, name text not null, bio text not null)`);
-      await c.query(
-        `insert into ${TABLE} (email, name, bio) select 'user' || g || '@example.com', 'name ' || (g % 1000), repeat('x', 200) from generate_series(1, ${ROWS}) g`,
-      );
-      await c.query(`create unique index ${INDEX} on ${TABLE} (email)`);
-      // One core per scan: on a 2-core test machine parallel scans would starve every
-      // other shape too, which is a different incident from the one replayed here.
-      await c.query(`alter table ${TABLE} set (parallel_workers = 0)`);
-      await c.query(`create table ${TABLE}_events (id bigserial primary key, user_id bigint, at timestamptz default now())`);
-      await c.query(`analyze ${TABLE}`);
-    });
-    pgw = await startTestApp({
-      monitor_url: testDatabase().url,
-      series_bucket_s: 2, // baselines from 2 s buckets, so the test needs ~15 s of history, not a minute
-      schema_check_interval_s: 2,
-      detect_evaluate_ms: 1000,
-      slow_query_ms: 10_000,
-    });
+    await createUsersTable(TABLE, INDEX, ROWS, { events: true });
+    pgw = await startTestApp(fastDetection());
     let n = 0;
     const email = () => `user${1 + ((n++ * 7919) % ROWS)}@example.com`;
     workload = await startWorkload(pgw.url(), [
@@ -70,7 +53,7 @@ describe('the incident replay', { timeout: 240_000 }, () => {
   after(async () => {
     await workload?.stop();
     await pgw?.stop();
-    await withClient((c) => c.query(`drop table if exists ${TABLE}, ${TABLE}_events`));
+    await dropUsersTable(TABLE);
   });
 
   async function hotFingerprint(): Promise<string> {

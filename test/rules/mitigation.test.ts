@@ -5,8 +5,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { testDatabase, waitFor, withClient } from '../harness/database.ts';
+import { waitFor, withClient } from '../harness/database.ts';
 import { startTestApp, type TestApp } from '../harness/app.ts';
+import { createUsersTable, dropUsersTable, fastDetection } from '../harness/incident.ts';
 import { p95Between, startWorkload, type RunningWorkload } from '../harness/workload.ts';
 
 const TABLE = 'pgw_mitigate_users';
@@ -26,20 +27,9 @@ describe('mitigation policy: enforce', { timeout: 240_000 }, () => {
   let workload: RunningWorkload;
 
   before(async () => {
-    await withClient(async (c) => {
-      await c.query(`drop table if exists ${TABLE}`);
-      await c.query(`create table ${TABLE} (id bigserial primary key, email text not null, name text not null, bio text not null)`);
-      await c.query(`insert into ${TABLE} (email, name, bio) select 'user' || g || '@example.com', 'name ' || (g % 1000), repeat('x', 200) from generate_series(1, ${ROWS}) g`);
-      await c.query(`create unique index ${INDEX} on ${TABLE} (email)`);
-      await c.query(`alter table ${TABLE} set (parallel_workers = 0)`);
-      await c.query(`analyze ${TABLE}`);
-    });
+    await createUsersTable(TABLE, INDEX, ROWS);
     pgw = await startTestApp({
-      monitor_url: testDatabase().url,
-      series_bucket_s: 2,
-      schema_check_interval_s: 2,
-      detect_evaluate_ms: 1000,
-      slow_query_ms: 10_000,
+      ...fastDetection(),
       mitigation: 'enforce',
       mitigation_max_concurrent: 1,
       mitigation_queue_timeout_ms: 20,
@@ -58,7 +48,7 @@ describe('mitigation policy: enforce', { timeout: 240_000 }, () => {
   after(async () => {
     await workload?.stop();
     await pgw?.stop();
-    await withClient((c) => c.query(`drop table if exists ${TABLE}`));
+    await dropUsersTable(TABLE);
   });
 
   test('the regressed shape is shed automatically, others keep their latency, and the rule lifts on recovery', async () => {

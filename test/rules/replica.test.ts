@@ -12,6 +12,7 @@ import type { BackendMessage } from 'pg-protocol/dist/messages.js';
 import { ReplicaPool } from '../../src/rules/replica.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 import { startReplica, type Replica } from '../harness/replica.ts';
+import { freePort } from '../harness/postgres.ts';
 
 const TABLE = 'pgw_replica_items';
 const READER = 'pgw_replica_reader';
@@ -40,16 +41,6 @@ function errorCode(messages: BackendMessage[]): string | undefined {
   return error?.code;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** One backend message: type byte, int32 length, body. */
 function backendMessage(type: string, body: Buffer = Buffer.alloc(0)): Buffer {

@@ -5,7 +5,6 @@
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
@@ -13,6 +12,7 @@ import pg from 'pg';
 import { runCheckMigration } from '../../src/cli/check-migration.ts';
 import { waitFor, withClient } from '../harness/database.ts';
 import { captureWorkload, catalogOf, createWorkloadDatabase, QUERIES, type WorkloadDatabase } from './fixture.ts';
+import { freePort } from '../harness/postgres.ts';
 
 interface Run {
   code: number;
@@ -219,10 +219,3 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   });
 });
 
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
