@@ -5,7 +5,6 @@
 // ONLY transaction that is always rolled back, so even a planner-time surprise
 // (a mislabelled IMMUTABLE function that writes) cannot leave anything behind.
 
-import type pg from 'pg';
 import type { MonitorPool } from './monitor.ts';
 
 export interface ExplainSample {
