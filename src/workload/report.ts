@@ -88,9 +88,10 @@ export function renderText(report: CheckReport, migrationName: string, failOn: r
       const tables = s.locks.filter((l) => l.kind === 'table');
       const strongest = tables.length > 0 ? tables : s.locks;
       const what = strongest.map((l) => `${lockName(l.mode)} on ${l.relation}`).join(', ');
-      const how = s.source === 'documented' ? ' (documented for CONCURRENTLY, which cannot run in a transaction: checked statically; the plain form ran' : ' (';
+      const ran = s.durationMs === null ? '' : `${seconds(s.durationMs)} on staging`;
+      const how = s.source === 'documented' ? ` (documented for CONCURRENTLY, which cannot run in a transaction: checked statically; the plain form ran in ${ran})` : ` (in ${ran})`;
       lines.push(`lock  statement ${s.statement.index} (line ${s.statement.line}) ${oneLine(s.statement.text, 70)}`);
-      lines.push(`  takes ${what}${how}${s.durationMs === null ? '' : ` in ${seconds(s.durationMs)} on staging`})${s.rewrote.length > 0 ? `; rewrote ${s.rewrote.join(', ')}` : ''}`);
+      lines.push(`  takes ${what}${how}${s.rewrote.length > 0 ? `; rewrote ${s.rewrote.join(', ')}` : ''}`);
       for (const b of s.blocked) {
         if (b.shapes.length === 0) continue;
         lines.push(`  ${plural(b.shapes.length, 'shape')} touch ${b.table}${b.callsPerS === null ? '' : ` at ${formatRate(b.callsPerS)} calls/s`} in production and would queue behind it`);
