@@ -94,7 +94,7 @@ export function renderText(report: CheckReport, migrationName: string, failOn: r
       lines.push(`  takes ${what}${how}${s.rewrote.length > 0 ? `; rewrote ${s.rewrote.join(', ')}` : ''}`);
       for (const b of s.blocked) {
         if (b.shapes.length === 0) continue;
-        lines.push(`  ${plural(b.shapes.length, 'shape')} touch ${b.table}${b.callsPerS === null ? '' : ` at ${formatRate(b.callsPerS)} calls/s`} in production and would queue behind it`);
+        lines.push(`  ${plural(b.shapes.length, 'shape')} ${b.shapes.length === 1 ? 'touches' : 'touch'} ${b.table}${b.callsPerS === null ? '' : ` at ${formatRate(b.callsPerS)} calls/s`} in production and would queue behind it`);
       }
     }
   }

@@ -207,7 +207,7 @@ describe('check-migration as a CI gate', { timeout: 240_000 }, () => {
     console.log(run.stdout);
     assert.equal(run.code, 1);
     assert.match(run.stdout, /takes SHARE on accounts \(in [\d.]+ (ms|s) on staging\)/);
-    assert.match(run.stdout, /1 shape touch accounts at [\d.,]+ calls\/s in production and would queue behind it/);
+    assert.match(run.stdout, /1 shape touches accounts at [\d.,]+ calls\/s in production and would queue behind it/);
     assert.match(run.stdout, /CREATE INDEX without CONCURRENTLY blocks every write to accounts/);
     assert.match(run.stdout, /safer: CREATE INDEX CONCURRENTLY/);
     const concurrent = await check('CREATE INDEX CONCURRENTLY accounts_bid_idx ON accounts (bid);\n', ['--fail-on', 'lock', '--format', 'json']);
@@ -215,6 +215,25 @@ describe('check-migration as a CI gate', { timeout: 240_000 }, () => {
     const statement = JSON.parse(concurrent.stdout).locks.statements[0];
     assert.equal(statement.source, 'documented');
     assert.ok(statement.locks.some((l: { relation: string; lock: string }) => l.relation === 'accounts' && l.lock === 'SHARE UPDATE EXCLUSIVE'));
+  });
+
+  test("a production plan staging cannot reproduce is warned about, and losing its index is a regression", async () => {
+    const workload = JSON.parse(fs.readFileSync(workloadFile, 'utf8'));
+    const typed = workload.shapes.find((s: Shape) => s.query === TYPED_SHAPE);
+    // As if production's planner had chosen the primary key for it.
+    typed.plan_fingerprint = '0123456789abcdef';
+    typed.plan = ['Limit', 'Index Scan using invoices_pkey on invoices'];
+    const file = path.join(tmp, 'unreproducible.json');
+    fs.writeFileSync(file, JSON.stringify(workload));
+    const harmless = await check('ALTER TABLE invoices ADD COLUMN note text;', [], file);
+    assert.equal(harmless.code, 0, harmless.stdout + harmless.stderr);
+    assert.match(harmless.stdout, /^warning: [0-9a-f]{16} select id, amount from invoices.*: staging cannot reproduce production's plan \(Limit \/ Index Scan using invoices_pkey on invoices\)/m);
+    const run = await check('ALTER TABLE invoices DROP CONSTRAINT invoices_pkey;', ['--format', 'json'], file);
+    assert.equal(run.code, 1, run.stdout + run.stderr);
+    const shape = JSON.parse(run.stdout).shapes.find((s: { query: string }) => s.query === TYPED_SHAPE);
+    assert.equal(shape.verdict, 'regression');
+    assert.equal(shape.reproduces_production, false);
+    assert.match(shape.error, /production's plan uses invoices_pkey, which the migration drops/);
   });
 
   test('a harmless migration exits 0, even failing on locks and unchecked shapes', async () => {
