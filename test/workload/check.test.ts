@@ -173,6 +173,9 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   test('bad flags and an unreadable workload exit 2', async () => {
     assert.equal((await check('select 1', ['--format', 'yaml'])).code, 2);
     assert.equal((await check('select 1', ['--cost-ratio', '0'])).code, 2);
+    const failOn = await check('select 1', ['--fail-on', 'regression,typo']);
+    assert.equal(failOn.code, 2);
+    assert.match(failOn.stderr, /--fail-on takes a comma list of regression, lock, not-checked; got 'typo'/);
     const missing = await check('select 1', [], { workload: path.join(tmp, 'missing.json') });
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /cannot use the workload .*missing\.json: ENOENT/);

@@ -263,6 +263,9 @@ describe('check-migration as a CI gate', { timeout: 240_000 }, () => {
     assert.match(probe.error, /permission denied for sequence pgw_probe_seq/);
     assert.deepEqual(await probeSequence(), { last_value: '1', is_called: false });
     assert.equal(jsonShape(report, HOT).verdict, 'unchanged', 'the other shapes plan as the role');
+    const unknown = await check('ALTER TABLE invoices ADD COLUMN note text;', ['--explain-role', 'pgw_no_such_role']);
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /cannot plan as --explain-role pgw_no_such_role: role "pgw_no_such_role" does not exist/);
   });
 
   test('the attack is real: with --allow-user-functions planning runs the function', async () => {
