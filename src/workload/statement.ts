@@ -149,6 +149,8 @@ class Walker {
   readonly params = new Map<number, ParameterUse>();
   private readonly relations: (RelationName & { alias: string | null; lock: LockMode })[] = [];
   private readonly cteNames = new Set<string>();
+  /** $n -> the alias or table its column was qualified with, resolved once every relation is known. */
+  private readonly qualifiers = new Map<number, string>();
 
   statement(stmt: Node): void {
     const [type, body] = Object.entries(stmt)[0] ?? ['', {}];
@@ -157,7 +159,7 @@ class Walker {
     if (target !== undefined && (type === 'InsertStmt' || type === 'UpdateStmt' || type === 'DeleteStmt' || type === 'MergeStmt')) {
       this.addRelation(target, 'RowExclusiveLock');
     }
-    this.walk(stmt, null);
+    this.walk(stmt);
   }
 
   relationUses(): RelationUse[] {
@@ -172,9 +174,9 @@ class Walker {
     return [...out.values()];
   }
 
-  private walk(node: unknown, parentKey: string | null): void {
+  private walk(node: unknown): void {
     if (Array.isArray(node)) {
-      for (const item of node) this.walk(item, parentKey);
+      for (const item of node) this.walk(item);
       return;
     }
     if (typeof node !== 'object' || node === null) return;
@@ -194,7 +196,7 @@ class Walker {
       }
       if (key === 'SelectStmt') this.select(value as Node);
       if (key === 'A_Expr') this.comparison(value as Node);
-      this.walk(value, key);
+      this.walk(value);
     }
   }
 
@@ -206,7 +208,7 @@ class Walker {
     if (Array.isArray(node.lockingClause) && node.lockingClause.length > 0) {
       // SELECT ... FOR UPDATE/SHARE: ROW SHARE on what it reads.
       const from = this.relations.length;
-      this.walk(node.fromClause, 'fromClause');
+      this.walk(node.fromClause);
       for (let i = from; i < this.relations.length; i++) this.relations[i].lock = 'RowShareLock';
     }
   }
@@ -224,28 +226,22 @@ class Walker {
     if (column !== null) {
       for (const r of rights) {
         const param = unwrapParam(stripCast(r));
-        if (param !== null) this.setParam(param.number, 'compare', this.resolve(column));
+        if (param !== null) this.setParam(param.number, 'compare', column);
       }
       return;
     }
     // $1 = column
     const param = unwrapParam(left);
     const other = rights.length === 1 ? columnOf(stripCast(rights[0])) : null;
-    if (param !== null && other !== null) this.setParam(param.number, 'compare', this.resolve(other));
+    if (param !== null && other !== null) this.setParam(param.number, 'compare', other);
   }
 
-  private setParam(number: number, context: ParameterUse['context'], column: ParameterUse['column']): void {
+  private setParam(number: number, context: ParameterUse['context'], column: { qualifier: string | null; name: string } | null): void {
     if (number > this.maxParam) this.maxParam = number;
     const known = this.params.get(number);
     if (known !== undefined && known.context !== 'other') return; // the first use found speaks for it
-    this.params.set(number, { number, context, column });
-  }
-
-  /** A column reference's relation: the alias or table it is qualified with, or null. */
-  private resolve(column: { qualifier: string | null; name: string }): ParameterUse['column'] {
-    if (column.qualifier === null) return { relation: null, name: column.name };
-    // The relations of the statement are gathered while walking; aliases are resolved lazily by name.
-    return { relation: { schema: null, name: `\u0000${column.qualifier}` }, name: column.name };
+    this.params.set(number, { number, context, column: column === null ? null : { relation: null, name: column.name } });
+    if (column?.qualifier != null) this.qualifiers.set(number, column.qualifier);
   }
 
   private addRelation(node: Node, lock: LockMode): void {
@@ -258,11 +254,9 @@ class Walker {
 
   /** Called after the walk: qualifiers (aliases or table names) become relation names. */
   resolveQualifiers(): void {
-    for (const [number, use] of this.params) {
-      const qualifier = use.column?.relation?.name;
-      if (qualifier === undefined || !qualifier.startsWith('\u0000')) continue;
-      const wanted = qualifier.slice(1);
-      const match = this.relations.find((r) => r.alias === wanted) ?? this.relations.find((r) => r.alias === null && r.name === wanted);
+    for (const [number, qualifier] of this.qualifiers) {
+      const use = this.params.get(number)!;
+      const match = this.relations.find((r) => r.alias === qualifier) ?? this.relations.find((r) => r.alias === null && r.name === qualifier);
       this.params.set(number, { ...use, column: match === undefined ? null : { relation: { schema: match.schema, name: match.name }, name: use.column!.name } });
     }
   }
