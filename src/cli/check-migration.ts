@@ -9,7 +9,7 @@ import { loadParser } from '../shapes/fingerprint.ts';
 import { CheckError, checkMigration } from '../workload/check.ts';
 import { parseWorkload, WorkloadError, type Workload } from '../workload/format.ts';
 import { MigrationSyntaxError, parseMigration, type MigrationStatement } from '../workload/migration.ts';
-import { regressions, renderText, reportJson } from '../workload/report.ts';
+import { FAIL_ON, failures, renderText, reportJson, type FailOn } from '../workload/report.ts';
 import type { Output } from './admin-client.ts';
 
 export const CHECK_MIGRATION_USAGE = `usage: pgwarden check-migration --database-url URL --workload FILE MIGRATION.sql [options]
@@ -21,12 +21,21 @@ export const CHECK_MIGRATION_USAGE = `usage: pgwarden check-migration --database
   --database-url URL    the staging database (PGWARDEN_CHECK_DATABASE_URL)
   --workload FILE       the workload JSON from pgwarden workload export
   --format text|json    the report's format (default text)
+  --fail-on LIST        what fails the check, a comma list of regression, lock
+                        (an outage pattern in the migration's locks), not-checked
+                        (default regression)
+  --strict              a shape that could not be checked fails (= --fail-on ...,not-checked)
+  --explain-role ROLE   plan the captured shapes as ROLE (SET LOCAL ROLE; recommended:
+                        the application's own role); without it, shapes calling
+                        functions or operators outside pg_catalog are not checked
+  --allow-user-functions  plan those shapes as the check's own role anyway
   --cost-ratio N        a changed plan at least N times the cost is a regression (default 2)
+  --long-lock SECONDS   an ACCESS EXCLUSIVE held this long on a hot table is flagged (default 1)
   --timeout SECONDS     for the whole check; then it is stopped and rolled back (default 60)
   --lock-timeout SECONDS  lock_timeout of the check's session (default 5)
 
-exit status: 0 no regression, 1 regression found, 2 usage or connection error
-(or the migration failed on the staging database); nothing is ever committed
+exit status: 0 clean, 1 a failure chosen by --fail-on, 2 usage or connection
+error (or the migration failed on the staging database); nothing is ever committed
 `;
 
 const OPTIONS = {
@@ -36,6 +45,11 @@ const OPTIONS = {
   'cost-ratio': { type: 'string' },
   timeout: { type: 'string' },
   'lock-timeout': { type: 'string' },
+  'fail-on': { type: 'string' },
+  strict: { type: 'boolean' },
+  'explain-role': { type: 'string' },
+  'allow-user-functions': { type: 'boolean' },
+  'long-lock': { type: 'string' },
   help: { type: 'boolean' },
 } as const;
 
@@ -44,7 +58,7 @@ const INTERRUPTED = 130;
 
 class UsageError extends Error {}
 
-/** Runs the check; returns the exit code (0 clean, 1 regression, 2 usage or connection error). */
+/** Runs the check; returns the exit code (0 clean, 1 a failure chosen by --fail-on, 2 usage or connection error). */
 export async function runCheckMigration(
   args: string[],
   out: Output = process.stdout,
@@ -68,7 +82,19 @@ export async function runCheckMigration(
     return 0;
   }
 
-  let settings: { databaseUrl: string; workloadFile: string; migrationFile: string; format: 'text' | 'json'; costRatio: number; timeoutMs: number; lockTimeoutMs: number };
+  let settings: {
+    databaseUrl: string;
+    workloadFile: string;
+    migrationFile: string;
+    format: 'text' | 'json';
+    costRatio: number;
+    timeoutMs: number;
+    lockTimeoutMs: number;
+    failOn: FailOn[];
+    explainRole: string | null;
+    allowUserFunctions: boolean;
+    longLockMs: number;
+  };
   try {
     settings = {
       databaseUrl: required(values['database-url'] ?? process.env.PGWARDEN_CHECK_DATABASE_URL, '--database-url URL (or PGWARDEN_CHECK_DATABASE_URL) is required: the staging database to check on'),
@@ -78,6 +104,10 @@ export async function runCheckMigration(
       costRatio: positiveNumber('cost-ratio', values['cost-ratio'], 2),
       timeoutMs: positiveNumber('timeout', values.timeout, 60) * 1000,
       lockTimeoutMs: positiveNumber('lock-timeout', values['lock-timeout'], 5) * 1000,
+      failOn: failOnOf(values['fail-on'], values.strict === true),
+      explainRole: values['explain-role'] === undefined ? null : required(values['explain-role'], '--explain-role needs a role name'),
+      allowUserFunctions: values['allow-user-functions'] === true,
+      longLockMs: positiveNumber('long-lock', values['long-lock'], 1) * 1000,
     };
     if (!/^postgres(ql)?:\/\//.test(settings.databaseUrl)) throw new UsageError('--database-url must be a postgres:// URL');
   } catch (e) {
@@ -116,8 +146,8 @@ export async function runCheckMigration(
   const interrupt = signal === undefined ? onInterrupt() : null;
   try {
     const report = await checkMigration({ ...settings, workload, migration, signal: signal ?? interrupt!.signal });
-    out.write(settings.format === 'json' ? `${JSON.stringify(reportJson(report, name), null, 2)}\n` : renderText(report, name));
-    return regressions(report).length > 0 ? 1 : 0;
+    out.write(settings.format === 'json' ? `${JSON.stringify(reportJson(report, name, settings.failOn), null, 2)}\n` : renderText(report, name, settings.failOn));
+    return failures(report, settings.failOn).failed ? 1 : 0;
   } catch (e) {
     if (!(e instanceof CheckError)) throw e;
     err.write(`pgwarden check-migration: ${e.message}\n`);
@@ -141,6 +171,16 @@ function migrationArgument(positionals: string[]): string {
 function formatOf(value: string | undefined): 'text' | 'json' {
   if (value === undefined || value === 'text' || value === 'json') return value ?? 'text';
   throw new UsageError(`--format must be text or json, got '${value}'`);
+}
+
+function failOnOf(value: string | undefined, strict: boolean): FailOn[] {
+  const list = value === undefined ? ['regression'] : value.split(',').map((v) => v.trim()).filter((v) => v !== '');
+  for (const item of list) {
+    if (!(FAIL_ON as readonly string[]).includes(item)) throw new UsageError(`--fail-on takes a comma list of ${FAIL_ON.join(', ')}; got '${item}'`);
+  }
+  if (list.length === 0) throw new UsageError(`--fail-on takes a comma list of ${FAIL_ON.join(', ')}`);
+  if (strict && !list.includes('not-checked')) list.push('not-checked');
+  return list as FailOn[];
 }
 
 function positiveNumber(flag: string, value: string | undefined, fallback: number): number {

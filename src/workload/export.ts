@@ -48,10 +48,28 @@ function shapeJson(s: ShapeStats, sources: WorkloadSources): WorkloadShape {
     plan_fingerprint: current?.fingerprint ?? null,
     plan: current ? current.nodes.map((n) => n.description) : null,
     param_types: plans?.paramTypes ? [...plans.paramTypes] : null,
+    plan_cost: current?.totalCost ?? null,
+    relations: current ? [...current.relations] : null,
+    first_seen: new Date(s.firstSeen).toISOString(),
+    last_seen: new Date(s.lastSeen).toISOString(),
+    calls_per_s: callsPerSecond(s, sources.clock.now()),
   };
   if (sources.sampleParams) shape.samples = samplesOf(s.query, plans?.samples ?? []);
   return shape;
 }
+
+/**
+ * The shape's rate over the last hour its series covers, or since it was first
+ * seen if that is later: what check-migration weighs a lock against.
+ */
+function callsPerSecond(s: ShapeStats, now: number): number {
+  const since = Math.max(s.firstSeen, now - RATE_WINDOW_MS);
+  const calls = s.series.points(now, since).reduce((sum, p) => sum + p.calls, 0);
+  const seconds = Math.max((now - since) / 1000, 1);
+  return Math.round((calls / seconds) * 1000) / 1000;
+}
+
+const RATE_WINDOW_MS = 3_600_000;
 
 /** The kept executions as values for $1..$n of the shape's query; those that do not fit are left out. */
 function samplesOf(query: string, kept: readonly { text: string; params: readonly (string | null)[] }[]): (string | null)[][] {

@@ -1,7 +1,8 @@
 // The workload file: what `GET /api/workload` and `pgwarden workload export`
 // write and `pgwarden check-migration` reads. One schema for both sides, so a
 // file from an older or newer pgwarden is either understood or refused with a
-// message naming the field, never half-read.
+// message naming the field, never half-read. Fields are only ever added, with
+// defaults, so files written by an older pgwarden still read.
 
 import { z } from 'zod';
 
@@ -28,6 +29,15 @@ const WorkloadShapeSchema = z.object({
   plan: z.array(z.string()).nullable().default(null),
   /** Parameter type OIDs the client declared in Parse (0: undeclared); null when unknown. */
   param_types: z.array(z.number().int().min(0)).nullable().default(null),
+  /** Total cost of that plan, as production's planner estimated it; null when unknown (older files too). */
+  plan_cost: z.number().min(0).nullable().default(null),
+  /** Relations that plan reads or writes; null when unknown. */
+  relations: z.array(z.string()).nullable().default(null),
+  /** First and last execution seen (ISO 8601); null in older files. */
+  first_seen: z.string().nullable().default(null),
+  last_seen: z.string().nullable().default(null),
+  /** Calls per second over the last hour seen (or since first seen, if later); null in older files. */
+  calls_per_s: z.number().min(0).nullable().default(null),
   /** Values for $1..$n of `query`, one array per execution; only when workload_sample_params is on. */
   samples: z.array(z.array(paramValue)).optional(),
 });

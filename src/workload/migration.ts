@@ -19,6 +19,14 @@ export interface MigrationStatement {
   readonly run: string | null;
   /** Why it runs differently or not at all; null when it runs as written. */
   readonly note: string | null;
+  /** The parse node's type (IndexStmt, AlterTableStmt, VariableSetStmt...). */
+  readonly type: string;
+  /** A CONCURRENTLY form, which runs in its plain form here: its locks are the documented ones, not observed. */
+  readonly concurrently: boolean;
+  /** ALTER TABLE subcommands (AT_AddColumn, AT_AlterColumnType...), for the safer form of a long lock. */
+  readonly alterations: readonly string[];
+  /** Sets lock_timeout to a non-zero value (SET or SET LOCAL). */
+  readonly setsLockTimeout: boolean;
 }
 
 /** A migration that does not parse; `line` is where the parser stopped. */
@@ -54,8 +62,17 @@ export function parseMigration(sql: string): MigrationStatement[] {
     const [type, node] = Object.entries(s.stmt ?? {})[0] ?? ['', {}];
     const { run, note } = transactional(type, node as Node, text, textStart);
     const line = lineAt(bytes, textStart);
-    return { index: i + 1, line, text, run, note };
+    const n = node as Node;
+    const concurrently = n.concurrent === true || (type === 'ReindexStmt' && ((n.params as { DefElem?: Node }[] | undefined) ?? []).some((p) => p.DefElem?.defname === 'concurrently'));
+    const alterations = type === 'AlterTableStmt' ? ((n.cmds as { AlterTableCmd?: Node }[] | undefined) ?? []).map((c) => String(c.AlterTableCmd?.subtype ?? '')) : [];
+    return { index: i + 1, line, text, run, note, type, concurrently, alterations, setsLockTimeout: setsLockTimeout(type, n) };
   });
+}
+
+function setsLockTimeout(type: string, node: Node): boolean {
+  if (type !== 'VariableSetStmt' || node.name !== 'lock_timeout' || node.kind !== 'VAR_SET_VALUE') return false;
+  const value = defElemValue({ arg: (node.args as Node[] | undefined)?.[0] } as Node);
+  return !/^0+(ms|s|min)?$/i.test(value.trim());
 }
 
 function lineAt(bytes: Buffer, offset: number): number {

@@ -81,7 +81,8 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
     const block = run.stdout.split('\n\n').find((b) => b.startsWith('REGRESSION  '));
     assert.ok(block, run.stdout);
     assert.match(block, new RegExp(`^REGRESSION  ${emailFingerprint}  ${QUERIES.byEmail.replace('$', '\\$')}$`, 'm'));
-    assert.match(block, /calls 30, p95 \d/);
+    assert.match(block, /calls 30 \([\d.]+\/s\), p95 \d/);
+    assert.match(block, /plan mode: generic plan, reproduces production.s plan/);
     assert.match(block, /^ {2}Index Scan using users_email_idx on users -> Seq Scan on users$/m);
     const [, before, afterCost, ratio] = /cost ([\d.]+) -> ([\d.]+) \(([\d.]+)x\)/.exec(block) ?? [];
     assert.ok(Number(afterCost) > Number(before) * 2 && Number(ratio) >= 2, block);
@@ -172,6 +173,9 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   test('bad flags and an unreadable workload exit 2', async () => {
     assert.equal((await check('select 1', ['--format', 'yaml'])).code, 2);
     assert.equal((await check('select 1', ['--cost-ratio', '0'])).code, 2);
+    const failOn = await check('select 1', ['--fail-on', 'regression,typo']);
+    assert.equal(failOn.code, 2);
+    assert.match(failOn.stderr, /--fail-on takes a comma list of regression, lock, not-checked; got 'typo'/);
     const missing = await check('select 1', [], { workload: path.join(tmp, 'missing.json') });
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /cannot use the workload .*missing\.json: ENOENT/);

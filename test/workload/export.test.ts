@@ -55,6 +55,11 @@ describe('the workload export', { timeout: 90_000 }, () => {
       assert.match(byEmail.plan_fingerprint ?? '', /^[0-9a-f]{16}$/);
       assert.ok(byEmail.plan?.includes('Index Scan using users_email_idx on users'), String(byEmail.plan));
       assert.deepEqual(byEmail.param_types, [], 'node-postgres declares no parameter types');
+      const extra = byEmail as unknown as { plan_cost: number; relations: string[]; first_seen: string; last_seen: string; calls_per_s: number };
+      assert.ok(extra.plan_cost > 0, 'the production plan\'s cost');
+      assert.deepEqual(extra.relations, ['users']);
+      assert.ok(Date.parse(extra.first_seen) <= Date.parse(extra.last_seen));
+      assert.ok(extra.calls_per_s > 0, 'a rate check-migration weighs locks against');
       assert.equal(shapeOf(workload.shapes, 'select count(*) from users where name = $1').param_types, null, 'a simple Query has no Parse');
       shapeOf(workload.shapes, QUERIES.insert);
       shapeOf(workload.shapes, QUERIES.byId);
