@@ -80,6 +80,8 @@ interface Applied {
   /** null in dry-run: the rule enforce would have stored. */
   readonly ruleId: string | null;
   readonly expiresAt: number;
+  /** The store confirmed the rule (until then it is absent from the store but counts all the same). */
+  stored: boolean;
 }
 
 const KEEP_DECISIONS = 100;
@@ -167,7 +169,7 @@ export class MitigationPolicy {
     const now = this.options.clock.now();
     const expiresAt = now + s.ttlS * 1000;
     if (s.mode === 'dry-run') {
-      this.applied.set(incident.id, { fingerprint, ruleId: null, expiresAt });
+      this.applied.set(incident.id, { fingerprint, ruleId: null, expiresAt, stored: false });
       const note = `dry-run: would ${plan}`;
       incident.mitigation = { mode: s.mode, action: 'none', rule_id: null, note, refused };
       this.record(incident, { action: 'shed', fingerprint, rule_id: null, note, refused });
@@ -187,13 +189,19 @@ export class MitigationPolicy {
       'policy',
     );
     incident.mitigation = { mode: s.mode, action: 'shed', rule_id: rule.id, note: plan, refused };
-    this.applied.set(incident.id, { fingerprint, ruleId: rule.id, expiresAt });
+    const applied: Applied = { fingerprint, ruleId: rule.id, expiresAt, stored: false };
+    this.applied.set(incident.id, applied);
+    // Recorded now, as a dry-run records it: the decision is made; storing it may still fail.
+    this.record(incident, { action: 'shed', fingerprint, rule_id: rule.id, note: `enforce: ${plan} (rule ${rule.id})`, refused });
     this.options.store.add(rule).then(
-      () => this.record(incident, { action: 'shed', fingerprint, rule_id: rule.id, note: `enforce: ${plan} (rule ${rule.id})`, refused }),
+      () => {
+        applied.stored = true;
+      },
       (err: Error) => {
         this.applied.delete(incident.id);
-        this.options.log.error({ err, incident: incident.id }, 'mitigation rule could not be stored');
-        incident.mitigation = { mode: s.mode, action: 'none', rule_id: null, note: `failed to apply: ${err.message}`, refused };
+        const note = `failed to apply rule ${rule.id}: ${err.message}`;
+        incident.mitigation = { mode: s.mode, action: 'none', rule_id: null, note, refused };
+        this.record(incident, { action: 'none', fingerprint, rule_id: null, note, refused: [] });
       },
     );
   }
@@ -219,7 +227,7 @@ export class MitigationPolicy {
   private prune(): void {
     const now = this.options.clock.now();
     for (const [id, a] of this.applied) {
-      if (a.expiresAt <= now || (a.ruleId !== null && this.options.store.get(a.ruleId) === undefined)) this.applied.delete(id);
+      if (a.expiresAt <= now || (a.stored && this.options.store.get(a.ruleId!) === undefined)) this.applied.delete(id);
     }
   }
 
