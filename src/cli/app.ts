@@ -4,6 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Logger } from 'pino';
 import { shapeRoutes } from '../admin/api.ts';
 import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts';
@@ -235,7 +236,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
   if (options.admin !== false) {
     if (config.admin_token === undefined) {
-      log.warn({ admin_token: adminToken }, 'no admin_token configured: generated one for this run (set PGWARDEN_ADMIN_TOKEN to choose it)');
+      // Not printed: logs travel further than the operator's terminal. A file only its owner can read.
+      const tokenFile = path.join(path.dirname(config.state_file), '.pgwarden-admin-token');
+      try {
+        fs.writeFileSync(tokenFile, `${adminToken}\n`, { mode: 0o600 });
+        fs.chmodSync(tokenFile, 0o600);
+        log.warn({ token_file: tokenFile }, `no admin_token configured: generated one for this run, in ${tokenFile} (set PGWARDEN_ADMIN_TOKEN to choose it)`);
+      } catch (err) {
+        log.warn({ err }, 'no admin_token configured and the generated one could not be written to a file: set PGWARDEN_ADMIN_TOKEN to use the admin API');
+      }
     }
     const adminAddress = parseHostPort(config.admin);
     admin = new AdminServer({

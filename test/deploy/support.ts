@@ -109,7 +109,7 @@ export function findPromtool(): string | null {
 }
 
 export const PROMTOOL_MISSING =
-  'promtool is not on PATH: the Prometheus syntax checks were skipped (Debian: apt-get install -y prometheus)';
+  'promtool is not on PATH: the Prometheus checks were skipped (Debian: apt-get install -y prometheus; .ci/run installs it)';
 
 /**
  * A real admin server (src/admin/server.ts) on an ephemeral loopback port, to run
