@@ -1,4 +1,4 @@
-// What a rule is: its JSON form (PRODUCT.md section 4), how API input is validated
+// What a rule is: its JSON form (docs/api.md, Rules), how API input is validated
 // into one, and how a rule matches a query. Pure: no clock of its own, no I/O.
 
 import { randomBytes } from 'node:crypto';

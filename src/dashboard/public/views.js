@@ -1,5 +1,5 @@
-// Renders the dashboard's panels from API JSON (field names as in PRODUCT.md
-// section 5): incident banners, the shapes table, a shape's detail (plans, rules,
+// Renders the dashboard's panels from API JSON (field names as in docs/api.md):
+// incident banners, the shapes table, a shape's detail (plans, rules,
 // events) and the event timeline. Views take data and callbacks and return or fill
 // elements; they keep no state of their own except the shapes table, which updates
 // its rows in place so hovering and focus survive the refreshes.
