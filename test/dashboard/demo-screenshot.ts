@@ -34,17 +34,17 @@ async function until<T>(check: () => T | undefined, what: string, timeoutMs = 18
 
 try {
   const url = await until(() => /Dashboard: (http:\/\/\S+)/.exec(output)?.[1], 'the dashboard URL');
-  await until(() => (output.includes('MITIGATED') ? true : undefined), 'the policy to mitigate the incident');
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, chromiumSandbox: false, args: ['--disable-gpu', '--disable-dev-shm-usage'] });
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 1000 }, deviceScaleFactor: 1 });
     await page.goto(url);
-    await page.locator('.incident').first().waitFor({ timeout: 20_000 });
-    await page.locator('.shapes tbody tr').nth(2).waitFor({ timeout: 20_000 });
-    // Open the regressed shape, so its latency chart and rule show below the banner.
-    await page.locator('.shapes tbody tr', { hasText: 'where email' }).first().click();
+    // Open the hot shape before the migration, so its chart and rules are on screen when it regresses.
+    await page.locator('.shapes tbody tr', { hasText: 'where email' }).first().click({ timeout: 60_000 });
     await page.locator('#latency-chart canvas').waitFor({ timeout: 20_000 });
-    await page.waitForTimeout(2500); // one more poll, so every panel shows the same moment
+    // The demo keeps the shed rule for 6 s after MITIGATED before it reverts: shoot within that window.
+    await until(() => (output.includes('MITIGATED') ? true : undefined), 'the policy to mitigate the incident');
+    await page.locator('.incident').first().waitFor({ timeout: 5_000 });
+    await page.waitForTimeout(3000); // one more poll, so every panel shows the same moment
     await page.screenshot({ path: OUT, fullPage: true, animations: 'disabled' });
     console.log(`wrote ${OUT}`);
   } finally {

@@ -473,6 +473,12 @@ function duration(ms) {
   return `${Math.floor(ms / 60_000)} min ${Math.round((ms % 60_000) / 1000)} s`;
 }
 
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} kB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
 /** The live sessions table, as PgBouncer's SHOW CLIENTS; `actions.cancel` and `actions.terminate` take a session. */
 export function renderSessions(container, sessions, actions) {
   if (!sessions || sessions.length === 0) {
@@ -484,7 +490,7 @@ export function renderSessions(container, sessions, actions) {
     h(
       'table',
       { class: 'sessions' },
-      h('thead', {}, h('tr', {}, ['Client', 'User / database', 'Application', 'Since', 'State', 'Statement', 'For', 'In / out', ''].map((t) => h('th', {}, t)))),
+      h('thead', {}, h('tr', {}, ['Client', 'User / db', 'App', 'Since', 'State', 'Statement', 'For', 'In / out', ''].map((t) => h('th', {}, t)))),
       h(
         'tbody',
         {},
@@ -499,7 +505,7 @@ export function renderSessions(container, sessions, actions) {
             h('td', {}, h('span', { class: `session-state ${STATE_CLASS[s.state] ?? ''}` }, s.state)),
             h('td', { class: 'session-query', title: s.statement?.query ?? '' }, s.statement ? [s.statement.fingerprint ? h('button', { type: 'button', class: 'link mono', onclick: () => actions.open(s.statement.fingerprint) }, s.statement.fingerprint) : null, ' ', s.statement.query ?? ''] : '–'),
             h('td', { class: 'num' }, s.statement ? `${duration(s.statement.duration_ms)}${s.statement.running ? '' : ' (last)'}` : '–'),
-            h('td', { class: 'num' }, `${fmtCount(s.bytes_in)} / ${fmtCount(s.bytes_out)}`),
+            h('td', { class: 'num', title: `${s.bytes_in} bytes in, ${s.bytes_out} bytes out` }, `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`),
             h(
               'td',
               { class: 'session-actions' },
