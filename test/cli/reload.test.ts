@@ -189,3 +189,46 @@ describe('SIGHUP', () => {
     }
   });
 });
+
+describe('a reload and TLS toward clients', { skip: spawnSync('openssl', ['version']).status !== 0 ? 'the openssl CLI is not installed' : false }, () => {
+  test('a renewed certificate at the same path serves new connections; established sessions keep theirs; a bad one is refused', { timeout: 60_000 }, async () => {
+    const { startTestApp } = await import('../harness/app.ts');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-reload-tls-'));
+    dirs.push(dir);
+    const makeCert = (cn: string) => {
+      const made = spawnSync(
+        'openssl',
+        ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', 'key.pem', '-out', 'cert.pem', '-days', '1', '-subj', `/CN=${cn}`],
+        { cwd: dir, encoding: 'utf8', timeout: 30_000 },
+      );
+      assert.equal(made.status, 0, made.stderr);
+    };
+    makeCert('first');
+    const pgw = await startTestApp({ tls_cert: path.join(dir, 'cert.pem'), tls_key: path.join(dir, 'key.pem') });
+    const peerCn = (c: pg.Client) => ((c as unknown as { connection: { stream: { getPeerCertificate(): { subject: { CN: string } } } } }).connection.stream.getPeerCertificate().subject.CN);
+    const tlsClient = async () => {
+      const c = new pg.Client({ connectionString: pgw.url(), ssl: { rejectUnauthorized: false } });
+      await c.connect();
+      return c;
+    };
+    const first = await tlsClient();
+    try {
+      assert.equal(peerCn(first), 'first');
+      makeCert('second');
+      await pgw.app.reload(pgw.config);
+      const second = await tlsClient();
+      assert.equal(peerCn(second), 'second');
+      assert.equal((await first.query('select 1 as one')).rows[0].one, 1, 'the established session carries on');
+      await second.end();
+
+      fs.writeFileSync(path.join(dir, 'cert.pem'), 'not a certificate');
+      await assert.rejects(pgw.app.reload(pgw.config));
+      const third = await tlsClient();
+      assert.equal(peerCn(third), 'second', 'a bad certificate leaves the previous one in use');
+      await third.end();
+    } finally {
+      await first.end();
+      await pgw.stop();
+    }
+  });
+});
