@@ -58,9 +58,10 @@ export interface App {
   /**
    * Applies a reloaded configuration without touching a session: rules of the
    * config file, mitigation policy, detection and slow-query thresholds, log level,
-   * TLS certificate for new connections. Throws (changing nothing) if the new
-   * configuration cannot be applied; returns the changed keys that only a restart
-   * applies.
+   * TLS certificate for new connections. What can fail on bad input (certificate,
+   * rules) is checked before anything changes, so a bad file changes nothing; a
+   * rule store that fails midway (control database down) throws after the rules
+   * before it. Returns the changed keys, split by whether a restart is needed.
    */
   reload(next: Config): Promise<{ applied: string[]; needsRestart: string[] }>;
   stop(drainMs: number): Promise<void>;
