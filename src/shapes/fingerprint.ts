@@ -145,12 +145,25 @@ function shapeOfSingle(text: string, scan: ScanResult | null): StatementShape {
   } catch {
     return fallbackShape(scan, text);
   }
-  const kind = statementKind(text);
+  const kind = statementKind(text, scan);
   return { fingerprint, query: truncate(withoutComments(query)), fallback: false, command: scan?.firstWord ?? firstWordOf(query), kind, control: CONTROL_KINDS.has(kind) };
 }
 
-/** The statement node's type from the parse tree ('' if it cannot be had); runs once per cached shape. */
-function statementKind(text: string): string {
+/** Parse-tree kinds of the DML first words (WITH is parsed: its statement comes later). */
+const DML_KINDS: Readonly<Record<string, string>> = {
+  SELECT: 'SelectStmt', VALUES: 'SelectStmt', TABLE: 'SelectStmt', INSERT: 'InsertStmt',
+  UPDATE: 'UpdateStmt', DELETE: 'DeleteStmt', MERGE: 'MergeStmt',
+};
+
+/**
+ * The statement node's type from the parse tree ('' if it cannot be had); runs once
+ * per cached shape. A statement the scanner saw start with a DML keyword cannot be
+ * transaction or session control, so its kind is named without a second parse
+ * (which would add ~100 us to each new DML text, a 65% longer cache miss).
+ */
+function statementKind(text: string, scan: ScanResult | null): string {
+  const dml = scan !== null && !scan.multiStatement ? DML_KINDS[scan.firstWord] : undefined;
+  if (dml !== undefined) return dml;
   try {
     const stmt = (parseSync(text).stmts?.[0]?.stmt ?? {}) as Record<string, unknown>;
     return Object.keys(stmt)[0] ?? '';
