@@ -38,7 +38,7 @@ export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: read
         if (rule.target !== null && !replicaNames.includes(rule.target)) {
           throw new ApiError(400, `target: no replica named '${rule.target}' is configured${replicaNames.length ? ` (configured: ${replicaNames.join(', ')})` : ' (none are)'}`);
         }
-        let warnings: string[] = [];
+        let warnings = ['shape statistics are off (stats: false): this instance cannot check the fingerprint'];
         if (shapes !== null) {
           try {
             warnings = vetRule(rule, shapes(rule.fingerprint), (body as { force?: unknown }).force === true);
