@@ -78,6 +78,8 @@ export const OPTIONS = {
   mitigation_max_concurrent: z.coerce.number().int().min(0).default(1).describe('Concurrent executions a shed rule of the policy allows.'),
   mitigation_queue_timeout_ms: z.coerce.number().int().min(0).default(50).describe('Queue wait of a shed rule of the policy before 53400.'),
   mitigation_ttl_s: positiveInt.default(600).describe('TTL of a shed rule of the policy (it is lifted earlier when the shape recovers).'),
+  mitigation_max_rules: z.coerce.number().int().min(0).default(2).describe('Automatic rules the policy keeps in force at once; beyond this it reports what it did not do.'),
+  mitigation_max_traffic_share: z.coerce.number().min(0).max(1).default(0.5).describe('Largest share of all recent calls (0-1) the policy\'s rules may cover together; a busier shape is left alone.'),
   replicas: json(
     z.record(z.string().regex(/^[A-Za-z0-9_-]+$/, 'replica names are letters, digits, _ and -'), z.object({ url: z.string().regex(/^postgres(ql)?:\/\//, 'expected a postgres:// URL'), pool_size: positiveInt.default(4) }).strict()),
   )
@@ -86,7 +88,9 @@ export const OPTIONS = {
   rules: json(z.array(z.record(z.string(), z.unknown())))
     .default([])
     .describe('Rules that always apply, as in POST /api/rules (JSON in flags and environment).'),
-  log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level.'),
+  log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info').describe('pino log level (applied again on SIGHUP).'),
+  log_format: z.enum(['auto', 'json', 'pretty']).default('auto').describe('Log lines as JSON or as readable text; auto: readable when stdout is a terminal.'),
+  print_dashboard_token: bool.default(false).describe('Put the admin token in the dashboard URL of the ready log line (#token=...); off: the token is never printed.'),
 } as const;
 
 const ConfigSchema = z

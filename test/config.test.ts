@@ -17,7 +17,7 @@ function tempFile(name: string, content: string): string {
 }
 
 describe('configuration', () => {
-  test('defaults follow PRODUCT.md section 7', () => {
+  test('defaults are the documented ones (docs/configuration.md)', () => {
     const config = loadConfig();
     assert.equal(config.listen, '127.0.0.1:6464');
     assert.equal(config.admin, '127.0.0.1:6465');

@@ -1,4 +1,4 @@
-// JSON API routes over the shape registry (PRODUCT.md section 5). Field names are
+// JSON API routes over the shape registry (documented in docs/api.md). Field names are
 // the contract: snake_case, times in ms, timestamps as ISO 8601 strings.
 
 import type { Clock } from '../clock.ts';

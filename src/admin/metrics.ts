@@ -2,7 +2,10 @@
 // read from the proxy's counters and the shape registry at scrape time. Per-shape
 // series exist only for the top N shapes by total time; the rest are summed under
 // fingerprint="other", so label cardinality stays bounded however many shapes exist.
-// Every metric is documented in docs/metrics.md.
+// The per-shape latency histogram is counted on the completion path (a bucket
+// increment in ShapeStats.record) and only read here. Also prom-client's default
+// process and runtime metrics (CPU, memory, heap, event-loop lag, open fds) and
+// pgwarden_build_info. Every metric is documented in docs/metrics.md.
 
 import client from 'prom-client';
 import type { IncidentManager } from '../detect/incidents.ts';
@@ -11,7 +14,8 @@ import type { RulesGate } from '../rules/gate.ts';
 import type { RuleStore } from '../rules/store.ts';
 import type { ProxyServer } from '../proxy/server.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
-import type { ShapeStats } from '../shapes/registry.ts';
+import { LATENCY_BUCKETS_MS, type ShapeStats } from '../shapes/registry.ts';
+import { VERSION } from '../version.ts';
 
 export interface MetricsOptions {
   readonly topShapes: number;
@@ -29,6 +33,16 @@ export interface MetricSources {
 export function createMetrics(proxy: ProxyServer, sources: MetricSources, options: MetricsOptions): client.Registry {
   const { collector, incidents, sampler, rules } = sources;
   const registry = new client.Registry();
+  client.collectDefaultMetrics({ register: registry });
+  // Gauges named like counters (promtool check metrics rejects them); each repeats
+  // nodejs_active_handles / _requests / _resources, which stay.
+  for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(name);
+  new client.Gauge({
+    name: 'pgwarden_build_info',
+    help: 'Build of this pgwarden (value 1): version, Node.js version, platform.',
+    labelNames: ['version', 'node', 'platform'],
+    registers: [registry],
+  }).set({ version: VERSION, node: process.versions.node, platform: `${process.platform}-${process.arch}` }, 1);
   const stats = proxy.stats;
   const counter = (name: string, help: string, read: () => number) =>
     new client.Counter({
@@ -168,18 +182,29 @@ function registerShapeMetrics(
   perShape('pgwarden_shape_errors_total', 'Errors per shape (top shapes; the rest as "other").', (s) => s.errors);
   perShape('pgwarden_shape_rows_total', 'Rows per shape (top shapes; the rest as "other").', (s) => s.rows);
   perShape('pgwarden_shape_time_seconds_total', 'Total execution time per shape (top shapes; the rest as "other").', (s) => s.totalMs / 1000);
-  new client.Gauge({
-    name: 'pgwarden_shape_latency_seconds',
-    help: 'Latency quantiles per shape since it was first seen (top shapes only).',
-    labelNames: ['fingerprint', 'quantile'],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const s of select().top) {
-        for (const q of [0.5, 0.95, 0.99]) this.set({ fingerprint: s.fingerprint, quantile: String(q) }, s.quantile(q) / 1000);
-      }
-    },
-  });
+  registry.registerMetric(
+    bucketHistogram({
+      name: 'pgwarden_shape_latency_seconds',
+      help: 'Latency per shape as a histogram (top shapes by total time; the rest as fingerprint="other"); use rate() over _bucket.',
+      labelName: 'fingerprint',
+      read() {
+        const { top, rest } = select();
+        const rows = top.map((s) => ({ label: s.fingerprint, buckets: s.latencyBuckets, sumMs: s.totalMs, count: s.timedCalls }));
+        if (rest.length > 0) {
+          const buckets = new Float64Array(LATENCY_BUCKETS_MS.length + 1);
+          let sumMs = 0;
+          let count = 0;
+          for (const s of rest) {
+            for (let b = 0; b < buckets.length; b++) buckets[b] += s.latencyBuckets[b];
+            sumMs += s.totalMs;
+            count += s.timedCalls;
+          }
+          rows.push({ label: 'other', buckets, sumMs, count });
+        }
+        return rows;
+      },
+    }),
+  );
   new client.Gauge({
     name: 'pgwarden_shape_info',
     help: 'Normalized text of each top shape (value 1), to join on fingerprint.',
@@ -190,4 +215,41 @@ function registerShapeMetrics(
       for (const s of select().top) this.set({ fingerprint: s.fingerprint, command: s.command, query: s.query.slice(0, 200) }, 1);
     },
   });
+}
+
+interface HistogramRow {
+  readonly label: string;
+  /** Non-cumulative counts per LATENCY_BUCKETS_MS bucket, then +Inf. */
+  readonly buckets: Float64Array;
+  readonly sumMs: number;
+  readonly count: number;
+}
+
+/**
+ * A Prometheus histogram whose bucket counts are kept elsewhere (per shape, in the
+ * registry) and read at scrape time: prom-client's Histogram only counts what is
+ * observed through it, which would put a labelled observe() on the query path.
+ */
+function bucketHistogram(spec: { name: string; help: string; labelName: string; read: () => HistogramRow[] }) {
+  const bounds = LATENCY_BUCKETS_MS.map((ms) => String(ms / 1000));
+  return {
+    name: spec.name,
+    help: spec.help,
+    type: 'histogram',
+    aggregator: 'sum',
+    reset() {},
+    get() {
+      const values: { metricName: string; labels: Record<string, string | number>; value: number }[] = [];
+      for (const row of spec.read()) {
+        let cumulative = 0;
+        for (let b = 0; b < row.buckets.length; b++) {
+          cumulative += row.buckets[b];
+          values.push({ metricName: `${spec.name}_bucket`, labels: { [spec.labelName]: row.label, le: b < bounds.length ? bounds[b] : '+Inf' }, value: cumulative });
+        }
+        values.push({ metricName: `${spec.name}_sum`, labels: { [spec.labelName]: row.label }, value: row.sumMs / 1000 });
+        values.push({ metricName: `${spec.name}_count`, labels: { [spec.labelName]: row.label }, value: row.count });
+      }
+      return { name: spec.name, help: spec.help, type: 'histogram', aggregator: 'sum', values };
+    },
+  } as unknown as client.Metric;
 }

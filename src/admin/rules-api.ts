@@ -1,13 +1,22 @@
-// JSON API routes over rules: list, add (validated: 400 says what is wrong), lift.
+// JSON API routes over rules: list, add (validated: 400 says what is wrong; 409 for
+// a dangerous rule without force; a warning for a shape never seen), lift.
 
 import type { Clock } from '../clock.ts';
 import type { RulesGate } from '../rules/gate.ts';
-import { createRule, RuleError } from '../rules/rule.ts';
+import { createRule, DangerousRuleError, RuleError, vetRule, type ShapeFacts } from '../rules/rule.ts';
 import type { RuleStore } from '../rules/store.ts';
 import { ApiError, type Route } from './server.ts';
 
-export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: readonly string[], clock: Clock): Route[] {
-  const withCounts = (rule: ReturnType<RuleStore['list']>[number]) => ({ ...rule, applied: gate.applied.get(rule.id) ?? 0 });
+/** Looks up a shape this instance has seen (null when shape statistics are off). */
+export type ShapeLookup = ((fingerprint: string) => ShapeFacts | undefined) | null;
+
+export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: readonly string[], clock: Clock, shapes: ShapeLookup = null): Route[] {
+  // seen: whether this instance has seen the rule's shape (null: it cannot tell).
+  const withCounts = (rule: ReturnType<RuleStore['list']>[number]) => ({
+    ...rule,
+    applied: gate.applied.get(rule.id) ?? 0,
+    seen: shapes === null ? null : shapes(rule.fingerprint) !== undefined,
+  });
   return [
     {
       method: 'GET',
@@ -29,12 +38,21 @@ export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: read
         if (rule.target !== null && !replicaNames.includes(rule.target)) {
           throw new ApiError(400, `target: no replica named '${rule.target}' is configured${replicaNames.length ? ` (configured: ${replicaNames.join(', ')})` : ' (none are)'}`);
         }
+        let warnings = ['shape statistics are off (stats: false): this instance cannot check the fingerprint'];
+        if (shapes !== null) {
+          try {
+            warnings = vetRule(rule, shapes(rule.fingerprint), (body as { force?: unknown }).force === true);
+          } catch (err) {
+            if (err instanceof DangerousRuleError) throw new ApiError(409, err.message);
+            throw err;
+          }
+        }
         try {
           await store.add(rule);
         } catch (err) {
           throw new ApiError(503, `rule not stored: ${(err as Error).message}`);
         }
-        return { status: 201, body: withCounts(rule) };
+        return { status: 201, body: { ...withCounts(rule), warnings } };
       },
     },
     {
@@ -52,4 +70,9 @@ export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: read
       },
     },
   ];
+}
+
+/** GET /api/mitigation: the policy's mode, budget, automatic rules in force and recent decisions (with what it refused). */
+export function mitigationRoutes(policy: { status(): unknown }): Route[] {
+  return [{ method: 'GET', path: '/api/mitigation', handle: () => ({ status: 200, body: policy.status() }) }];
 }

@@ -4,6 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Logger } from 'pino';
 import { shapeRoutes } from '../admin/api.ts';
 import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts';
@@ -12,7 +13,7 @@ import { AdminServer, upstreamProbe } from '../admin/server.ts';
 import { loadDashboard } from '../dashboard/assets.ts';
 import { systemClock, type Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
-import { DEFAULT_DETECTOR_OPTIONS } from '../detect/detector.ts';
+import { DEFAULT_DETECTOR_OPTIONS, type DetectorOptions } from '../detect/detector.ts';
 import { DdlWatch } from '../detect/ddlwatch.ts';
 import { EventLog } from '../detect/events.ts';
 import { IncidentManager } from '../detect/incidents.ts';
@@ -22,11 +23,13 @@ import { WebhookSender } from '../detect/webhook.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
 import { ProxyServer } from '../proxy/server.ts';
-import { ruleRoutes } from '../admin/rules-api.ts';
+import { mitigationRoutes, ruleRoutes } from '../admin/rules-api.ts';
+import { sessionRoutes } from '../admin/sessions-api.ts';
+import { setLogLevel } from '../log.ts';
 import { RulesGate } from '../rules/gate.ts';
-import { MitigationPolicy } from '../rules/policy.ts';
+import { MitigationPolicy, type PolicySettings } from '../rules/policy.ts';
 import { ReplicaPool } from '../rules/replica.ts';
-import { createRule } from '../rules/rule.ts';
+import { createRule, type Rule } from '../rules/rule.ts';
 import { RuleStore } from '../rules/store.ts';
 import { ControlDatabase } from '../state/control.ts';
 import { StateFile } from '../state/file.ts';
@@ -51,8 +54,39 @@ export interface App {
   /** Ports actually bound (useful with port 0). */
   readonly proxyPort: number;
   readonly adminPort: number | null;
+  readonly policy: MitigationPolicy | null;
+  /**
+   * Applies a reloaded configuration without touching a session: rules of the
+   * config file, mitigation policy, detection and slow-query thresholds, log level,
+   * TLS certificate for new connections. What can fail on bad input (certificate,
+   * rules) is checked before anything changes, so a bad file changes nothing; a
+   * rule store that fails midway (control database down) throws after the rules
+   * before it. Returns the changed keys, split by whether a restart is needed.
+   */
+  reload(next: Config): Promise<{ applied: string[]; needsRestart: string[] }>;
   stop(drainMs: number): Promise<void>;
 }
+
+/** Keys a reload (SIGHUP) applies; every other key needs a restart. */
+export const RELOADABLE_KEYS: ReadonlySet<string> = new Set([
+  'rules',
+  'mitigation',
+  'mitigation_protect',
+  'mitigation_max_concurrent',
+  'mitigation_queue_timeout_ms',
+  'mitigation_ttl_s',
+  'mitigation_max_rules',
+  'mitigation_max_traffic_share',
+  'detect_min_samples',
+  'detect_p95_ratio',
+  'detect_p50_ratio',
+  'detect_absolute_ms',
+  'slow_query_ms',
+  'log_query_values',
+  'log_level',
+  'tls_cert',
+  'tls_key',
+]);
 
 export interface AppOptions {
   readonly clock?: Clock;
@@ -71,6 +105,9 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   let sampler: PlanSampler | null = null;
   let schema: SchemaWatcher | null = null;
   let roundTrip: RoundTripTracker | null = null;
+  let policy: MitigationPolicy | null = null;
+  let current = config;
+  const webhook = config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
   const monitor = config.monitor_url
     ? new MonitorPool({
         url: config.monitor_url,
@@ -88,10 +125,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     : new StateFile(config.state_file, rulesLog);
   const rules = new RuleStore({ clock, log: rulesLog, events, persistence });
   await rules.start();
-  for (const input of config.rules) {
-    const id = `cfg-${createHash('sha256').update(JSON.stringify(input)).digest('hex').slice(0, 10)}`;
-    if (!rules.get(id)) await rules.add(createRule({ created_by: 'config', ...input }, clock.now(), 'config', id));
-  }
+  await syncConfigRules(rules, configRules(config, clock.now()));
   const replicas = new Map(
     Object.entries(config.replicas).map(([name, r]) => [
       name,
@@ -145,33 +179,37 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       events,
       clock,
       log: log.child({ component: 'incidents' }),
-      detector: {
-        ...DEFAULT_DETECTOR_OPTIONS,
-        minRecentSamples: config.detect_min_samples,
-        p95Ratio: config.detect_p95_ratio,
-        p50Ratio: config.detect_p50_ratio,
-        absoluteMs: config.detect_absolute_ms,
-      },
+      detector: detectorOptions(config),
       bucketMs,
       evaluateEveryMs: config.detect_evaluate_ms,
       sampler,
       roundTrip,
-      webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
+      webhook,
     });
     collector.onShape(incidents.observe);
-    incidents.onChange(
-      new MitigationPolicy({
-        mode: config.mitigation,
-        protect: new Set(config.mitigation_protect),
-        maxConcurrent: config.mitigation_max_concurrent,
-        queueTimeoutMs: config.mitigation_queue_timeout_ms,
-        ttlS: config.mitigation_ttl_s,
-        store: rules,
-        events,
-        clock,
-        log: rulesLog,
-      }).onIncident,
-    );
+    const shapes = registry;
+    policy = new MitigationPolicy({
+      ...policySettings(config),
+      shapes: {
+        lookup: (fp) => shapes.get(fp),
+        trafficShare: (fps) => {
+          // Calls of the last minute: the traffic a shed rule would now meet.
+          const now = clock.now();
+          const from = now - 60_000;
+          let all = 0;
+          for (const s of shapes.all()) all += s.series.callsBetween(from, now);
+          let part = 0;
+          for (const fp of new Set(fps)) part += shapes.get(fp)?.series.callsBetween(from, now) ?? 0;
+          return all === 0 ? 0 : part / all;
+        },
+      },
+      store: rules,
+      events,
+      clock,
+      log: rulesLog,
+      alert: webhook ? (payload) => webhook.send(payload) : undefined,
+    });
+    incidents.onChange(policy.onIncident);
     if (persistence instanceof ControlDatabase) {
       // The fleet sees every instance's incidents through the control database.
       const control = persistence;
@@ -199,7 +237,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
   if (options.admin !== false) {
     if (config.admin_token === undefined) {
-      log.warn({ admin_token: adminToken }, 'no admin_token configured: generated one for this run (set PGWARDEN_ADMIN_TOKEN to choose it)');
+      // Not printed: logs travel further than the operator's terminal. A file only its owner can read.
+      const tokenFile = path.join(path.dirname(config.state_file), '.pgwarden-admin-token');
+      try {
+        fs.writeFileSync(tokenFile, `${adminToken}\n`, { mode: 0o600 });
+        fs.chmodSync(tokenFile, 0o600);
+        log.warn({ token_file: tokenFile }, `no admin_token configured: generated one for this run, in ${tokenFile} (set PGWARDEN_ADMIN_TOKEN to choose it)`);
+      } catch (err) {
+        log.warn({ err }, 'no admin_token configured and the generated one could not be written to a file: set PGWARDEN_ADMIN_TOKEN to use the admin API');
+      }
     }
     const adminAddress = parseHostPort(config.admin);
     admin = new AdminServer({
@@ -217,7 +263,18 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
-        ...ruleRoutes(rules, gate, [...replicas.keys()], clock),
+        ...ruleRoutes(rules, gate, [...replicas.keys()], clock, collector ? (fp) => collector!.registry.get(fp) : null),
+        ...(policy ? mitigationRoutes(policy) : []),
+        ...sessionRoutes(
+          proxy,
+          collector
+            ? (text, index) => {
+                const shapes = finder.shapesOfText(text);
+                return shapes[Math.min(index, shapes.length - 1)];
+              }
+            : null,
+          config.upstream,
+        ),
         ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
       ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
@@ -239,6 +296,22 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     adminToken,
     proxyPort: proxyAddress.port,
     adminPort,
+    policy,
+    async reload(next: Config) {
+      // Everything that can fail is prepared first, so a bad config changes nothing.
+      const tls = next.tls_cert && next.tls_key ? { cert: fs.readFileSync(next.tls_cert), key: fs.readFileSync(next.tls_key) } : null;
+      const nextRules = configRules(next, clock.now());
+      proxy.setTlsCertificate(tls?.cert, tls?.key);
+      await syncConfigRules(rules, nextRules);
+      policy?.reconfigure(policySettings(next));
+      incidents?.setDetectorOptions(detectorOptions(next));
+      collector?.reconfigure({ slowQueryMs: next.slow_query_ms, logQueryValues: next.log_query_values, log: log.child({ component: 'shapes' }) });
+      setLogLevel(log, next.log_level);
+      const changed = (Object.keys(next) as (keyof Config)[]).filter((k) => JSON.stringify(next[k]) !== JSON.stringify(current[k]));
+      for (const k of Object.keys(current) as (keyof Config)[]) if (!(k in next) && !changed.includes(k)) changed.push(k);
+      current = next;
+      return { applied: changed.filter((k) => RELOADABLE_KEYS.has(k)), needsRestart: changed.filter((k) => !RELOADABLE_KEYS.has(k)) };
+    },
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
       incidents?.stop();
@@ -252,6 +325,43 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       await persistence.close();
     },
   };
+}
+
+function detectorOptions(config: Config): DetectorOptions {
+  return {
+    ...DEFAULT_DETECTOR_OPTIONS,
+    minRecentSamples: config.detect_min_samples,
+    p95Ratio: config.detect_p95_ratio,
+    p50Ratio: config.detect_p50_ratio,
+    absoluteMs: config.detect_absolute_ms,
+  };
+}
+
+function policySettings(config: Config): PolicySettings {
+  return {
+    mode: config.mitigation,
+    protect: new Set(config.mitigation_protect),
+    maxConcurrent: config.mitigation_max_concurrent,
+    queueTimeoutMs: config.mitigation_queue_timeout_ms,
+    ttlS: config.mitigation_ttl_s,
+    maxRules: config.mitigation_max_rules,
+    maxTrafficShare: config.mitigation_max_traffic_share,
+  };
+}
+
+/** The config file's rules, each with an id derived from its content (throws RuleError on a bad one). */
+function configRules(config: Config, now: number): Rule[] {
+  return config.rules.map((input) => {
+    const id = `cfg-${createHash('sha256').update(JSON.stringify(input)).digest('hex').slice(0, 10)}`;
+    return createRule({ created_by: 'config', ...input }, now, 'config', id);
+  });
+}
+
+/** Makes the config's rules the ones in force: adds new ones, lifts those no longer in the config. */
+async function syncConfigRules(store: RuleStore, wanted: readonly Rule[]): Promise<void> {
+  const ids = new Set(wanted.map((r) => r.id));
+  for (const rule of wanted) if (!store.get(rule.id)) await store.add(rule);
+  for (const rule of store.list()) if (rule.id.startsWith('cfg-') && !ids.has(rule.id)) await store.remove(rule.id, 'config', 'no longer in the configuration');
 }
 
 function buildProxy(config: Config, log: Logger): ProxyServer {

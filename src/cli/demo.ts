@@ -221,6 +221,8 @@ class Demo {
       '--detect-evaluate-ms', '1000',
       '--mitigation', 'enforce',
       '--mitigation-queue-timeout-ms', '20',
+      // The hot lookup is most of this small shop's traffic: let the policy's budget cover it.
+      '--mitigation-max-traffic-share', '1',
       '--state-file', path.join(this.dir, 'state.json'),
       '--log-level', 'warn',
     ];

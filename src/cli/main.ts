@@ -7,6 +7,8 @@ import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type O
 import { runCheckMigration } from './check-migration.ts';
 import { runDemo } from './demo.ts';
 import { runRules } from './rules.ts';
+import { runSessions } from './sessions.ts';
+import { VERSION } from '../version.ts';
 import { runStart } from './start.ts';
 import { runWorkload } from './workload.ts';
 
@@ -15,10 +17,13 @@ const USAGE = `usage: pgwarden <command> [options]
 commands:
   start     run the proxy
   rules     list, add (block, shed, reroute) and lift rules on a running pgwarden
+  sessions  list the live sessions of a running pgwarden; cancel or terminate one
   demo      replay the index-change incident on an embedded PostgreSQL (--once to exit after it)
   workload  export the captured workload of a running pgwarden (workload export --help)
   check-migration  EXPLAIN the workload before and after a migration on a staging database (--help)
-  help      show this help
+  help      show this help (--version: the version)
+
+signals to start: SIGTERM/SIGINT drain and exit; SIGHUP reloads the config file
 
 options of start (each also PGWARDEN_<NAME> in the environment, or a key of --config FILE):
   --config FILE   YAML or JSON configuration file (PGWARDEN_CONFIG)
@@ -32,6 +37,13 @@ export async function main(argv: string[]): Promise<number> {
       return start(rest);
     case 'rules':
       return runRules(rest);
+    case 'sessions':
+      return runSessions(rest);
+    case 'version':
+    case '--version':
+    case '-V':
+      process.stdout.write(`pgwarden ${VERSION}\n`);
+      return 0;
     case 'demo':
       return runDemo(rest);
     case 'workload':
@@ -71,8 +83,9 @@ async function start(args: string[]): Promise<number> {
   }
   try {
     const file = (values.config as string | undefined) ?? process.env.PGWARDEN_CONFIG;
-    const config = loadConfig({ file, env: process.env, flags });
-    await runStart(config);
+    const sources = { file, env: process.env, flags };
+    const config = loadConfig(sources);
+    await runStart(config, sources);
     return -1; // keeps running until a signal
   } catch (err) {
     if (err instanceof ConfigError) {

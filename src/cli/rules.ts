@@ -13,6 +13,10 @@ export const RULES_USAGE = `usage: pgwarden rules <list|block|shed|reroute|delet
   pgwarden rules reroute FINGERPRINT --target REPLICA [--reason TEXT] [--ttl SECONDS]
   pgwarden rules delete RULE_ID
 
+--force: allow a rule on a transaction-control or session statement (BEGIN, COMMIT,
+         SET...), which pgwarden refuses otherwise: refusing COMMIT fails every
+         transaction that reaches it.
+
 narrowing (block, shed, reroute): --user NAME --database NAME --application-name NAME
 connection: --admin HOST:PORT (PGWARDEN_ADMIN, default 127.0.0.1:6465)
             --token TOKEN (PGWARDEN_ADMIN_TOKEN)
@@ -20,6 +24,7 @@ connection: --admin HOST:PORT (PGWARDEN_ADMIN, default 127.0.0.1:6465)
 
 const OPTIONS = {
   json: { type: 'boolean' },
+  force: { type: 'boolean' },
   reason: { type: 'string' },
   ttl: { type: 'string' },
   'max-concurrent': { type: 'string' },
@@ -43,6 +48,9 @@ interface RuleJson {
   max_concurrent: number | null;
   target: string | null;
   applied?: number;
+  /** Whether the instance has seen the rule's shape (null: it cannot tell). */
+  seen?: boolean | null;
+  warnings?: string[];
 }
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
@@ -73,7 +81,7 @@ export async function runRules(args: string[], out: Output = process.stdout, err
         const rules = body as RuleJson[];
         if (values.json) out.write(`${JSON.stringify(rules, null, 2)}\n`);
         else if (rules.length === 0) out.write('no rules\n');
-        else for (const r of rules) out.write(`${r.id}  ${r.action.padEnd(7)}  ${r.fingerprint}  ${detail(r)}  by ${r.created_by}${r.expires_at ? ` until ${r.expires_at}` : ''}  applied ${r.applied ?? 0}  -- ${r.reason}\n`);
+        else for (const r of rules) out.write(`${r.id}  ${r.action.padEnd(7)}  ${r.fingerprint}  ${detail(r)}  by ${r.created_by}${r.expires_at ? ` until ${r.expires_at}` : ''}  applied ${r.applied ?? 0}${r.seen === false ? '  (shape never seen here)' : ''}  -- ${r.reason}\n`);
         return 0;
       }
       case 'block':
@@ -101,12 +109,14 @@ export async function runRules(args: string[], out: Output = process.stdout, err
           user: values.user,
           database: values.database,
           application_name: values['application-name'],
+          force: values.force || undefined,
         };
         const response = await call('POST', '/api/rules', JSON.parse(JSON.stringify(rule)));
         if (response.status !== 201) return failed(err, response);
         const body = response.body;
         const r = body as RuleJson;
         out.write(`${r.id}  ${r.action} ${r.fingerprint} ${detail(r)}${r.expires_at ? ` until ${r.expires_at}` : ''}\nlift it with: pgwarden rules delete ${r.id}\n`);
+        for (const warning of r.warnings ?? []) err.write(`pgwarden rules: warning: ${warning}\n`);
         return 0;
       }
       case 'delete': {

@@ -1,34 +1,71 @@
 // `pgwarden start`: load the configuration, run the proxy (in several worker
-// processes when asked, to use every core), and drain gracefully on SIGTERM.
+// processes when asked, to use every core), drain gracefully on SIGTERM/SIGINT and
+// reload the configuration on SIGHUP. Every signal received is logged: an operator
+// reading the log after a restart or a logrotate run should see why.
 
 import cluster from 'node:cluster';
 import os from 'node:os';
 import type { Logger } from 'pino';
-import { parseHostPort, type Config } from '../config.ts';
+import { loadConfig, parseHostPort, type Config, type ConfigSources } from '../config.ts';
 import { createLogger } from '../log.ts';
-import { startApp } from './app.ts';
+import { VERSION } from '../version.ts';
+import { startApp, type App } from './app.ts';
 
-export async function runStart(config: Config): Promise<void> {
-  const log = createLogger(config.log_level);
+export async function runStart(config: Config, sources: ConfigSources = {}): Promise<void> {
+  const log = createLogger(config.log_level, config.log_format);
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
-  if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, log);
+  if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, sources, log);
   // With several workers only the first serves the admin API (its statistics are
   // that worker's own; aggregation across workers is not built yet).
   const app = await startApp(config, log, { admin: cluster.isPrimary || cluster.worker?.id === 1 });
-  log.info(
-    { listen: `${parseHostPort(config.listen).host}:${app.proxyPort}`, upstream: config.upstream, admin: app.adminPort, worker: cluster.worker?.id },
-    'pgwarden proxy listening',
-  );
-  onShutdownSignal(async (signal) => {
-    log.info({ signal, sessions: app.proxy.sessionCount }, 'draining');
-    await app.stop(config.drain_timeout_ms);
-    log.info('stopped');
-    process.exit(0);
+  logReady(config, app, log);
+  onSignals(log, {
+    async shutdown(signal) {
+      log.info({ signal, sessions: app.proxy.sessionCount }, 'draining');
+      await app.stop(config.drain_timeout_ms);
+      log.info('stopped');
+      process.exit(0);
+    },
+    reload: () => reload(app, sources, log),
   });
 }
 
-/** The primary of a multi-process proxy: forks workers, restarts crashed ones, relays SIGTERM. */
-function superviseWorkers(count: number, log: Logger): void {
+/** The line an operator looks for: where clients connect and where the dashboard is. */
+function logReady(config: Config, app: App, log: Logger): void {
+  const listen = `${hostForUrl(parseHostPort(config.listen).host)}:${app.proxyPort}`;
+  const fields = { version: VERSION, listen, upstream: config.upstream, worker: cluster.worker?.id };
+  if (app.adminPort === null) {
+    log.info(fields, `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the admin API is served by worker 1)`);
+    return;
+  }
+  const admin = `http://${hostForUrl(parseHostPort(config.admin).host)}:${app.adminPort}/`;
+  // The token goes into the URL only when the operator opted in: logs are often shipped elsewhere.
+  const dashboard = config.print_dashboard_token ? `${admin}#token=${encodeURIComponent(app.adminToken)}` : admin;
+  log.info({ ...fields, admin: app.adminPort, dashboard }, `pgwarden proxy listening on ${listen}; dashboard at ${dashboard}`);
+}
+
+const hostForUrl = (host: string) => (host.includes(':') ? `[${host}]` : host);
+
+/** SIGHUP: re-read the configuration from the same sources; a bad one is refused in one line and the old one stays. */
+async function reload(app: App, sources: ConfigSources, log: Logger): Promise<void> {
+  let next: Config;
+  try {
+    next = loadConfig(sources);
+  } catch (err) {
+    log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+    return;
+  }
+  try {
+    const { applied, needsRestart } = await app.reload(next);
+    log.info({ applied, needs_restart: needsRestart }, `configuration reloaded${applied.length ? `: ${applied.join(', ')} changed` : ': no change'}`);
+    if (needsRestart.length) log.warn({ keys: needsRestart }, `changed but only applied by a restart: ${needsRestart.join(', ')}`);
+  } catch (err) {
+    log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+  }
+}
+
+/** The primary of a multi-process proxy: forks workers, restarts crashed ones, relays SIGTERM and SIGHUP. */
+function superviseWorkers(count: number, sources: ConfigSources, log: Logger): void {
   let stopping = false;
   for (let i = 0; i < count; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
@@ -39,21 +76,50 @@ function superviseWorkers(count: number, log: Logger): void {
     log.error({ worker: worker.id, code, signal }, 'worker exited; starting another');
     cluster.fork();
   });
-  onShutdownSignal((signal) => {
-    stopping = true;
-    log.info({ signal }, 'stopping workers');
-    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+  const workers = () => Object.values(cluster.workers ?? {});
+  onSignals(log, {
+    shutdown(signal) {
+      stopping = true;
+      log.info({ signal }, 'stopping workers');
+      for (const worker of workers()) worker?.process.kill('SIGTERM');
+    },
+    reload() {
+      // Checked here first, so a bad file gives one message rather than one per worker.
+      try {
+        loadConfig(sources);
+      } catch (err) {
+        log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+        return;
+      }
+      log.info({ workers: workers().length }, 'forwarding the reload to the workers');
+      for (const worker of workers()) worker?.process.kill('SIGHUP');
+    },
   });
-  log.info({ workers: count }, 'pgwarden supervising proxy workers');
+  log.info({ workers: count, version: VERSION }, 'pgwarden supervising proxy workers');
 }
 
-function onShutdownSignal(handler: (signal: NodeJS.Signals) => void | Promise<void>): void {
-  let handled = false;
+interface SignalHandlers {
+  shutdown(signal: NodeJS.Signals): void | Promise<void>;
+  reload(): void | Promise<void>;
+}
+
+/** Logs every signal pgwarden handles; SIGTERM/SIGINT drain once, SIGHUP reloads, SIGUSR2 is ignored. */
+function onSignals(log: Logger, handlers: SignalHandlers): void {
+  let shuttingDown = false;
+  let reloading: Promise<void> | null = null;
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     process.on(signal, () => {
-      if (handled) return;
-      handled = true;
-      void handler(signal);
+      log.info({ signal }, shuttingDown ? `received ${signal}: already shutting down` : `received ${signal}: shutting down`);
+      if (shuttingDown) return;
+      shuttingDown = true;
+      void handlers.shutdown(signal);
     });
   }
+  process.on('SIGHUP', () => {
+    log.info({ signal: 'SIGHUP' }, 'received SIGHUP: reloading the configuration');
+    if (shuttingDown) return;
+    // Reloads run one at a time; a SIGHUP during one runs after it.
+    reloading = (reloading ?? Promise.resolve()).then(() => handlers.reload()).catch((err: Error) => log.error({ err }, 'reload failed'));
+  });
+  process.on('SIGUSR2', () => log.info({ signal: 'SIGUSR2' }, 'received SIGUSR2: ignored'));
 }

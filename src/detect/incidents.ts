@@ -61,8 +61,15 @@ export interface Incident {
   causes: Cause[];
   ruled_out: { check: Check['check']; summary: string }[];
   checks: Check[];
-  /** What the mitigation policy did about it (set by the policy, if one runs). */
-  mitigation?: { mode: string; action: string; rule_id: string | null; note: string };
+  /**
+   * 'shape': one root shape regressed (victims may follow it); 'database_wide': the
+   * whole database slowed, no single shape is the cause. Absent means 'shape'.
+   */
+  kind?: 'shape' | 'database_wide';
+  /** The root shape's fingerprint (null for a database-wide incident); absent means `fingerprint`. */
+  root?: string | null;
+  /** What the mitigation policy did about it (set by the policy, if one runs), with the shapes it refused and why. */
+  mitigation?: { mode: string; action: string; rule_id: string | null; note: string; refused?: readonly { fingerprint: string | null; reason: string }[] };
 }
 
 export type IncidentChange = 'opened' | 'attributed' | 'resolved';
@@ -116,6 +123,11 @@ export class IncidentManager {
     }
     watch.recent.add(this.options.clock.now(), c.durationMs);
   };
+
+  /** Applies reloaded detection thresholds; shapes keep their baselines and open incidents. */
+  setDetectorOptions(detector: DetectorOptions): void {
+    (this.options as { detector: DetectorOptions }).detector = detector;
+  }
 
   onChange(listener: IncidentListener): void {
     this.listeners.push(listener);

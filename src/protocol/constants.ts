@@ -64,7 +64,7 @@ export const TransactionStatus = {
 } as const;
 export type TransactionStatusByte = (typeof TransactionStatus)[keyof typeof TransactionStatus];
 
-/** The SQLSTATEs pgwarden itself originates (PRODUCT.md section 1). */
+/** The SQLSTATEs pgwarden itself originates (docs/api.md and README.md name them). */
 export const SqlState = {
   InsufficientPrivilege: '42501', // shape blocked by a rule
   ConfigurationLimitExceeded: '53400', // shape shed

@@ -43,7 +43,7 @@ export class ProxyServer {
   private readonly server: net.Server;
   private readonly sessions = new Set<Session>();
   private readonly observers: QueryObserver[] = [];
-  private readonly secureContext: tls.SecureContext | null;
+  private secureContext: tls.SecureContext | null;
   private gate: QueryGate;
   private nextSessionId = 1;
   private accepting = true;
@@ -67,6 +67,25 @@ export class ProxyServer {
 
   get sessionCount(): number {
     return this.sessions.size;
+  }
+
+  /** The live sessions (for the sessions view: read, cancel, terminate). */
+  liveSessions(): IterableIterator<Session> {
+    return this.sessions.values();
+  }
+
+  findSession(id: number): Session | undefined {
+    for (const session of this.sessions) if (session.info.id === id) return session;
+    return undefined;
+  }
+
+  /**
+   * Replaces the certificate and key offered to clients (a config reload): new
+   * connections use them, sessions already established keep theirs. Throws, keeping
+   * the old ones, if they do not make a valid TLS context.
+   */
+  setTlsCertificate(cert: string | Buffer | undefined, key: string | Buffer | undefined): void {
+    this.secureContext = cert && key ? tls.createSecureContext({ cert, key }) : null;
   }
 
   async listen(): Promise<net.AddressInfo> {

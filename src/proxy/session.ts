@@ -187,6 +187,20 @@ interface Portal {
 
 export type SessionState = 'connecting' | 'open' | 'closed';
 
+/** What GET /api/sessions shows of a session (see snapshot()); built on request, never on the relay path. */
+export interface SessionSnapshot {
+  readonly id: number;
+  readonly info: SessionInfo;
+  /** Epoch ms the session was created. */
+  readonly connectedAt: number;
+  /** From the last ReadyForQuery and what is in flight. */
+  readonly state: 'connecting' | 'idle' | 'active' | 'idle in transaction' | 'idle in transaction (aborted)' | 'closed';
+  /** The statement running now (the oldest one in flight), or the last one that finished. */
+  readonly statement: { readonly text: string; readonly statementIndex: number; readonly startedAt: number; readonly durationMs: number; readonly running: boolean } | null;
+  readonly bytesFromClient: number;
+  readonly bytesFromServer: number;
+}
+
 export class Session {
   readonly info: MutableSessionInfo;
   state: SessionState = 'connecting';
@@ -200,6 +214,13 @@ export class Session {
   /** Server process id from BackendKeyData (0 until received). */
   backendPid = 0;
   backendKey: Buffer | null = null;
+  /** Epoch ms the session was created. */
+  readonly connectedAt = Date.now();
+  // The last finished statement, for snapshot(): plain field writes once per statement.
+  private lastText = '';
+  private lastStatementIndex = 0;
+  private lastMark = 0;
+  private lastDurationMs = 0;
 
   private upstream: net.Socket | null = null;
   private readonly clientFramer: Framer;
@@ -333,6 +354,31 @@ export class Session {
   shutdown(): void {
     if (this.state === 'closed') return;
     this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
+  }
+
+  /** Ends the session at an operator's request, telling the client why (57P01, as pg_terminate_backend does). */
+  terminate(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection due to administrator command (pgwarden)');
+  }
+
+  /** Who is connected, in which state, running what: for the live sessions view. */
+  snapshot(): SessionSnapshot {
+    const now = performance.now();
+    let state: SessionSnapshot['state'];
+    if (this.state !== 'open') state = this.state;
+    else if (this.pending.length > 0) state = 'active';
+    else if (this.transactionStatus === TransactionStatus.InTransaction) state = 'idle in transaction';
+    else if (this.transactionStatus === TransactionStatus.Failed) state = 'idle in transaction (aborted)';
+    else state = 'idle';
+    const head = this.pending.peek();
+    let statement: SessionSnapshot['statement'] = null;
+    if (head !== undefined && head.text !== '') {
+      statement = { text: head.text, statementIndex: head.statementIndex, startedAt: performance.timeOrigin + head.mark, durationMs: now - head.mark, running: true };
+    } else if (this.lastText !== '') {
+      statement = { text: this.lastText, statementIndex: this.lastStatementIndex, startedAt: performance.timeOrigin + this.lastMark, durationMs: this.lastDurationMs, running: false };
+    }
+    return { id: this.info.id, info: this.info, connectedAt: this.connectedAt, state, statement, bytesFromClient: this.bytesFromClient, bytesFromServer: this.bytesFromServer };
   }
 
   /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
@@ -832,6 +878,10 @@ export class Session {
     upstream: string,
     refused = false,
   ): void {
+    this.lastText = text;
+    this.lastStatementIndex = statementIndex;
+    this.lastMark = mark;
+    this.lastDurationMs = now - mark;
     const observers = this.options.observers;
     if (observers.length === 0) return;
     const c = this.completion;

@@ -1,5 +1,5 @@
 // A reroute rule's destination: a small pool of connections to a replica, with the
-// credentials configured for that replica rather than the client's (PRODUCT.md 4).
+// credentials configured for that replica rather than the client's (docs/api.md, Rules).
 //
 // node-postgres only logs in (trust, md5, SCRAM, TLS are its business); then we take
 // the socket over and speak raw protocol, because the session relays the replica's

@@ -1,4 +1,4 @@
-// What a rule is: its JSON form (PRODUCT.md section 4), how API input is validated
+// What a rule is: its JSON form (docs/api.md, Rules), how API input is validated
 // into one, and how a rule matches a query. Pure: no clock of its own, no I/O.
 
 import { randomBytes } from 'node:crypto';
@@ -44,6 +44,8 @@ export const RuleInput = z
     reason: z.string().min(1, 'a reason is required').max(1000),
     ttl_s: z.number().int().positive().max(30 * 24 * 3600).nullish(),
     created_by: name.nullish(),
+    /** Needed for a rule on a transaction-control or session statement (see vetRule); not stored. */
+    force: z.boolean().optional(),
   })
   .strict()
   .superRefine((r, ctx) => {
@@ -85,6 +87,39 @@ export function createRule(input: unknown, now: number, defaultCreator: string, 
     created_at: new Date(now).toISOString(),
     expires_at: r.ttl_s ? new Date(now + r.ttl_s * 1000).toISOString() : null,
   };
+}
+
+/** What this instance knows of a rule's shape (from the shape registry). */
+export interface ShapeFacts {
+  readonly kind: string;
+  readonly command: string;
+  readonly control: boolean;
+}
+
+export const UNSEEN_SHAPE_WARNING = 'no shape with this fingerprint has been seen by this instance';
+
+/** A rule that would do more harm than good without an explicit force. */
+export class DangerousRuleError extends RuleError {}
+
+/**
+ * Checks a new rule against what is known of its shape. A rule on a
+ * transaction-control or session statement is refused unless forced: blocking or
+ * shedding COMMIT fails every transaction that reaches it (and SET, FETCH, CLOSE...
+ * break the sessions that rely on them), turning a slow query into an outage. A rule
+ * on a shape never seen is accepted with a warning, since it may be a typo (or a
+ * shape that has not run here yet). Returns the warnings.
+ */
+export function vetRule(rule: Rule, shape: ShapeFacts | undefined, force: boolean): string[] {
+  if (shape === undefined) return [UNSEEN_SHAPE_WARNING];
+  if (shape.control && !force) {
+    const verb = rule.action === 'block' ? 'blocking' : rule.action === 'shed' ? 'shedding' : 'rerouting';
+    throw new DangerousRuleError(
+      `shape ${rule.fingerprint} is a transaction-control or session statement (${shape.kind || shape.command}): ${verb} it fails the transactions ` +
+        'and sessions that issue it (a refused COMMIT rolls back the whole transaction), which turns a slow query into an outage; ' +
+        'send force: true (CLI: --force) if that is really intended',
+    );
+  }
+  return [];
 }
 
 /** Whether a rule applies to a query of `fingerprint` run by this session. */

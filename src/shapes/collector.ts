@@ -27,8 +27,13 @@ export class ShapeCollector {
   constructor(
     private readonly finder: ShapeFinder,
     readonly registry: ShapeRegistry,
-    private readonly options: CollectorOptions,
+    private options: CollectorOptions,
   ) {}
+
+  /** Applies reloaded settings (slow-query threshold, literal values in logs). */
+  reconfigure(options: CollectorOptions): void {
+    this.options = options;
+  }
 
   onShape(listener: ShapeListener): void {
     this.listeners.push(listener);

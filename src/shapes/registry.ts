@@ -11,6 +11,14 @@ import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './
 
 /** Fingerprint of the shape that absorbs evicted shapes. */
 export const OVERFLOW_FINGERPRINT = 'overflow';
+/**
+ * Upper bounds (ms) of the per-shape latency histogram buckets, exported to
+ * Prometheus as pgwarden_shape_latency_seconds (so rate() windows and fleet sums
+ * work, which a lifetime quantile cannot). A last, implicit bucket is +Inf.
+ */
+export const LATENCY_BUCKETS_MS: readonly number[] = [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000];
+const BUCKET_COUNT = LATENCY_BUCKETS_MS.length;
+
 /** How many distinct users, databases and application names are kept per shape. */
 const MAX_NAMES = 32;
 
@@ -23,10 +31,15 @@ export class ShapeStats {
   rows = 0;
   totalMs = 0;
   readonly sketch: DDSketch = newSketch();
+  /** Timed calls per latency bucket (LATENCY_BUCKETS_MS, then +Inf); not cumulative. */
+  readonly latencyBuckets = new Float64Array(BUCKET_COUNT + 1);
   readonly series: ShapeSeries;
   readonly users = new Set<string>();
   readonly databases = new Set<string>();
   readonly applications = new Set<string>();
+  /** The parse tree's statement kind ('' when unknown) and whether it is transaction/session control. */
+  kind = '';
+  control = false;
   firstSeen: number;
   lastSeen: number;
   // Who ran the shape last: most calls come from the same session, so the name
@@ -61,6 +74,9 @@ export class ShapeStats {
     if (!c.refused) {
       this.timedCalls++;
       this.totalMs += c.durationMs;
+      let b = 0;
+      while (b < BUCKET_COUNT && c.durationMs > LATENCY_BUCKETS_MS[b]) b++;
+      this.latencyBuckets[b]++;
     }
     this.lastSeen = now;
     const failed = c.sqlstate !== null;
@@ -91,6 +107,7 @@ export class ShapeStats {
     for (const [k, v] of other.errorsByClass) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
     this.rows += other.rows;
     this.totalMs += other.totalMs;
+    for (let b = 0; b <= BUCKET_COUNT; b++) this.latencyBuckets[b] += other.latencyBuckets[b];
     if (other.sketch.count > 0) this.sketch.merge(other.sketch);
     this.firstSeen = Math.min(this.firstSeen, other.firstSeen);
     this.lastSeen = Math.max(this.lastSeen, other.lastSeen);
@@ -131,6 +148,8 @@ export class ShapeRegistry {
     let stats = this.shapes.get(shape.fingerprint);
     if (stats === undefined) {
       stats = new ShapeStats(shape.fingerprint, shape.query, shape.command, shape.fallback, now, this.options.series);
+      stats.kind = shape.kind ?? '';
+      stats.control = shape.control ?? false;
       this.shapes.set(shape.fingerprint, stats);
     }
     stats.record(c, now);

@@ -106,6 +106,17 @@ export class ShapeSeries {
     return out;
   }
 
+  /** Calls in the buckets from `from` to `to` (epoch ms, inclusive). */
+  callsBetween(from: number, to: number): number {
+    const { bucketMs, buckets } = this.options;
+    let calls = 0;
+    for (let bucket = Math.max(Math.floor(from / bucketMs), Math.floor(to / bucketMs) - buckets + 1); bucket <= Math.floor(to / bucketMs); bucket++) {
+      const slot = bucket % buckets;
+      if (this.index[slot] === bucket) calls += this.calls[slot];
+    }
+    return calls;
+  }
+
   /**
    * The latencies of the buckets from `from` to `to` (epoch ms, inclusive) merged
    * into one sketch, using only buckets that still keep theirs; null if none.

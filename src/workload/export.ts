@@ -1,4 +1,4 @@
-// The captured workload (PRODUCT.md section 6): every shape pgwarden has seen,
+// The captured workload (docs/api.md, Workload): every shape pgwarden has seen,
 // with its normalized text, volume, latency and current plan, heaviest first,
 // for `pgwarden check-migration` to replay as EXPLAINs against a staging
 // database. Literal values leave pgwarden only as the samples the operator

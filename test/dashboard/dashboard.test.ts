@@ -4,7 +4,8 @@
 // node-postgres client, and the incident replay (an index dropped out-of-band)
 // appears as a banner naming the plan change and the dropped index. Screenshots go
 // to test/dashboard/output/; with PGWARDEN_UPDATE_SCREENSHOTS=1 the final two also
-// replace the README's in docs/screenshots/.
+// replace docs/screenshots/overview.png and incident.png (the README shows the
+// demo's own, docs/screenshots/demo-incident.png: retaken by test/dashboard/demo-screenshot.ts).
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';

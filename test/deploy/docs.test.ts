@@ -16,8 +16,17 @@ function registeredMetrics(): Map<string, string> {
   const kinds = new Map<string, string>();
   for (const metric of registry.getMetricsAsArray()) {
     const name = (metric as unknown as { name: string }).name;
+    // prom-client's default process and runtime metrics are documented as a group.
+    if (!name.startsWith('pgwarden_')) continue;
+    // A histogram read from counts kept elsewhere (bucketHistogram) says so in its type.
     const kind =
-      metric instanceof client.Histogram ? 'histogram' : metric instanceof client.Counter ? 'counter' : metric instanceof client.Gauge ? 'gauge' : 'summary';
+      metric instanceof client.Histogram || (metric as unknown as { type?: string }).type === 'histogram'
+        ? 'histogram'
+        : metric instanceof client.Counter
+          ? 'counter'
+          : metric instanceof client.Gauge
+            ? 'gauge'
+            : 'summary';
     kinds.set(name, kind);
   }
   return kinds;
@@ -96,6 +105,15 @@ describe('docs/metrics.md', () => {
       const row = doc.split('\n').find((line) => line.startsWith(`| \`${name}\` |`));
       assert.ok(row, `docs/metrics.md has no row for ${name}`);
       assert.match(row, new RegExp(`^\\| \`${name}\` \\| ${kind}\\b`), `${name} is a ${kind}`);
+    }
+  });
+
+  test('the process and runtime metrics an SRE looks for first are named', () => {
+    const registry = createMetrics({ stats: {} } as never, { collector: null } as never, { topShapes: 5 });
+    const names = registry.getMetricsAsArray().map((m) => (m as unknown as { name: string }).name);
+    for (const name of ['process_cpu_seconds_total', 'process_resident_memory_bytes', 'process_open_fds', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) {
+      assert.ok(names.includes(name), `${name} is registered`);
+      assert.ok(doc.includes(`\`${name}\``), `docs/metrics.md names ${name}`);
     }
   });
 

@@ -104,6 +104,12 @@ describe('Grafana dashboard', () => {
       'pgwarden_connections_active',
       'pgwarden_bytes_total',
       'pgwarden_upstream_connect_seconds_bucket',
+      'pgwarden_shape_latency_seconds_bucket',
+      'pgwarden_build_info',
+      'process_cpu_seconds_total',
+      'process_resident_memory_bytes',
+      'process_open_fds',
+      'nodejs_eventloop_lag_p99_seconds',
     ]) {
       assert.ok(exprs.includes(metric), `no panel uses ${metric}`);
     }

@@ -47,7 +47,7 @@ export function metricCatalog(): MetricCatalog {
   const families = new Set<string>();
   for (const m of source.matchAll(/(['"`])(pgwarden_[a-z0-9_]+)\1/g)) families.add(m[2]);
   const histograms = new Set<string>();
-  for (const m of source.matchAll(/new\s+client\.Histogram\(\s*\{\s*name:\s*(['"`])(pgwarden_[a-z0-9_]+)\1/g)) histograms.add(m[2]);
+  for (const m of source.matchAll(/(?:new\s+client\.Histogram|bucketHistogram)\(\s*\{\s*name:\s*(['"`])(pgwarden_[a-z0-9_]+)\1/g)) histograms.add(m[2]);
   return { families, histograms };
 }
 
@@ -109,7 +109,7 @@ export function findPromtool(): string | null {
 }
 
 export const PROMTOOL_MISSING =
-  'promtool is not on PATH: the Prometheus syntax checks were skipped (Debian: apt-get install -y prometheus)';
+  'promtool is not on PATH: the Prometheus checks were skipped (Debian: apt-get install -y prometheus; .ci/run installs it)';
 
 /**
  * A real admin server (src/admin/server.ts) on an ephemeral loopback port, to run

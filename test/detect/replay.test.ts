@@ -1,4 +1,4 @@
-// The incident of PRODUCT.md, replayed on a real PostgreSQL: a hot lookup by an
+// The index-drop incident (the demo's and the README's), replayed on a real PostgreSQL: a hot lookup by an
 // indexed column under mixed load, then an out-of-band migration drops the index
 // and creates one that does not match the query. pgwarden must open an incident
 // for the hot shape within 30 s whose causes name the plan change (to a Seq Scan)

@@ -1,4 +1,4 @@
-// The scene of PRODUCT.md's incident, shared by the tests that replay it: a users
+// The scene of the index-drop incident (the demo's and the README's), shared by the tests that replay it: a users
 // table with a unique index on email (the hot lookup's), and the pgwarden settings
 // that let a baseline form in seconds instead of a minute.
 

@@ -233,3 +233,67 @@ describe('ShapeFinder caps the text it parses', { timeout: 20_000 }, () => {
     assert.ok(!a.query.includes('secret-literal'), a.query);
   });
 });
+
+describe('ShapeFinder tells transaction-control and session statements apart', { timeout: 20_000 }, () => {
+  let finder: ShapeFinder;
+  before(async () => {
+    finder = await ShapeFinder.create({ cacheEntries: 1000, maxTextBytes: 65_536 });
+  });
+
+  test('every transaction-control and session statement is control, by its parse-tree kind', () => {
+    const control: [string, string][] = [
+      ['BEGIN', 'TransactionStmt'],
+      ['start transaction isolation level serializable', 'TransactionStmt'],
+      ['COMMIT', 'TransactionStmt'],
+      ['end', 'TransactionStmt'],
+      ['/* app */ ROLLBACK', 'TransactionStmt'],
+      ['savepoint sp1', 'TransactionStmt'],
+      ['release savepoint sp1', 'TransactionStmt'],
+      ['rollback to savepoint sp1', 'TransactionStmt'],
+      ["prepare transaction 'tx1'", 'TransactionStmt'],
+      ["commit prepared 'tx1'", 'TransactionStmt'],
+      ["rollback prepared 'tx1'", 'TransactionStmt'],
+      ["set statement_timeout = '5s'", 'VariableSetStmt'],
+      ['SET LOCAL lock_timeout = 100', 'VariableSetStmt'],
+      ['reset all', 'VariableSetStmt'],
+      ['show work_mem', 'VariableShowStmt'],
+      ['discard all', 'DiscardStmt'],
+      ['listen jobs', 'ListenStmt'],
+      ['unlisten *', 'UnlistenStmt'],
+      ['deallocate all', 'DeallocateStmt'],
+      ['close c1', 'ClosePortalStmt'],
+      ['fetch 100 from c1', 'FetchStmt'],
+      ['move forward 10 in c1', 'FetchStmt'],
+    ];
+    for (const [text, kind] of control) {
+      const [shape] = finder.shapesOfText(text);
+      assert.equal(shape.kind, kind, text);
+      assert.equal(shape.control, true, text);
+    }
+  });
+
+  test('DML, DDL and the rest are not control, whatever they mention', () => {
+    for (const text of [
+      'select 1',
+      "select set_config('x', 'y', false)",
+      'with c as (select 1) insert into t select * from c',
+      'update accounts set abalance = abalance + $1 where aid = $2',
+      'insert into history values (1)',
+      'delete from t where id = 1',
+      'create index on t (a)',
+      'notify jobs',
+      'prepare p as select 1',
+    ]) {
+      assert.equal(finder.shapesOfText(text)[0].control, false, text);
+    }
+  });
+
+  test('each statement of a multi-statement text is judged on its own', () => {
+    assert.deepEqual(finder.shapesOfText('update t set a = 1; commit').map((s) => s.control), [false, true]);
+  });
+
+  test('a fallback shape (no parse tree) is control by its first keyword', () => {
+    assert.equal(finder.shapesOfText('commit this is not sql').at(0)?.control, true);
+    assert.equal(finder.shapesOfText('selec 1').at(0)?.control, false);
+  });
+});

@@ -308,8 +308,19 @@ describe('query shapes through pgwarden', () => {
       assert.equal(calls?.value, shape.calls);
       const info = families.get('pgwarden_shape_info')?.samples.find((s) => s.labels.fingerprint === fingerprint);
       assert.equal(info?.labels.query, shape.query);
-      const p50 = families.get('pgwarden_shape_latency_seconds')?.samples.find((s) => s.labels.fingerprint === fingerprint && s.labels.quantile === '0.5');
-      assert.ok(p50 && Math.abs(p50.value * 1000 - shape.p50_ms) < 0.01, `p50 ${p50?.value} s vs ${shape.p50_ms} ms`);
+      const latency = families.get('pgwarden_shape_latency_seconds');
+      assert.equal(latency?.type, 'histogram');
+      const ofShape = latency!.samples.filter((s) => s.labels.fingerprint === fingerprint);
+      const count = ofShape.find((s) => s.name === 'pgwarden_shape_latency_seconds_count');
+      assert.equal(count?.value, shape.calls, 'every call is in the histogram');
+      const sum = ofShape.find((s) => s.name === 'pgwarden_shape_latency_seconds_sum');
+      assert.ok(sum && Math.abs(sum.value * 1000 - shape.total_ms) < 0.01, `sum ${sum?.value} s vs ${shape.total_ms} ms`);
+      // The median call falls in the first bucket whose cumulative count reaches half of the calls.
+      const buckets = ofShape.filter((s) => s.name === 'pgwarden_shape_latency_seconds_bucket');
+      const median = buckets.find((b) => b.value >= shape.calls / 2)!;
+      const below = buckets[buckets.indexOf(median) - 1];
+      assert.ok(shape.p50_ms <= Number(median.labels.le) * 1000 * 1.02, `p50 ${shape.p50_ms} ms within the median's bucket (le ${median.labels.le})`);
+      if (below) assert.ok(shape.p50_ms >= Number(below.labels.le) * 1000 * 0.98, `p50 ${shape.p50_ms} ms above the bucket below (le ${below.labels.le})`);
     });
 
     test('holds no literal value', { timeout: 10_000 }, async () => {

@@ -6,8 +6,8 @@
 import { api, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
 import { LatencyChart } from './chart.js';
 import { fill, fmtTime, h } from './dom.js';
-import { isOpen as modalOpen, liftDialog, ruleDialog, close as closeModal } from './modal.js';
-import { renderEvents, renderIncidents, renderPlans, renderRules, ShapesTable, shapeStats, statusBadge } from './views.js';
+import { isOpen as modalOpen, liftDialog, ruleDialog, sessionDialog, close as closeModal } from './modal.js';
+import { renderEvents, renderIncidents, renderPlans, renderRules, renderSessions, renderUnseenRules, ShapesTable, shapeStats, statusBadge } from './views.js';
 
 const POLL_MS = 2500;
 const SORT_LABELS = { total_time: 'total time', calls: 'calls', p95: 'p95', mean: 'mean' };
@@ -115,13 +115,16 @@ async function refresh() {
   state.inFlight = (async () => {
     try {
       const selected = state.selected;
-      const [shapes, incidents, events, detail] = await Promise.all([
+      const [shapes, incidents, events, detail, sessions, rules] = await Promise.all([
         api(`/api/shapes?sort=${state.sort}&limit=50`, { allow404: true }),
         api('/api/incidents?status=active', { allow404: true }),
         api('/api/events?limit=150', { allow404: true }),
         selected ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true }) : null,
+        api('/api/sessions', { allow404: true }),
+        api('/api/rules', { allow404: true }),
       ]);
       render(shapes ?? [], incidents ?? [], events ?? [], selected, detail, shapes === null);
+      renderSide(sessions ?? [], rules ?? []);
       setConnection('live', 'Live');
       $('refreshed').textContent = `updated ${fmtTime(new Date().toISOString())}`;
       schedule();
@@ -175,6 +178,21 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
   if (changed('events', events)) renderEvents($('timeline-body'), events, (fp) => select(fp, { scroll: true }));
   renderSummary(shapes, active);
   if (selected && selected === state.selected) renderDetail(detail);
+}
+
+/** The live sessions table and, apart, the rules on shapes this instance never saw. */
+function renderSide(sessions, rules) {
+  $('sessions-hint').textContent = `${sessions.length} connected · ${sessions.filter((s) => s.state === 'active').length} active · ${sessions.filter((s) => s.state.startsWith('idle in transaction')).length} idle in transaction`;
+  if (changed('sessions', sessions)) {
+    renderSessions($('sessions-body'), sessions, {
+      open: (fp) => select(fp, { scroll: true }),
+      cancel: (s) => sessionDialog('cancel', s, { done: refresh }),
+      terminate: (s) => sessionDialog('terminate', s, { done: refresh }),
+    });
+  }
+  const unseen = rules.filter((r) => r.seen === false);
+  $('unseen-rules').hidden = unseen.length === 0;
+  if (changed('unseen-rules', unseen)) renderUnseenRules($('unseen-rules-body'), unseen, (rule) => liftDialog(rule, '', { done: refresh }));
 }
 
 function renderSummary(shapes, active) {

@@ -144,3 +144,24 @@ export function liftDialog(rule, shapeQuery, { done = () => {} } = {}) {
     },
   });
 }
+
+/** Cancel a session's running statement, or terminate the session, after a confirmation. */
+export function sessionDialog(kind, session, { done = () => {} } = {}) {
+  const cancel = kind === 'cancel';
+  dialog({
+    title: cancel ? 'Cancel the running statement?' : 'Terminate this session?',
+    lead: cancel
+      ? 'The statement fails with 57014 (canceled); the session stays connected.'
+      : 'The client gets FATAL 57P01 and is disconnected; its open transaction rolls back.',
+    body: [
+      h('p', { class: 'modal-meta' }, `session ${session.id} · ${session.client_address} · ${session.user} / ${session.database}${session.application_name ? ` · ${session.application_name}` : ''}`),
+      session.statement?.query ? h('div', { class: 'modal-query', title: session.statement.query }, oneLine(session.statement.query)) : null,
+    ],
+    confirmLabel: cancel ? 'Cancel statement' : 'Terminate',
+    danger: !cancel,
+    async submit() {
+      await api(cancel ? `/api/sessions/${session.id}/query` : `/api/sessions/${session.id}`, { method: 'DELETE' });
+      done();
+    },
+  });
+}

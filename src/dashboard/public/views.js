@@ -1,5 +1,5 @@
-// Renders the dashboard's panels from API JSON (field names as in PRODUCT.md
-// section 5): incident banners, the shapes table, a shape's detail (plans, rules,
+// Renders the dashboard's panels from API JSON (field names as in docs/api.md):
+// incident banners, the shapes table, a shape's detail (plans, rules,
 // events) and the event timeline. Views take data and callbacks and return or fill
 // elements; they keep no state of their own except the shapes table, which updates
 // its rows in place so hovering and focus survive the refreshes.
@@ -143,7 +143,21 @@ function incidentCard(incident, actions) {
           { class: 'checks' },
           checks.map((c) => h('li', { class: c.ruled_out ? 'check-ok' : 'check-open', title: c.summary }, h('span', { class: 'check-mark' }, c.ruled_out ? '✓' : '?'), h('span', {}, c.summary))),
         ),
-        incident.mitigation ? h('div', { class: 'mitigation' }, h('span', { class: 'section-label' }, 'Mitigation '), `${incident.mitigation.mode}: ${incident.mitigation.note}`) : null,
+        incident.mitigation
+          ? h(
+              'div',
+              { class: 'mitigation' },
+              h('span', { class: 'section-label' }, 'Mitigation '),
+              incident.mitigation.action === 'none' && incident.mitigation.refused?.length ? `${incident.mitigation.mode}: no mitigation` : `${incident.mitigation.mode}: ${incident.mitigation.note}`,
+              incident.mitigation.refused?.length
+                ? h(
+                    'ul',
+                    { class: 'mitigation-refused' },
+                    incident.mitigation.refused.map((r) => h('li', {}, 'refused ', r.fingerprint ? h('code', {}, r.fingerprint) : 'the incident', `: ${r.reason}`)),
+                  )
+                : null,
+            )
+          : null,
       ),
     ),
   );
@@ -411,6 +425,93 @@ export function renderEvents(container, events, onShape, { compact = false } = {
             { class: 'event-body' },
             h('div', { class: e.type === 'ddl' ? 'event-summary mono' : 'event-summary', title: e.summary }, e.type === 'plan_change' ? planHeadline(e.summary) : e.summary),
             e.fingerprint && onShape ? h('button', { type: 'button', class: 'link', onclick: () => onShape(e.fingerprint) }, `shape ${e.fingerprint}`) : null,
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+// ---------------------------------------------------------------- unseen rules
+
+/**
+ * Rules on fingerprints this instance has never seen, kept apart: a rule on a
+ * mistyped fingerprint contains nothing, and no shape detail would ever show it.
+ */
+export function renderUnseenRules(container, rules, onLift) {
+  fill(
+    container,
+    h('p', { class: 'muted' }, 'No shape with these fingerprints has been seen by this instance: a typo, or a shape that has not run here yet.'),
+    h(
+      'ul',
+      { class: 'rules' },
+      rules.map((r) =>
+        h(
+          'li',
+          { class: 'rule', 'data-rule': r.id },
+          h(
+            'div',
+            { class: 'rule-main' },
+            statusBadge(r.action === 'block' ? 'blocked' : r.action === 'shed' ? 'shed' : 'rerouted'),
+            h('code', {}, r.fingerprint),
+            h('div', { class: 'rule-meta' }, [`by ${r.created_by}`, r.expires_at ? `expires ${fmtTime(r.expires_at)}` : 'no expiry', r.id].join(' · ')),
+          ),
+          h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'lift', onclick: () => onLift(r) }, 'Lift'),
+        ),
+      ),
+    ),
+  );
+}
+
+// ---------------------------------------------------------------- sessions
+
+const STATE_CLASS = { active: 'state-active', 'idle in transaction': 'state-idle-tx', 'idle in transaction (aborted)': 'state-idle-tx' };
+
+function duration(ms) {
+  if (ms < 1000) return `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.floor(ms / 60_000)} min ${Math.round((ms % 60_000) / 1000)} s`;
+}
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} kB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+/** The live sessions table, as PgBouncer's SHOW CLIENTS; `actions.cancel` and `actions.terminate` take a session. */
+export function renderSessions(container, sessions, actions) {
+  if (!sessions || sessions.length === 0) {
+    fill(container, h('p', { class: 'muted' }, 'No client sessions.'));
+    return;
+  }
+  fill(
+    container,
+    h(
+      'table',
+      { class: 'sessions' },
+      h('thead', {}, h('tr', {}, ['Client', 'User / db', 'App', 'Since', 'State', 'Statement', 'For', 'In / out', ''].map((t) => h('th', {}, t)))),
+      h(
+        'tbody',
+        {},
+        sessions.map((s) =>
+          h(
+            'tr',
+            { 'data-session': s.id },
+            h('td', { class: 'mono' }, s.client_address),
+            h('td', {}, `${s.user} / ${s.database}`),
+            h('td', {}, s.application_name || '–'),
+            h('td', { title: s.since }, fmtTime(s.since)),
+            h('td', {}, h('span', { class: `session-state ${STATE_CLASS[s.state] ?? ''}` }, s.state)),
+            h('td', { class: 'session-query', title: s.statement?.query ?? '' }, s.statement ? [s.statement.fingerprint ? h('button', { type: 'button', class: 'link mono', onclick: () => actions.open(s.statement.fingerprint) }, s.statement.fingerprint) : null, ' ', s.statement.query ?? ''] : '–'),
+            h('td', { class: 'num' }, s.statement ? `${duration(s.statement.duration_ms)}${s.statement.running ? '' : ' (last)'}` : '–'),
+            h('td', { class: 'num', title: `${s.bytes_in} bytes in, ${s.bytes_out} bytes out` }, `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`),
+            h(
+              'td',
+              { class: 'session-actions' },
+              s.state === 'active' ? h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'cancel', onclick: () => actions.cancel(s) }, 'Cancel') : null,
+              h('button', { type: 'button', class: 'btn btn-small btn-danger', 'data-action': 'terminate', onclick: () => actions.terminate(s) }, 'Terminate'),
+            ),
           ),
         ),
       ),
