@@ -37,6 +37,7 @@ import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ShapeRegistry } from '../shapes/registry.ts';
 import { workloadRoutes } from '../workload/export.ts';
+import type { ClusterRole } from './workers.ts';
 
 export interface App {
   readonly proxy: ProxyServer;
@@ -56,14 +57,22 @@ export interface App {
 
 export interface AppOptions {
   readonly clock?: Clock;
-  /** Serve the admin API (false in all but one worker of a multi-process proxy). */
+  /** Serve the admin API (default true; a proxy worker never serves it). */
   readonly admin?: boolean;
+  /**
+   * With `--workers N` (see workers.ts): a 'worker' runs only the relay and the
+   * rules it is sent, and reports summaries; the 'primary' runs everything else,
+   * fed by those reports, and relays nothing. Absent: one process does it all.
+   */
+  readonly cluster?: ClusterRole;
 }
 
 export async function startApp(config: Config, log: Logger, options: AppOptions = {}): Promise<App> {
   const clock = options.clock ?? systemClock;
   const upstream = parseHostPort(config.upstream);
   const proxy = buildProxy(config, log);
+  const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
+  const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
 
   const events = new EventLog(clock);
   let collector: ShapeCollector | null = null;
@@ -71,7 +80,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   let sampler: PlanSampler | null = null;
   let schema: SchemaWatcher | null = null;
   let roundTrip: RoundTripTracker | null = null;
-  const monitor = config.monitor_url
+  const monitor = config.monitor_url && !worker
     ? new MonitorPool({
         url: config.monitor_url,
         concurrency: config.monitor_concurrency,
@@ -83,12 +92,14 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
 
   // Rules: persisted in the control database when there is one, else in the state file.
   const rulesLog = log.child({ component: 'rules' });
-  const persistence: RulePersistence = config.control_url
+  const persistence: RulePersistence = worker
+    ? worker.rules
+    : config.control_url
     ? await ControlDatabase.open({ url: config.control_url, instance: config.instance_name ?? `${os.hostname()}:${process.pid}`, log: rulesLog })
     : new StateFile(config.state_file, rulesLog);
   const rules = new RuleStore({ clock, log: rulesLog, events, persistence });
   await rules.start();
-  for (const input of config.rules) {
+  for (const input of worker ? [] : config.rules) {
     const id = `cfg-${createHash('sha256').update(JSON.stringify(input)).digest('hex').slice(0, 10)}`;
     if (!rules.get(id)) await rules.add(createRule({ created_by: 'config', ...input }, clock.now(), 'config', id));
   }
@@ -101,7 +112,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
   proxy.setGate(gate);
 
-  if (config.stats) {
+  if (worker) worker.start(proxy, gate, config.stats ? finder : null);
+  else if (config.stats) {
     const bucketMs = config.series_bucket_s * 1000;
     const registry = new ShapeRegistry({
       maxShapes: config.max_shapes,
@@ -158,7 +170,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       roundTrip,
       webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
     });
-    collector.onShape(incidents.observe);
+    collector.onShape(incidents.observe, 'latencies');
     incidents.onChange(
       new MitigationPolicy({
         mode: config.mitigation,
@@ -193,11 +205,12 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     return incidents?.activeFor(fp) ? 'regressed' : 'ok';
   };
 
-  const proxyAddress = await proxy.listen();
+  hub?.attach({ collector, rules, gate });
+  const proxyPort = hub ? 0 : (await proxy.listen()).port;
   let admin: AdminServer | null = null;
   let adminPort: number | null = null;
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
-  if (options.admin !== false) {
+  if (options.admin !== false && !worker) {
     if (config.admin_token === undefined) {
       log.warn({ admin_token: adminToken }, 'no admin_token configured: generated one for this run (set PGWARDEN_ADMIN_TOKEN to choose it)');
     }
@@ -206,7 +219,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
-      metrics: createMetrics(proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
+      metrics: createMetrics(hub ? hub.proxyCounters : proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector
           ? shapeRoutes(collector.registry, clock, statusOf, {
@@ -237,10 +250,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     rules,
     admin,
     adminToken,
-    proxyPort: proxyAddress.port,
+    proxyPort,
     adminPort,
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
+      await worker?.close();
       incidents?.stop();
       schema?.stop();
       roundTrip?.stop();

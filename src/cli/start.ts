@@ -4,17 +4,19 @@
 import cluster from 'node:cluster';
 import os from 'node:os';
 import type { Logger } from 'pino';
+import { systemClock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
 import { createLogger } from '../log.ts';
 import { startApp } from './app.ts';
+import { WorkerHub, WorkerLink } from './workers.ts';
 
 export async function runStart(config: Config): Promise<void> {
   const log = createLogger(config.log_level);
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
-  if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, log);
-  // With several workers only the first serves the admin API (its statistics are
-  // that worker's own; aggregation across workers is not built yet).
-  const app = await startApp(config, log, { admin: cluster.isPrimary || cluster.worker?.id === 1 });
+  if (workers > 1 && cluster.isPrimary) return runPrimary(config, workers, log);
+  // A worker relays and reports to the primary, which owns statistics and the admin API.
+  const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock }) } : undefined;
+  const app = await startApp(config, log, { cluster: role });
   log.info(
     { listen: `${parseHostPort(config.listen).host}:${app.proxyPort}`, upstream: config.upstream, admin: app.adminPort, worker: cluster.worker?.id },
     'pgwarden proxy listening',
@@ -27,24 +29,37 @@ export async function runStart(config: Config): Promise<void> {
   });
 }
 
-/** The primary of a multi-process proxy: forks workers, restarts crashed ones, relays SIGTERM. */
-function superviseWorkers(count: number, log: Logger): void {
+/**
+ * The primary of a multi-process proxy: forks the workers (they start while it
+ * opens its databases), runs everything but the relay (see workers.ts), restarts
+ * crashed workers, and on SIGTERM drains the workers before stopping itself.
+ */
+async function runPrimary(config: Config, count: number, log: Logger): Promise<void> {
+  const hub = new WorkerHub({ workers: count, log });
   let stopping = false;
+  let stopped: (() => void) | null = null;
   for (let i = 0; i < count; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
     if (stopping) {
-      if (Object.keys(cluster.workers ?? {}).length === 0) process.exit(0);
+      if (Object.keys(cluster.workers ?? {}).length === 0) stopped?.();
       return;
     }
     log.error({ worker: worker.id, code, signal }, 'worker exited; starting another');
     cluster.fork();
   });
-  onShutdownSignal((signal) => {
+  const app = await startApp(config, log, { cluster: { role: 'primary', hub } });
+  onShutdownSignal(async (signal) => {
     stopping = true;
     log.info({ signal }, 'stopping workers');
-    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    const allGone = new Promise<void>((resolve) => (stopped = resolve));
+    const workers = Object.values(cluster.workers ?? {});
+    for (const worker of workers) worker?.process.kill('SIGTERM');
+    if (workers.length > 0) await allGone;
+    await app.stop(0);
+    log.info('stopped');
+    process.exit(0);
   });
-  log.info({ workers: count }, 'pgwarden supervising proxy workers');
+  log.info({ workers: count, admin: app.adminPort }, 'pgwarden supervising proxy workers');
 }
 
 function onShutdownSignal(handler: (signal: NodeJS.Signals) => void | Promise<void>): void {

@@ -7,6 +7,7 @@ import { LRUCache } from 'lru-cache';
 import type { Clock } from '../clock.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from './fingerprint.ts';
+import type { ShapeSummary } from './summary.ts';
 import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './series.ts';
 
 /** Fingerprint of the shape that absorbs evicted shapes. */
@@ -83,6 +84,22 @@ export class ShapeStats {
     }
   }
 
+  /** Adds a summary of calls recorded elsewhere (a worker's window); `sketch` is its decoded sketch. */
+  merge(summary: ShapeSummary, sketch: DDSketch | null, now: number): void {
+    this.calls += summary.calls;
+    this.timedCalls += summary.timed;
+    this.errors += summary.errors;
+    for (const [k, v] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    this.rows += summary.rows;
+    this.totalMs += summary.totalMs;
+    if (sketch !== null && sketch.count > 0) this.sketch.merge(sketch);
+    this.lastSeen = now;
+    this.series.merge(now, summary.calls, summary.timed, summary.errors, summary.rows, summary.totalMs, sketch);
+    for (const name of summary.users) addName(this.users, name);
+    for (const name of summary.databases) addName(this.databases, name);
+    for (const name of summary.applications) addName(this.applications, name);
+  }
+
   /** Folds an evicted shape's totals into this one (the overflow shape). */
   absorb(other: ShapeStats): void {
     this.calls += other.calls;
@@ -134,6 +151,18 @@ export class ShapeRegistry {
       this.shapes.set(shape.fingerprint, stats);
     }
     stats.record(c, now);
+    return stats;
+  }
+
+  /** Records a summary of calls made elsewhere (a worker's window, see summary.ts). */
+  ingest(summary: ShapeSummary, sketch: DDSketch | null): ShapeStats {
+    const now = this.options.clock.now();
+    let stats = this.shapes.get(summary.fingerprint);
+    if (stats === undefined) {
+      stats = new ShapeStats(summary.fingerprint, summary.query, summary.command, summary.fallback, now, this.options.series);
+      this.shapes.set(summary.fingerprint, stats);
+    }
+    stats.merge(summary, sketch, now);
     return stats;
   }
 
