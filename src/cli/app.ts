@@ -37,6 +37,7 @@ import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ShapeRegistry } from '../shapes/registry.ts';
 import { workloadRoutes } from '../workload/export.ts';
+import { FleetPublisher } from './fleet.ts';
 import type { ClusterRole } from './workers.ts';
 
 export interface App {
@@ -80,6 +81,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   let sampler: PlanSampler | null = null;
   let schema: SchemaWatcher | null = null;
   let roundTrip: RoundTripTracker | null = null;
+  let fleet: FleetPublisher | null = null;
   const monitor = config.monitor_url && !worker
     ? new MonitorPool({
         url: config.monitor_url,
@@ -194,6 +196,16 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       );
     }
     incidents.start();
+    if (persistence instanceof ControlDatabase) {
+      fleet = new FleetPublisher({
+        registry,
+        control: persistence,
+        intervalMs: config.fleet_publish_interval_s * 1000,
+        topShapes: config.fleet_top_shapes,
+        log: rulesLog,
+      });
+      fleet.start();
+    }
   }
 
   /** What a shape's status is: a rule on it, else an active incident, else ok. */
@@ -227,6 +239,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
+              fleet: fleet ? () => fleet!.fleet() : undefined,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
@@ -256,6 +269,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       await proxy.drain(drainMs);
       await worker?.close();
       incidents?.stop();
+      fleet?.stop();
       schema?.stop();
       roundTrip?.stop();
       sampler?.stop();
