@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import fs from 'node:fs';
 import http from 'node:http';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
@@ -27,6 +28,7 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
   let output = '';
   let proxyPort = 0;
   let adminPort = 0;
+  let workerPids: number[] = [];
   let receiver: http.Server;
   const hooks: { event: string; incident: { id: string; fingerprint: string } }[] = [];
 
@@ -72,6 +74,7 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
         const workers = lines().filter((l) => l.msg === 'pgwarden proxy listening');
         const primary = lines().find((l) => l.msg === 'pgwarden supervising proxy workers');
         if (workers.length < 2 || !primary) return undefined;
+        workerPids = workers.map((l) => l.pid as number);
         return [Number(String(workers[0].listen).split(':').at(-1)), primary.admin as number];
       },
       { timeoutMs: 30_000, what: `two workers and the primary to start (output so far: ${output})` },
@@ -100,6 +103,31 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     return list;
   }
 
+  /**
+   * Which worker process relays a client: the one holding the socket of its
+   * upstream connection (the local port the server sees), found through /proc.
+   */
+  async function workerOf(client: pg.Client): Promise<number | undefined> {
+    const { rows } = await client.query('select inet_client_port() as port');
+    const port = (rows[0].port as number).toString(16).toUpperCase().padStart(4, '0');
+    const inodes = new Set<string>();
+    for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+      for (const line of fs.readFileSync(table, 'utf8').split('\n').slice(1)) {
+        const fields = line.trim().split(/\s+/);
+        if (fields.length > 9 && fields[1].endsWith(`:${port}`)) inodes.add(fields[9]);
+      }
+    }
+    return workerPids.find((pid) =>
+      fs.readdirSync(`/proc/${pid}/fd`).some((fd) => {
+        try {
+          return inodes.has(/^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1] ?? '');
+        } catch {
+          return false;
+        }
+      }),
+    );
+  }
+
   /** Every client runs each of three shapes ROUNDS times: two extended-protocol ones and a simple Query. */
   async function runRound(list: pg.Client[]): Promise<void> {
     await Promise.all(
@@ -121,8 +149,11 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     // Eight connections: the cluster primary hands them to the workers round-robin.
     const list = await clients(CLIENTS);
     t.after(() => Promise.all(list.map((c) => c.end().catch(() => undefined))));
+    const relayedBy = new Set(await Promise.all(list.map(workerOf)));
+    assert.deepEqual([...relayedBy].sort(), [...workerPids].sort(), 'the clients are spread over both workers');
     await runRound(list);
     const expected = CLIENTS * ROUNDS;
+    // (The workerOf queries above are a shape of their own, not one of these three.)
     const shapes = await waitFor(
       async () => {
         const found = await ours();
@@ -136,6 +167,7 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       assert.match(metrics, new RegExp(`pgwarden_shape_calls_total\\{fingerprint="${s.fingerprint}"\\} ${expected}\\n`), `metrics count ${s.query}`);
     }
     assert.match(metrics, new RegExp(`pgwarden_connections_total ${CLIENTS}\\n`));
+    assert.match(metrics, new RegExp(`pgwarden_queries_total ${3 * expected + CLIENTS}\\n`), 'every statement, the workerOf ones included');
     assert.match(metrics, new RegExp(`pgwarden_connections_active ${CLIENTS}\\n`), 'the gauge sums the workers\' sessions');
 
     // One EXPLAIN per shape, though both workers saw each shape (and see it again).
@@ -146,6 +178,9 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       },
       { timeoutMs: 15_000, intervalMs: 200, what: 'a plan for each shape' },
     );
+    // Four explainable shapes: the three and workerOf's query.
+    const explained = async () => Number(/^pgwarden_plan_samples_total (\d+)$/m.exec(await api('/metrics'))?.[1]);
+    await waitFor(async () => (await explained()) >= 4, { timeoutMs: 15_000, intervalMs: 200, what: 'four EXPLAINs' });
     await runRound(list);
     await waitFor(async () => (await ours()).every((s) => s.calls === 2 * expected), { timeoutMs: 15_000, intervalMs: 100, what: 'the second round counted' });
     for (const s of shapes) {
@@ -153,12 +188,12 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       assert.equal(detail.plans.current.samples, 1, `${s.query} explained once`);
       assert.equal(detail.plans.history.length, 1);
     }
-    const explained = Number(/^pgwarden_plan_samples_total (\d+)$/m.exec(await api('/metrics'))?.[1]);
-    assert.equal(explained, 3, 'one EXPLAIN per sampled shape across both workers');
+    assert.equal(await explained(), 4, 'one EXPLAIN per sampled shape across both workers');
   });
 
   test('a regression through both workers opens one incident and sends one webhook', async () => {
     const list = await clients(4);
+    assert.equal(new Set(await Promise.all(list.map(workerOf))).size, 2, 'the load goes through both workers');
     let delay = 0;
     let stop = false;
     const loops = list.map(async (c) => {
