@@ -47,7 +47,15 @@ async function runPrimary(config: Config, count: number, log: Logger): Promise<v
     log.error({ worker: worker.id, code, signal }, 'worker exited; starting another');
     cluster.fork();
   });
-  const app = await startApp(config, log, { cluster: { role: 'primary', hub } });
+  let app: Awaited<ReturnType<typeof startApp>>;
+  try {
+    app = await startApp(config, log, { cluster: { role: 'primary', hub } });
+  } catch (err) {
+    // The primary could not start (e.g. its admin port is taken): take the workers down with it.
+    stopping = true;
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    throw err;
+  }
   onShutdownSignal(async (signal) => {
     stopping = true;
     log.info({ signal }, 'stopping workers');

@@ -103,6 +103,8 @@ export class WorkerHub {
       if (this.targets === null) this.early.push({ worker, message: message as StatsMessage | RulesRequest });
       else this.handle(worker, message as StatsMessage | RulesRequest);
     });
+    // A worker that goes away mid-send: its exit is handled below, the pipe error is not news.
+    cluster.on('fork', (worker) => worker.on('error', (err: Error) => options.log.debug({ err, worker: worker.id }, 'worker IPC error')));
     cluster.on('exit', (worker) => {
       const last = this.snapshots.get(worker.id);
       if (last === undefined) return;
