@@ -71,6 +71,15 @@ export function fleetShapeSummary(s: FleetShape, status: string) {
   };
 }
 
+/** The fleet's shapes; the control database being down is a 503, like a rule change then. */
+async function readFleet(fleet: NonNullable<DetailSources['fleet']>): Promise<FleetShape[]> {
+  try {
+    return await fleet();
+  } catch (err) {
+    throw new ApiError(503, `fleet view unavailable: ${(err as Error).message}`);
+  }
+}
+
 function scopeOf(query: URLSearchParams, fleet: DetailSources['fleet']): 'instance' | 'fleet' {
   const scope = query.get('scope') ?? 'instance';
   if (scope !== 'instance' && scope !== 'fleet') throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
@@ -92,7 +101,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
         if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new ApiError(400, `limit must be an integer from 1 to 10000; got '${limitText}'`);
         const key = SORTS[sort as keyof typeof SORTS];
         if (scope === 'fleet') {
-          const fleet = (await detail.fleet!()).sort((a, b) => key(b) - key(a)).slice(0, limit);
+          const fleet = (await readFleet(detail.fleet!)).sort((a, b) => key(b) - key(a)).slice(0, limit);
           return { status: 200, body: fleet.map((s) => fleetShapeSummary(s, statusOf(s.fingerprint))) };
         }
         const shapes = registry.all().sort((a, b) => key(b) - key(a)).slice(0, limit);
@@ -104,7 +113,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
       path: '/api/shapes/:fingerprint',
       async handle({ params, query }) {
         if (scopeOf(query, detail.fleet) === 'fleet') {
-          const shape = (await detail.fleet!()).find((s) => s.fingerprint === params.fingerprint);
+          const shape = (await readFleet(detail.fleet!)).find((s) => s.fingerprint === params.fingerprint);
           if (!shape) throw new ApiError(404, `no shape with fingerprint '${params.fingerprint}' in the fleet`);
           return {
             status: 200,
