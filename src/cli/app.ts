@@ -50,7 +50,7 @@ export interface App {
   readonly rules: RuleStore;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
-  /** Ports actually bound (useful with port 0). */
+  /** Ports actually bound (useful with port 0); proxyPort is 0 in a cluster primary, which relays nothing. */
   readonly proxyPort: number;
   readonly adminPort: number | null;
   stop(drainMs: number): Promise<void>;
@@ -202,7 +202,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         control: persistence,
         intervalMs: config.fleet_publish_interval_s * 1000,
         topShapes: config.fleet_top_shapes,
-        log: rulesLog,
+        log: log.child({ component: 'fleet' }),
       });
       fleet.start();
     }
