@@ -10,6 +10,8 @@ import http from 'node:http';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { perWorker } from '../../src/cli/workers.ts';
+import type { Rule } from '../../src/rules/rule.ts';
 import { testDatabase, waitFor } from '../harness/database.ts';
 
 const TOKEN = 'workers-test-token-0123456789';
@@ -21,6 +23,17 @@ interface Shape {
   query: string;
   calls: number;
 }
+
+describe('a shed limit under --workers', () => {
+  test('each worker admits its share, rounded up, at least one', () => {
+    const shed = { action: 'shed', max_concurrent: 5 } as Rule;
+    assert.equal(perWorker(shed, 2).max_concurrent, 3);
+    assert.equal(perWorker({ ...shed, max_concurrent: 1 }, 4).max_concurrent, 1);
+    assert.equal(perWorker({ ...shed, max_concurrent: 0 }, 2).max_concurrent, 0, 'zero stays zero');
+    const block = { action: 'block', max_concurrent: null } as Rule;
+    assert.equal(perWorker(block, 2), block);
+  });
+});
 
 describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
   let child: ChildProcess;
@@ -89,10 +102,14 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     receiver?.close();
   });
 
-  async function api(path: string): Promise<any> {
-    const response = await fetch(`http://127.0.0.1:${adminPort}${path}`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+  async function api(path: string, init: { method?: string; body?: unknown; status?: number } = {}): Promise<any> {
+    const response = await fetch(`http://127.0.0.1:${adminPort}${path}`, {
+      method: init.method ?? 'GET',
+      headers: { Authorization: `Bearer ${TOKEN}`, ...(init.body ? { 'Content-Type': 'application/json' } : {}) },
+      body: init.body ? JSON.stringify(init.body) : undefined,
+    });
     const text = await response.text();
-    assert.equal(response.status, 200, text);
+    assert.equal(response.status, init.status ?? 200, text);
     return path === '/metrics' ? text : JSON.parse(text);
   }
 
@@ -189,6 +206,38 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       assert.equal(detail.plans.history.length, 1);
     }
     assert.equal(await explained(), 4, 'one EXPLAIN per sampled shape across both workers');
+  });
+
+  test('a rule added on the primary is enforced by both workers, counted in /metrics, and lifted on both', async (t) => {
+    const list = await clients(4);
+    t.after(() => Promise.all(list.map((c) => c.end().catch(() => undefined))));
+    assert.equal(new Set(await Promise.all(list.map(workerOf))).size, 2, 'the clients are spread over both workers');
+    const text = 'select lower($1::text) as pgw_wk_rule';
+    await list[0].query(text, ['x']);
+    const shape = await waitFor(
+      async () => ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) => s.query.includes('pgw_wk_rule')),
+      { timeoutMs: 10_000, intervalMs: 100, what: 'the shape to be reported' },
+    );
+    const rule = await api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: shape.fingerprint, reason: 'workers test' }, status: 201 });
+    const refused = async (c: pg.Client) => {
+      try {
+        await c.query(text, ['y']);
+        return false;
+      } catch (err) {
+        return (err as { code?: string }).code === '42501';
+      }
+    };
+    await waitFor(async () => (await Promise.all(list.map(refused))).every(Boolean), { timeoutMs: 5000, intervalMs: 50, what: 'every worker to refuse the blocked shape' });
+    await waitFor(
+      async () => {
+        const rules = (await api('/api/rules')) as { id: string; applied: number }[];
+        return (rules.find((r) => r.id === rule.id)?.applied ?? 0) >= list.length;
+      },
+      { timeoutMs: 5000, intervalMs: 100, what: "the workers' refusals to be counted on the primary" },
+    );
+    assert.match(await api('/metrics'), new RegExp(`pgwarden_rule_applied_total\\{rule="${rule.id}",action="block"\\} [1-9]`));
+    await api(`/api/rules/${rule.id}`, { method: 'DELETE' });
+    await waitFor(async () => (await Promise.all(list.map(refused))).every((r) => !r), { timeoutMs: 5000, intervalMs: 50, what: 'every worker to lift the rule' });
   });
 
   test('a regression through both workers opens one incident and sends one webhook', async () => {
