@@ -91,8 +91,6 @@ export class WorkerHub {
   /** Counters of workers that have exited, so totals never go backwards. */
   private readonly departed: ProxySnapshot = emptySnapshot();
   private readonly connectTimes: number[] = [];
-  /** Reports merged, for tests and logs. */
-  reports = 0;
 
   constructor(
     private readonly options: { readonly workers: number; readonly log: Logger },
@@ -131,8 +129,8 @@ export class WorkerHub {
     return sum;
   }
 
-  /** @internal read by statsView */
-  takeConnectTimes(): number[] {
+  /** Upstream connect times reported and not yet taken by the metrics (which empty it). */
+  pendingConnectTimes(): number[] {
     return this.connectTimes;
   }
 
@@ -142,14 +140,17 @@ export class WorkerHub {
       this.sendRules(worker, targets.rules.list());
       return;
     }
-    try {
-      this.snapshots.set(worker.id, message.proxy);
-      for (const ms of message.connectTimes) if (this.connectTimes.length < 10_000) this.connectTimes.push(ms);
-      for (const [id, n] of Object.entries(message.applied)) targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
-      if (targets.collector) for (const summary of message.shapes) targets.collector.ingest(summary);
-      this.reports++;
-    } catch (err) {
-      this.options.log.error({ err, worker: worker.id }, 'worker report could not be merged');
+    this.snapshots.set(worker.id, message.proxy);
+    for (const ms of message.connectTimes) if (this.connectTimes.length < 10_000) this.connectTimes.push(ms);
+    for (const [id, n] of Object.entries(message.applied)) targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
+    if (targets.collector === null) return;
+    for (const summary of message.shapes) {
+      try {
+        targets.collector.ingest(summary);
+      } catch (err) {
+        // A listener failing on one shape (or a malformed summary) must not cost the others their counts.
+        this.options.log.error({ err, worker: worker.id, fingerprint: summary.fingerprint }, 'worker shape summary could not be merged');
+      }
     }
   }
 
@@ -181,7 +182,7 @@ function countersOf(hub: WorkerHub): ProxyCounters {
 function statsView(hub: WorkerHub): ProxyStats {
   const view = {
     get connectTimes() {
-      return hub.takeConnectTimes();
+      return hub.pendingConnectTimes();
     },
   } as unknown as Record<string, unknown>;
   for (const key of COUNTERS) Object.defineProperty(view, key, { get: () => hub.total()[key], enumerable: true });
