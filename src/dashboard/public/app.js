@@ -196,7 +196,7 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
   const where = state.scope === 'fleet' ? ' over every instance (details: this instance)' : '';
   $('shapes-hint').textContent = statsOff
     ? 'statistics are off (stats: false)'
-    : state.scopeNote || `top ${shapes.length} by ${SORT_LABELS[state.sort]}${where} · click a row for its latency, plans and rules`;
+    : `${state.scopeNote ? `${state.scopeNote} · ` : ''}top ${shapes.length} by ${SORT_LABELS[state.sort]}${where} · click a row for its latency, plans and rules`;
   if (changed('events', events)) renderEvents($('timeline-body'), events, (fp) => select(fp, { scroll: true }));
   renderSummary(shapes, active);
   if (selected && selected === state.selected) renderDetail(detail);
