@@ -479,7 +479,7 @@ export class ControlDatabase implements RulePersistence, IncidentSharing {
 async function ensureSchema(client: pg.PoolClient): Promise<void> {
   const { rows } = await client.query<{ ready: boolean }>(
     `select to_regclass('pgwarden.rules') is not null and to_regclass('pgwarden.incidents') is not null
-        and to_regclass('pgwarden.shape_summaries') is not null as ready`,
+        and to_regclass('pgwarden.instances') is not null and to_regclass('pgwarden.shape_summaries') is not null as ready`,
   );
   if (rows[0].ready) return;
   await client.query('begin');
