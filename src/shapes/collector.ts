@@ -5,7 +5,7 @@
 import type { Logger } from 'pino';
 import type { QueryCompletion, QueryObserver } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
-import type { ShapeRegistry, ShapeStats } from './registry.ts';
+import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from './registry.ts';
 import { completionOfExemplar, sketchFromJson, type ShapeSummary } from './summary.ts';
 
 export interface CollectorOptions {
@@ -67,6 +67,8 @@ export class ShapeCollector {
     this.queries += summary.calls;
     for (const [errorClass, n] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + n);
     const stats = this.registry.ingest(summary, summary.sketch === null ? null : sketchFromJson(summary.sketch));
+    // The overflow shape is a sum of many shapes: counted, never explained or judged.
+    if (summary.fingerprint === OVERFLOW_FINGERPRINT) return stats;
     const shape: StatementShape = { fingerprint: summary.fingerprint, query: summary.query, command: summary.command, fallback: summary.fallback };
     for (const exemplar of summary.exemplars) {
       const c = completionOfExemplar(exemplar);

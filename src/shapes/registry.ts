@@ -12,6 +12,7 @@ import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './
 
 /** Fingerprint of the shape that absorbs evicted shapes. */
 export const OVERFLOW_FINGERPRINT = 'overflow';
+export const OVERFLOW_QUERY = '(shapes evicted by the shape cap)';
 /** How many distinct users, databases and application names are kept per shape. */
 const MAX_NAMES = 32;
 
@@ -132,7 +133,7 @@ export class ShapeRegistry {
 
   constructor(private readonly options: RegistryOptions) {
     const now = options.clock.now();
-    this.overflow = new ShapeStats(OVERFLOW_FINGERPRINT, '(shapes evicted by the shape cap)', '', true, now, options.series);
+    this.overflow = new ShapeStats(OVERFLOW_FINGERPRINT, OVERFLOW_QUERY, '', true, now, options.series);
     this.shapes = new LRUCache({
       max: options.maxShapes,
       dispose: (stats, _key, reason) => {
@@ -157,7 +158,8 @@ export class ShapeRegistry {
   /** Records a summary of calls made elsewhere (a worker's window, see summary.ts). */
   ingest(summary: ShapeSummary, sketch: DDSketch | null): ShapeStats {
     const now = this.options.clock.now();
-    let stats = this.shapes.get(summary.fingerprint);
+    // A worker's own overflow (its cap per report) joins this registry's overflow shape.
+    let stats = summary.fingerprint === OVERFLOW_FINGERPRINT ? this.overflow : this.shapes.get(summary.fingerprint);
     if (stats === undefined) {
       stats = new ShapeStats(summary.fingerprint, summary.query, summary.command, summary.fallback, now, this.options.series);
       this.shapes.set(summary.fingerprint, stats);

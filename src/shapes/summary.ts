@@ -15,6 +15,7 @@ import { LRUCache } from 'lru-cache';
 import type { Clock } from '../clock.ts';
 import type { QueryCompletion, QueryObserver, SessionInfo } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
+import { OVERFLOW_FINGERPRINT, OVERFLOW_QUERY } from './registry.ts';
 import { newSketch } from './series.ts';
 
 /**
@@ -126,6 +127,11 @@ export interface BatcherOptions {
   readonly everyExecutionOf?: ReadonlySet<string>;
   /** Exemplars of such commands kept per shape and window. */
   readonly maxEveryExecution?: number;
+  /**
+   * Distinct shapes per window (default 5000); further ones are counted under the
+   * overflow shape, so a flood of distinct texts cannot swell a report without bound.
+   */
+  readonly maxShapes?: number;
 }
 
 const MAX_NAMES = 32;
@@ -165,6 +171,8 @@ export class SummaryBatcher {
   private readonly exemplarIntervalMs: number;
   private readonly everyExecutionOf: ReadonlySet<string>;
   private readonly maxEveryExecution: number;
+  private readonly maxShapes: number;
+  private static readonly overflowShape: StatementShape = { fingerprint: OVERFLOW_FINGERPRINT, query: OVERFLOW_QUERY, command: '', fallback: true };
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -174,16 +182,23 @@ export class SummaryBatcher {
     this.exemplarIntervalMs = options.exemplarIntervalMs ?? 1000;
     this.everyExecutionOf = options.everyExecutionOf ?? new Set();
     this.maxEveryExecution = options.maxEveryExecution ?? 16;
+    this.maxShapes = options.maxShapes ?? 5000;
     this.lastExemplar = new LRUCache({ max: 10_000 });
   }
 
   readonly observe: QueryObserver = (c) => {
     if (c.session.replication) return; // replication commands are not SQL shapes
-    const shape = shapeOfCompletion(this.finder, c);
+    let shape = shapeOfCompletion(this.finder, c);
     let p = this.pending.get(shape.fingerprint);
     if (p === undefined) {
-      p = new Pending(shape, this.maxRecent);
-      this.pending.set(shape.fingerprint, p);
+      if (this.pending.size >= this.maxShapes) {
+        shape = SummaryBatcher.overflowShape;
+        p = this.pending.get(shape.fingerprint);
+      }
+      if (p === undefined) {
+        p = new Pending(shape, this.maxRecent);
+        this.pending.set(shape.fingerprint, p);
+      }
     }
     p.calls++;
     p.rows += c.rows;
@@ -210,7 +225,7 @@ export class SummaryBatcher {
       addName(p.databases, session.database);
       addName(p.applications, session.applicationName);
     }
-    if (c.sqlstate === null && !c.refused) this.maybeExemplar(p, c);
+    if (c.sqlstate === null && !c.refused && shape !== SummaryBatcher.overflowShape) this.maybeExemplar(p, c);
   };
 
   /** Whether anything waits to be drained. */

@@ -116,6 +116,25 @@ describe('shape summaries', { timeout: 10_000 }, () => {
     assert.equal(stats.timedCalls, 6);
   });
 
+  test('past its cap a window counts further shapes under the overflow shape, which the primary keeps as its own', async () => {
+    const { clock, finder, collector } = await setup();
+    const batcher = new SummaryBatcher(finder, { clock, maxShapes: 3 });
+    for (let i = 0; i < 10; i++) batcher.observe(completion(`select c${i} from t`, 1));
+    const window = batcher.drain();
+    assert.equal(window.length, 4);
+    const overflow = window.find((s) => s.fingerprint === 'overflow')!;
+    assert.equal(overflow.calls, 7);
+    assert.equal(overflow.exemplars.length, 0);
+    const primary = collector();
+    const seen: string[] = [];
+    primary.onShape((s) => seen.push(s.fingerprint));
+    for (const s of window) primary.ingest(s);
+    assert.equal(primary.registry.size, 3);
+    assert.equal(primary.registry.get('overflow')!.calls, 7);
+    assert.equal(primary.queries, 10);
+    assert.ok(!seen.includes('overflow'), 'listeners never see the overflow shape');
+  });
+
   test('the fleet merge sums counters, merges sketches and counts instances', async () => {
     const { collector } = await setup();
     const a = collector();
