@@ -73,6 +73,8 @@ export const OPTIONS = {
   state_file: z.string().min(1).default('.pgwarden-state.json').describe('Local file where rules survive a restart (when no control database is configured).'),
   control_url: z.string().regex(/^postgres(ql)?:\/\//, 'expected a postgres:// URL').optional().describe('Control database shared by several pgwarden instances (rules and incidents, LISTEN/NOTIFY).'),
   instance_name: z.string().min(1).optional().describe('Name of this instance in the control database (default: host:pid).'),
+  fleet_publish_interval_s: positiveInt.default(10).describe('With a control database: how often this instance publishes its top shapes for the fleet view (?scope=fleet).'),
+  fleet_top_shapes: positiveInt.default(200).describe('With a control database: shapes (by total time) this instance publishes for the fleet view.'),
   mitigation: z.enum(['off', 'dry-run', 'enforce']).default('dry-run').describe('Automatic mitigation of regression incidents: off, dry-run (say what it would do) or enforce (shed the shape).'),
   mitigation_protect: list.default([]).describe('Fingerprints the mitigation policy never touches (comma-separated in flags and environment).'),
   mitigation_max_concurrent: z.coerce.number().int().min(0).default(1).describe('Concurrent executions a shed rule of the policy allows.'),

@@ -30,7 +30,10 @@ export interface MetricSources {
   readonly rules?: { store: RuleStore; gate: RulesGate } | null;
 }
 
-export function createMetrics(proxy: ProxyServer, sources: MetricSources, options: MetricsOptions): client.Registry {
+/** The proxy counters the metrics read: one ProxyServer's, or the sum over proxy workers. */
+export type ProxyCounters = Pick<ProxyServer, 'stats' | 'sessionCount' | 'bytesRelayed'>;
+
+export function createMetrics(proxy: ProxyCounters, sources: MetricSources, options: MetricsOptions): client.Registry {
   const { collector, incidents, sampler, rules } = sources;
   const registry = new client.Registry();
   client.collectDefaultMetrics({ register: registry });

@@ -40,6 +40,8 @@ import { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ShapeRegistry } from '../shapes/registry.ts';
 import { workloadRoutes } from '../workload/export.ts';
+import { FleetPublisher } from './fleet.ts';
+import type { ClusterRole } from './workers.ts';
 
 export interface App {
   readonly proxy: ProxyServer;
@@ -51,7 +53,7 @@ export interface App {
   readonly rules: RuleStore;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
-  /** Ports actually bound (useful with port 0). */
+  /** Ports actually bound (useful with port 0); proxyPort is 0 in a cluster primary, which relays nothing. */
   readonly proxyPort: number;
   readonly adminPort: number | null;
   readonly policy: MitigationPolicy | null;
@@ -90,14 +92,22 @@ export const RELOADABLE_KEYS: ReadonlySet<string> = new Set([
 
 export interface AppOptions {
   readonly clock?: Clock;
-  /** Serve the admin API (false in all but one worker of a multi-process proxy). */
+  /** Serve the admin API (default true; a proxy worker never serves it). */
   readonly admin?: boolean;
+  /**
+   * With `--workers N` (see workers.ts): a 'worker' runs only the relay and the
+   * rules it is sent, and reports summaries; the 'primary' runs everything else,
+   * fed by those reports, and relays nothing. Absent: one process does it all.
+   */
+  readonly cluster?: ClusterRole;
 }
 
 export async function startApp(config: Config, log: Logger, options: AppOptions = {}): Promise<App> {
   const clock = options.clock ?? systemClock;
   const upstream = parseHostPort(config.upstream);
   const proxy = buildProxy(config, log);
+  const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
+  const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
 
   const events = new EventLog(clock);
   let collector: ShapeCollector | null = null;
@@ -107,8 +117,10 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   let roundTrip: RoundTripTracker | null = null;
   let policy: MitigationPolicy | null = null;
   let current = config;
-  const webhook = config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
-  const monitor = config.monitor_url
+  const webhook =
+    config.alert_webhook_url && !worker ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
+  let fleet: FleetPublisher | null = null;
+  const monitor = config.monitor_url && !worker
     ? new MonitorPool({
         url: config.monitor_url,
         concurrency: config.monitor_concurrency,
@@ -120,12 +132,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
 
   // Rules: persisted in the control database when there is one, else in the state file.
   const rulesLog = log.child({ component: 'rules' });
-  const persistence: RulePersistence = config.control_url
+  const persistence: RulePersistence = worker
+    ? worker.rules
+    : config.control_url
     ? await ControlDatabase.open({ url: config.control_url, instance: config.instance_name ?? `${os.hostname()}:${process.pid}`, log: rulesLog })
     : new StateFile(config.state_file, rulesLog);
   const rules = new RuleStore({ clock, log: rulesLog, events, persistence });
   await rules.start();
-  await syncConfigRules(rules, configRules(config, clock.now()));
+  // A worker's rules come from the primary, config-file rules included.
+  if (!worker) await syncConfigRules(rules, configRules(config, clock.now()));
   const replicas = new Map(
     Object.entries(config.replicas).map(([name, r]) => [
       name,
@@ -135,7 +150,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
   proxy.setGate(gate);
 
-  if (config.stats) {
+  if (worker) worker.start(proxy, gate, config.stats ? finder : null);
+  else if (config.stats) {
     const bucketMs = config.series_bucket_s * 1000;
     const registry = new ShapeRegistry({
       maxShapes: config.max_shapes,
@@ -186,7 +202,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       roundTrip,
       webhook,
     });
-    collector.onShape(incidents.observe);
+    collector.onShape(incidents.observe, 'latencies');
     const shapes = registry;
     policy = new MitigationPolicy({
       ...policySettings(config),
@@ -220,6 +236,16 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       );
     }
     incidents.start();
+    if (persistence instanceof ControlDatabase) {
+      fleet = new FleetPublisher({
+        registry,
+        control: persistence,
+        intervalMs: config.fleet_publish_interval_s * 1000,
+        topShapes: config.fleet_top_shapes,
+        log: log.child({ component: 'fleet' }),
+      });
+      fleet.start();
+    }
   }
 
   /** What a shape's status is: a rule on it, else an active incident, else ok. */
@@ -231,11 +257,12 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     return incidents?.activeFor(fp) ? 'regressed' : 'ok';
   };
 
-  const proxyAddress = await proxy.listen();
+  hub?.attach({ collector, rules, gate });
+  const proxyPort = hub ? 0 : (await proxy.listen()).port;
   let admin: AdminServer | null = null;
   let adminPort: number | null = null;
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
-  if (options.admin !== false) {
+  if (options.admin !== false && !worker) {
     if (config.admin_token === undefined) {
       // Not printed: logs travel further than the operator's terminal. A file only its owner can read.
       const tokenFile = path.join(path.dirname(config.state_file), '.pgwarden-admin-token');
@@ -252,7 +279,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
-      metrics: createMetrics(proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
+      metrics: createMetrics(hub ? hub.proxyCounters : proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector
           ? shapeRoutes(collector.registry, clock, statusOf, {
@@ -260,6 +287,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
+              fleet: fleet ? () => fleet!.fleet() : undefined,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
@@ -294,7 +322,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     rules,
     admin,
     adminToken,
-    proxyPort: proxyAddress.port,
+    proxyPort,
     adminPort,
     policy,
     async reload(next: Config) {
@@ -302,7 +330,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       const tls = next.tls_cert && next.tls_key ? { cert: fs.readFileSync(next.tls_cert), key: fs.readFileSync(next.tls_key) } : null;
       const nextRules = configRules(next, clock.now());
       proxy.setTlsCertificate(tls?.cert, tls?.key);
-      await syncConfigRules(rules, nextRules);
+      if (!worker) await syncConfigRules(rules, nextRules);
       policy?.reconfigure(policySettings(next));
       incidents?.setDetectorOptions(detectorOptions(next));
       collector?.reconfigure({ slowQueryMs: next.slow_query_ms, logQueryValues: next.log_query_values, log: log.child({ component: 'shapes' }) });
@@ -314,7 +342,9 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     },
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
+      await worker?.close();
       incidents?.stop();
+      fleet?.stop();
       schema?.stop();
       roundTrip?.stop();
       sampler?.stop();

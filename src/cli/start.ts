@@ -6,18 +6,20 @@
 import cluster from 'node:cluster';
 import os from 'node:os';
 import type { Logger } from 'pino';
+import { systemClock } from '../clock.ts';
 import { loadConfig, parseHostPort, type Config, type ConfigSources } from '../config.ts';
 import { createLogger } from '../log.ts';
 import { VERSION } from '../version.ts';
 import { startApp, type App } from './app.ts';
+import { WorkerHub, WorkerLink } from './workers.ts';
 
 export async function runStart(config: Config, sources: ConfigSources = {}): Promise<void> {
   const log = createLogger(config.log_level, config.log_format);
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
-  if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, sources, log);
-  // With several workers only the first serves the admin API (its statistics are
-  // that worker's own; aggregation across workers is not built yet).
-  const app = await startApp(config, log, { admin: cluster.isPrimary || cluster.worker?.id === 1 });
+  if (workers > 1 && cluster.isPrimary) return runPrimary(config, workers, sources, log);
+  // A worker relays and reports to the primary, which owns statistics and the admin API.
+  const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock }) } : undefined;
+  const app = await startApp(config, log, { cluster: role });
   logReady(config, app, log);
   onSignals(log, {
     async shutdown(signal) {
@@ -32,10 +34,12 @@ export async function runStart(config: Config, sources: ConfigSources = {}): Pro
 
 /** The line an operator looks for: where clients connect and where the dashboard is. */
 function logReady(config: Config, app: App, log: Logger): void {
-  const listen = `${hostForUrl(parseHostPort(config.listen).host)}:${app.proxyPort}`;
+  // A cluster primary relays nothing (proxyPort 0): its workers listen on the configured port.
+  const address = parseHostPort(config.listen);
+  const listen = `${hostForUrl(address.host)}:${app.proxyPort || address.port}`;
   const fields = { version: VERSION, listen, upstream: config.upstream, worker: cluster.worker?.id };
   if (app.adminPort === null) {
-    log.info(fields, `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the admin API is served by worker 1)`);
+    log.info(fields, `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the primary serves the admin API)`);
     return;
   }
   const admin = `http://${hostForUrl(parseHostPort(config.admin).host)}:${app.adminPort}/`;
@@ -64,26 +68,48 @@ async function reload(app: App, sources: ConfigSources, log: Logger): Promise<vo
   }
 }
 
-/** The primary of a multi-process proxy: forks workers, restarts crashed ones, relays SIGTERM and SIGHUP. */
-function superviseWorkers(count: number, sources: ConfigSources, log: Logger): void {
+/**
+ * The primary of a multi-process proxy: forks the workers (they start while it
+ * opens its databases), runs everything but the relay (see workers.ts), restarts
+ * crashed workers, drains the workers on SIGTERM before stopping itself, and on
+ * SIGHUP reloads its own parts and forwards the reload to the workers.
+ */
+async function runPrimary(config: Config, count: number, sources: ConfigSources, log: Logger): Promise<void> {
+  const hub = new WorkerHub({ workers: count, log });
   let stopping = false;
+  let stopped: (() => void) | null = null;
   for (let i = 0; i < count; i++) cluster.fork();
   cluster.on('exit', (worker, code, signal) => {
     if (stopping) {
-      if (Object.keys(cluster.workers ?? {}).length === 0) process.exit(0);
+      if (Object.keys(cluster.workers ?? {}).length === 0) stopped?.();
       return;
     }
     log.error({ worker: worker.id, code, signal }, 'worker exited; starting another');
     cluster.fork();
   });
   const workers = () => Object.values(cluster.workers ?? {});
+  let app: App;
+  try {
+    app = await startApp(config, log, { cluster: { role: 'primary', hub } });
+  } catch (err) {
+    // The primary could not start (e.g. its admin port is taken): take the workers down with it.
+    stopping = true;
+    for (const worker of workers()) worker?.process.kill('SIGTERM');
+    throw err;
+  }
   onSignals(log, {
-    shutdown(signal) {
+    async shutdown(signal) {
       stopping = true;
       log.info({ signal }, 'stopping workers');
-      for (const worker of workers()) worker?.process.kill('SIGTERM');
+      const allGone = new Promise<void>((resolve) => (stopped = resolve));
+      const running = workers();
+      for (const worker of running) worker?.process.kill('SIGTERM');
+      if (running.length > 0) await allGone;
+      await app.stop(0);
+      log.info('stopped');
+      process.exit(0);
     },
-    reload() {
+    async reload() {
       // Checked here first, so a bad file gives one message rather than one per worker.
       try {
         loadConfig(sources);
@@ -91,10 +117,12 @@ function superviseWorkers(count: number, sources: ConfigSources, log: Logger): v
         log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
         return;
       }
+      await reload(app, sources, log);
       log.info({ workers: workers().length }, 'forwarding the reload to the workers');
       for (const worker of workers()) worker?.process.kill('SIGHUP');
     },
   });
+  logReady(config, app, log);
   log.info({ workers: count, version: VERSION }, 'pgwarden supervising proxy workers');
 }
 

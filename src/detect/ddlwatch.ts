@@ -10,7 +10,8 @@ import { redactLiterals } from '../shapes/sqlscan.ts';
 import { ddlChangesOf } from './ddl.ts';
 import type { EventLog } from './events.ts';
 
-const DDL_COMMANDS = new Set(['CREATE', 'DROP', 'ALTER', 'TRUNCATE', 'REINDEX', 'COMMENT']);
+/** Commands that change the schema: each successful one is an event. */
+export const DDL_COMMANDS: ReadonlySet<string> = new Set(['CREATE', 'DROP', 'ALTER', 'TRUNCATE', 'REINDEX', 'COMMENT']);
 
 export class DdlWatch {
   /** The text last examined: later statements of the same multi-statement Query are not parsed again. */

@@ -5,7 +5,8 @@
 import type { Logger } from 'pino';
 import type { QueryCompletion, QueryObserver } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
-import type { ShapeRegistry, ShapeStats } from './registry.ts';
+import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from './registry.ts';
+import { completionOfExemplar, sketchFromJson, type ShapeSummary } from './summary.ts';
 
 export interface CollectorOptions {
   /** Queries at least this slow get a log line; 0 logs every query. */
@@ -18,11 +19,37 @@ export interface CollectorOptions {
 /** Called after a statement is recorded, for modules that watch shapes (detector, plans). */
 export type ShapeListener = (stats: ShapeStats, shape: StatementShape, completion: QueryCompletion) => void;
 
+/**
+ * What a listener needs when statistics arrive as summaries from proxy workers
+ * (ingest) instead of one completion at a time: 'statements' listeners get the
+ * executions copied out whole (exemplars: at most about one per shape and second
+ * per worker, and every DDL); 'latencies' listeners get one completion per recent
+ * latency, without text or parameters. With the proxy in-process, every listener
+ * gets every completion.
+ */
+export type ListenerNeeds = 'statements' | 'latencies';
+
 export class ShapeCollector {
   /** Statements seen and failed, for the proxy-level metrics. */
   queries = 0;
   readonly errorsByClass = new Map<string, number>();
   private readonly listeners: ShapeListener[] = [];
+  private readonly statementListeners: ShapeListener[] = [];
+  private readonly latencyListeners: ShapeListener[] = [];
+  /** Reused for the latencies replayed by ingest (listeners copy what they keep). */
+  private readonly replayed = {
+    session: { id: -1, user: '', database: '', applicationName: '', clientAddress: '', replication: false },
+    text: '',
+    statement: null,
+    statementIndex: 0,
+    bind: null,
+    startedAt: 0,
+    durationMs: 0,
+    rows: 0,
+    sqlstate: null,
+    upstream: 'primary',
+    refused: false,
+  } satisfies QueryCompletion as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -35,8 +62,39 @@ export class ShapeCollector {
     this.options = options;
   }
 
-  onShape(listener: ShapeListener): void {
+  onShape(listener: ShapeListener, needs: ListenerNeeds = 'statements'): void {
     this.listeners.push(listener);
+    (needs === 'statements' ? this.statementListeners : this.latencyListeners).push(listener);
+  }
+
+  /** Records a summary of calls proxied elsewhere (a worker's window) and replays it to the listeners. */
+  ingest(summary: ShapeSummary): ShapeStats {
+    this.queries += summary.calls;
+    for (const [errorClass, n] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + n);
+    const stats = this.registry.ingest(summary, summary.sketch === null ? null : sketchFromJson(summary.sketch));
+    // The overflow shape is a sum of many shapes: counted, never explained or judged.
+    if (summary.fingerprint === OVERFLOW_FINGERPRINT) return stats;
+    const shape: StatementShape = {
+      fingerprint: summary.fingerprint,
+      query: summary.query,
+      command: summary.command,
+      fallback: summary.fallback,
+      kind: summary.kind,
+      control: summary.control,
+    };
+    for (const exemplar of summary.exemplars) {
+      const c = completionOfExemplar(exemplar);
+      for (let i = 0; i < this.statementListeners.length; i++) this.statementListeners[i](stats, shape, c);
+    }
+    if (this.latencyListeners.length > 0 && summary.recent.length > 0) {
+      const c = this.replayed;
+      c.text = summary.query;
+      for (const ms of summary.recent) {
+        c.durationMs = ms;
+        for (let i = 0; i < this.latencyListeners.length; i++) this.latencyListeners[i](stats, shape, c);
+      }
+    }
+    return stats;
   }
 
   readonly observe: QueryObserver = (c) => {

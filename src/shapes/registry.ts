@@ -7,6 +7,7 @@ import { LRUCache } from 'lru-cache';
 import type { Clock } from '../clock.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from './fingerprint.ts';
+import type { ShapeSummary } from './summary.ts';
 import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './series.ts';
 
 /** Fingerprint of the shape that absorbs evicted shapes. */
@@ -19,6 +20,14 @@ export const OVERFLOW_FINGERPRINT = 'overflow';
 export const LATENCY_BUCKETS_MS: readonly number[] = [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000];
 const BUCKET_COUNT = LATENCY_BUCKETS_MS.length;
 
+/** Index into a latency bucket array (LATENCY_BUCKETS_MS, then +Inf) for a duration in ms. */
+export function latencyBucket(ms: number): number {
+  let b = 0;
+  while (b < BUCKET_COUNT && ms > LATENCY_BUCKETS_MS[b]) b++;
+  return b;
+}
+
+export const OVERFLOW_QUERY = '(shapes evicted by the shape cap)';
 /** How many distinct users, databases and application names are kept per shape. */
 const MAX_NAMES = 32;
 
@@ -74,9 +83,7 @@ export class ShapeStats {
     if (!c.refused) {
       this.timedCalls++;
       this.totalMs += c.durationMs;
-      let b = 0;
-      while (b < BUCKET_COUNT && c.durationMs > LATENCY_BUCKETS_MS[b]) b++;
-      this.latencyBuckets[b]++;
+      this.latencyBuckets[latencyBucket(c.durationMs)]++;
     }
     this.lastSeen = now;
     const failed = c.sqlstate !== null;
@@ -97,6 +104,25 @@ export class ShapeStats {
       addName(this.databases, session.database);
       addName(this.applications, session.applicationName);
     }
+  }
+
+  /** Adds a summary of calls recorded elsewhere (a worker's window); `sketch` is its decoded sketch. */
+  merge(summary: ShapeSummary, sketch: DDSketch | null, now: number): void {
+    this.calls += summary.calls;
+    this.timedCalls += summary.timed;
+    this.errors += summary.errors;
+    for (const [k, v] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    this.rows += summary.rows;
+    this.totalMs += summary.totalMs;
+    if (sketch !== null && sketch.count > 0) this.sketch.merge(sketch);
+    if (summary.buckets !== undefined) {
+      for (let b = 0; b <= BUCKET_COUNT && b < summary.buckets.length; b++) this.latencyBuckets[b] += summary.buckets[b];
+    }
+    this.lastSeen = now;
+    this.series.merge(now, summary.calls, summary.timed, summary.errors, summary.rows, summary.totalMs, sketch);
+    for (const name of summary.users) addName(this.users, name);
+    for (const name of summary.databases) addName(this.databases, name);
+    for (const name of summary.applications) addName(this.applications, name);
   }
 
   /** Folds an evicted shape's totals into this one (the overflow shape). */
@@ -132,7 +158,7 @@ export class ShapeRegistry {
 
   constructor(private readonly options: RegistryOptions) {
     const now = options.clock.now();
-    this.overflow = new ShapeStats(OVERFLOW_FINGERPRINT, '(shapes evicted by the shape cap)', '', true, now, options.series);
+    this.overflow = new ShapeStats(OVERFLOW_FINGERPRINT, OVERFLOW_QUERY, '', true, now, options.series);
     this.shapes = new LRUCache({
       max: options.maxShapes,
       dispose: (stats, _key, reason) => {
@@ -153,6 +179,21 @@ export class ShapeRegistry {
       this.shapes.set(shape.fingerprint, stats);
     }
     stats.record(c, now);
+    return stats;
+  }
+
+  /** Records a summary of calls made elsewhere (a worker's window, see summary.ts). */
+  ingest(summary: ShapeSummary, sketch: DDSketch | null): ShapeStats {
+    const now = this.options.clock.now();
+    // A worker's own overflow (its cap per report) joins this registry's overflow shape.
+    let stats = summary.fingerprint === OVERFLOW_FINGERPRINT ? this.overflow : this.shapes.get(summary.fingerprint);
+    if (stats === undefined) {
+      stats = new ShapeStats(summary.fingerprint, summary.query, summary.command, summary.fallback, now, this.options.series);
+      stats.kind = summary.kind ?? '';
+      stats.control = summary.control ?? false;
+      this.shapes.set(summary.fingerprint, stats);
+    }
+    stats.merge(summary, sketch, now);
     return stats;
   }
 

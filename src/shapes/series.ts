@@ -79,6 +79,28 @@ export class ShapeSeries {
     this.currentSketch!.accept(Math.max(durationMs, 0));
   }
 
+  /**
+   * Adds a batch of calls summarized elsewhere (a worker's window, see summary.ts)
+   * to the bucket holding `at`; `sketch` holds the timed calls' latencies.
+   */
+  merge(at: number, calls: number, timed: number, errors: number, rows: number, totalMs: number, sketch: DDSketch | null): void {
+    const bucket = Math.floor(at / this.options.bucketMs);
+    const slot = bucket % this.options.buckets;
+    if (this.index[slot] !== bucket) this.open(slot, bucket);
+    this.calls[slot] += calls;
+    this.errors[slot] += errors;
+    this.rows[slot] += rows;
+    if (timed === 0 || sketch === null) return;
+    this.timed[slot] += timed;
+    this.totalMs[slot] += totalMs;
+    let target = this.sketches.get(bucket);
+    if (target === undefined) {
+      target = newSketch();
+      this.sketches.set(bucket, target);
+    }
+    target.merge(sketch);
+  }
+
   /** Non-empty buckets from `since` (epoch ms) on, oldest first. */
   points(now: number, since = 0): SeriesPoint[] {
     const { bucketMs, buckets } = this.options;

@@ -46,6 +46,16 @@ const SCHEMA_DDL = `
     updated_at timestamptz not null default now()
   );
   create index if not exists incidents_updated_at on pgwarden.incidents (updated_at desc);
+  create table if not exists pgwarden.instances (
+    instance text primary key,
+    heartbeat timestamptz not null default now()
+  );
+  create table if not exists pgwarden.shape_summaries (
+    instance text not null,
+    fingerprint text not null,
+    summary jsonb not null,
+    primary key (instance, fingerprint)
+  );
 `;
 
 export interface ControlDatabaseOptions {
@@ -189,6 +199,56 @@ export class ControlDatabase implements RulePersistence, IncidentSharing {
 
   sharedIncidents(): SharedIncident[] {
     return [...this.incidents];
+  }
+
+  /**
+   * Replaces this instance's published shape summaries (its top shapes, each
+   * cumulative since it started) and renews its heartbeat, in one transaction.
+   * Instances silent for `expireS` are deleted with their rows, by whichever
+   * instance publishes next.
+   */
+  async publishShapes(shapes: readonly { fingerprint: string }[], expireS: number): Promise<void> {
+    const what = 'publish shape summaries';
+    this.assertReachable(what);
+    await this.withPoolClient(what, async (client) => {
+      await client.query('begin');
+      try {
+        await client.query(
+          `insert into pgwarden.instances (instance, heartbeat) values ($1, now())
+           on conflict (instance) do update set heartbeat = now()`,
+          [this.options.instance],
+        );
+        await client.query('delete from pgwarden.shape_summaries where instance = $1', [this.options.instance]);
+        await client.query(
+          `insert into pgwarden.shape_summaries (instance, fingerprint, summary)
+           select $1, s->>'fingerprint', s from jsonb_array_elements($2::jsonb) s`,
+          [this.options.instance, JSON.stringify(shapes)],
+        );
+        await client.query(
+          `with gone as (delete from pgwarden.instances where heartbeat < now() - make_interval(secs => $1) returning instance)
+           delete from pgwarden.shape_summaries s using gone where s.instance = gone.instance`,
+          [expireS],
+        );
+        await client.query('commit');
+      } catch (error) {
+        await client.query('rollback').catch(() => undefined);
+        throw error;
+      }
+    });
+  }
+
+  /** Every live instance's published shape summaries (heartbeat within `maxAgeS`). */
+  async fleetShapes(maxAgeS: number): Promise<Array<{ instance: string; summary: unknown }>> {
+    const what = 'read the fleet shape summaries';
+    this.assertReachable(what);
+    return this.withPoolClient(what, async (client) => {
+      const { rows } = await client.query<{ instance: string; summary: unknown }>(
+        `select s.instance, s.summary from pgwarden.shape_summaries s join pgwarden.instances i using (instance)
+         where i.heartbeat >= now() - make_interval(secs => $1)`,
+        [maxAgeS],
+      );
+      return rows;
+    });
   }
 
   async close(): Promise<void> {
@@ -418,7 +478,8 @@ export class ControlDatabase implements RulePersistence, IncidentSharing {
 /** Creates the schema unless it is there (so a role without CREATE works on a provisioned one). */
 async function ensureSchema(client: pg.PoolClient): Promise<void> {
   const { rows } = await client.query<{ ready: boolean }>(
-    `select to_regclass('pgwarden.rules') is not null and to_regclass('pgwarden.incidents') is not null as ready`,
+    `select to_regclass('pgwarden.rules') is not null and to_regclass('pgwarden.incidents') is not null
+        and to_regclass('pgwarden.instances') is not null and to_regclass('pgwarden.shape_summaries') is not null as ready`,
   );
   if (rows[0].ready) return;
   await client.query('begin');

@@ -1,5 +1,6 @@
 // Two pgwarden instances sharing a control database: a rule added on one is
-// enforced by both within a second.
+// enforced by both within a second, and each sees the other's shapes in its
+// fleet view.
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -20,8 +21,8 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
     await withClient((c) => c.query(`create database ${CONTROL_DB}`));
     const url = new URL(testDatabase().url);
     url.pathname = `/${CONTROL_DB}`;
-    a = await startTestApp({ control_url: url.toString(), instance_name: 'a', mitigation: 'off' });
-    b = await startTestApp({ control_url: url.toString(), instance_name: 'b', mitigation: 'off' });
+    a = await startTestApp({ control_url: url.toString(), instance_name: 'a', mitigation: 'off', fleet_publish_interval_s: 1 });
+    b = await startTestApp({ control_url: url.toString(), instance_name: 'b', mitigation: 'off', fleet_publish_interval_s: 1 });
     await loadParser();
   });
 
@@ -54,5 +55,39 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
       intervalMs: 20,
       what: 'instance b to lift the rule',
     });
+  });
+
+  test('a shape run only through instance a appears with its calls in b\'s fleet view', async () => {
+    const text = 'select abs(11) as pgw_fleet_view_marker';
+    const runs = 7;
+    await withClient(async (c) => {
+      for (let i = 0; i < runs; i++) await c.query(text);
+    }, a.url());
+    const fingerprint = fingerprintSync(text);
+    assert.equal((await b.api(`/api/shapes/${fingerprint}`)).status, 404, 'b never ran it');
+    const shape = await waitFor(
+      async () => {
+        const { body } = await b.api('/api/shapes?scope=fleet&sort=calls&limit=10000');
+        return (body as { fingerprint: string; calls: number }[]).find((s) => s.fingerprint === fingerprint && s.calls === runs);
+      },
+      { timeoutMs: 15_000, intervalMs: 200, what: `the shape with ${runs} calls in b's fleet view` },
+    );
+    assert.equal((shape as unknown as { instances: number }).instances, 1);
+    const { status, body } = await b.api(`/api/shapes/${fingerprint}?scope=fleet`);
+    assert.equal(status, 200);
+    assert.equal(body.calls, runs);
+    assert.deepEqual(body.by_instance.map((i: { instance: string; calls: number }) => [i.instance, i.calls]), [['a', runs]]);
+    assert.ok(body.p95_ms > 0, 'percentiles come from the published sketch');
+
+    // Run through b as well: one shape, both instances, calls summed.
+    await withClient((c) => c.query(text), b.url());
+    await waitFor(
+      async () => {
+        const { body } = await a.api(`/api/shapes/${fingerprint}?scope=fleet`);
+        return body.calls === runs + 1 && body.instances === 2;
+      },
+      { timeoutMs: 15_000, intervalMs: 200, what: 'both instances merged in a\'s fleet view' },
+    );
+    assert.equal((await b.api('/api/shapes?scope=bogus')).status, 400);
   });
 });

@@ -3,7 +3,7 @@
 // All state lives here; views.js only renders. The token comes from the URL
 // fragment or the login form; a 401 brings the login form back.
 
-import { api, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
+import { api, ApiError, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
 import { LatencyChart } from './chart.js';
 import { fill, fmtTime, h } from './dom.js';
 import { isOpen as modalOpen, liftDialog, ruleDialog, sessionDialog, close as closeModal } from './modal.js';
@@ -21,6 +21,10 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   sort: 'total_time',
+  /** 'fleet': shapes and incidents of every instance sharing the control database. */
+  scope: 'instance',
+  /** Why the fleet view was switched off (no control database), shown in the hint. */
+  scopeNote: '',
   selected: null,
   sinceS: 900,
   shapes: [],
@@ -115,9 +119,10 @@ async function refresh() {
   state.inFlight = (async () => {
     try {
       const selected = state.selected;
+      const scope = state.scope === 'fleet' ? '&scope=fleet' : '';
       const [shapes, incidents, events, detail, sessions, rules] = await Promise.all([
-        api(`/api/shapes?sort=${state.sort}&limit=50`, { allow404: true }),
-        api('/api/incidents?status=active', { allow404: true }),
+        api(`/api/shapes?sort=${state.sort}&limit=50${scope}`, { allow404: true }),
+        api(`/api/incidents?status=active${scope}`, { allow404: true }),
         api('/api/events?limit=150', { allow404: true }),
         selected ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true }) : null,
         api('/api/sessions', { allow404: true }),
@@ -129,6 +134,12 @@ async function refresh() {
       $('refreshed').textContent = `updated ${fmtTime(new Date().toISOString())}`;
       schedule();
     } catch (err) {
+      if (err instanceof ApiError && err.status === 400 && state.scope === 'fleet') {
+        // No control database: back to this instance's view, and say why.
+        setScope('instance', err.message);
+        schedule();
+        return;
+      }
       if (err instanceof Unauthorized) {
         showLogin(getToken() ? 'The token was rejected (HTTP 401). Check it and sign in again.' : null);
         if (getToken()) clearToken();
@@ -168,13 +179,27 @@ const table = new ShapesTable($('shapes-table'), {
 });
 table.setSort(state.sort);
 
+function setScope(scope, note = '') {
+  state.scope = scope;
+  state.scopeNote = note;
+  $('scope-fleet').checked = scope === 'fleet';
+  state.rendered.delete('incidents');
+}
+$('scope-fleet').addEventListener('change', (e) => {
+  setScope(e.target.checked ? 'fleet' : 'instance');
+  refresh();
+});
+
 function render(shapes, incidents, events, selected, detail, statsOff) {
   state.shapes = shapes;
   const active = incidents.filter((i) => i.status === 'active');
   if (changed('incidents', active)) renderIncidents($('incidents'), active, actions);
   state.incidents = new Map(active.map((i) => [i.fingerprint, i]));
   table.update(shapes, state.selected, state.incidents);
-  $('shapes-hint').textContent = statsOff ? 'statistics are off (stats: false)' : `top ${shapes.length} by ${SORT_LABELS[state.sort]} · click a row for its latency, plans and rules`;
+  const where = state.scope === 'fleet' ? ' over every instance (details: this instance)' : '';
+  $('shapes-hint').textContent = statsOff
+    ? 'statistics are off (stats: false)'
+    : `${state.scopeNote ? `${state.scopeNote} · ` : ''}top ${shapes.length} by ${SORT_LABELS[state.sort]}${where} · click a row for its latency, plans and rules`;
   if (changed('events', events)) renderEvents($('timeline-body'), events, (fp) => select(fp, { scroll: true }));
   renderSummary(shapes, active);
   if (selected && selected === state.selected) renderDetail(detail);

@@ -1,0 +1,310 @@
+// One view over all proxy workers. With `--workers N` the relay runs in N cluster
+// workers and exactly one process, the cluster primary, owns the statistics: the
+// shape registry, the detector, EXPLAIN sampling, the catalog watch, the policy,
+// webhooks, the control database and the admin API (/metrics, the dashboard).
+//
+// Workers fingerprint their own statements and send per-shape summaries
+// (summary.ts: counters, a mergeable sketch, recent latencies, a few exemplars)
+// plus their proxy counters every REPORT_MS; the primary merges them, so the API,
+// the metrics and the detector see all traffic and side tasks run once. The
+// primary sends the rules in force to every worker, which enforces them locally.
+//
+// Shed limits are split, not shared: each worker admits ceil(max_concurrent / N)
+// executions at once (at least 1). A global limit would need an IPC round trip
+// to the primary for every execution of a shed shape, on exactly the shape that
+// is hurting the database; the split keeps the total within N-1 of the limit
+// (ceil rounding) without it, at the price of one worker queueing while another
+// has a free slot when connections are unevenly spread.
+//
+// Messages are objects with a `type` starting `pgwarden:stats`, `pgwarden:rules`:
+// other IPC channels (cancel keys, reloads) coexist on the same connection and
+// are ignored here.
+
+import cluster, { type Worker } from 'node:cluster';
+import type { Logger } from 'pino';
+import type { ProxyCounters } from '../admin/metrics.ts';
+import type { Clock } from '../clock.ts';
+import { DDL_COMMANDS } from '../detect/ddlwatch.ts';
+import type { ProxyServer, ProxyStats } from '../proxy/server.ts';
+import type { RulesGate } from '../rules/gate.ts';
+import { isRule, type Rule } from '../rules/rule.ts';
+import type { RuleStore } from '../rules/store.ts';
+import type { ShapeCollector } from '../shapes/collector.ts';
+import type { ShapeFinder } from '../shapes/fingerprint.ts';
+import { SummaryBatcher, type ShapeSummary } from '../shapes/summary.ts';
+import type { RulePersistence } from '../state/persistence.ts';
+
+/** How often a worker reports: the API and the detector lag by at most this much. */
+export const REPORT_MS = 250;
+const RULES_TIMEOUT_MS = 30_000;
+
+/** A worker's proxy counters (absolute since it started). */
+export interface ProxySnapshot {
+  connectionsAccepted: number;
+  connectionsRejected: number;
+  cancelRequests: number;
+  upstreamConnectFailures: number;
+  upstreamLost: number;
+  sessions: number;
+  bytesFromClient: number;
+  bytesFromServer: number;
+}
+
+export interface StatsMessage {
+  readonly type: 'pgwarden:stats';
+  readonly shapes: readonly ShapeSummary[];
+  readonly proxy: ProxySnapshot;
+  /** Upstream connect times (ms) since the last report. */
+  readonly connectTimes: readonly number[];
+  /** Queries refused or rerouted per rule id since the last report. */
+  readonly applied: Readonly<Record<string, number>>;
+}
+
+export interface RulesMessage {
+  readonly type: 'pgwarden:rules';
+  readonly rules: readonly Rule[];
+}
+
+interface RulesRequest {
+  readonly type: 'pgwarden:rules-request';
+}
+
+export type ClusterRole = { readonly role: 'primary'; readonly hub: WorkerHub } | { readonly role: 'worker'; readonly link: WorkerLink };
+
+const COUNTERS = ['connectionsAccepted', 'connectionsRejected', 'cancelRequests', 'upstreamConnectFailures', 'upstreamLost'] as const;
+
+/** What the primary's admin side needs to merge worker reports into. */
+export interface HubTargets {
+  readonly collector: ShapeCollector | null;
+  readonly rules: RuleStore;
+  readonly gate: RulesGate;
+}
+
+/**
+ * The primary's end: merges worker reports, sends the rules. Reports arriving
+ * before attach() (workers start while the primary opens its databases) wait.
+ */
+export class WorkerHub {
+  private targets: HubTargets | null = null;
+  private readonly early: Array<{ worker: Worker; message: StatsMessage | RulesRequest }> = [];
+  private readonly snapshots = new Map<number, ProxySnapshot>();
+  /** Counters of workers that have exited, so totals never go backwards. */
+  private readonly departed: ProxySnapshot = emptySnapshot();
+  private readonly connectTimes: number[] = [];
+
+  constructor(
+    private readonly options: { readonly workers: number; readonly log: Logger },
+  ) {
+    cluster.on('message', (worker, message: unknown) => {
+      if (!isMessage(message)) return;
+      if (message.type !== 'pgwarden:stats' && message.type !== 'pgwarden:rules-request') return;
+      if (this.targets === null) this.early.push({ worker, message: message as StatsMessage | RulesRequest });
+      else this.handle(worker, message as StatsMessage | RulesRequest);
+    });
+    // A worker that goes away mid-send: its exit is handled below, the pipe error is not news.
+    cluster.on('fork', (worker) => worker.on('error', (err: Error) => options.log.debug({ err, worker: worker.id }, 'worker IPC error')));
+    cluster.on('exit', (worker) => {
+      const last = this.snapshots.get(worker.id);
+      if (last === undefined) return;
+      this.snapshots.delete(worker.id);
+      for (const key of [...COUNTERS, 'bytesFromClient', 'bytesFromServer'] as const) this.departed[key] += last[key];
+    });
+  }
+
+  attach(targets: HubTargets): void {
+    this.targets = targets;
+    targets.rules.onChange((rules) => {
+      for (const worker of Object.values(cluster.workers ?? {})) if (worker) this.sendRules(worker, rules);
+    });
+    for (const { worker, message } of this.early.splice(0)) this.handle(worker, message);
+  }
+
+  /** The proxy counters of all workers, for /metrics (read at scrape time). */
+  readonly proxyCounters: ProxyCounters = countersOf(this);
+
+  /** Sums of the live workers' last reports and the departed ones'. */
+  total(): ProxySnapshot {
+    const sum = { ...this.departed };
+    for (const s of this.snapshots.values()) for (const key of Object.keys(sum) as (keyof ProxySnapshot)[]) sum[key] += s[key];
+    return sum;
+  }
+
+  /** Upstream connect times reported and not yet taken by the metrics (which empty it). */
+  pendingConnectTimes(): number[] {
+    return this.connectTimes;
+  }
+
+  private handle(worker: Worker, message: StatsMessage | RulesRequest): void {
+    const targets = this.targets!;
+    if (message.type === 'pgwarden:rules-request') {
+      this.sendRules(worker, targets.rules.list());
+      return;
+    }
+    this.snapshots.set(worker.id, message.proxy);
+    for (const ms of message.connectTimes) if (this.connectTimes.length < 10_000) this.connectTimes.push(ms);
+    for (const [id, n] of Object.entries(message.applied)) targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
+    if (targets.collector === null) return;
+    for (const summary of message.shapes) {
+      try {
+        targets.collector.ingest(summary);
+      } catch (err) {
+        // A listener failing on one shape (or a malformed summary) must not cost the others their counts.
+        this.options.log.error({ err, worker: worker.id, fingerprint: summary.fingerprint }, 'worker shape summary could not be merged');
+      }
+    }
+  }
+
+  private sendRules(worker: Worker, rules: readonly Rule[]): void {
+    const message: RulesMessage = { type: 'pgwarden:rules', rules: rules.map((r) => perWorker(r, this.options.workers)) };
+    if (worker.isConnected()) worker.send(message, (err: Error | null) => err && this.options.log.debug({ err, worker: worker.id }, 'rules not sent: worker gone'));
+  }
+}
+
+/** A shed rule as one of `workers` workers enforces it: its share of the slots. */
+export function perWorker(rule: Rule, workers: number): Rule {
+  if (rule.action !== 'shed' || rule.max_concurrent === null || rule.max_concurrent === 0) return rule;
+  return { ...rule, max_concurrent: Math.max(1, Math.ceil(rule.max_concurrent / workers)) };
+}
+
+function countersOf(hub: WorkerHub): ProxyCounters {
+  return {
+    stats: statsView(hub),
+    get sessionCount() {
+      return hub.total().sessions;
+    },
+    bytesRelayed() {
+      const total = hub.total();
+      return { fromClient: total.bytesFromClient, fromServer: total.bytesFromServer };
+    },
+  };
+}
+
+function statsView(hub: WorkerHub): ProxyStats {
+  const view = {
+    get connectTimes() {
+      return hub.pendingConnectTimes();
+    },
+  } as unknown as Record<string, unknown>;
+  for (const key of COUNTERS) Object.defineProperty(view, key, { get: () => hub.total()[key], enumerable: true });
+  Object.defineProperty(view, 'closedBytesFromClient', { get: () => 0 });
+  Object.defineProperty(view, 'closedBytesFromServer', { get: () => 0 });
+  return view as unknown as ProxyStats;
+}
+
+function emptySnapshot(): ProxySnapshot {
+  return { connectionsAccepted: 0, connectionsRejected: 0, cancelRequests: 0, upstreamConnectFailures: 0, upstreamLost: 0, sessions: 0, bytesFromClient: 0, bytesFromServer: 0 };
+}
+
+function isMessage(message: unknown): message is { type: string } {
+  return typeof message === 'object' && message !== null && typeof (message as { type?: unknown }).type === 'string';
+}
+
+/**
+ * A worker's end: batches its statements into summaries, reports them with its
+ * proxy counters, and takes its rules from the primary (the rule persistence of
+ * a worker: changes are made on the primary, never here).
+ */
+export class WorkerLink {
+  private batcher: SummaryBatcher | null = null;
+  private proxy: ProxyServer | null = null;
+  private gate: RulesGate | null = null;
+  private readonly appliedSent = new Map<string, number>();
+  private timer: NodeJS.Timeout | null = null;
+  private readonly ruleListeners: Array<(rules: Rule[]) => void> = [];
+  private firstRules: ((rules: Rule[]) => void) | null = null;
+  private readonly onMessage = (message: unknown) => {
+    if (!isMessage(message) || message.type !== 'pgwarden:rules') return;
+    const rules = ((message as RulesMessage).rules ?? []).filter(isRule);
+    if (this.firstRules) {
+      this.firstRules(rules);
+      this.firstRules = null;
+    } else for (const listener of this.ruleListeners) listener(rules);
+  };
+
+  constructor(private readonly options: { readonly clock: Clock }) {
+    process.on('message', this.onMessage);
+  }
+
+  /** Rules as the worker's store sees them: loaded from the primary, replaced when it says so. */
+  readonly rules: RulePersistence = {
+    load: () =>
+      new Promise<Rule[]>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no rules from the cluster primary within ${RULES_TIMEOUT_MS} ms`)), RULES_TIMEOUT_MS);
+        this.firstRules = (rules) => {
+          clearTimeout(timer);
+          resolve(rules);
+        };
+        send({ type: 'pgwarden:rules-request' } satisfies RulesRequest);
+      }),
+    add: async () => {
+      throw new Error('rules are changed through the admin API of the cluster primary');
+    },
+    // The primary expires rules itself and sends the new set; nothing to do here.
+    remove: async () => undefined,
+    onExternalChange: (listener) => void this.ruleListeners.push(listener),
+    close: async () => undefined,
+  };
+
+  /** Starts reporting; `finder` null when statistics are off (only counters are sent). */
+  start(proxy: ProxyServer, gate: RulesGate, finder: ShapeFinder | null): void {
+    this.proxy = proxy;
+    this.gate = gate;
+    if (finder !== null) {
+      this.batcher = new SummaryBatcher(finder, { clock: this.options.clock, everyExecutionOf: DDL_COMMANDS });
+      proxy.onQueryComplete(this.batcher.observe);
+    }
+    this.timer = setInterval(() => this.report(), REPORT_MS);
+    this.timer.unref();
+  }
+
+  /** Sends what is left (after the proxy drained) and stops. */
+  async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    process.off('message', this.onMessage);
+    await new Promise<void>((resolve) => {
+      if (!this.report(resolve)) resolve();
+    });
+  }
+
+  /** Sends one report; false if there was no channel to send it on. */
+  private report(done?: () => void): boolean {
+    const proxy = this.proxy;
+    if (proxy === null || !process.connected) return false;
+    const applied: Record<string, number> = {};
+    for (const [id, n] of this.gate?.applied ?? []) {
+      const delta = n - (this.appliedSent.get(id) ?? 0);
+      if (delta > 0) applied[id] = delta;
+      this.appliedSent.set(id, n);
+    }
+    const bytes = proxy.bytesRelayed();
+    const stats = proxy.stats;
+    const message: StatsMessage = {
+      type: 'pgwarden:stats',
+      shapes: this.batcher?.drain() ?? [],
+      proxy: {
+        connectionsAccepted: stats.connectionsAccepted,
+        connectionsRejected: stats.connectionsRejected,
+        cancelRequests: stats.cancelRequests,
+        upstreamConnectFailures: stats.upstreamConnectFailures,
+        upstreamLost: stats.upstreamLost,
+        sessions: proxy.sessionCount,
+        bytesFromClient: bytes.fromClient,
+        bytesFromServer: bytes.fromServer,
+      },
+      connectTimes: stats.connectTimes.splice(0),
+      applied,
+    };
+    return send(message, done);
+  }
+}
+
+function send(message: object, done?: () => void): boolean {
+  if (!process.send || !process.connected) return false;
+  process.send(message, undefined, {}, (err: Error | null) => {
+    // The primary is gone (it is stopping): nothing to report to.
+    void err;
+    done?.();
+  });
+  return true;
+}
