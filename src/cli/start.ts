@@ -34,18 +34,20 @@ export async function runStart(config: Config, sources: ConfigSources = {}): Pro
 
 /** The line an operator looks for: where clients connect and where the dashboard is. */
 function logReady(config: Config, app: App, log: Logger): void {
-  // A cluster primary relays nothing (proxyPort 0): its workers listen on the configured port.
-  const address = parseHostPort(config.listen);
-  const listen = `${hostForUrl(address.host)}:${app.proxyPort || address.port}`;
+  const listen = `${hostForUrl(parseHostPort(config.listen).host)}:${app.proxyPort}`;
   const fields = { version: VERSION, listen, upstream: config.upstream, worker: cluster.worker?.id };
   if (app.adminPort === null) {
     log.info(fields, `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the primary serves the admin API)`);
     return;
   }
-  const admin = `http://${hostForUrl(parseHostPort(config.admin).host)}:${app.adminPort}/`;
-  // The token goes into the URL only when the operator opted in: logs are often shipped elsewhere.
-  const dashboard = config.print_dashboard_token ? `${admin}#token=${encodeURIComponent(app.adminToken)}` : admin;
+  const dashboard = dashboardUrl(config, app);
   log.info({ ...fields, admin: app.adminPort, dashboard }, `pgwarden proxy listening on ${listen}; dashboard at ${dashboard}`);
+}
+
+/** The dashboard's address; the token goes into it only when the operator opted in: logs are often shipped elsewhere. */
+function dashboardUrl(config: Config, app: App): string {
+  const admin = `http://${hostForUrl(parseHostPort(config.admin).host)}:${app.adminPort}/`;
+  return config.print_dashboard_token ? `${admin}#token=${encodeURIComponent(app.adminToken)}` : admin;
 }
 
 const hostForUrl = (host: string) => (host.includes(':') ? `[${host}]` : host);
@@ -122,8 +124,11 @@ async function runPrimary(config: Config, count: number, sources: ConfigSources,
       for (const worker of workers()) worker?.process.kill('SIGHUP');
     },
   });
-  logReady(config, app, log);
-  log.info({ workers: count, version: VERSION }, 'pgwarden supervising proxy workers');
+  const dashboard = dashboardUrl(config, app);
+  log.info(
+    { workers: count, version: VERSION, listen: config.listen, admin: app.adminPort, dashboard },
+    `pgwarden supervising proxy workers on ${config.listen}; dashboard at ${dashboard}`,
+  );
 }
 
 interface SignalHandlers {

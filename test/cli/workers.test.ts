@@ -84,8 +84,8 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     const lines = () => output.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
     [proxyPort, adminPort] = await waitFor(
       () => {
-        const workers = lines().filter((l) => l.msg === 'pgwarden proxy listening');
-        const primary = lines().find((l) => l.msg === 'pgwarden supervising proxy workers');
+        const workers = lines().filter((l) => String(l.msg).startsWith('pgwarden proxy listening'));
+        const primary = lines().find((l) => String(l.msg).startsWith('pgwarden supervising proxy workers'));
         if (workers.length < 2 || !primary) return undefined;
         workerPids = workers.map((l) => l.pid as number);
         return [Number(String(workers[0].listen).split(':').at(-1)), primary.admin as number];
