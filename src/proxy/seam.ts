@@ -14,6 +14,12 @@ export interface SessionInfo {
   readonly clientAddress: string;
   /** A replication connection: its queries are replication commands, not SQL. */
   readonly replication: boolean;
+  /**
+   * Session-level settings known to the proxy: from the startup packet (parameters
+   * and `-c` options), and search_path as the server reports it (ParameterStatus,
+   * PostgreSQL 18+). Names are lower-case.
+   */
+  readonly settings: ReadonlyMap<string, string>;
 }
 
 /** A prepared statement as the client created it with Parse. */

@@ -37,6 +37,7 @@ import {
   type SessionInfo,
 } from './seam.ts';
 import { withReadBuffer } from './readbuffer.ts';
+import { startupSettings } from './settings.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
 
 export interface SessionOptions {
@@ -122,6 +123,7 @@ class PendingQueue {
 
 class MutableSessionInfo implements SessionInfo {
   applicationName: string;
+  readonly settings: Map<string, string>;
   constructor(
     readonly id: number,
     readonly user: string,
@@ -129,8 +131,10 @@ class MutableSessionInfo implements SessionInfo {
     applicationName: string,
     readonly clientAddress: string,
     readonly replication: boolean,
+    settings: Map<string, string>,
   ) {
     this.applicationName = applicationName;
+    this.settings = settings;
   }
 }
 
@@ -179,6 +183,7 @@ for (const t of [
 BACKEND_KINDS[Backend.DataRow] = HEADER;
 
 const APPLICATION_NAME = Buffer.from('application_name\0');
+const SEARCH_PATH = Buffer.from('search_path\0');
 
 interface Portal {
   statement: PreparedStatement | null;
@@ -256,6 +261,7 @@ export class Session {
       params.get('application_name') ?? '',
       `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`,
       replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0',
+      startupSettings(params),
     );
     this.completion = new MutableCompletion(this.info);
     this.request = new MutableRequest(this.info);
@@ -755,6 +761,8 @@ export class Session {
         if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
           const valueStart = start + 5 + APPLICATION_NAME.length;
           this.info.applicationName = buf.toString('utf8', valueStart, end - 1);
+        } else if (buf.indexOf(SEARCH_PATH, start + 5) === start + 5) {
+          this.info.settings.set('search_path', buf.toString('utf8', start + 5 + SEARCH_PATH.length, end - 1));
         }
         return CONTINUE;
     }
