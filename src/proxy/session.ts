@@ -33,6 +33,8 @@ import {
   type QueryGate,
   type QueryObserver,
   type QueryRequest,
+  RerouteInterrupted,
+  type RerouteSink,
   type RerouteTarget,
   type SessionInfo,
 } from './seam.ts';
@@ -637,9 +639,13 @@ export class Session {
   }
 
   /**
-   * Runs frontend messages on a reroute target and relays the answer followed by
-   * ReadyForQuery with the primary's (idle) status; if the target fails, `fallback`
-   * sends them to the primary instead. Client input resumes either way.
+   * Runs frontend messages on a reroute target, streaming its answer to the client
+   * (the target pauses while the client is behind), then ReadyForQuery with the
+   * primary's (idle) status. If the target fails before relaying anything,
+   * `fallback` sends the messages to the primary instead. If it fails mid-answer,
+   * the statement ends with an 08006 ErrorResponse and ReadyForQuery, and the
+   * session goes on; if a message was half-relayed the client's stream cannot be
+   * continued, and the session is closed. Client input resumes otherwise.
    */
   private runElsewhere(
     target: RerouteTarget,
@@ -650,24 +656,66 @@ export class Session {
     bind: Buffer | null,
     fallback: () => void,
   ): void {
+    const client = this.client;
+    const sink: RerouteSink = {
+      resumed: null,
+      get closed() {
+        return client.destroyed || client.writableEnded;
+      },
+      write: (bytes) => {
+        if (client.destroyed) return false;
+        this.bytesFromServer += bytes.length;
+        if (client.write(bytes)) return true;
+        client.once('drain', wake);
+        return false;
+      },
+    };
+    // The target waits for this after a false write: on drain, or at once if the client goes.
+    const wake = (): void => {
+      client.off('drain', wake);
+      sink.resumed?.();
+    };
+    client.once('close', wake);
     const resume = () => {
+      client.off('close', wake);
       this.gateHolding = false;
       this.resumeClientInput();
       this.clientFramer.resume();
     };
-    target.run(messages, this.info.database).then(
-      (responses) => {
+    target.run(messages, this.info.database, sink).then(
+      (outcome) => {
         if (this.state === 'closed') return;
-        this.writeClient(responses);
         this.writeClient(READY_FOR_QUERY_IDLE);
-        const outcome = summarizeResponses(responses);
         this.emit(text, statement, 0, bind, mark, performance.now(), outcome.rows, outcome.sqlstate, target.name);
         resume();
       },
       (err: Error) => {
-        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
         if (this.state === 'closed') return;
-        fallback();
+        if (!(err instanceof RerouteInterrupted)) {
+          this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
+          fallback();
+          resume();
+          return;
+        }
+        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute target failed mid-answer');
+        this.emit(text, statement, 0, bind, mark, performance.now(), 0, SqlState.ConnectionFailure, target.name);
+        if (err.midMessage) {
+          // Part of a message is out: nothing more can be framed by the client. Close.
+          client.off('close', wake);
+          this.clientFramer.stop();
+          client.end();
+          return;
+        }
+        this.writeClient(
+          encodeErrorResponse({
+            severity: 'ERROR',
+            code: SqlState.ConnectionFailure,
+            message: `reroute target ${target.name} failed during the statement; the rest of its answer is lost`,
+            detail: err.message,
+            hint: 'The statement did not complete. It is safe to retry it; the session is still usable.',
+          }),
+        );
+        this.writeClient(READY_FOR_QUERY_IDLE);
         resume();
       },
     );
@@ -934,16 +982,3 @@ export class Session {
 }
 
 const READY_FOR_QUERY_IDLE = Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, TransactionStatus.Idle]);
-
-/** Rows and SQLSTATE of a rerouted statement, from the backend messages relayed for it. */
-function summarizeResponses(responses: Buffer): { rows: number; sqlstate: string | null } {
-  let rows = 0;
-  let sqlstate: string | null = null;
-  for (let p = 0; p + 5 <= responses.length; ) {
-    const end = p + 1 + responses.readInt32BE(p + 1);
-    if (responses[p] === Backend.CommandComplete) rows = commandCompleteRows(responses, p, end);
-    else if (responses[p] === Backend.ErrorResponse) sqlstate = errorSqlState(responses, p, end);
-    p = end;
-  }
-  return { rows, sqlstate };
-}
