@@ -59,6 +59,7 @@ export const OPTIONS = {
   metrics_top_shapes: positiveInt.default(50).describe('Shapes with their own Prometheus series (by total time); the rest are summed as "other".'),
   series_bucket_s: positiveInt.default(10).describe('Width of one bucket of the per-shape latency time series.'),
   series_buckets: positiveInt.default(360).describe('Buckets kept per shape (360 x 10 s = one hour).'),
+  admin_max_connections: positiveInt.default(64).describe('Open admin HTTP connections at most; more are answered 503 and closed.'),
   monitor_concurrency: positiveInt.default(2).describe('Monitoring connections per database (EXPLAIN sampling, catalog checks).'),
   monitor_statement_timeout_ms: positiveInt.default(5000).describe('statement_timeout of monitoring queries.'),
   plan_sample_period_s: positiveInt.default(60).describe('Each shape is re-explained at least this often (and at once on a latency jump or schema change).'),

@@ -206,6 +206,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
+      maxConnections: config.admin_max_connections,
       metrics: createMetrics(proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector
