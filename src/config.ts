@@ -61,6 +61,7 @@ export const OPTIONS = {
   series_buckets: positiveInt.default(360).describe('Buckets kept per shape (360 x 10 s = one hour).'),
   admin_max_connections: positiveInt.default(64).describe('Open admin HTTP connections at most; more are answered 503 and closed.'),
   monitor_concurrency: positiveInt.default(2).describe('Monitoring connections per database (EXPLAIN sampling, catalog checks).'),
+  monitor_max_databases: positiveInt.default(8).describe('Databases the monitoring connection keeps a pool for at once (EXPLAIN runs in each session\'s own database); the least recently used pool is closed beyond it.'),
   monitor_statement_timeout_ms: positiveInt.default(5000).describe('statement_timeout of monitoring queries.'),
   plan_sample_period_s: positiveInt.default(60).describe('Each shape is re-explained at least this often (and at once on a latency jump or schema change).'),
   plan_samples_per_second: positiveInt.default(10).describe('Upper bound on EXPLAINs per second across all shapes.'),

@@ -76,6 +76,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         url: config.monitor_url,
         concurrency: config.monitor_concurrency,
         statementTimeoutMs: config.monitor_statement_timeout_ms,
+        maxDatabases: config.monitor_max_databases,
         log: log.child({ component: 'monitor' }),
       })
     : null;

@@ -9,7 +9,7 @@ import pino from 'pino';
 import { explainableStatement, explainSample } from '../../src/plans/explain.ts';
 import { MonitorPool } from '../../src/plans/monitor.ts';
 import { summarizePlan } from '../../src/plans/plan.ts';
-import { testDatabase, withClient } from '../harness/database.ts';
+import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 
 const TABLE = 'pgw_explain_items';
 const PG_VERSION = Number(process.env.PGWARDEN_TEST_PG_VERSION ?? 0);
@@ -149,5 +149,27 @@ describe('explainSample', () => {
       return rows.map((r) => r.state);
     });
     assert.deepEqual(states, ['idle']);
+  });
+});
+
+describe('MonitorPool', () => {
+  test('keeps pools for at most maxDatabases databases, closing the least recently used', async () => {
+    const appName = 'pgwarden-monitor';
+    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, maxDatabases: 1, log: pino({ level: 'silent' }) });
+    const databases = async () =>
+      withClient(async (c) => {
+        const { rows } = await c.query<{ datname: string }>('select datname from pg_stat_activity where application_name = $1 and pid <> pg_backend_pid() order by 1', [appName]);
+        return rows.map((r) => r.datname);
+      });
+    try {
+      await monitor.query('select 1', [], 'template1');
+      assert.deepEqual(await databases(), ['template1']);
+      await monitor.query('select 1', [], monitor.defaultDatabase);
+      await waitFor(async () => JSON.stringify(await databases()) === JSON.stringify([monitor.defaultDatabase]), {
+        what: "only the latest database's monitoring connection to remain",
+      });
+    } finally {
+      await monitor.close();
+    }
   });
 });
