@@ -1,4 +1,4 @@
-// The 4 GB acceptance run of reroute streaming: the suite streams 768 MB through a
+// The 4 GB acceptance run of reroute streaming: the suite streams 512 MB through a
 // rerouted shape (test/rules/reroute-stream.test.ts); this runs the same test at
 // 4 GB (or PGWARDEN_REROUTE_STREAM_MB) and prints its time, throughput and RSS.
 //
