@@ -74,6 +74,12 @@ export async function explainSample(
       const asSessionRole = await becomeSessionRole(client, sample.user);
       await assertPlanTimeCodeTrusted(client, refs, asSessionRole);
       await applySessionSettings(client, sample.user, sample.settings ?? []);
+      if (values.length > 0 && serverMajorVersion >= GENERIC_PLAN_SINCE && (await forcesGenericPlan(client))) {
+        // EXPLAIN with values always plans for those values; a session (or role)
+        // with plan_cache_mode = force_generic_plan runs the generic plan instead.
+        sql = `EXPLAIN (FORMAT JSON, GENERIC_PLAN) ${statement}`;
+        values = [];
+      }
       const result = await client.query<{ 'QUERY PLAN': unknown }>(sql, values);
       const plan = result.rows[0]?.['QUERY PLAN'];
       if (plan === undefined) throw new Error('EXPLAIN returned no QUERY PLAN row');
@@ -108,6 +114,12 @@ async function becomeSessionRole(client: pg.ClientBase, user: string): Promise<b
     await client.query('ROLLBACK TO SAVEPOINT pgwarden_role');
     return false;
   }
+}
+
+/** Whether plan_cache_mode, as now applied, makes prepared statements use their generic plan. */
+async function forcesGenericPlan(client: pg.ClientBase): Promise<boolean> {
+  const { rows } = await client.query<{ mode: string }>("select current_setting('plan_cache_mode') as mode");
+  return rows[0]?.mode === 'force_generic_plan';
 }
 
 /**

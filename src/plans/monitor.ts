@@ -63,7 +63,8 @@ export class MonitorPool {
 
   /** The server's major version (15, 18...). */
   async serverMajorVersion(): Promise<number> {
-    const { rows } = await this.query<{ v: string }>('show server_version_num');
+    // SHOW names its column after the setting: select it under a name of our own.
+    const { rows } = await this.query<{ v: string }>("select current_setting('server_version_num') as v");
     return Math.floor(Number(rows[0].v) / 10_000);
   }
 

@@ -809,7 +809,7 @@ export class Session {
         if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
           const valueStart = start + 5 + APPLICATION_NAME.length;
           this.info.applicationName = buf.toString('utf8', valueStart, end - 1);
-        } else if (buf.indexOf(SEARCH_PATH, start + 5) === start + 5) {
+        } else if (end - start > 5 + SEARCH_PATH.length && buf.compare(SEARCH_PATH, 0, SEARCH_PATH.length, start + 5, start + 5 + SEARCH_PATH.length) === 0) {
           this.info.settings.set('search_path', buf.toString('utf8', start + 5 + SEARCH_PATH.length, end - 1));
         }
         return CONTINUE;

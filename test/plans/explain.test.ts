@@ -153,6 +153,17 @@ describe('explainSample', () => {
 });
 
 describe('MonitorPool', () => {
+  test("serverMajorVersion is the server's major version", async () => {
+    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, log: pino({ level: 'silent' }) });
+    try {
+      const version = await monitor.serverMajorVersion();
+      assert.ok(Number.isInteger(version) && version >= 13, String(version));
+      if (PG_VERSION) assert.equal(version, PG_VERSION);
+    } finally {
+      await monitor.close();
+    }
+  });
+
   test('keeps pools for at most maxDatabases databases, closing the least recently used', async () => {
     const appName = 'pgwarden-monitor';
     const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, maxDatabases: 1, log: pino({ level: 'silent' }) });

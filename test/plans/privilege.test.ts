@@ -260,7 +260,13 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
       analyze pgw_tenant_a.users;
       analyze pgw_tenant_b.users;
       grant usage on schema pgw_tenant_a, pgw_tenant_b to public;
-      grant select on pgw_tenant_a.users, pgw_tenant_b.users to public;`);
+      grant select on pgw_tenant_a.users, pgw_tenant_b.users to public;
+      drop table if exists pgw_priv_pcm;
+      create table pgw_priv_pcm (id int, v int);
+      insert into pgw_priv_pcm select g, g from generate_series(1, 20000) g;
+      create index pgw_priv_pcm_small on pgw_priv_pcm (id) where id < 100;
+      grant select on pgw_priv_pcm to public;
+      analyze pgw_priv_pcm;`);
     await superuser(`create database ${OTHER_DB}`);
     await query(
       urlFor(testDatabase().user, OTHER_DB),
@@ -275,7 +281,8 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
     await superuser(`
       drop schema if exists pgw_tenant_a cascade;
       drop schema if exists pgw_tenant_b cascade;
-      drop table if exists pgw_priv_items;`);
+      drop table if exists pgw_priv_items;
+      drop table if exists pgw_priv_pcm;`);
     await superuser(`drop database if exists ${OTHER_DB} with (force)`);
     await superuser(`
       drop owned by ${TENANT};
@@ -309,6 +316,23 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
     }
     const shape = await sampledShape(app, 'select id, email from users where email');
     assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a_email');
+  });
+
+  test('plan_cache_mode set by the session decides between the custom and the generic plan', async () => {
+    const client = new pg.Client({ connectionString: via(app, testDatabase().user) });
+    await client.connect();
+    try {
+      // A custom plan for id = 5 can use the partial index (id < 100); a generic plan cannot.
+      await client.query('select v from pgw_priv_pcm where id = $1', [5]);
+      await client.query('set plan_cache_mode = force_generic_plan');
+      await client.query('select v, id from pgw_priv_pcm where id = $1', [5]);
+    } finally {
+      await client.end();
+    }
+    const custom = await sampledShape(app, 'select v from pgw_priv_pcm where id');
+    assert.deepEqual(custom.plans.current?.indexes, ['pgw_priv_pcm_small']);
+    const generic = await sampledShape(app, 'select v, id from pgw_priv_pcm where id');
+    assert.deepEqual(generic.plans.current?.indexes, []);
   });
 
   test("the session's database is explained there, not in the monitor URL's", async () => {
