@@ -2,7 +2,7 @@
 // plan it. Planning is not inert: the planner folds IMMUTABLE functions with
 // constant arguments (and STABLE ones while estimating selectivity), in the
 // statement itself and in what it pulls in (views, column defaults, row security
-// policies, index and partition expressions, check constraints). A function a
+// policies, index and partition expressions, check constraints, domain defaults). A function a
 // client can create would otherwise run with the monitoring role's privileges.
 //
 // EXPLAIN runs as the session's role (SET LOCAL ROLE, see explain.ts) where the
@@ -64,6 +64,10 @@ export async function planTimeReferences(text: string): Promise<PlanTimeReferenc
       return;
     }
     if (node === null || typeof node !== 'object') return;
+    // A RangeVar appears bare where the field's type is fixed (INSERT, UPDATE,
+    // DELETE and MERGE targets), wrapped as { RangeVar: ... } elsewhere.
+    const relname = (node as { relname?: unknown }).relname;
+    if (typeof relname === 'string') relations.add(relname);
     for (const [key, value] of Object.entries(node as Record<string, unknown>)) {
       const v = value as Record<string, unknown>;
       if (key === 'FuncCall') {
@@ -84,8 +88,9 @@ export async function planTimeReferences(text: string): Promise<PlanTimeReferenc
       } else if (key === 'SortBy') {
         const name = lastName(v.useOp);
         if (name) operators.add(name);
-      } else if (key === 'RangeVar') {
-        if (typeof v.relname === 'string') relations.add(v.relname);
+      } else if (key === 'SubLink') {
+        const name = lastName(v.operName); // x op ANY (SELECT ...)
+        if (name) operators.add(name);
       }
       walk(value);
     }
@@ -119,6 +124,11 @@ objs(classid, objid) as (
   union
     select d.classid, d.objid from pg_depend d join rels r on d.refclassid = 'pg_class'::regclass and d.refobjid = r.oid
     where d.classid <> 'pg_trigger'::regclass
+  union
+    -- Column types: a domain's DEFAULT fills an INSERT like a column default.
+    select 'pg_type'::regclass::oid, t.oid from pg_attribute a join rels r on a.attrelid = r.oid
+      join pg_type t on t.oid in (a.atttypid, (select typbasetype from pg_type where oid = a.atttypid))
+    where a.attnum > 0 and t.typtype = 'd'
 ),
 reached(fn, via) as (
     select p.oid, 'function ' || p.proname from pg_proc p where p.proname = any($1::text[])

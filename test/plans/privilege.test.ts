@@ -74,11 +74,14 @@ async function superuser(sql: string): Promise<void> {
 describe('planTimeReferences', () => {
   test('collects called functions, spelled and implied operators and relations', async () => {
     const refs = await planTimeReferences(
-      "select s.f(x), lower(y) from a join b.c using (id) where z between 1 and 2 and w like 'q' and v !~ 'r' order by 1",
+      "select s.f(x), lower(y) from a join b.c using (id) where z between 1 and 2 and w like 'q' and v !~ 'r' and u @@@ any (select 1) order by 1",
     );
     assert.deepEqual([...refs.functions].sort(), ['f', 'lower']);
     assert.deepEqual([...refs.relations].sort(), ['a', 'c']);
-    for (const op of ['=', '<', '<=', '>=', '~~', '!~']) assert.ok(refs.operators.includes(op), op);
+    for (const text of ['insert into s.t1 values (1)', 'update t1 set a = 1', 'delete from t1', 'merge into t1 using t2 on true when matched then delete']) {
+      assert.ok((await planTimeReferences(text)).relations.includes('t1'), text);
+    }
+    for (const op of ['=', '<', '<=', '>=', '~~', '!~', '@@@']) assert.ok(refs.operators.includes(op), op);
   });
 
   test('text that does not parse is not sampled', async () => {
@@ -149,6 +152,8 @@ describe('EXPLAIN sampling and client code', () => {
         return 1;
       exception when insufficient_privilege then return 0;
       end $$;
+      create domain ${ATTACKER}.quiet as int default ${ATTACKER}.leak();
+      create table ${ATTACKER}.notes (id int, n ${ATTACKER}.quiet);
       create function ${ATTACKER}.nap() returns int language plpgsql immutable as $$
       begin
         perform set_config('role', 'none', true);
@@ -183,6 +188,13 @@ describe('EXPLAIN sampling and client code', () => {
     const shape = await sampledShape(app, `${ATTACKER}.escape()`);
     assert.equal(await secretLockHeld(), false, 'the monitor took an advisory lock keyed by the secret');
     assert.match(shape.plans.not_sampled ?? '', /^not sampled: /);
+  });
+
+  test('a domain default reached by an INSERT is checked like a called function', async () => {
+    await query(via(app, ATTACKER), `insert into ${ATTACKER}.notes (id) values (1)`);
+    const shape = await sampledShape(app, `insert into ${ATTACKER}.notes`);
+    assert.equal(await secretLockHeld(), false, 'the monitor took an advisory lock keyed by the secret');
+    assert.match(shape.plans.not_sampled ?? '', /^not sampled: a relation it reads can run pgw_priv_attacker\.leak\(\)/);
   });
 
   test('a sleeping function does not occupy the monitor', async () => {
