@@ -181,6 +181,8 @@ describe('EXPLAIN sampling and client code', () => {
     const shape = await sampledShape(app, `${ATTACKER}.leak()`);
     assert.equal(await secretLockHeld(), false, 'the monitor took an advisory lock keyed by the secret');
     assert.match(shape.plans.not_sampled ?? '', /^not sampled: function leak can run pgw_priv_attacker\.leak\(\), owned by pgw_priv_attacker/);
+    const metrics = (await app.api('/metrics')).body as string;
+    assert.match(metrics, /^pgwarden_plan_samples_refused_total [1-9]/m);
   });
 
   test('RESET ROLE inside the function does not bring back the monitor', async () => {
