@@ -233,10 +233,16 @@ export class PlanSampler {
       return;
     }
     const name = set![1].toLowerCase();
-    // SET takes 'quoted' items or identifiers; set_config takes the list as text.
+    // SET takes 'quoted' items or identifiers; set_config takes the list as text,
+    // where a name that must keep its case or spaces is "double-quoted".
     const value = set![2]
       .split(',')
-      .map((item) => item.trim().replace(/^'(.*)'$/s, '$1'))
+      .map((item) => {
+        const quoted = /^'(.*)'$/s.exec(item.trim());
+        if (quoted === null) return item.trim();
+        const text = quoted[1].replace(/''/g, "'");
+        return name === 'search_path' ? `"${text.replace(/"/g, '""')}"` : text;
+      })
       .join(', ');
     if (/^default$/i.test(value)) sets.delete(name);
     else sets.set(name, value);

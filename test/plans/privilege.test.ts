@@ -338,7 +338,7 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
     try {
       // A custom plan for id = 5 can use the partial index (id < 100); a generic plan cannot.
       await client.query('select v from pgw_priv_pcm where id = $1', [5]);
-      await client.query('set plan_cache_mode = force_generic_plan');
+      await client.query("set plan_cache_mode = 'force_generic_plan'");
       await client.query('select v, id from pgw_priv_pcm where id = $1', [5]);
     } finally {
       await client.end();
