@@ -2,15 +2,18 @@
 // plan it. Planning is not inert: the planner folds IMMUTABLE functions with
 // constant arguments (and STABLE ones while estimating selectivity), in the
 // statement itself and in what it pulls in (views, column defaults, row security
-// policies, index and partition expressions, check constraints, domain defaults). A function a
-// client can create would otherwise run with the monitoring role's privileges.
+// policies, index and partition expressions, check constraints, domain defaults).
+// A function a client can create would otherwise run with the monitoring role's
+// privileges.
 //
 // EXPLAIN runs as the session's role (SET LOCAL ROLE, see explain.ts) where the
 // monitor may become it. Even then, code the client controls could `RESET ROLE`
 // (set_config('role', 'none', true)) and continue as the monitor, so the rule is
 // the same in spirit either way: every function planning can reach must be one we
 // trust. Trusted means:
-// - as the session's role: in pg_catalog, or owned by a superuser (extensions);
+// - as the session's role: in pg_catalog, or owned by a superuser and written in C
+//   (extensions): a superuser's SQL or PL function resolves the names it calls
+//   through the session's search_path, which the client chooses;
 // - without it (the monitor is not a member of that role): in pg_catalog only;
 // and never one of the pg_catalog functions that run SQL or read whole tables
 // (table_to_xml and friends). The check is conservative: names are matched across
@@ -38,6 +41,8 @@ export class NotSampled extends Error {
 
 /** Operators used without being spelled: CASE, IN, DISTINCT, GROUP BY, ORDER BY, joins. */
 const IMPLICIT_OPERATORS = ['=', '<>', '<', '>', '<=', '>='];
+/** Languages whose functions do not look up other functions by name at run time. */
+const COMPILED = new Set(['c', 'internal']);
 /** pg_catalog functions that run SQL text or read a whole table/schema/database. */
 const UNSAFE_CATALOG_FUNCTION = /_to_xml(schema)?$|_to_xml_and_xmlschema$|^query_to_|^cursor_to_/;
 
@@ -133,7 +138,7 @@ objs(classid, objid) as (
 ),
 -- The only functions that matter: few in most databases, so everything joins to them.
 suspect as materialized (
-    select p.oid, p.proname, p.pronamespace, p.proowner from pg_proc p
+    select p.oid, p.proname, p.pronamespace, p.proowner, p.prolang from pg_proc p
     where p.pronamespace <> 'pg_catalog'::regnamespace or p.proname ~ $4
 ),
 operators as (
@@ -159,11 +164,12 @@ reached(fn, via) as (
   union all
     select s.oid, 'a cast to ' || format_type(c.casttarget, null) from pg_cast c join suspect s on s.oid = c.castfunc
 )
-select r.via, n.nspname as schema, s.proname as name, a.rolname as owner, a.rolsuper as superuser
+select r.via, n.nspname as schema, s.proname as name, a.rolname as owner, a.rolsuper as superuser, l.lanname as language
 from reached r
   join suspect s on s.oid = r.fn
   join pg_namespace n on n.oid = s.pronamespace
   join pg_roles a on a.oid = s.proowner
+  join pg_language l on l.oid = s.prolang
 `;
 
 interface ReachedRow {
@@ -172,6 +178,7 @@ interface ReachedRow {
   name: string;
   owner: string;
   superuser: boolean;
+  language: string;
 }
 
 /**
@@ -195,5 +202,10 @@ export async function assertPlanTimeCodeTrusted(client: pg.ClientBase, refs: Pla
       );
     }
     if (!row.superuser) throw new NotSampled(`${row.via} can run ${name}, owned by ${row.owner}, which is not a superuser`);
+    if (!COMPILED.has(row.language)) {
+      // SQL or PL code looks names up at run time through the session's
+      // search_path, which the client chooses: its calls could land on the client's code.
+      throw new NotSampled(`${row.via} can run ${name}, written in ${row.language}, whose calls follow the session's search_path`);
+    }
   }
 }

@@ -226,6 +226,25 @@ describe('EXPLAIN sampling and client code', () => {
     assert.equal(shape.plans.current?.nodes[0], `Index Scan using items_pkey on items`);
   });
 
+  test("a superuser's C function is planned as the client; a superuser's PL/pgSQL function is not planned", async () => {
+    await superuser(`
+      create or replace function public.pgw_priv_abs(int) returns int language internal immutable strict as 'int4abs';
+      create or replace function public.pgw_priv_helper_user(int) returns int language plpgsql immutable as $$
+        begin return pgw_priv_helper(abs($1)); end $$;
+      create or replace function public.pgw_priv_helper(int) returns int language sql immutable as 'select $1';`);
+    try {
+      await query(via(app, ATTACKER), `select public.pgw_priv_abs(id) from ${ATTACKER}.items where id = 44`);
+      const compiled = await sampledShape(app, 'select public.pgw_priv_abs(id)');
+      assert.equal(compiled.plans.not_sampled, null);
+      assert.match(compiled.plans.current?.nodes[0] ?? '', /using items_pkey on items/);
+      await query(via(app, ATTACKER), `select public.pgw_priv_helper_user(id) from ${ATTACKER}.items where id = 45`);
+      const pl = await sampledShape(app, 'select public.pgw_priv_helper_user(id)');
+      assert.match(pl.plans.not_sampled ?? '', /written in plpgsql, whose calls follow the session's search_path/);
+    } finally {
+      await superuser('drop function public.pgw_priv_abs(int); drop function public.pgw_priv_helper_user(int); drop function public.pgw_priv_helper(int)');
+    }
+  });
+
   test('without membership in the role, statements reaching code outside pg_catalog are not sampled', async () => {
     await superuser(`revoke ${ATTACKER} from ${MONITOR}`);
     try {
