@@ -9,10 +9,12 @@ CREATE ROLE pgwarden_monitor LOGIN PASSWORD 'monitor' CONNECTION LIMIT 10;
 GRANT pg_monitor TO pgwarden_monitor;
 GRANT pg_read_all_stats TO pgwarden_monitor;
 
--- EXPLAIN checks the privileges of the statement it plans (without running it), so
--- the monitoring role needs to be allowed to read what the application's queries
--- read. pgwarden explains in a READ ONLY transaction that it always rolls back, and
--- never with ANALYZE; shapes that write (INSERT, UPDATE, DELETE) are only explained
--- where the role also holds those privileges, otherwise their samples fail and are
--- counted in pgwarden_plan_sample_failures_total.
-GRANT pg_read_all_data TO pgwarden_monitor;
+-- EXPLAIN plans the application's statements as the application's own role (SET
+-- LOCAL ROLE inside a READ ONLY transaction that is always rolled back) where the
+-- monitor is a member of it: GRANT app TO pgwarden_monitor WITH INHERIT FALSE, SET
+-- TRUE for a real application role. This local stack's application is the superuser
+-- postgres, whose membership would make the monitor a superuser: instead the monitor
+-- plans as itself, only statements whose planning stays within pg_catalog, and
+-- EXPLAIN needs SELECT on the tables the application creates.
+-- Never grant pg_read_all_data: planning runs functions a client may have created.
+ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public GRANT SELECT ON TABLES TO pgwarden_monitor;

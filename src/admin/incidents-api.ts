@@ -14,7 +14,7 @@ export function eventJson(e: TimelineEvent) {
 /** A shape's plan history for the shape detail: current plan, past plans, changes with diffs. */
 export function plansJson(sampler: PlanSampler, fingerprint: string) {
   const plans = sampler.plansOf(fingerprint);
-  if (!plans) return { current: null, history: [], changes: [], last_error: null };
+  if (!plans) return { current: null, history: [], changes: [], last_error: null, not_sampled: null };
   const record = (r: NonNullable<typeof plans.current>) => ({
     fingerprint: r.summary.fingerprint,
     nodes: r.summary.nodes.map((n) => n.description),
@@ -30,6 +30,7 @@ export function plansJson(sampler: PlanSampler, fingerprint: string) {
     history: plans.history.map(record),
     changes: plans.changes.map((c) => ({ at: new Date(c.at).toISOString(), from: c.from, to: c.to, ...c.diff })),
     last_error: plans.lastError,
+    not_sampled: plans.notSampled,
   };
 }
 

@@ -132,6 +132,7 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
   if (sampler) {
     counter('pgwarden_plan_samples_total', 'EXPLAIN samples taken through the monitoring connection.', () => sampler.explained);
     counter('pgwarden_plan_sample_failures_total', 'EXPLAIN samples that failed (timeouts, unusable parameters, monitor down).', () => sampler.failed);
+    counter('pgwarden_plan_samples_refused_total', 'Statements not explained because planning them could run code the monitor must not run.', () => sampler.refused);
   }
   return registry;
 }

@@ -49,6 +49,8 @@ export interface AdminOptions {
   readonly log: Logger;
   /** The dashboard's files (HTML, script, styles): served without the token, they hold no data. */
   readonly files?: StaticFiles;
+  /** Open connections at most; more are answered 503 and closed. Default 64. */
+  readonly maxConnections?: number;
 }
 
 export interface StaticFiles {
@@ -56,6 +58,14 @@ export interface StaticFiles {
 }
 
 const MAX_BODY_BYTES = 1024 * 1024;
+const DEFAULT_MAX_CONNECTIONS = 64;
+const TOO_MANY_CONNECTIONS = (() => {
+  const body = JSON.stringify({ error: 'too many admin connections' });
+  return (
+    'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n' +
+    `Retry-After: 1\r\nConnection: close\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`
+  );
+})();
 
 export class AdminServer {
   private readonly server: http.Server;
@@ -69,6 +79,17 @@ export class AdminServer {
         if (!res.headersSent) send(res, 500, { error: 'internal error' });
         else res.destroy();
       });
+    });
+    // Capped, so a flood of idle or slow connections cannot exhaust descriptors or memory.
+    const max = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    let open = 0;
+    this.server.on('connection', (socket: net.Socket) => {
+      open++;
+      socket.once('close', () => open--);
+      if (open > max) {
+        socket.end(TOO_MANY_CONNECTIONS);
+        socket.setTimeout(1000, () => socket.destroy());
+      }
     });
   }
 
@@ -107,11 +128,17 @@ export class AdminServer {
     }
     if (url.pathname === '/metrics' && req.method === 'GET') {
       const text = await this.options.metrics.metrics();
-      res.writeHead(200, { 'Content-Type': this.options.metrics.contentType });
+      res.writeHead(200, { 'Content-Type': this.options.metrics.contentType, 'X-Content-Type-Options': 'nosniff' });
       res.end(text);
       return;
     }
-    const match = this.route(req.method ?? 'GET', url.pathname);
+    let match: ReturnType<AdminServer['route']>;
+    try {
+      match = this.route(req.method ?? 'GET', url.pathname);
+    } catch (err) {
+      if (err instanceof ApiError) return send(res, err.status, { error: err.message });
+      throw err;
+    }
     if (match === null) return send(res, 404, { error: `no such endpoint: ${req.method} ${url.pathname}` });
     if (match === 'method') return send(res, 405, { error: `${req.method} is not allowed on ${url.pathname}` });
     try {
@@ -141,7 +168,11 @@ export class AdminServer {
       const params: Record<string, string> = {};
       const ok = pattern.every((p, i) => {
         if (p.startsWith(':')) {
-          params[p.slice(1)] = decodeURIComponent(segments[i]);
+          try {
+            params[p.slice(1)] = decodeURIComponent(segments[i]);
+          } catch {
+            throw new ApiError(400, `malformed percent-encoding in the URL path segment for :${p.slice(1)}`);
+          }
           return true;
         }
         return p === segments[i];
@@ -156,7 +187,7 @@ export class AdminServer {
 
 function send(res: http.ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'Content-Type': 'application/json; charset=utf-8', 'Cache-Control': 'no-store' });
+  res.writeHead(status, { 'Content-Type': 'application/json; charset=utf-8', 'Cache-Control': 'no-store', 'X-Content-Type-Options': 'nosniff' });
   res.end(text);
 }
 

@@ -125,6 +125,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         url: config.monitor_url,
         concurrency: config.monitor_concurrency,
         statementTimeoutMs: config.monitor_statement_timeout_ms,
+        maxDatabases: config.monitor_max_databases,
         log: log.child({ component: 'monitor' }),
       })
     : null;
@@ -279,6 +280,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       host: adminAddress.host,
       port: adminAddress.port,
       token: adminToken,
+      maxConnections: config.admin_max_connections,
       metrics: createMetrics(hub ? hub.proxyCounters : proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
       routes: [
         ...(collector

@@ -13,18 +13,34 @@ export interface WebhookOptions {
   readonly backoffMs?: number;
 }
 
+/**
+ * The webhook as logs may show it: scheme and host only. A webhook URL often is
+ * a secret (Slack and similar services put the credential in the path or query).
+ */
+export function redactWebhookUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    return `${parsed.protocol}//${parsed.host}/...`;
+  } catch {
+    return '(invalid URL)';
+  }
+}
+
 export class WebhookSender {
   private readonly queue: unknown[] = [];
   private sending = false;
+  private readonly target: string;
   delivered = 0;
   dropped = 0;
 
-  constructor(private readonly options: WebhookOptions) {}
+  constructor(private readonly options: WebhookOptions) {
+    this.target = redactWebhookUrl(options.url);
+  }
 
   send(payload: unknown): void {
     if (this.queue.length >= (this.options.queueLimit ?? 100)) {
       this.dropped++;
-      this.options.log.warn({ url: this.options.url }, 'webhook queue full: alert dropped');
+      this.options.log.warn({ webhook: this.target }, 'webhook queue full: alert dropped');
       return;
     }
     this.queue.push(payload);
@@ -53,9 +69,12 @@ export class WebhookSender {
           signal: AbortSignal.timeout(this.options.timeoutMs ?? 5000),
         });
         if (response.ok) return true;
-        this.options.log.warn({ url: this.options.url, status: response.status, attempt }, 'webhook answered with an error');
+        this.options.log.warn({ webhook: this.target, status: response.status, attempt }, 'webhook answered with an error');
       } catch (err) {
-        this.options.log.warn({ url: this.options.url, err: (err as Error).message, attempt }, 'webhook delivery failed');
+        // fetch's errors can quote the URL: log the cause's code, not its message.
+        const error = err as Error & { cause?: { code?: string } };
+        const reason = error.name === 'TimeoutError' ? 'timed out' : (error.cause?.code ?? error.name);
+        this.options.log.warn({ webhook: this.target, reason, attempt }, 'webhook delivery failed');
       }
       if (attempt < attempts) {
         await new Promise((resolve) => setTimeout(resolve, delay).unref());

@@ -4,11 +4,27 @@
 // second statement), ANALYZE is never asked for, and the EXPLAIN runs in a READ
 // ONLY transaction that is always rolled back, so even a planner-time surprise
 // (a mislabelled IMMUTABLE function that writes) cannot leave anything behind.
+//
+// Planning runs code (folded functions), so the statement is planned with the
+// client's privileges, not the monitor's: inside that transaction the monitor
+// becomes the session's role (SET LOCAL ROLE; it must be granted membership),
+// and guard.ts refuses statements that could reach untrusted code. Becoming the
+// role also makes the plan the application's: its per-role and per-database
+// settings (pg_db_role_setting, which SET ROLE does not apply) and the session's
+// own search_path and plan_cache_mode are applied with SET LOCAL semantics.
 
+import type pg from 'pg';
+import { assertPlanTimeCodeTrusted, planTimeReferences } from './guard.ts';
 import type { MonitorPool } from './monitor.ts';
+
+export { NotSampled } from './guard.ts';
 
 export interface ExplainSample {
   readonly database: string;
+  /** The session's role: the statement is planned as it (or under the stricter rule if the monitor cannot become it). */
+  readonly user: string;
+  /** Session-level settings to plan with (search_path, plan_cache_mode...), applied in order after the role's own. */
+  readonly settings?: readonly (readonly [string, string])[];
   /** The statement text, with $n placeholders for extended-protocol statements. */
   readonly text: string;
   /** That execution's parameters as text; null when they could not be rendered. */
@@ -49,11 +65,21 @@ export async function explainSample(
     );
   }
 
+  const refs = await planTimeReferences(statement);
   const client = await monitor.connect(sample.database);
   let broken: Error | undefined;
   try {
     await client.query('BEGIN READ ONLY');
     try {
+      const asSessionRole = await becomeSessionRole(client, sample.user);
+      await assertPlanTimeCodeTrusted(client, refs, asSessionRole);
+      await applySessionSettings(client, sample.user, sample.settings ?? []);
+      if (values.length > 0 && serverMajorVersion >= GENERIC_PLAN_SINCE && (await forcesGenericPlan(client))) {
+        // EXPLAIN with values always plans for those values; a session (or role)
+        // with plan_cache_mode = force_generic_plan runs the generic plan instead.
+        sql = `EXPLAIN (FORMAT JSON, GENERIC_PLAN) ${statement}`;
+        values = [];
+      }
       const result = await client.query<{ 'QUERY PLAN': unknown }>(sql, values);
       const plan = result.rows[0]?.['QUERY PLAN'];
       if (plan === undefined) throw new Error('EXPLAIN returned no QUERY PLAN row');
@@ -71,6 +97,64 @@ export async function explainSample(
   } finally {
     client.release(broken ?? false);
   }
+}
+
+/**
+ * SET LOCAL ROLE to the session's role, inside the open transaction; false when
+ * the monitoring role may not (not a member), leaving the transaction usable.
+ */
+async function becomeSessionRole(client: pg.ClientBase, user: string): Promise<boolean> {
+  await client.query('SAVEPOINT pgwarden_role');
+  try {
+    // set_config('role') is SET ROLE with the name as a parameter: no quoting to get wrong.
+    await client.query("select set_config('role', $1, true)", [user]);
+    return true;
+  } catch (error) {
+    if (isConnectionError(error)) throw error;
+    await client.query('ROLLBACK TO SAVEPOINT pgwarden_role');
+    return false;
+  }
+}
+
+/** Whether plan_cache_mode, as now applied, makes prepared statements use their generic plan. */
+async function forcesGenericPlan(client: pg.ClientBase): Promise<boolean> {
+  const { rows } = await client.query<{ mode: string }>("select current_setting('plan_cache_mode') as mode");
+  return rows[0]?.mode === 'force_generic_plan';
+}
+
+/**
+ * Settings a session of `user` runs with, in the order PostgreSQL applies them
+ * (later wins): ALTER ROLE ALL, ALTER DATABASE, ALTER ROLE, ALTER ROLE IN DATABASE,
+ * then the session's own ($2, $3). Only settings a user may set are kept, so a
+ * superuser-only one (log_statement) stays as it is instead of failing the sample,
+ * and the monitor's own timeouts and read-only transaction are never overridden.
+ */
+const SESSION_SETTINGS_SQL = `
+select s.name, s.value from (
+  select lower(split_part(u.cfg, '=', 1)) as name, substr(u.cfg, strpos(u.cfg, '=') + 1) as value,
+         (d.setdatabase <> 0)::int + 2 * (d.setrole <> 0)::int as rank, u.ord
+  from pg_db_role_setting d cross join lateral unnest(d.setconfig) with ordinality u(cfg, ord)
+  where d.setdatabase in (0, (select oid from pg_database where datname = current_database()))
+    and d.setrole in (0, (select oid from pg_roles where rolname = $1))
+  union all
+  select lower(x.name), x.value, 4, x.ord from unnest($2::text[], $3::text[]) with ordinality x(name, value, ord)
+) s join pg_settings p on p.name = s.name and p.context = 'user'
+where s.name not in ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'transaction_timeout',
+                     'default_transaction_read_only', 'transaction_read_only', 'role', 'session_authorization')
+order by s.rank, s.ord`;
+
+/** Applies, for this transaction only, the settings the session's plans are made with. */
+async function applySessionSettings(client: pg.ClientBase, user: string, session: readonly (readonly [string, string])[]): Promise<void> {
+  const { rows } = await client.query<{ name: string; value: string }>({
+    name: 'pgwarden_session_settings',
+    text: SESSION_SETTINGS_SQL,
+    values: [user, session.map(([name]) => name), session.map(([, value]) => value)],
+  });
+  if (rows.length === 0) return;
+  await client.query('select set_config(s.name, s.value, true) from unnest($1::text[], $2::text[]) with ordinality s(name, value, ord)', [
+    rows.map((r) => r.name),
+    rows.map((r) => r.value),
+  ]);
 }
 
 /**

@@ -1,7 +1,8 @@
 // The monitoring connection: its own role (configured by URL), bounded concurrency
 // and a statement_timeout of its own, so EXPLAIN sampling and catalog checks can
 // never pile up on the database or hold up the proxy. One small pool per database
-// that shapes were seen in.
+// that shapes were seen in (a session's statements are explained in its own
+// database), at most maxDatabases of them: the least recently used is closed.
 
 import pg from 'pg';
 import type { Logger } from 'pino';
@@ -13,8 +14,12 @@ export interface MonitorOptions {
   readonly concurrency: number;
   /** statement_timeout of monitoring queries, ms. */
   readonly statementTimeoutMs: number;
+  /** Databases with a pool at once; default 8. */
+  readonly maxDatabases?: number;
   readonly log: Logger;
 }
+
+const DEFAULT_MAX_DATABASES = 8;
 
 export class MonitorPool {
   private readonly pools = new Map<string, pg.Pool>();
@@ -58,7 +63,8 @@ export class MonitorPool {
 
   /** The server's major version (15, 18...). */
   async serverMajorVersion(): Promise<number> {
-    const { rows } = await this.query<{ v: string }>('show server_version_num');
+    // SHOW names its column after the setting: select it under a name of our own.
+    const { rows } = await this.query<{ v: string }>("select current_setting('server_version_num') as v");
     return Math.floor(Number(rows[0].v) / 10_000);
   }
 
@@ -70,7 +76,19 @@ export class MonitorPool {
 
   private pool(database: string): pg.Pool {
     let pool = this.pools.get(database);
-    if (pool === undefined) {
+    if (pool !== undefined) {
+      // Most recently used last, so the first is the one to close.
+      this.pools.delete(database);
+      this.pools.set(database, pool);
+    } else {
+      const max = this.options.maxDatabases ?? DEFAULT_MAX_DATABASES;
+      while (this.pools.size >= max) {
+        const [oldest, old] = this.pools.entries().next().value as [string, pg.Pool];
+        this.pools.delete(oldest);
+        // Clients in use finish their work first: end() closes them as they are released.
+        old.end().catch(() => undefined);
+        this.options.log.debug({ database: oldest }, 'monitoring pool closed (least recently used)');
+      }
       const url = new URL(this.options.url);
       url.pathname = `/${encodeURIComponent(database)}`;
       pool = new pg.Pool({

@@ -12,7 +12,7 @@ import { decodeBindParameters } from '../protocol/frontend.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from '../shapes/fingerprint.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
-import { explainSample } from './explain.ts';
+import { explainSample, NotSampled } from './explain.ts';
 import type { MonitorPool } from './monitor.ts';
 import { parametersAsText } from './params.ts';
 import { describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary } from './plan.ts';
@@ -20,6 +20,8 @@ import { describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary
 /** Statements EXPLAIN can describe; everything else is never sampled. */
 const EXPLAINABLE = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
 const MAX_HISTORY = 10;
+/** PostgreSQL 18 made search_path a reported (ParameterStatus) setting. */
+const SEARCH_PATH_REPORTED_SINCE = 18;
 
 export interface PlanRecord {
   readonly summary: PlanSummary;
@@ -55,6 +57,8 @@ export class ShapePlans {
   wanted = true;
   /** Why the last attempt failed, if it did. */
   lastError: string | null = null;
+  /** Why the last sample was refused without being planned ("not sampled: ..."), if it was. */
+  notSampled: string | null = null;
   /** Parameter type OIDs declared in Parse (0: undeclared); null until an extended-protocol execution is seen. */
   paramTypes: readonly number[] | null = null;
   /** Recent distinct executions' values, only with SamplerOptions.keepSamples. */
@@ -96,6 +100,11 @@ export interface SamplerOptions {
 interface Sample {
   readonly shape: string;
   readonly database: string;
+  readonly user: string;
+  /** The session's settings when it ran (startup packet, reported search_path). */
+  readonly settings: readonly (readonly [string, string])[];
+  /** Settings the session changed with SET statements the sampler saw. */
+  readonly changed: readonly (readonly [string, string])[];
   readonly text: string;
   readonly params: (string | null)[] | null;
   readonly paramCount: number;
@@ -108,9 +117,13 @@ export class PlanSampler {
   private tokens: number;
   private lastRefill: number;
   private serverVersion: Promise<number> | null = null;
+  /** Per session, settings it changed with a plain SET (see trackSet). */
+  private readonly sessionSets = new WeakMap<object, Map<string, string>>();
   private timer: NodeJS.Timeout | null = null;
   explained = 0;
   failed = 0;
+  /** Samples refused because planning could run code the monitor must not run. */
+  refused = 0;
 
   constructor(private readonly options: SamplerOptions) {
     this.tokens = options.maxPerSecond;
@@ -119,6 +132,7 @@ export class PlanSampler {
 
   /** Subscribed to the shape collector: decides whether this execution is sampled. */
   readonly observe = (_stats: ShapeStats, shape: StatementShape, c: QueryCompletion): void => {
+    if ((shape.command === 'SET' || shape.command === 'RESET') && c.sqlstate === null) this.trackSet(c);
     if (shape.fallback || !EXPLAINABLE.has(shape.command) || c.sqlstate !== null) return;
     let plans = this.shapes.get(shape.fingerprint);
     if (plans === undefined) {
@@ -197,10 +211,52 @@ export class PlanSampler {
     if (plans.samples.length > keep) plans.samples.shift();
   }
 
+  /**
+   * Remembers `SET [SESSION] search_path|plan_cache_mode ...` and `RESET` of them,
+   * run as a statement of its own, so later samples of the session plan with them.
+   * search_path is also reported by the server (PostgreSQL 18+), which wins; SET
+   * LOCAL, a SET rolled back with its transaction or one inside a multi-statement
+   * Query are not followed.
+   */
+  private trackSet(c: QueryCompletion): void {
+    const set = /^\s*set\s+(?:session\s+)?(search_path|plan_cache_mode)\s*(?:=|\bto\b)\s*([^;]*?)\s*;?\s*$/i.exec(c.text);
+    const reset = /^\s*reset\s+(search_path|plan_cache_mode|all)\s*;?\s*$/i.exec(c.text);
+    if (set === null && reset === null) return;
+    let sets = this.sessionSets.get(c.session);
+    if (sets === undefined) {
+      sets = new Map();
+      this.sessionSets.set(c.session, sets);
+    }
+    if (reset !== null) {
+      if (reset[1].toLowerCase() === 'all') sets.clear();
+      else sets.delete(reset[1].toLowerCase());
+      return;
+    }
+    const name = set![1].toLowerCase();
+    // SET takes 'quoted' items or identifiers; set_config takes the list as text,
+    // where a name that must keep its case or spaces is "double-quoted".
+    const value = set![2]
+      .split(',')
+      .map((item) => {
+        const quoted = /^'(.*)'$/s.exec(item.trim());
+        if (quoted === null) return item.trim();
+        const text = quoted[1].replace(/''/g, "'");
+        return name === 'search_path' ? `"${text.replace(/"/g, '""')}"` : text;
+      })
+      .join(', ');
+    if (/^default$/i.test(value)) sets.delete(name);
+    else sets.set(name, value);
+  }
+
   /** Copies what the EXPLAIN needs out of the (reused) completion event. */
   private capture(shape: string, c: QueryCompletion): Sample | null {
+    const who = {
+      user: c.session.user,
+      settings: [...(c.session.settings ?? [])],
+      changed: [...(this.sessionSets.get(c.session) ?? [])],
+    };
     if (c.statement === null) {
-      return { shape, database: c.session.database, text: c.text, params: null, paramCount: 0 };
+      return { shape, database: c.session.database, ...who, text: c.text, params: null, paramCount: 0 };
     }
     let params: (string | null)[] | null = null;
     let paramCount = 0;
@@ -212,7 +268,7 @@ export class PlanSampler {
         return null;
       }
     }
-    return { shape, database: c.session.database, text: c.statement.text, params, paramCount };
+    return { shape, database: c.session.database, ...who, text: c.statement.text, params, paramCount };
   }
 
   private pump(): void {
@@ -238,13 +294,24 @@ export class PlanSampler {
     const plans = this.shapes.get(sample.shape);
     try {
       this.serverVersion ??= this.options.monitor.serverMajorVersion();
-      const json = await explainSample(this.options.monitor, sample, await this.serverVersion);
+      const version = await this.serverVersion;
+      // From PostgreSQL 18 the server reports search_path itself: that beats a SET we parsed.
+      const reported = version >= SEARCH_PATH_REPORTED_SINCE && sample.settings.some(([name]) => name === 'search_path');
+      const settings = [...sample.settings, ...sample.changed.filter(([name]) => !(reported && name === 'search_path'))];
+      const json = await explainSample(this.options.monitor, { ...sample, settings }, version);
       this.explained++;
       if (plans) {
         plans.lastError = null;
+        plans.notSampled = null;
         this.record(sample.shape, plans, summarizePlan(json));
       }
     } catch (err) {
+      if (err instanceof NotSampled) {
+        this.refused++;
+        if (plans) plans.notSampled = err.message;
+        this.options.log.debug({ fingerprint: sample.shape, reason: err.message }, 'statement not sampled');
+        return;
+      }
       this.failed++;
       if (this.serverVersion && (err as Error).message.includes('connect')) this.serverVersion = null;
       if (plans) plans.lastError = (err as Error).message;

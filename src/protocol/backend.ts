@@ -49,3 +49,8 @@ export function errorIsFatal(buf: Buffer, start: number, end: number): boolean {
   const severity = errorField(buf, start, end, ErrorField.SeverityNonLocalized) ?? errorField(buf, start, end, ErrorField.Severity);
   return severity === 'FATAL' || severity === 'PANIC';
 }
+
+/** The transaction status byte of a ReadyForQuery ('I', 'T' or 'E'). */
+export function readyForQueryStatus(buf: Buffer, start: number): number {
+  return buf[start + 5];
+}

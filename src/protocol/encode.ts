@@ -63,6 +63,16 @@ export function encodeParse(statement: string, text: string): Buffer {
   return encodeWithCStrings(Frontend.Parse, [statement, text], Buffer.from([0, 0]));
 }
 
+/** A CopyFail message: the frontend aborts a COPY FROM STDIN with `reason`. */
+export function encodeCopyFail(reason: string): Buffer {
+  return encodeWithCStrings(Frontend.CopyFail, [reason]);
+}
+
+/** ReadyForQuery with a transaction status ('I', 'T' or 'E' as a byte). */
+export function encodeReadyForQuery(status: number): Buffer {
+  return Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, status]);
+}
+
 export const TERMINATE = Buffer.from([Frontend.Terminate, 0, 0, 0, 4]);
 export const SSL_REQUEST = (() => {
   const b = Buffer.alloc(8);

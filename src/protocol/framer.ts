@@ -58,6 +58,16 @@ export class Framer {
     return this.held !== null;
   }
 
+  /** Part of a streamed message has been forwarded and the rest has not arrived yet. */
+  get midMessage(): boolean {
+    return this.passRemaining > 0;
+  }
+
+  /** The input so far ends inside a message (forwarded in part, or being gathered). */
+  get partial(): boolean {
+    return this.passRemaining > 0 || this.gathered !== null;
+  }
+
   push(data: Buffer): void {
     if (this.stopped) return;
     if (this.held !== null) {

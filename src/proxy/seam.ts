@@ -14,6 +14,12 @@ export interface SessionInfo {
   readonly clientAddress: string;
   /** A replication connection: its queries are replication commands, not SQL. */
   readonly replication: boolean;
+  /**
+   * Session-level settings known to the proxy: from the startup packet (parameters
+   * and `-c` options), and search_path as the server reports it (ParameterStatus,
+   * PostgreSQL 18+). Names are lower-case.
+   */
+  readonly settings: ReadonlyMap<string, string>;
 }
 
 /** A prepared statement as the client created it with Parse. */
@@ -70,15 +76,51 @@ export interface QueryRequest {
   readonly pipelineBusy: boolean;
 }
 
+/**
+ * Where a rerouted statement's answer goes: the session's client. Backend messages
+ * arrive in order; a message may be split across writes, as on any relay.
+ */
+export interface RerouteSink {
+  /** Relays bytes; false: the client is not keeping up, pause until `resumed` is called. */
+  write(bytes: Buffer): boolean;
+  /** The client has gone: stop, nobody reads the rest. */
+  readonly closed: boolean;
+  /** Set by the target while it is paused; called by the session when the client drains or closes. */
+  resumed: (() => void) | null;
+}
+
+/** How a rerouted statement ended, for its QueryCompletion. */
+export interface RerouteOutcome {
+  /** Rows from the last CommandComplete. */
+  readonly rows: number;
+  /** SQLSTATE of the last ErrorResponse relayed, or null. */
+  readonly sqlstate: string | null;
+}
+
+/** A rerouted run failed after part of its answer was relayed: it cannot be run on the primary instead. */
+export class RerouteInterrupted extends Error {
+  constructor(
+    message: string,
+    /** The failure left a message half-relayed: the client's protocol stream cannot be continued. */
+    readonly midMessage: boolean,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+    this.name = 'RerouteInterrupted';
+  }
+}
+
 /** Where a rerouted statement is run and its responses produced. */
 export interface RerouteTarget {
   readonly name: string;
   /**
    * Runs frontend messages elsewhere (a simple Query, or an extended-protocol group
-   * ending with Sync) and returns the backend messages to relay to the client, up to
-   * but excluding the final ReadyForQuery.
+   * ending with Sync) and streams the backend messages to `sink`, up to but
+   * excluding the final ReadyForQuery, honouring the sink's backpressure. Rejects
+   * with RerouteInterrupted once something was relayed; any other rejection means
+   * nothing was, and the statement may run on the primary instead.
    */
-  run(messages: Buffer, database: string): Promise<Buffer>;
+  run(messages: Buffer, database: string, sink: RerouteSink): Promise<RerouteOutcome>;
 }
 
 export type GateDecision =

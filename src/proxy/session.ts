@@ -33,10 +33,13 @@ import {
   type QueryGate,
   type QueryObserver,
   type QueryRequest,
+  RerouteInterrupted,
+  type RerouteSink,
   type RerouteTarget,
   type SessionInfo,
 } from './seam.ts';
 import { withReadBuffer } from './readbuffer.ts';
+import { startupSettings } from './settings.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
 
 export interface SessionOptions {
@@ -122,6 +125,7 @@ class PendingQueue {
 
 class MutableSessionInfo implements SessionInfo {
   applicationName: string;
+  readonly settings: Map<string, string>;
   constructor(
     readonly id: number,
     readonly user: string,
@@ -129,8 +133,10 @@ class MutableSessionInfo implements SessionInfo {
     applicationName: string,
     readonly clientAddress: string,
     readonly replication: boolean,
+    settings: Map<string, string>,
   ) {
     this.applicationName = applicationName;
+    this.settings = settings;
   }
 }
 
@@ -179,6 +185,7 @@ for (const t of [
 BACKEND_KINDS[Backend.DataRow] = HEADER;
 
 const APPLICATION_NAME = Buffer.from('application_name\0');
+const SEARCH_PATH = Buffer.from('search_path\0');
 
 interface Portal {
   statement: PreparedStatement | null;
@@ -277,6 +284,7 @@ export class Session {
       params.get('application_name') ?? '',
       `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`,
       replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0',
+      startupSettings(params),
     );
     this.completion = new MutableCompletion(this.info);
     this.request = new MutableRequest(this.info);
@@ -677,9 +685,13 @@ export class Session {
   }
 
   /**
-   * Runs frontend messages on a reroute target and relays the answer followed by
-   * ReadyForQuery with the primary's (idle) status; if the target fails, `fallback`
-   * sends them to the primary instead. Client input resumes either way.
+   * Runs frontend messages on a reroute target, streaming its answer to the client
+   * (the target pauses while the client is behind), then ReadyForQuery with the
+   * primary's (idle) status. If the target fails before relaying anything,
+   * `fallback` sends the messages to the primary instead. If it fails mid-answer,
+   * the statement ends with an 08006 ErrorResponse and ReadyForQuery, and the
+   * session goes on; if a message was half-relayed the client's stream cannot be
+   * continued, and the session is closed. Client input resumes otherwise.
    */
   private runElsewhere(
     target: RerouteTarget,
@@ -690,24 +702,66 @@ export class Session {
     bind: Buffer | null,
     fallback: () => void,
   ): void {
+    const client = this.client;
+    const sink: RerouteSink = {
+      resumed: null,
+      get closed() {
+        return client.destroyed || client.writableEnded;
+      },
+      write: (bytes) => {
+        if (client.destroyed) return false;
+        this.bytesFromServer += bytes.length;
+        if (client.write(bytes)) return true;
+        client.once('drain', wake);
+        return false;
+      },
+    };
+    // The target waits for this after a false write: on drain, or at once if the client goes.
+    const wake = (): void => {
+      client.off('drain', wake);
+      sink.resumed?.();
+    };
+    client.once('close', wake);
     const resume = () => {
+      client.off('close', wake);
       this.gateHolding = false;
       this.resumeClientInput();
       this.clientFramer.resume();
     };
-    target.run(messages, this.info.database).then(
-      (responses) => {
+    target.run(messages, this.info.database, sink).then(
+      (outcome) => {
         if (this.state === 'closed') return;
-        this.writeClient(responses);
         this.writeClient(READY_FOR_QUERY_IDLE);
-        const outcome = summarizeResponses(responses);
         this.emit(text, statement, 0, bind, mark, performance.now(), outcome.rows, outcome.sqlstate, target.name);
         resume();
       },
       (err: Error) => {
-        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
         if (this.state === 'closed') return;
-        fallback();
+        if (!(err instanceof RerouteInterrupted)) {
+          this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
+          fallback();
+          resume();
+          return;
+        }
+        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute target failed mid-answer');
+        this.emit(text, statement, 0, bind, mark, performance.now(), 0, SqlState.ConnectionFailure, target.name);
+        if (err.midMessage) {
+          // Part of a message is out: nothing more can be framed by the client. Close.
+          client.off('close', wake);
+          this.clientFramer.stop();
+          client.end();
+          return;
+        }
+        this.writeClient(
+          encodeErrorResponse({
+            severity: 'ERROR',
+            code: SqlState.ConnectionFailure,
+            message: `reroute target ${target.name} failed during the statement; the rest of its answer is lost`,
+            detail: err.message,
+            hint: 'The statement did not complete. It is safe to retry it; the session is still usable.',
+          }),
+        );
+        this.writeClient(READY_FOR_QUERY_IDLE);
         resume();
       },
     );
@@ -801,6 +855,8 @@ export class Session {
         if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
           const valueStart = start + 5 + APPLICATION_NAME.length;
           this.info.applicationName = buf.toString('utf8', valueStart, end - 1);
+        } else if (end - start > 5 + SEARCH_PATH.length && buf.compare(SEARCH_PATH, 0, SEARCH_PATH.length, start + 5, start + 5 + SEARCH_PATH.length) === 0) {
+          this.info.settings.set('search_path', buf.toString('utf8', start + 5 + SEARCH_PATH.length, end - 1));
         }
         return CONTINUE;
     }
@@ -976,16 +1032,3 @@ export class Session {
 }
 
 const READY_FOR_QUERY_IDLE = Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, TransactionStatus.Idle]);
-
-/** Rows and SQLSTATE of a rerouted statement, from the backend messages relayed for it. */
-function summarizeResponses(responses: Buffer): { rows: number; sqlstate: string | null } {
-  let rows = 0;
-  let sqlstate: string | null = null;
-  for (let p = 0; p + 5 <= responses.length; ) {
-    const end = p + 1 + responses.readInt32BE(p + 1);
-    if (responses[p] === Backend.CommandComplete) rows = commandCompleteRows(responses, p, end);
-    else if (responses[p] === Backend.ErrorResponse) sqlstate = errorSqlState(responses, p, end);
-    p = end;
-  }
-  return { rows, sqlstate };
-}

@@ -5,16 +5,21 @@
 // the socket over and speak raw protocol, because the session relays the replica's
 // answer to its client byte for byte: RowDescription, DataRow, CommandComplete,
 // ErrorResponse and the rest exactly as the replica sent them, never re-encoded.
+// The answer streams through the project's Framer straight to the session's sink,
+// with its backpressure (the replica socket pauses while the client is behind), so
+// a result of any size costs a read buffer or two, never the whole result.
 // ParameterStatus is kept back (the replica's settings are not the client's session),
-// and the final ReadyForQuery too (the session writes the primary's own status).
+// a FATAL ErrorResponse too (it ends the replica connection, not the client's
+// session), and the final ReadyForQuery (the session writes the primary's status).
 
 import type { Duplex } from 'node:stream';
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { errorField } from '../protocol/backend.ts';
+import { commandCompleteRows, errorField, errorIsFatal, errorSqlState, readyForQueryStatus } from '../protocol/backend.ts';
 import { Backend, ErrorField, Frontend, TransactionStatus } from '../protocol/constants.ts';
-import { TERMINATE } from '../protocol/encode.ts';
-import type { RerouteTarget } from '../proxy/seam.ts';
+import { encodeCopyFail, TERMINATE } from '../protocol/encode.ts';
+import { CONTINUE, Framer, HEADER, SKIP, WHOLE, type FrameHandler } from '../protocol/framer.ts';
+import { RerouteInterrupted, type RerouteOutcome, type RerouteSink, type RerouteTarget } from '../proxy/seam.ts';
 
 export interface ReplicaPoolOptions {
   /** The replica's configured name; rules reroute to it by this name. */
@@ -31,23 +36,31 @@ export interface ReplicaPoolOptions {
 const DEFAULT_SIZE = 4;
 const DEFAULT_CONNECT_TIMEOUT_MS = 5_000;
 const TERMINATE_GRACE_MS = 1_000;
-const HEADER_BYTES = 5;
-const READY_FOR_QUERY_LENGTH = 5;
+/** No message limit of our own on the replica's side: the client reads what the server sends. */
+const MAX_BACKEND_MESSAGE = 0x7fffffff;
 
 /** Answer to a CopyInResponse: a rerouted statement has no client data to send. */
-const COPY_FAIL = (() => {
-  const reason = Buffer.from('pgwarden: COPY FROM STDIN cannot run on a replica\0');
-  const out = Buffer.allocUnsafe(HEADER_BYTES + reason.length);
-  out[0] = Frontend.CopyFail;
-  out.writeInt32BE(4 + reason.length, 1);
-  reason.copy(out, HEADER_BYTES);
-  return out;
-})();
+const COPY_FAIL = encodeCopyFail('pgwarden: COPY FROM STDIN cannot run on a replica');
+
+/** Backend messages the replica connection reads; everything else streams through. */
+const REPLICA_KINDS = new Uint8Array(256);
+for (const t of [
+  Backend.ReadyForQuery,
+  Backend.ErrorResponse,
+  Backend.CommandComplete,
+  Backend.ParameterStatus,
+  Backend.CopyInResponse,
+  Backend.CopyBothResponse,
+]) REPLICA_KINDS[t] = WHOLE;
+
+/** Frontend messages looked at when checking a group to reroute: all of them, by header. */
+const GROUP_KINDS = new Uint8Array(256).fill(HEADER);
 
 export class ReplicaPool implements RerouteTarget {
   readonly name: string;
   private readonly url: URL;
-  private readonly defaultDatabase: string;
+  /** The database named in the URL. */
+  readonly defaultDatabase: string;
   private readonly size: number;
   private readonly connectTimeoutMs: number;
   private readonly log: Logger;
@@ -72,11 +85,13 @@ export class ReplicaPool implements RerouteTarget {
 
   /**
    * Runs a simple Query, or an extended-protocol group ending with Sync, on the
-   * replica (in `database`, default the URL's) and returns the backend messages
-   * up to but excluding the final ReadyForQuery. Rejects when no working
-   * connection can be had, so the caller can run the statement on the primary.
+   * replica (in `database`, default the URL's) and streams the backend messages to
+   * `sink`, up to but excluding the final ReadyForQuery. Rejects with a plain Error
+   * when nothing was relayed (no working connection: the caller may run the
+   * statement on the primary), with RerouteInterrupted when the replica failed
+   * after part of the answer was relayed.
    */
-  async run(messages: Buffer, database: string = this.defaultDatabase): Promise<Buffer> {
+  async run(messages: Buffer, database: string, sink: RerouteSink): Promise<RerouteOutcome> {
     if (this.closed) throw new Error(`replica ${this.name}: the pool is closed`);
     const readyCount = this.expectedReadyForQuery(messages);
     let pool = this.pools.get(database);
@@ -84,7 +99,7 @@ export class ReplicaPool implements RerouteTarget {
       pool = new DatabasePool(this.name, this.urlFor(database), database, this.size, this.connectTimeoutMs, this.log);
       this.pools.set(database, pool);
     }
-    return pool.run(messages, readyCount);
+    return pool.run(messages, readyCount, sink);
   }
 
   /** Sends Terminate on every connection; waiting and later runs are rejected. */
@@ -98,19 +113,23 @@ export class ReplicaPool implements RerouteTarget {
    * end with one of them, or the replica would never say it is done.
    */
   private expectedReadyForQuery(messages: Buffer): number {
-    let p = 0;
     let count = 0;
     let last = -1;
-    while (p < messages.length) {
-      if (messages.length - p < HEADER_BYTES) throw new Error(`replica ${this.name}: truncated frontend message`);
-      const type = messages[p];
-      const length = messages.readInt32BE(p + 1);
-      if (length < 4 || p + 1 + length > messages.length) throw new Error(`replica ${this.name}: malformed frontend message`);
-      if (type === Frontend.Terminate) throw new Error(`replica ${this.name}: Terminate cannot be rerouted`);
-      if (type === Frontend.Query || type === Frontend.Sync || type === Frontend.FunctionCall) count++;
-      last = type;
-      p += 1 + length;
-    }
+    let violation: string | null = null;
+    const handler: FrameHandler = {
+      onMessage: (type) => {
+        if (type === Frontend.Terminate) violation ??= 'Terminate cannot be rerouted';
+        if (type === Frontend.Query || type === Frontend.Sync || type === Frontend.FunctionCall) count++;
+        last = type;
+        return CONTINUE;
+      },
+      onForward: () => {},
+      onViolation: (reason) => (violation ??= `malformed frontend message: ${reason}`),
+    };
+    const framer = new Framer(GROUP_KINDS, messages.length, handler);
+    framer.push(messages);
+    if (violation === null && framer.partial) violation = 'truncated frontend message';
+    if (violation !== null) throw new Error(`replica ${this.name}: ${violation}`);
     if (last !== Frontend.Query && last !== Frontend.Sync && last !== Frontend.FunctionCall) {
       throw new Error(`replica ${this.name}: messages to reroute must end with Query or Sync`);
     }
@@ -145,17 +164,17 @@ class DatabasePool {
     private readonly log: Logger,
   ) {}
 
-  async run(messages: Buffer, readyCount: number): Promise<Buffer> {
+  async run(messages: Buffer, readyCount: number, sink: RerouteSink): Promise<RerouteOutcome> {
     for (;;) {
       const connection = await this.acquire();
       try {
-        return await connection.run(messages, readyCount);
+        return await connection.run(messages, readyCount, sink);
       } catch (error) {
         // A pooled connection can die while idle (replica restarted, backend
-        // terminated) and we only learn it now. If it died before answering, the
-        // statement did not run: try again, on a fresh connection once the idle
-        // ones are used up. A fresh connection failing is the replica's answer.
-        if (!(error instanceof ConnectionLost && error.beforeResponse && connection.reused)) throw error;
+        // terminated) and we only learn it now. If it died before relaying
+        // anything, try again, on a fresh connection once the idle ones are used
+        // up. A fresh connection failing is the replica's answer.
+        if (!(error instanceof ConnectionLost && connection.reused)) throw error;
         this.log.info({ database: this.database, err: error }, 'replica connection was found dead; retrying on another');
       } finally {
         this.release(connection);
@@ -243,25 +262,26 @@ class DatabasePool {
   }
 }
 
-/** The connection died during a run; `beforeResponse`: nothing but errors or notices had come back. */
+/** The connection died during a run before anything was relayed. */
 class ConnectionLost extends Error {
-  constructor(
-    message: string,
-    readonly beforeResponse: boolean,
-    options?: ErrorOptions,
-  ) {
+  constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = 'ConnectionLost';
   }
 }
 
 interface PendingRun {
-  resolve(responses: Buffer): void;
+  resolve(outcome: RerouteOutcome): void;
   reject(error: Error): void;
+  readonly sink: RerouteSink;
   /** ReadyForQuery messages still to come; the last one ends the run. */
   readyLeft: number;
-  /** Something other than ErrorResponse or NoticeResponse came back. */
-  responded: boolean;
+  /** Bytes handed to the sink so far. */
+  relayed: number;
+  rows: number;
+  sqlstate: string | null;
+  /** The message of a FATAL ErrorResponse kept back, to explain the close that follows. */
+  fatal: string | null;
 }
 
 interface OpenOptions {
@@ -273,7 +293,7 @@ interface OpenOptions {
   onDead(connection: ReplicaConnection): void;
 }
 
-/** One logged-in connection, framing backend messages by their 5-byte headers. */
+/** One logged-in connection whose backend messages stream to the current run's sink. */
 class ReplicaConnection {
   /** Why the connection is unusable, or null while it works. */
   dead: Error | null = null;
@@ -281,28 +301,20 @@ class ReplicaConnection {
   reused = false;
 
   private pending: PendingRun | null = null;
-  /** Kept messages so far: finished chunks, plus one run of a chunk still growing. */
-  private out: Buffer[] = [];
-  private runChunk: Buffer | null = null;
-  private runStart = 0;
-  private runEnd = 0;
-  /** A header split across reads. */
-  private readonly header = Buffer.allocUnsafe(HEADER_BYTES);
-  private headerFill = 0;
-  /** The message being read: its type, body bytes still to come, whether it is relayed. */
-  private type = 0;
-  private remaining = 0;
-  private keep = false;
-  private status = 0;
+  private readonly framer: Framer;
+  private paused = false;
   private terminating = false;
   private readonly closedPromise: Promise<void>;
+  /** Bound once: the sink calls it when its client drains or goes away. */
+  private readonly onSinkResumed = (): void => this.resumeFromSink();
 
   private constructor(
     private readonly socket: Duplex,
     private readonly options: OpenOptions,
   ) {
+    this.framer = new Framer(REPLICA_KINDS, MAX_BACKEND_MESSAGE, this.handler);
     this.closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('data', (chunk: Buffer) => this.framer.push(chunk));
     socket.on('error', (err: Error) => this.fail(`socket error: ${err.message}`, err));
     socket.on('close', () => this.fail('the replica closed the connection'));
   }
@@ -330,10 +342,10 @@ class ReplicaConnection {
     return new ReplicaConnection(socket, options);
   }
 
-  run(messages: Buffer, readyCount: number): Promise<Buffer> {
+  run(messages: Buffer, readyCount: number, sink: RerouteSink): Promise<RerouteOutcome> {
     if (this.dead !== null) return Promise.reject(this.dead);
     return new Promise((resolve, reject) => {
-      this.pending = { resolve, reject, readyLeft: readyCount, responded: false };
+      this.pending = { resolve, reject, sink, readyLeft: readyCount, relayed: 0, rows: 0, sqlstate: null, fatal: null };
       this.socket.write(messages);
     });
   }
@@ -353,131 +365,97 @@ class ReplicaConnection {
     return this.closedPromise;
   }
 
-  private onData(chunk: Buffer): void {
-    const n = chunk.length;
-    let p = 0;
-    while (p < n && this.dead === null) {
-      if (this.remaining > 0) {
-        const take = Math.min(this.remaining, n - p);
-        if (this.keep) this.include(chunk, p, p + take);
-        this.remaining -= take;
-        p += take;
-        if (this.remaining === 0) this.endMessage(chunk[p - 1]);
-        continue;
-      }
-      let headerStart: number;
-      let headerBuf: Buffer;
-      if (this.headerFill === 0 && n - p >= HEADER_BYTES) {
-        headerBuf = chunk;
-        headerStart = p;
-        p += HEADER_BYTES;
-      } else {
-        const take = Math.min(HEADER_BYTES - this.headerFill, n - p);
-        chunk.copy(this.header, this.headerFill, p, p + take);
-        this.headerFill += take;
-        p += take;
-        if (this.headerFill < HEADER_BYTES) return;
-        this.headerFill = 0;
-        headerBuf = this.header;
-        headerStart = 0;
-      }
-      if (!this.beginMessage(headerBuf[headerStart], headerBuf.readInt32BE(headerStart + 1))) return;
-      if (this.keep) {
-        if (headerBuf === chunk) this.include(chunk, headerStart, headerStart + HEADER_BYTES);
-        else this.includeCopy(this.header);
-      }
-      if (this.remaining === 0) this.endMessage(-1);
-    }
-  }
-
-  /** Decides what happens to a message from its header; false if the connection is now dead. */
-  private beginMessage(type: number, length: number): boolean {
-    if (length < 4 || (type === Backend.ReadyForQuery && length !== READY_FOR_QUERY_LENGTH)) {
-      this.fail(`malformed backend message (type ${type}, length ${length})`);
+  private readonly handler: FrameHandler = {
+    onMessage: (type, buf, start, end) => this.onMessage(type, buf, start, end),
+    onForward: (bytes) => this.relay(bytes),
+    onViolation: (reason) => {
+      this.fail(`malformed backend message: ${reason}`);
       this.socket.destroy();
-      return false;
-    }
-    this.type = type;
-    this.remaining = length - 4;
+    },
+  };
+
+  private onMessage(type: number, buf: Buffer, start: number, end: number): number {
     const run = this.pending;
-    if (run === null) {
-      // Between runs only asynchronous messages arrive (ParameterStatus, NoticeResponse,
-      // a FATAL ErrorResponse before the close): nobody to relay them to.
-      this.keep = false;
-      return true;
-    }
+    // Between runs only asynchronous messages arrive (ParameterStatus, NoticeResponse,
+    // a FATAL ErrorResponse before the close): nobody to relay them to.
+    if (run === null) return SKIP;
     switch (type) {
+      case Backend.CommandComplete:
+        run.rows = commandCompleteRows(buf, start, end);
+        return CONTINUE;
+      case Backend.ErrorResponse:
+        if (errorIsFatal(buf, start, end)) {
+          run.fatal = errorField(buf, start, end, ErrorField.Message);
+          this.framer.flushPending();
+          return SKIP;
+        }
+        run.sqlstate = errorSqlState(buf, start, end);
+        return CONTINUE;
       case Backend.ParameterStatus:
-        this.keep = false;
-        return true;
-      case Backend.ReadyForQuery:
-        run.readyLeft--;
-        this.keep = run.readyLeft > 0;
-        return true;
+        this.framer.flushPending();
+        return SKIP;
       case Backend.CopyInResponse:
         // The client is not in COPY mode; the replica's ErrorResponse tells it why.
-        this.keep = false;
+        this.framer.flushPending();
         this.socket.write(COPY_FAIL);
-        break;
+        return SKIP;
       case Backend.CopyBothResponse:
+        this.framer.flushPending();
         this.fail('a rerouted statement started a CopyBoth (replication) stream');
         this.socket.destroy();
-        return false;
-      default:
-        this.keep = true;
+        return SKIP;
+      case Backend.ReadyForQuery:
+        if (--run.readyLeft > 0) return CONTINUE;
+        this.framer.flushPending();
+        this.finish(run, readyForQueryStatus(buf, start));
+        return SKIP;
     }
-    if (type !== Backend.ErrorResponse && type !== Backend.NoticeResponse) run.responded = true;
-    return true;
+    return CONTINUE;
   }
 
-  /** A message is complete; `lastByte` is its final body byte (-1 when it has no body). */
-  private endMessage(lastByte: number): void {
-    if (this.type !== Backend.ReadyForQuery) return;
-    this.status = lastByte;
+  private relay(bytes: Buffer): void {
     const run = this.pending;
-    if (run === null || run.readyLeft > 0) return;
-    this.pending = null;
-    const responses = this.takeOutput();
-    this.reused = true;
-    if (this.status !== TransactionStatus.Idle) {
-      // A rerouted statement must not leave a transaction open; whatever it began
-      // ends with this connection instead of leaking into the next statement.
-      const status = String.fromCharCode(this.status);
-      this.options.log.warn({ database: this.options.database, status }, 'rerouted statement left a transaction open; closing the connection');
-      this.dead = new Error(`replica ${this.options.name}: connection closed after a statement left transaction status ${status}`);
-      this.socket.destroy();
-    }
-    run.resolve(responses);
-  }
-
-  /** Keeps chunk[start, end), extending the current run when contiguous (no copy). */
-  private include(chunk: Buffer, start: number, end: number): void {
-    if (this.runChunk === chunk && this.runEnd === start) {
-      this.runEnd = end;
+    if (run === null) return;
+    run.relayed += bytes.length;
+    if (run.sink.write(bytes)) return;
+    if (run.sink.closed) {
+      this.clientGone();
       return;
     }
-    this.flushRun();
-    this.runChunk = chunk;
-    this.runStart = start;
-    this.runEnd = end;
+    if (!this.paused) {
+      this.paused = true;
+      this.socket.pause();
+      run.sink.resumed = this.onSinkResumed;
+    }
   }
 
-  private includeCopy(bytes: Buffer): void {
-    this.flushRun();
-    this.out.push(Buffer.from(bytes));
+  private resumeFromSink(): void {
+    const run = this.pending;
+    if (run !== null) run.sink.resumed = null;
+    if (!this.paused) return;
+    this.paused = false;
+    if (run !== null && run.sink.closed) this.clientGone();
+    else if (this.dead === null) this.socket.resume();
   }
 
-  private flushRun(): void {
-    if (this.runChunk === null) return;
-    this.out.push(this.runChunk.subarray(this.runStart, this.runEnd));
-    this.runChunk = null;
+  /** The client left mid-answer: the rest is not wanted, and this connection is mid-statement. */
+  private clientGone(): void {
+    this.fail('the client went away before the answer was relayed');
+    this.socket.destroy();
   }
 
-  private takeOutput(): Buffer {
-    this.flushRun();
-    const out = this.out;
-    this.out = [];
-    return out.length === 1 ? out[0] : Buffer.concat(out);
+  private finish(run: PendingRun, status: number): void {
+    this.pending = null;
+    this.reused = true;
+    if (status !== TransactionStatus.Idle) {
+      // A rerouted statement must not leave a transaction open; whatever it began
+      // ends with this connection instead of leaking into the next statement.
+      const text = String.fromCharCode(status);
+      this.options.log.warn({ database: this.options.database, status: text }, 'rerouted statement left a transaction open; closing the connection');
+      this.dead = new Error(`replica ${this.options.name}: connection closed after a statement left transaction status ${text}`);
+      this.socket.destroy();
+    }
+    run.resolve({ rows: run.rows, sqlstate: run.sqlstate });
   }
 
   private fail(reason: string, cause?: Error): void {
@@ -493,31 +471,20 @@ class ReplicaConnection {
       return;
     }
     this.pending = null;
-    const output = this.takeOutput();
-    const fatal = run ? fatalMessage(output) : null;
-    const detail = fatal ? `${reason} (${fatal})` : reason;
+    if (run !== null) run.sink.resumed = null;
+    const detail = run?.fatal ? `${reason} (${run.fatal})` : reason;
     const message = `replica ${this.options.name}: connection to database "${this.options.database}" lost: ${detail}`;
-    this.dead = new ConnectionLost(message, run !== null && !run.responded, cause ? { cause } : undefined);
+    const options = cause ? { cause } : undefined;
+    const error = run !== null && run.relayed > 0 ? new RerouteInterrupted(message, this.framer.midMessage, options) : new ConnectionLost(message, options);
+    this.dead = error;
+    this.framer.stop();
     this.socket.destroy();
     if (run) {
-      this.options.log.warn({ database: this.options.database, reason: detail }, 'replica connection lost during a statement');
-      run.reject(this.dead);
+      this.options.log.warn({ database: this.options.database, reason: detail, relayed: run.relayed }, 'replica connection lost during a statement');
+      run.reject(error);
     } else {
       this.options.log.info({ database: this.options.database, reason }, 'idle replica connection lost');
     }
     this.options.onDead(this);
   }
-}
-
-/** The message of the last ErrorResponse in relayed output, for the error that explains a lost connection. */
-function fatalMessage(output: Buffer): string | null {
-  let found: string | null = null;
-  let p = 0;
-  while (p + HEADER_BYTES <= output.length) {
-    const end = p + 1 + output.readInt32BE(p + 1);
-    if (end > output.length) break;
-    if (output[p] === Backend.ErrorResponse) found = errorField(output, p, end, ErrorField.Message);
-    p = end;
-  }
-  return found;
 }

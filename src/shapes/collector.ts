@@ -38,7 +38,7 @@ export class ShapeCollector {
   private readonly latencyListeners: ShapeListener[] = [];
   /** Reused for the latencies replayed by ingest (listeners copy what they keep). */
   private readonly replayed = {
-    session: { id: -1, user: '', database: '', applicationName: '', clientAddress: '', replication: false },
+    session: { id: -1, user: '', database: '', applicationName: '', clientAddress: '', replication: false, settings: new Map() },
     text: '',
     statement: null,
     statementIndex: 0,

@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import { fingerprintSync, loadModule, normalizeSync, parseSync } from 'libpg-query';
 import { LRUCache } from 'lru-cache';
 import type { PreparedStatement } from '../proxy/seam.ts';
-import { LITERAL_MARK, scanSql, type ScanResult } from './sqlscan.ts';
+import { displayKey, scanSql, type ScanResult } from './sqlscan.ts';
 
 export interface StatementShape {
   /** libpg_query's fingerprint (16 hex digits), or 'u' + 15 hex digits for a fallback shape. */
@@ -145,6 +145,9 @@ function shapeOfSingle(text: string, scan: ScanResult | null): StatementShape {
   } catch {
     return fallbackShape(scan, text);
   }
+  // Parsed as if standard_conforming_strings were on; if it may be off, part of
+  // what the parser took for code may be inside a string: show nothing of it.
+  if (scan?.backslashQuote) query = withheld(text, scan);
   const kind = statementKind(text, scan);
   return { fingerprint, query: truncate(withoutComments(query)), fallback: false, command: scan?.firstWord ?? firstWordOf(query), kind, control: CONTROL_KINDS.has(kind) };
 }
@@ -196,10 +199,8 @@ function splitStatements(text: string): string[] | null {
 function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
   const basis = scan?.key ?? text;
   const digest = createHash('sha256').update(basis).digest('hex');
-  const query =
-    scan !== null
-      ? truncate(scan.key.split(LITERAL_MARK).join('?').trim())
-      : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
+  const shown = scan === null ? null : displayKey(scan);
+  const query = shown !== null ? truncate(shown) : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
   const command = scan?.firstWord ?? firstWordOf(text);
   return { fingerprint: `u${digest.slice(0, 15)}`, query, fallback: true, command, kind: '', control: CONTROL_WORDS.has(command) };
 }
@@ -212,7 +213,16 @@ function withoutComments(normalized: string): string {
   const scan = scanSql(normalized);
   if (scan === null) return normalized.trim();
   // Whitespace stays as written: quoted identifiers may hold meaningful spaces.
-  return scan.key.split(LITERAL_MARK).join('?').trim();
+  return displayKey(scan, false) ?? withheldText(normalized);
+}
+
+/** What is shown for a statement whose text cannot be shown without risking a value. */
+function withheld(text: string, scan: ScanResult | null): string {
+  return `${scan?.firstWord || firstWordOf(text)} ... (text withheld: a backslash before a closing quote makes its literals ambiguous)`;
+}
+
+function withheldText(text: string): string {
+  return withheld(text, null);
 }
 
 function firstWordOf(text: string): string {

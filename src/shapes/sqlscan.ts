@@ -31,6 +31,12 @@ export interface ScanResult {
    * escape strings, whose escapes may be invalid): such texts are not cached by key.
    */
   readonly literalsMatter: boolean;
+  /**
+   * A plain '...' string ends with a backslash before its closing quote: under
+   * standard_conforming_strings=off that quote is escaped and the string goes on,
+   * so what looks like code after it may be the inside of a literal.
+   */
+  readonly backslashQuote: boolean;
 }
 
 /**
@@ -75,6 +81,7 @@ export function scanSql(text: string): ScanResult | null {
   let multiStatement = false;
   let firstWord = '';
   let literalsMatter = false;
+  let backslashQuote = false;
   // Inside ORDER BY / GROUP BY a bare number is a column position, not a value.
   let inByList = false;
 
@@ -115,6 +122,7 @@ export function scanSql(text: string): ScanResult | null {
     if (c === QUOTE) {
       const end = skipQuoted(text, i, false);
       if (end < 0) return null;
+      if (text.charCodeAt(end - 2) === BACKSLASH) backslashQuote = true;
       replace(i, end, LITERAL_MARK);
       i = end;
       continue;
@@ -164,6 +172,7 @@ export function scanSql(text: string): ScanResult | null {
         if (escape) literalsMatter = true;
         const end = skipQuoted(text, i, escape);
         if (end < 0) return null;
+        if (!escape && text.charCodeAt(end - 2) === BACKSLASH) backslashQuote = true;
         replace(i, end, LITERAL_MARK);
         i = end;
       } else if (TYPES_WITH_MODIFIERS.has(word)) {
@@ -181,7 +190,7 @@ export function scanSql(text: string): ScanResult | null {
     i++; // operators and punctuation
   }
   out += text.slice(copyFrom);
-  return { key: out, multiStatement, firstWord, literalsMatter };
+  return { key: out, multiStatement, firstWord, literalsMatter, backslashQuote };
 }
 
 function skipQuoted(text: string, start: number, backslashEscapes: boolean): number {
@@ -279,5 +288,18 @@ function skipNumber(text: string, start: number): number {
  */
 export function redactLiterals(text: string): string | null {
   const scan = scanSql(text);
-  return scan === null ? null : scan.key.split(LITERAL_MARK).join('?').trim();
+  return scan === null ? null : displayKey(scan);
+}
+
+/**
+ * A scan's key for display: literals as `?`, and null when the key could still
+ * hold a value: a string whose end depends on standard_conforming_strings, or a
+ * malformed number glued to a word (`4111111111111111as`), which stays in the key
+ * for caching but is a value all the same.
+ */
+export function displayKey(scan: ScanResult, numbers = true): string | null {
+  if (scan.backslashQuote) return null;
+  const shown = scan.key.split(LITERAL_MARK).join('?');
+  // Text the parser normalized has no values left in numbers (ORDER BY 1, varchar(10)).
+  return (numbers ? shown.replace(/(^|[^\w$])\.?\d[\w$.]*/g, '$1?') : shown).trim();
 }

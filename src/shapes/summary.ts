@@ -38,6 +38,8 @@ export interface Exemplar {
   readonly database: string;
   readonly applicationName: string;
   readonly clientAddress: string;
+  /** The session's settings (startup parameters, search_path...), so EXPLAIN plans as that session would. */
+  readonly settings: Readonly<Record<string, string>>;
   readonly startedAt: number;
   readonly durationMs: number;
   readonly rows: number;
@@ -114,6 +116,7 @@ export function exemplarOf(c: QueryCompletion): Exemplar {
     database: s.database,
     applicationName: s.applicationName,
     clientAddress: s.clientAddress,
+    settings: Object.fromEntries(s.settings),
     startedAt: c.startedAt,
     durationMs: c.durationMs,
     rows: c.rows,
@@ -297,7 +300,15 @@ function addName(names: Set<string>, name: string): void {
  */
 export function completionOfExemplar(e: Exemplar): QueryCompletion {
   return {
-    session: { id: -1, user: e.user, database: e.database, applicationName: e.applicationName, clientAddress: e.clientAddress, replication: false },
+    session: {
+      id: -1,
+      user: e.user,
+      database: e.database,
+      applicationName: e.applicationName,
+      clientAddress: e.clientAddress,
+      replication: false,
+      settings: new Map(Object.entries(e.settings ?? {})),
+    },
     text: e.text,
     statement: e.statement === null ? null : { name: '', text: e.statement.text, paramTypes: e.statement.paramTypes },
     statementIndex: e.statementIndex,

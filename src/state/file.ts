@@ -22,6 +22,12 @@ interface StateFileContents {
 export class StateFile implements RulePersistence {
   /** Every operation runs after the previous one settled, so rewrites never interleave. */
   private queue: Promise<unknown> = Promise.resolve();
+  /**
+   * Entries of the file that are not valid rules, as last read: never applied, but
+   * written back untouched, so an entry from a newer version or a hand edit with a
+   * typo is not erased by the next change.
+   */
+  private invalid: unknown[] = [];
 
   constructor(
     private readonly path: string,
@@ -93,10 +99,19 @@ export class StateFile implements RulePersistence {
       throw new Error(`state file ${this.path}: "rules" must be an array, got ${describe(contents.rules)}`);
     }
     const rules: Rule[] = [];
+    const invalid: unknown[] = [];
     contents.rules.forEach((entry: unknown, index) => {
       if (isRule(entry)) rules.push(entry);
-      else this.log.warn({ file: this.path, index, entry }, 'state file: skipping an entry that is not a rule');
+      else {
+        invalid.push(entry);
+        const id = (entry as { id?: unknown } | null)?.id;
+        this.log.warn(
+          { file: this.path, index, id: typeof id === 'string' ? id : undefined },
+          'state file: an entry is not a valid rule; it is NOT applied, and kept in the file untouched until you repair or remove it',
+        );
+      }
     });
+    this.invalid = invalid;
     return rules;
   }
 
@@ -104,7 +119,7 @@ export class StateFile implements RulePersistence {
     const dir = path.dirname(this.path);
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     const temp = path.join(dir, `.${path.basename(this.path)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
-    const contents: StateFileContents = { version: VERSION, rules };
+    const contents = { version: VERSION, rules: [...rules, ...this.invalid] };
     let handle: fs.FileHandle | undefined;
     try {
       handle = await fs.open(temp, 'wx', 0o600);

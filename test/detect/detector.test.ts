@@ -13,7 +13,7 @@ import type { StatementShape } from '../../src/shapes/fingerprint.ts';
 import { ShapeRegistry } from '../../src/shapes/registry.ts';
 
 const BUCKET_MS = 10_000;
-const session: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1:1', replication: false };
+const session: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1:1', replication: false, settings: new Map() };
 
 /** A deterministic PRNG (mulberry32), so a failing seed can be replayed. */
 function rng(seed: number): () => number {

@@ -9,7 +9,7 @@ import pino from 'pino';
 import { explainableStatement, explainSample } from '../../src/plans/explain.ts';
 import { MonitorPool } from '../../src/plans/monitor.ts';
 import { summarizePlan } from '../../src/plans/plan.ts';
-import { testDatabase, withClient } from '../harness/database.ts';
+import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 
 const TABLE = 'pgw_explain_items';
 const PG_VERSION = Number(process.env.PGWARDEN_TEST_PG_VERSION ?? 0);
@@ -51,6 +51,7 @@ describe('explainableStatement', () => {
 describe('explainSample', () => {
   let monitor: MonitorPool;
   let database: string;
+  const user = testDatabase().user;
 
   async function rowCount(): Promise<number> {
     return withClient(async (c) => Number((await c.query(`select count(*) as n from ${TABLE}`)).rows[0].n));
@@ -74,39 +75,39 @@ describe('explainSample', () => {
   });
 
   test('text parameters are planned with their values', async () => {
-    const json = await explainSample(monitor, { database, text: `select * from ${TABLE} where id = $1`, params: ['42'], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: ['42'], paramCount: 1 }, PG_VERSION);
     const summary = summarizePlan(json);
     assert.equal(summary.nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
     assert.match(JSON.stringify(json), /"Index Cond":"\(id = 42\)"/);
   });
 
   test('a NULL parameter is passed as NULL', async () => {
-    const json = await explainSample(monitor, { database, text: `select * from ${TABLE} where label = $1`, params: [null], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where label = $1`, params: [null], paramCount: 1 }, PG_VERSION);
     // The planner proves "label = NULL" false without reading the table.
     assert.equal(summarizePlan(json).nodes[0].nodeType, 'Result');
   });
 
   test('a statement without parameters is explained as is', async () => {
-    const json = await explainSample(monitor, { database, text: `select count(*) from ${TABLE};`, params: null, paramCount: 0 }, PG_VERSION);
+    const json = await explainSample(monitor, { database, user, text: `select count(*) from ${TABLE};`, params: null, paramCount: 0 }, PG_VERSION);
     assert.deepEqual(summarizePlan(json).relations, [TABLE]);
   });
 
   test('parameters that could not be rendered get a generic plan on PostgreSQL 16+', { skip: PG_VERSION < 16 && `PostgreSQL ${PG_VERSION}` }, async () => {
-    const json = await explainSample(monitor, { database, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, PG_VERSION);
     assert.equal(summarizePlan(json).nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
     assert.match(JSON.stringify(json), /"Index Cond":"\(id = \$1\)"/);
   });
 
   test('parameters that could not be rendered are an error before PostgreSQL 16', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, 15),
+      explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, 15),
       /cannot EXPLAIN this sample: its 1 parameter\(s\) could not be rendered as text and PostgreSQL 15 has no GENERIC_PLAN/,
     );
   });
 
   test('a second statement is refused and never runs', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, text: `select 1; drop table ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(monitor, { database, user, text: `select 1; drop table ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION),
       /refusing to EXPLAIN more than one statement/,
     );
     assert.equal(await rowCount(), 5000);
@@ -114,7 +115,7 @@ describe('explainSample', () => {
 
   test('DDL is refused and never runs', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, text: 'create table pgw_explain_never (id int)', params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(monitor, { database, user, text: 'create table pgw_explain_never (id int)', params: null, paramCount: 0 }, PG_VERSION),
       /refusing to EXPLAIN CREATE/,
     );
     const exists = await withClient(async (c) => (await c.query(`select to_regclass('pgw_explain_never') as t`)).rows[0].t);
@@ -124,7 +125,7 @@ describe('explainSample', () => {
   test('an EXPLAIN of an INSERT does not insert', async () => {
     const json = await explainSample(
       monitor,
-      { database, text: `insert into ${TABLE} (id, label) values ($1, $2)`, params: ['100000', 'new'], paramCount: 2 },
+      { database, user, text: `insert into ${TABLE} (id, label) values ($1, $2)`, params: ['100000', 'new'], paramCount: 2 },
       PG_VERSION,
     );
     assert.equal(summarizePlan(json).nodes[0].description, `Insert on ${TABLE}`);
@@ -132,21 +133,54 @@ describe('explainSample', () => {
   });
 
   test('an EXPLAIN of a DELETE does not delete', async () => {
-    await explainSample(monitor, { database, text: `delete from ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION);
+    await explainSample(monitor, { database, user, text: `delete from ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION);
     assert.equal(await rowCount(), 5000);
   });
 
   test('a failing EXPLAIN leaves the connection usable and out of any transaction', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, text: 'select * from pgw_explain_missing', params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(monitor, { database, user, text: 'select * from pgw_explain_missing', params: null, paramCount: 0 }, PG_VERSION),
       /relation "pgw_explain_missing" does not exist/,
     );
-    const json = await explainSample(monitor, { database, text: `select * from ${TABLE} where id = $1`, params: ['7'], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: ['7'], paramCount: 1 }, PG_VERSION);
     assert.equal(summarizePlan(json).relations[0], TABLE);
     const states = await withClient(async (c) => {
       const { rows } = await c.query<{ state: string }>(`select state from pg_stat_activity where application_name = 'pgwarden-monitor'`);
       return rows.map((r) => r.state);
     });
     assert.deepEqual(states, ['idle']);
+  });
+});
+
+describe('MonitorPool', () => {
+  test("serverMajorVersion is the server's major version", async () => {
+    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, log: pino({ level: 'silent' }) });
+    try {
+      const version = await monitor.serverMajorVersion();
+      assert.ok(Number.isInteger(version) && version >= 13, String(version));
+      if (PG_VERSION) assert.equal(version, PG_VERSION);
+    } finally {
+      await monitor.close();
+    }
+  });
+
+  test('keeps pools for at most maxDatabases databases, closing the least recently used', async () => {
+    const appName = 'pgwarden-monitor';
+    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, maxDatabases: 1, log: pino({ level: 'silent' }) });
+    const databases = async () =>
+      withClient(async (c) => {
+        const { rows } = await c.query<{ datname: string }>('select datname from pg_stat_activity where application_name = $1 and pid <> pg_backend_pid() order by 1', [appName]);
+        return rows.map((r) => r.datname);
+      });
+    try {
+      await monitor.query('select 1', [], 'template1');
+      assert.deepEqual(await databases(), ['template1']);
+      await monitor.query('select 1', [], monitor.defaultDatabase);
+      await waitFor(async () => JSON.stringify(await databases()) === JSON.stringify([monitor.defaultDatabase]), {
+        what: "only the latest database's monitoring connection to remain",
+      });
+    } finally {
+      await monitor.close();
+    }
   });
 });

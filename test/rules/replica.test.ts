@@ -9,6 +9,7 @@ import { Readable } from 'node:stream';
 import pino from 'pino';
 import { parse, serialize } from 'pg-protocol';
 import type { BackendMessage } from 'pg-protocol/dist/messages.js';
+import type { RerouteSink } from '../../src/proxy/seam.ts';
 import { ReplicaPool } from '../../src/rules/replica.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 import { startReplica, type Replica } from '../harness/replica.ts';
@@ -20,6 +21,14 @@ const READER_PASSWORD = 'reader-secret';
 const binDir = process.env.PGWARDEN_TEST_PG_BIN_DIR;
 
 type Fields = { fields: (string | null)[] };
+
+/** Runs messages on the pool and gathers everything relayed (tests only: memory is theirs to spend). */
+async function collect(pool: ReplicaPool, messages: Buffer, database?: string): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  const sink: RerouteSink = { closed: false, resumed: null, write: (bytes) => (chunks.push(Buffer.from(bytes)), true) };
+  await pool.run(messages, database ?? pool.defaultDatabase, sink);
+  return Buffer.concat(chunks);
+}
 
 /** Frames the relayed bytes with pg-protocol's own parser, as a client would. */
 async function decode(bytes: Buffer): Promise<BackendMessage[]> {
@@ -99,10 +108,10 @@ test('ReplicaPool frames a response that arrives one byte per read', async () =>
   const server = await startByteServer(Buffer.concat([parameterStatus, relayed.subarray(0, 30), relayed.subarray(30), readyForQuery('I')]));
   const pool = new ReplicaPool({ name: 'bytes', url: `postgres://u@127.0.0.1:${server.port}/db`, size: 1, connectTimeoutMs: 2_000, log: pino({ level: 'silent' }) });
   try {
-    const first = await pool.run(serialize.query('select 42 as x'));
+    const first = await collect(pool, serialize.query('select 42 as x'));
     assert.deepEqual(first, relayed);
     // The connection is back in the pool, framing from a clean state.
-    assert.deepEqual(await pool.run(serialize.query('select 42 as x')), relayed);
+    assert.deepEqual(await collect(pool, serialize.query('select 42 as x')), relayed);
   } finally {
     await pool.close();
     await server.close();
@@ -123,7 +132,7 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   }
 
   async function query(pool: ReplicaPool, text: string, database?: string): Promise<BackendMessage[]> {
-    return decode(await pool.run(serialize.query(text), database));
+    return decode(await collect(pool, serialize.query(text), database));
   }
 
   async function backendPid(pool: ReplicaPool): Promise<string> {
@@ -187,7 +196,7 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
       serialize.execute({}),
       serialize.sync(),
     ]);
-    const messages = await decode(await makePool().run(group));
+    const messages = await decode(await collect(makePool(), group));
     assert.deepEqual(names(messages), ['parseComplete', 'bindComplete', 'rowDescription', 'dataRow', 'commandComplete']);
     assert.deepEqual(rows(messages), [['item 2']]);
   });
@@ -230,7 +239,7 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
       serialize.execute({}),
       serialize.sync(),
     ]);
-    const messages = await decode(await makePool().run(group));
+    const messages = await decode(await collect(makePool(), group));
     assert.deepEqual(names(messages), [
       'parseComplete',
       'bindComplete',
@@ -260,7 +269,7 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   test('runs waiting for a connection are served in arrival order', async () => {
     const pool = makePool({ size: 1 });
     const order: number[] = [];
-    await Promise.all(Array.from({ length: 6 }, (_, i) => pool.run(serialize.query(`select ${i}`)).then(() => order.push(i))));
+    await Promise.all(Array.from({ length: 6 }, (_, i) => collect(pool, serialize.query(`select ${i}`)).then(() => order.push(i))));
     assert.deepEqual(order, [0, 1, 2, 3, 4, 5]);
   });
 
@@ -289,7 +298,7 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   test('a run against an unreachable replica rejects with an Error naming it', async () => {
     const port = await freePort();
     const pool = makePool({ name: 'replica-down', url: `postgres://${READER}:${READER_PASSWORD}@127.0.0.1:${port}/postgres` });
-    await assert.rejects(pool.run(serialize.query('select 1')), /replica replica-down/);
+    await assert.rejects(collect(pool, serialize.query('select 1')), /replica replica-down/);
   });
 
   test('the database parameter picks the database the statement runs in', async () => {
@@ -300,14 +309,14 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
 
   test('a group that does not end with Sync is refused without reaching the replica', async () => {
     const group = Buffer.concat([serialize.parse({ text: 'select 1' }), serialize.bind({}), serialize.execute({}), serialize.flush()]);
-    await assert.rejects(makePool().run(group), /replica replica-a: messages to reroute must end with Query or Sync/);
+    await assert.rejects(collect(makePool(), group), /replica replica-a: messages to reroute must end with Query or Sync/);
   });
 
   test('close terminates every connection and refuses later runs', async () => {
     const appName = 'pgw_replica_close_test';
     const url = `postgres://${READER}:${READER_PASSWORD}@127.0.0.1:${replica.port}/postgres?application_name=${appName}`;
     const pool = makePool({ size: 3, url });
-    await Promise.all([1, 2, 3].map((i) => pool.run(serialize.query(`select pg_sleep(0.05), ${i}`))));
+    await Promise.all([1, 2, 3].map((i) => collect(pool, serialize.query(`select pg_sleep(0.05), ${i}`))));
     const count = async (): Promise<number> =>
       withClient(async (client) => {
         const result = await client.query<{ n: number }>('select count(*)::int as n from pg_stat_activity where application_name = $1', [appName]);
@@ -316,6 +325,6 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
     assert.equal(await count(), 3);
     await pool.close();
     await waitFor(async () => (await count()) === 0, { what: 'the pool connections to end' });
-    await assert.rejects(pool.run(serialize.query('select 1')), /closed/);
+    await assert.rejects(collect(pool, serialize.query('select 1')), /closed/);
   });
 });

@@ -297,3 +297,27 @@ describe('ShapeFinder tells transaction-control and session statements apart', {
     assert.equal(finder.shapesOfText('selec 1').at(0)?.control, false);
   });
 });
+
+describe('literal values that normalization used to miss', () => {
+  test('digits glued to a word never reach the shape text', async () => {
+    const shapes = await ShapeFinder.create({ cacheEntries: 10, maxTextBytes: 100_000 });
+    for (const text of ['select 4111111111111111as x', 'select 1 from t where a = 4222222222222222and b', 'select 0x4111AB, 4111e5as y']) {
+      const [shape] = shapes.shapesOfText(text);
+      assert.doesNotMatch(shape.query, /4111|4222/, text);
+    }
+  });
+
+  test('strings whose end depends on standard_conforming_strings never reach the shape text', async () => {
+    const shapes = await ShapeFinder.create({ cacheEntries: 10, maxTextBytes: 100_000 });
+    for (const text of [
+      "select 'it\\'s secret' as x",
+      "select 'a\\', secret_col, '\\' from t",
+      "select 'a\\' secret\\'b' from t",
+      "select E'it\\'s secret'",
+      "select 1 where x = 'it\\'s secret' and y = 'z'",
+    ]) {
+      const [shape] = shapes.shapesOfText(text);
+      assert.doesNotMatch(shape.query, /secret/, text);
+    }
+  });
+});

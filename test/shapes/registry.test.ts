@@ -14,7 +14,7 @@ function shape(n: number): StatementShape {
 }
 
 function session(overrides: Partial<SessionInfo> = {}): SessionInfo & { applicationName: string } {
-  return { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, ...overrides };
+  return { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map(), ...overrides };
 }
 
 function completion(overrides: Partial<QueryCompletion> = {}): QueryCompletion {

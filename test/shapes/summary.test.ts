@@ -15,7 +15,7 @@ import { newSketch } from '../../src/shapes/series.ts';
 import { sketchFromJson, sketchToJson, SummaryBatcher } from '../../src/shapes/summary.ts';
 import pino from 'pino';
 
-const SESSION: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false };
+const SESSION: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map() };
 
 function completion(text: string, durationMs: number, overrides: Partial<QueryCompletion> = {}): QueryCompletion {
   return { session: SESSION, text, statement: null, statementIndex: 0, bind: null, startedAt: 0, durationMs, rows: 1, sqlstate: null, upstream: 'primary', refused: false, ...overrides };

@@ -104,6 +104,21 @@ describe('StateFile', () => {
     assert.equal(warnings.length, 2);
   });
 
+  test('an entry that is not a valid rule survives the next rewrite untouched', async () => {
+    const bad = { id: 'r-bad', action: 'explode', fingerprint: 'not-hex', note: { kept: true } };
+    fs.writeFileSync(file, JSON.stringify({ version: 1, rules: [rule('r-1'), bad] }));
+    const warnings: { msg: string; id?: string }[] = [];
+    const state = new StateFile(file, pino({ level: 'warn' }, { write: (line: string) => warnings.push(JSON.parse(line)) }));
+    await state.load();
+    assert.equal(warnings[0].id, 'r-bad');
+    assert.match(warnings[0].msg, /NOT applied, and kept in the file/);
+    await state.add(rule('r-2'));
+    await state.remove('r-1');
+    const written = JSON.parse(fs.readFileSync(file, 'utf8'));
+    assert.deepEqual(written.rules.map((r: { id: string }) => r.id), ['r-2', 'r-bad']);
+    assert.deepEqual(written.rules[1], bad);
+  });
+
   test('concurrent adds and removes do not lose each other', async () => {
     const state = new StateFile(file, log);
     await state.add(rule('r-doomed'));

@@ -322,6 +322,7 @@ export function renderPlans(container, plans) {
   fill(
     container,
     plans.last_error ? h('p', { class: 'warning' }, `Last EXPLAIN failed: ${plans.last_error}`) : null,
+    plans.not_sampled ? h('p', { class: 'warning' }, `Not explained: ${plans.not_sampled.replace(/^not sampled: /, '')}`) : null,
     plans.current
       ? h(
           'div',
