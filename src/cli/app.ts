@@ -19,6 +19,15 @@ import { IncidentManager } from '../detect/incidents.ts';
 import { RoundTripTracker } from '../detect/roundtrip.ts';
 import { SchemaWatcher } from '../detect/schema.ts';
 import { WebhookSender } from '../detect/webhook.ts';
+import { ActivitySampler } from '../detect/activity.ts';
+import { TimelineCauses, type CauseProvider } from '../detect/causes.ts';
+import { InFlightTracker } from '../detect/inflight.ts';
+import { LockCauses } from '../detect/locks.ts';
+import { NewShapeWatch } from '../detect/newshapes.ts';
+import { SaturationCauses } from '../detect/saturation.ts';
+import { SettingsWatcher } from '../detect/settings.ts';
+import { StatisticsWatcher } from '../detect/statistics.ts';
+import { backendRoutes } from '../admin/backends-api.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
 import { ProxyServer } from '../proxy/server.ts';
@@ -45,6 +54,9 @@ export interface App {
   readonly incidents: IncidentManager | null;
   readonly sampler: PlanSampler | null;
   readonly schema: SchemaWatcher | null;
+  /** Statements forwarded and not yet completed (null without statistics). */
+  readonly inflight: InFlightTracker | null;
+  readonly newShapes: NewShapeWatch | null;
   readonly rules: RuleStore;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
@@ -76,6 +88,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         url: config.monitor_url,
         concurrency: config.monitor_concurrency,
         statementTimeoutMs: config.monitor_statement_timeout_ms,
+        lockTimeoutMs: config.monitor_lock_timeout_ms,
         log: log.child({ component: 'monitor' }),
       })
     : null;
@@ -99,7 +112,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     ]),
   );
   const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
-  proxy.setGate(gate);
+  // The in-flight tracker wraps the rules' gate: it sees every statement forwarded.
+  const inflight = config.stats ? new InFlightTracker(gate, finder) : null;
+  proxy.setGate(inflight ?? gate);
+  let activity: ActivitySampler | null = null;
+  let settings: SettingsWatcher | null = null;
+  let statistics: StatisticsWatcher | null = null;
+  let newShapes: NewShapeWatch | null = null;
+  const causeProviders: CauseProvider[] = [];
+  const webhook = config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
 
   if (config.stats) {
     const bucketMs = config.series_bucket_s * 1000;
@@ -133,10 +154,26 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       schema.start();
       roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
       roundTrip.start();
-      // A schema change found in the catalog gets the affected shapes re-explained at once.
+      const detectLog = log.child({ component: 'detect' });
+      const checkMs = config.schema_check_interval_s * 1000;
+      settings = new SettingsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
+      settings.start();
+      statistics = new StatisticsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
+      statistics.start();
+      const tracker = inflight;
+      activity = new ActivitySampler({ monitor, finder, clock, log: detectLog, intervalMs: config.activity_sample_ms, inFlightByShape: tracker ? () => tracker.countsByShape() : undefined });
+      activity.start();
+      causeProviders.push(
+        new TimelineCauses(events),
+        new LockCauses(activity),
+        new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
+      );
+      // A schema change found in the catalog gets the affected shapes re-explained at
+      // once; so does a table's new statistics, and a setting change every shape.
       const plans = sampler;
       events.onEvent((e) => {
-        if (e.type === 'schema_change') plans.resampleTouching(e.objects ?? []);
+        if (e.type === 'schema_change' || e.type === 'statistics_change') plans.resampleTouching(e.objects ?? []);
+        else if (e.type === 'setting_change') plans.resampleTouching([]);
       });
     }
     collector.onShape(new DdlWatch(events, sampler).observe);
@@ -156,7 +193,9 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       evaluateEveryMs: config.detect_evaluate_ms,
       sampler,
       roundTrip,
-      webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
+      webhook,
+      causeProviders,
+      inflight,
     });
     collector.onShape(incidents.observe);
     incidents.onChange(
@@ -182,6 +221,20 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       );
     }
     incidents.start();
+    newShapes = new NewShapeWatch({
+      registry,
+      events,
+      clock,
+      log: log.child({ component: 'detect' }),
+      sampler,
+      webhook,
+      graceMs: config.new_shape_grace_s * 1000,
+      windowMs: config.new_shape_window_s * 1000,
+      slowMs: config.new_shape_slow_ms,
+      share: config.new_shape_share,
+      minCalls: 3,
+    });
+    newShapes.start();
   }
 
   /** What a shape's status is: a rule on it, else an active incident, else ok. */
@@ -190,7 +243,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     if (actions.has('block')) return 'blocked';
     if (actions.has('shed')) return 'shed';
     if (actions.has('reroute')) return 'rerouted';
-    return incidents?.activeFor(fp) ? 'regressed' : 'ok';
+    if (incidents?.activeFor(fp)) return 'regressed';
+    return newShapes?.get(fp) ? 'new' : 'ok';
   };
 
   const proxyAddress = await proxy.listen();
@@ -214,10 +268,12 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
+              newSinceOf: (fp) => newShapes?.get(fp)?.new_since ?? null,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
         ...ruleRoutes(rules, gate, [...replicas.keys()], clock),
+        ...(activity && monitor ? backendRoutes({ activity, monitor, events, log: log.child({ component: 'admin' }) }) : []),
         ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
       ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
@@ -234,6 +290,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     incidents,
     sampler,
     schema,
+    inflight,
+    newShapes,
     rules,
     admin,
     adminToken,
@@ -244,6 +302,10 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       incidents?.stop();
       schema?.stop();
       roundTrip?.stop();
+      activity?.stop();
+      settings?.stop();
+      statistics?.stop();
+      newShapes?.stop();
       sampler?.stop();
       rules.stop();
       await admin?.close();

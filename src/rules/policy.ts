@@ -44,6 +44,13 @@ export class MitigationPolicy {
       this.record(incident, `shape ${incident.fingerprint} is protected: no mitigation`);
       return;
     }
+    // A lock held elsewhere or load from outside the proxy: shedding this shape would not help.
+    const elsewhere = incident.causes.find((c) => c.decisive && c.mitigable === false);
+    if (elsewhere !== undefined) {
+      incident.mitigation = { mode: o.mode, action: 'none', rule_id: null, note: `nothing mitigated: the cause is not this shape (${elsewhere.type})` };
+      this.record(incident, `shape ${incident.fingerprint}: nothing mitigated, the cause is not this shape (${elsewhere.type})`);
+      return;
+    }
     const plan = `shed shape ${incident.fingerprint} to ${o.maxConcurrent} concurrent execution(s) (queue ${o.queueTimeoutMs} ms) for up to ${o.ttlS} s`;
     if (o.mode === 'dry-run') {
       incident.mitigation = { mode: o.mode, action: 'none', rule_id: null, note: `dry-run: would ${plan}` };
