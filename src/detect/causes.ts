@@ -45,15 +45,22 @@ export class TimelineCauses implements CauseProvider {
   causes(context: CauseContext): Cause[] {
     const from = context.onset - CAUSE_LOOKBACK_MS;
     const out: Cause[] = [];
+    const touching = this.events
+      .between(from, context.now, ['setting_change', 'statistics_change'])
+      .filter((e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())));
     for (const e of this.events.between(from, context.now, ['setting_change', 'statistics_change'])) {
       const planAfter = context.planChanges.find((p) => p.at >= e.at);
-      const touches = e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase()));
-      const decisive = planAfter !== undefined && touches;
+      const touches = touching.includes(e);
+      // The plan reacted to the latest change before it, not to every earlier one.
+      const superseded = planAfter !== undefined && touching.some((other) => other.at > e.at && other.at <= planAfter.at);
+      const decisive = planAfter !== undefined && touches && !superseded;
       const nearby = e.at >= context.onset - NEARBY_MS && e.at <= context.onset + 30_000;
       if (!decisive && !(touches && nearby)) continue;
       let summary = e.type === 'setting_change' ? `setting changed: ${e.summary}` : `statistics changed: ${e.summary}`;
-      if (planAfter) summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later (${planAfter.summary})`;
-      const details = planAfter?.details as { before?: string; after?: string; rows_before?: number; rows_after?: number } | undefined;
+      if (planAfter && decisive) summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later`;
+      const details = planAfter?.details as { before?: string; after?: string; estimates_before?: string; estimates_after?: string } | undefined;
+      // New statistics act through the planner's estimates: show them moving.
+      if (planAfter && e.type === 'statistics_change' && details?.estimates_before) summary += `; estimates: ${details.estimates_before} -> ${details.estimates_after}`;
       out.push({
         type: e.type as 'setting_change' | 'statistics_change',
         event_id: e.id,
@@ -65,7 +72,9 @@ export class TimelineCauses implements CauseProvider {
         objects: [...(e.objects ?? [])],
         evidence: {
           ...(e.details ?? {}),
-          ...(planAfter ? { plan_change_event: planAfter.id, plan_before: details?.before, plan_after: details?.after } : {}),
+          ...(planAfter
+            ? { plan_change_event: planAfter.id, plan_before: details?.before, plan_after: details?.after, estimates_before: details?.estimates_before, estimates_after: details?.estimates_after }
+            : {}),
         },
       });
     }
