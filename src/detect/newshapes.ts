@@ -98,11 +98,14 @@ export class NewShapeWatch {
     const now = o.clock.now();
     const candidates = o.registry.all().filter((s) => s.fingerprint !== OVERFLOW_FINGERPRINT && !s.fallback && s.firstSeen >= this.startedAt + o.graceMs && now - s.firstSeen <= o.windowMs);
     if (candidates.length === 0) return;
-    const total = this.dbTime(o.registry.all(), now);
+    const all = o.registry.all();
     for (const stats of candidates) {
       if (this.flagged.has(stats.fingerprint) || stats.timedCalls < o.minCalls) continue;
       const p50 = stats.quantile(0.5);
-      const share = total > 0 ? this.dbTime([stats], now) / total : 0;
+      // Its share of the database time since it appeared (at most the last minute).
+      const from = Math.max(now - SHARE_WINDOW_MS, stats.firstSeen);
+      const total = this.dbTime(all, now, from);
+      const share = total > 0 ? this.dbTime([stats], now, from) / total : 0;
       const slow = p50 >= o.slowMs;
       const heavy = share >= o.share;
       if (!slow && !heavy) {
@@ -120,7 +123,7 @@ export class NewShapeWatch {
 
   private flag(stats: ShapeStats, reason: 'slow' | 'heavy', p50: number, share: number, plan: string | null, now: number): void {
     const since = new Date(stats.firstSeen).toISOString();
-    const why = reason === 'slow' ? `slow from its first calls (p50 ${Math.round(p50 * 10) / 10} ms)` : `takes ${Math.round(share * 100)}% of the database time`;
+    const why = reason === 'slow' ? `slow from its first calls (p50 ${Math.round(p50 * 10) / 10} ms)` : `taking ${Math.round(share * 100)}% of the database time`;
     const shape: NewShape = {
       fingerprint: stats.fingerprint,
       query: stats.query,
@@ -138,10 +141,10 @@ export class NewShapeWatch {
     this.options.webhook?.send({ event: 'new_shape', shape });
   }
 
-  /** Database time (ms) of some shapes over the last minute, from their series. */
-  private dbTime(shapes: readonly ShapeStats[], now: number): number {
+  /** Database time (ms) of some shapes since `since` (bucket-aligned), from their series. */
+  private dbTime(shapes: readonly ShapeStats[], now: number, since: number): number {
     let ms = 0;
-    for (const s of shapes) for (const p of s.series.points(now, now - SHARE_WINDOW_MS)) ms += p.mean_ms * p.timed;
+    for (const s of shapes) for (const p of s.series.points(now, since)) ms += p.mean_ms * p.timed;
     return ms;
   }
 }
