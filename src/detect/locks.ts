@@ -39,9 +39,11 @@ export function lockWaitOf(sample: ActivitySample, fingerprint: string, objects:
   const byPid = new Map(sample.backends.map((b) => [b.pid, b]));
   const waitsOn = (pid: number) => sample.locks.filter((l) => l.pid === pid && !l.granted);
   const unqualified = (relation: string) => relation.slice(relation.lastIndexOf('.') + 1).replace(/"/g, '').toLowerCase();
-  const waiters = sample.backends.filter(
-    (b) => b.blockedBy.length > 0 && (b.fingerprint === fingerprint || waitsOn(b.pid).some((l) => objects.has(unqualified(l.relation)))),
-  );
+  // Its own statements by fingerprint; only when none is recognisable (a text longer
+  // than track_activity_query_size is truncated), those waiting on its relations.
+  const waiting = sample.backends.filter((b) => b.blockedBy.length > 0);
+  let waiters = waiting.filter((b) => b.fingerprint === fingerprint);
+  if (waiters.length === 0) waiters = waiting.filter((b) => waitsOn(b.pid).some((l) => objects.has(unqualified(l.relation))));
   if (waiters.length === 0) return null;
   const relations = [...new Set(waiters.flatMap((w) => waitsOn(w.pid).map((l) => l.relation)))];
   // The head of each chain: follow blockers until one that waits for nobody.
