@@ -10,7 +10,7 @@
 // references and a number in a per-session ring; shapes are only looked up when
 // someone asks who is stuck (every few seconds, for statements already old).
 
-import type { GateDecision, PreparedStatement, QueryGate, QueryRequest } from '../proxy/seam.ts';
+import type { GateDecision, PreparedStatement, QueryGate, QueryRequest, SessionInfo } from '../proxy/seam.ts';
 import { FORWARD } from '../proxy/seam.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import type { DetectorOptions, Percentiles } from './detector.ts';
@@ -34,9 +34,9 @@ class SessionFlight {
     readonly sessionId: number,
     readonly user: string,
     readonly database: string,
-    now: number,
+    private readonly clock: () => number,
   ) {
-    this.lastActive = now;
+    this.lastActive = clock();
     this.decision = Object.freeze({ action: 'forward', done: () => this.finish() });
   }
 
@@ -56,7 +56,7 @@ class SessionFlight {
     this.statements[this.head] = null;
     this.head = (this.head + 1) % RING;
     this.length--;
-    this.lastActive = Date.now();
+    this.lastActive = this.clock();
   }
 }
 
@@ -96,15 +96,17 @@ export class InFlightTracker implements QueryGate {
     const decision = this.inner.decide(request);
     // Parse is answered at once; only executions run.
     if (request.phase === 'parse' || request.session.replication) return decision;
-    if (decision === FORWARD) return this.track(request).decision;
-    if (decision instanceof Promise) return decision.then((settled) => this.wrap(settled, request));
-    return this.wrap(decision, request);
+    if (decision === FORWARD) return this.track(request.session, request.text, request.statement).decision;
+    // The request object is reused by the session: keep what is needed past this call.
+    const { session, text, statement } = request;
+    if (decision instanceof Promise) return decision.then((settled) => this.wrap(settled, session, text, statement));
+    return this.wrap(decision, session, text, statement);
   }
 
-  private wrap(decision: GateDecision, request: QueryRequest): GateDecision {
-    if (decision === FORWARD) return this.track(request).decision;
+  private wrap(decision: GateDecision, session: SessionInfo, text: string, statement: PreparedStatement | null): GateDecision {
+    if (decision === FORWARD) return this.track(session, text, statement).decision;
     if (decision.action !== 'forward') return decision; // refused or rerouted: not running here
-    const flight = this.track(request);
+    const flight = this.track(session, text, statement);
     const inner = decision.done;
     // Only under a shed rule: a closure per admitted execution is acceptable there.
     return {
@@ -116,14 +118,14 @@ export class InFlightTracker implements QueryGate {
     };
   }
 
-  private track(request: QueryRequest): SessionFlight {
+  private track(session: SessionInfo, text: string, statement: PreparedStatement | null): SessionFlight {
     const now = this.now();
-    let flight = this.sessions.get(request.session.id);
+    let flight = this.sessions.get(session.id);
     if (flight === undefined) {
-      flight = new SessionFlight(request.session.id, request.session.user, request.session.database, now);
-      this.sessions.set(request.session.id, flight);
+      flight = new SessionFlight(session.id, session.user, session.database, this.now);
+      this.sessions.set(session.id, flight);
     }
-    flight.start(request.text, request.statement, now);
+    flight.start(text, statement, now);
     return flight;
   }
 

@@ -98,14 +98,21 @@ export class NewShapeWatch {
     const now = o.clock.now();
     const candidates = o.registry.all().filter((s) => s.fingerprint !== OVERFLOW_FINGERPRINT && !s.fallback && s.firstSeen >= this.startedAt + o.graceMs && now - s.firstSeen <= o.windowMs);
     if (candidates.length === 0) return;
-    const all = o.registry.all();
+    // Database time of all shapes per bucket of the last minute, summed once per pass.
+    const perBucket = new Map<number, number>();
+    for (const s of o.registry.all()) for (const p of s.series.points(now, now - SHARE_WINDOW_MS)) perBucket.set(p.t, (perBucket.get(p.t) ?? 0) + p.mean_ms * p.timed);
     for (const stats of candidates) {
       if (this.flagged.has(stats.fingerprint) || stats.timedCalls < o.minCalls) continue;
       const p50 = stats.quantile(0.5);
       // Its share of the database time since it appeared (at most the last minute).
       const from = Math.max(now - SHARE_WINDOW_MS, stats.firstSeen);
-      const total = this.dbTime(all, now, from);
-      const share = total > 0 ? this.dbTime([stats], now, from) / total : 0;
+      let total = 0;
+      let own = 0;
+      const points = stats.series.points(now, from);
+      for (const p of points) own += p.mean_ms * p.timed;
+      const firstBucket = points[0]?.t ?? now;
+      for (const [t, ms] of perBucket) if (t >= firstBucket) total += ms;
+      const share = total > 0 ? own / total : 0;
       const slow = p50 >= o.slowMs;
       const heavy = share >= o.share;
       if (!slow && !heavy) {
@@ -141,10 +148,4 @@ export class NewShapeWatch {
     this.options.webhook?.send({ event: 'new_shape', shape });
   }
 
-  /** Database time (ms) of some shapes since `since` (bucket-aligned), from their series. */
-  private dbTime(shapes: readonly ShapeStats[], now: number, since: number): number {
-    let ms = 0;
-    for (const s of shapes) for (const p of s.series.points(now, since)) ms += p.mean_ms * p.timed;
-    return ms;
-  }
 }

@@ -205,6 +205,19 @@ describe('InFlightTracker', async () => {
     assert.equal(tracker.inFlight().length, 0);
   });
 
+  test('a statement admitted after queueing (a shed rule) is tracked from then, with the rule\'s own done still called', async () => {
+    let released = 0;
+    const tracker = new InFlightTracker({ decide: () => Promise.resolve({ action: 'forward', done: () => released++ } as GateDecision) }, finder, () => 1000);
+    const req = request('select * from orders where id = 7');
+    const pending = tracker.decide(req) as Promise<GateDecision & { done?: () => void }>;
+    (req as { text: string }).text = 'select 1'; // the session reuses its request object
+    const decision = await pending;
+    assert.equal(tracker.inFlight()[0].query, 'select * from orders where id = $1');
+    decision.done!();
+    assert.equal(released, 1);
+    assert.equal(tracker.inFlight().length, 0);
+  });
+
   test('statements stuck far beyond the baseline are a regression; one stuck call or a slow-ish one is not', () => {
     const baseline = { p50_ms: 1, p95_ms: 2, p99_ms: 3, rate: 100, samples: 1000 };
     const d = DEFAULT_DETECTOR_OPTIONS;
