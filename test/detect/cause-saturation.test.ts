@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { testDatabase } from '../harness/database.ts';
+import { testDatabase, withClient } from '../harness/database.ts';
 import { startTestApp, type TestApp } from '../harness/app.ts';
 import { causeDetection, expectNoIncidentFor, waitForIncident, warmShape } from '../harness/causes.ts';
 import { startWorkload, type RunningWorkload } from '../harness/workload.ts';
@@ -37,7 +37,8 @@ describe('saturation from outside the proxy', { timeout: 90_000 }, () => {
 
   after(async () => {
     hogging = false;
-    await Promise.all(hogs.map((c) => c.query('select pg_cancel_backend(pid) from pg_stat_activity where application_name = $1', ['nightly-report']).catch(() => undefined)));
+    // From a connection of its own: the hogs' connections are busy with their queries.
+    await withClient((c) => c.query('select pg_cancel_backend(pid) from pg_stat_activity where application_name = $1', ['nightly-report']));
     await Promise.all(loops);
     await Promise.all(hogs.map((c) => c.end().catch(() => undefined)));
     await workload?.stop();

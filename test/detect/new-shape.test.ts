@@ -75,7 +75,7 @@ describe('a new slow shape', { timeout: 90_000 }, () => {
     const { body: events } = await pgw.api(`/api/events?type=new_shape`);
     const event = (events as { fingerprint: string; summary: string }[]).find((e) => e.fingerprint === flagged.fingerprint)!;
     console.log(`# ${event.summary}`);
-    assert.match(event.summary, /^new since \d{4}-.*: shape \w+ `select id from pgw_new_users where name = \$1 and bio <> \$2` is (slow from its first calls|takes \d+% of the database time).*; plan: Seq Scan on pgw_new_users/);
+    assert.match(event.summary, /^new since \d{4}-.*: shape \w+ `select id from pgw_new_users where name = \$1 and bio <> \$2` is (slow from its first calls|taking \d+% of the database time).*; plan: Seq Scan on pgw_new_users/);
     assert.ok(pgw.logLines.some((l) => l.msg === 'new shape' && l.fingerprint === flagged.fingerprint));
     await waitFor(() => hooks.find((h) => h.event === 'new_shape' && h.shape?.fingerprint === flagged.fingerprint), { timeoutMs: 10_000, what: 'the webhook message' });
 
