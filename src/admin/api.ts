@@ -21,7 +21,7 @@ const SORTS = {
 
 const round = (ms: number) => Math.round(ms * 1000) / 1000;
 
-export function shapeSummary(s: ShapeStats, status: string) {
+export function shapeSummary(s: ShapeStats, status: string, newSince: string | null = null) {
   return {
     fingerprint: s.fingerprint,
     query: s.query,
@@ -38,6 +38,8 @@ export function shapeSummary(s: ShapeStats, status: string) {
     first_seen: new Date(s.firstSeen).toISOString(),
     last_seen: new Date(s.lastSeen).toISOString(),
     status,
+    /** First seen recently and flagged as slow or heavy by the new-shape watch: since when. */
+    new_since: newSince,
     fallback: s.fallback,
     users: [...s.users],
     databases: [...s.databases],
@@ -99,13 +101,15 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
         const limitText = query.get('limit') ?? '100';
         const limit = Number(limitText);
         if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new ApiError(400, `limit must be an integer from 1 to 10000; got '${limitText}'`);
+        const status = query.get('status');
         const key = SORTS[sort as keyof typeof SORTS];
         if (scope === 'fleet') {
           const fleet = (await readFleet(detail.fleet!)).sort((a, b) => key(b) - key(a)).slice(0, limit);
           return { status: 200, body: fleet.map((s) => fleetShapeSummary(s, statusOf(s.fingerprint))) };
         }
-        const shapes = registry.all().sort((a, b) => key(b) - key(a)).slice(0, limit);
-        return { status: 200, body: shapes.map((s) => shapeSummary(s, statusOf(s.fingerprint))) };
+        const all = status === null ? registry.all() : registry.all().filter((s) => statusOf(s.fingerprint) === status || (status === 'new' && detail.newSinceOf?.(s.fingerprint)));
+        const shapes = all.sort((a, b) => key(b) - key(a)).slice(0, limit);
+        return { status: 200, body: shapes.map((s) => shapeSummary(s, statusOf(s.fingerprint), detail.newSinceOf?.(s.fingerprint) ?? null)) };
       },
     },
     {
@@ -132,7 +136,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
         return {
           status: 200,
           body: {
-            ...shapeSummary(stats, statusOf(stats.fingerprint)),
+            ...shapeSummary(stats, statusOf(stats.fingerprint), detail.newSinceOf?.(stats.fingerprint) ?? null),
             series: stats.series.points(now, now - since * 1000),
             ...(detail.plansOf ? { plans: detail.plansOf(stats.fingerprint) } : {}),
             ...(detail.eventsOf ? { events: detail.eventsOf(stats.fingerprint) } : {}),
@@ -152,4 +156,6 @@ export interface DetailSources {
   readonly rulesOf?: (fingerprint: string) => unknown;
   /** Every live instance's shapes merged (through the control database); enables `?scope=fleet`. */
   readonly fleet?: () => Promise<FleetShape[]>;
+  /** When a shape flagged as new was first seen (ISO 8601), else null. */
+  readonly newSinceOf?: (fingerprint: string) => string | null;
 }

@@ -5,7 +5,7 @@ import type { IncidentManager } from '../detect/incidents.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import { ApiError, type Route } from './server.ts';
 
-const EVENT_TYPES: EventType[] = ['ddl', 'schema_change', 'plan_change', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed', 'mitigation'];
+const EVENT_TYPES: EventType[] = ['ddl', 'schema_change', 'plan_change', 'setting_change', 'statistics_change', 'new_shape', 'admin_action', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed', 'mitigation'];
 
 export function eventJson(e: TimelineEvent) {
   return { ...e, at: new Date(e.at).toISOString() };

@@ -20,6 +20,15 @@ import { IncidentManager } from '../detect/incidents.ts';
 import { RoundTripTracker } from '../detect/roundtrip.ts';
 import { SchemaWatcher } from '../detect/schema.ts';
 import { WebhookSender } from '../detect/webhook.ts';
+import { ActivitySampler } from '../detect/activity.ts';
+import { TimelineCauses, type CauseProvider } from '../detect/causes.ts';
+import { InFlightTracker } from '../detect/inflight.ts';
+import { LockCauses } from '../detect/locks.ts';
+import { NewShapeWatch } from '../detect/newshapes.ts';
+import { SaturationCauses } from '../detect/saturation.ts';
+import { SettingsWatcher } from '../detect/settings.ts';
+import { StatisticsWatcher } from '../detect/statistics.ts';
+import { backendRoutes } from '../admin/backends-api.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
 import { ProxyServer } from '../proxy/server.ts';
@@ -50,6 +59,9 @@ export interface App {
   readonly incidents: IncidentManager | null;
   readonly sampler: PlanSampler | null;
   readonly schema: SchemaWatcher | null;
+  /** Statements forwarded and not yet completed (null without statistics). */
+  readonly inflight: InFlightTracker | null;
+  readonly newShapes: NewShapeWatch | null;
   readonly rules: RuleStore;
   readonly admin: AdminServer | null;
   readonly adminToken: string;
@@ -126,6 +138,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         concurrency: config.monitor_concurrency,
         statementTimeoutMs: config.monitor_statement_timeout_ms,
         maxDatabases: config.monitor_max_databases,
+        lockTimeoutMs: config.monitor_lock_timeout_ms,
         log: log.child({ component: 'monitor' }),
       })
     : null;
@@ -149,7 +162,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     ]),
   );
   const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
-  proxy.setGate(gate);
+  // The in-flight tracker wraps the rules' gate: it sees every statement forwarded.
+  // (Not in a cluster worker: statements stuck in a worker are not reported to the primary yet.)
+  const inflight = config.stats && !worker ? new InFlightTracker(gate, finder) : null;
+  proxy.setGate(inflight ?? gate);
+  let activity: ActivitySampler | null = null;
+  let settings: SettingsWatcher | null = null;
+  let statistics: StatisticsWatcher | null = null;
+  let newShapes: NewShapeWatch | null = null;
+  const causeProviders: CauseProvider[] = [];
 
   if (worker) worker.start(proxy, gate, config.stats ? finder : null);
   else if (config.stats) {
@@ -184,10 +205,26 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       schema.start();
       roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
       roundTrip.start();
-      // A schema change found in the catalog gets the affected shapes re-explained at once.
+      const detectLog = log.child({ component: 'detect' });
+      const checkMs = config.schema_check_interval_s * 1000;
+      settings = new SettingsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
+      settings.start();
+      statistics = new StatisticsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
+      statistics.start();
+      const tracker = inflight;
+      activity = new ActivitySampler({ monitor, finder, clock, log: detectLog, intervalMs: config.activity_sample_ms, inFlightByShape: tracker ? () => tracker.countsByShape() : undefined });
+      activity.start();
+      causeProviders.push(
+        new TimelineCauses(events),
+        new LockCauses(activity),
+        new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
+      );
+      // A schema change found in the catalog gets the affected shapes re-explained at
+      // once; so does a table's new statistics, and a setting change every shape.
       const plans = sampler;
       events.onEvent((e) => {
-        if (e.type === 'schema_change') plans.resampleTouching(e.objects ?? []);
+        if (e.type === 'schema_change' || e.type === 'statistics_change') plans.resampleTouching(e.objects ?? []);
+        else if (e.type === 'setting_change') plans.resampleTouching([]);
       });
     }
     collector.onShape(new DdlWatch(events, sampler).observe);
@@ -202,6 +239,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       sampler,
       roundTrip,
       webhook,
+      causeProviders,
+      inflight,
     });
     collector.onShape(incidents.observe, 'latencies');
     const shapes = registry;
@@ -247,6 +286,20 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       });
       fleet.start();
     }
+    newShapes = new NewShapeWatch({
+      registry,
+      events,
+      clock,
+      log: log.child({ component: 'detect' }),
+      sampler,
+      webhook,
+      graceMs: config.new_shape_grace_s * 1000,
+      windowMs: config.new_shape_window_s * 1000,
+      slowMs: config.new_shape_slow_ms,
+      share: config.new_shape_share,
+      minCalls: 3,
+    });
+    newShapes.start();
   }
 
   /** What a shape's status is: a rule on it, else an active incident, else ok. */
@@ -255,7 +308,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     if (actions.has('block')) return 'blocked';
     if (actions.has('shed')) return 'shed';
     if (actions.has('reroute')) return 'rerouted';
-    return incidents?.activeFor(fp) ? 'regressed' : 'ok';
+    if (incidents?.activeFor(fp)) return 'regressed';
+    return newShapes?.get(fp) ? 'new' : 'ok';
   };
 
   hub?.attach({ collector, rules, gate });
@@ -290,6 +344,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
               fleet: fleet ? () => fleet!.fleet() : undefined,
+              newSinceOf: (fp) => newShapes?.get(fp)?.new_since ?? null,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
@@ -305,6 +360,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
             : null,
           config.upstream,
         ),
+        ...(activity && monitor ? backendRoutes({ activity, monitor, events, log: log.child({ component: 'admin' }) }) : []),
         ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
       ],
       upstreamReady: upstreamProbe(upstream.host, upstream.port),
@@ -321,6 +377,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     incidents,
     sampler,
     schema,
+    inflight,
+    newShapes,
     rules,
     admin,
     adminToken,
@@ -349,6 +407,10 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       fleet?.stop();
       schema?.stop();
       roundTrip?.stop();
+      activity?.stop();
+      settings?.stop();
+      statistics?.stop();
+      newShapes?.stop();
       sampler?.stop();
       rules.stop();
       await admin?.close();

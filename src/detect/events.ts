@@ -8,6 +8,10 @@ export type EventType =
   | 'ddl' // a DDL statement that passed through the proxy and succeeded
   | 'schema_change' // a difference in the catalog found by the schema watcher
   | 'plan_change' // a shape's plan fingerprint changed
+  | 'setting_change' // a server, per-database or per-role setting changed (settings watch)
+  | 'statistics_change' // a table was analyzed (statistics watch)
+  | 'new_shape' // a shape first seen recently is slow or heavy (new-shape watch)
+  | 'admin_action' // an operator cancelled or terminated a backend through the admin API
   | 'incident_opened'
   | 'incident_resolved'
   | 'rule_added'

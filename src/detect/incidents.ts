@@ -23,9 +23,11 @@ import {
 import type { EventLog, TimelineEvent } from './events.ts';
 import type { RoundTripTracker } from './roundtrip.ts';
 import type { WebhookSender } from './webhook.ts';
+import { leadingCause, type CauseProvider } from './causes.ts';
+import { STUCK_MIN_MS, stuckRegression, withStuck, type InFlightTracker, type StuckShape } from './inflight.ts';
 
 export interface Cause {
-  type: 'plan_change' | 'ddl' | 'schema_change';
+  type: 'plan_change' | 'ddl' | 'schema_change' | 'setting_change' | 'statistics_change' | 'lock_wait' | 'saturation';
   event_id: number;
   at: string;
   /** Positive: before the onset; negative: after it. */
@@ -36,6 +38,12 @@ export interface Cause {
   objects: string[];
   statement?: string;
   diff?: { headline: string; removed: string[]; added: string[]; before?: string; after?: string };
+  /** Explains the incident on its own (causes from providers: setting, statistics, lock, saturation). */
+  decisive?: boolean;
+  /** false: shedding the shape would not help (a lock held elsewhere, load outside the proxy). */
+  mitigable?: boolean;
+  /** What the provider saw (blocking session, wait events, consumers, estimates...). */
+  evidence?: Record<string, unknown>;
 }
 
 export interface Check {
@@ -86,6 +94,10 @@ export interface IncidentOptions {
   readonly sampler?: PlanSampler | null;
   readonly roundTrip?: RoundTripTracker | null;
   readonly webhook?: WebhookSender | null;
+  /** Evidence beyond plans and DDL (settings, statistics, locks, saturation), asked at each attribution. */
+  readonly causeProviders?: readonly CauseProvider[];
+  /** Statements still running, so a shape whose calls are all stuck is judged before any completes. */
+  readonly inflight?: InFlightTracker | null;
 }
 
 /** How far before the onset causes are looked for. */
@@ -184,6 +196,7 @@ export class IncidentManager {
   evaluate(): void {
     const now = this.options.clock.now();
     const d = this.options.detector;
+    const stuckShapes = this.options.inflight?.stuckByShape(STUCK_MIN_MS) ?? null;
     for (const [fingerprint, watch] of this.watches) {
       const stats = this.options.registry.get(fingerprint);
       if (stats === undefined) {
@@ -195,12 +208,14 @@ export class IncidentManager {
         this.follow(watch, stats, calls, now);
         continue;
       }
-      if (calls.ms.length < d.minRecentSamples) {
+      const stuck = stuckShapes?.get(fingerprint);
+      if (calls.ms.length < d.minRecentSamples && stuck === undefined) {
         watch.over = 0;
         continue;
       }
       const baseline = this.baseline(stats, now);
       if (baseline === null) continue;
+      if (this.judgeStuck(watch, stats, baseline, calls, stuck, now)) continue;
       const recent = recentOf(calls, now, d.recentWindowMs);
       if (!isRegressed(recent, baseline, d)) {
         watch.over = 0;
@@ -215,6 +230,22 @@ export class IncidentManager {
       if (watch.over >= d.openAfter) this.open(watch, stats, baseline, recent, watch.onset ?? calls.at[0], now);
     }
     this.options.sampler?.retain((fp) => this.options.registry.get(fp) !== undefined);
+  }
+
+  /**
+   * Statements stuck far beyond the baseline are a regression before any of them
+   * completes (every call of a shape waiting on a lock): they count as calls lasting
+   * their age so far. Returns whether it judged the shape.
+   */
+  private judgeStuck(watch: ShapeWatch, stats: ShapeStats, baseline: Percentiles, calls: { at: number[]; ms: number[] }, stuck: StuckShape | undefined, now: number): boolean {
+    const d = this.options.detector;
+    const regression = stuckRegression(stuck, baseline, d);
+    if (regression === null) return false;
+    const combined = withStuck(calls, regression, now);
+    watch.over++;
+    if (watch.over === 1) watch.onset = regression.oldestSince;
+    if (watch.over >= d.openAfter) this.open(watch, stats, baseline, recentOf(combined, now, d.recentWindowMs), Math.min(watch.onset ?? regression.oldestSince, regression.oldestSince), now);
+    return true;
   }
 
   private baseline(stats: ShapeStats, now: number): Percentiles | null {
@@ -306,20 +337,42 @@ export class IncidentManager {
   /** Recomputes causes, checks and the one-line summary from the current evidence. */
   private explain(incident: Incident, watch: ShapeWatch, now: number): void {
     const onset = Date.parse(incident.onset);
-    incident.causes = this.causes(incident.fingerprint, onset, now);
+    incident.causes = [...this.causes(incident.fingerprint, onset, now), ...this.providedCauses(incident.fingerprint, onset, now)];
     incident.checks = this.checks(incident, watch, onset, now);
     incident.ruled_out = incident.checks.filter((c) => c.ruled_out).map(({ check, summary }) => ({ check, summary }));
     const plan = incident.causes.find((c) => c.type === 'plan_change');
-    const schema = incident.causes.find((c) => c.type !== 'plan_change' && c.relevant) ?? incident.causes.find((c) => c.type !== 'plan_change');
-    incident.attributed = plan !== undefined && schema !== undefined;
+    const ddl = (c: Cause) => c.type === 'ddl' || c.type === 'schema_change';
+    const schema = incident.causes.find((c) => ddl(c) && c.relevant) ?? incident.causes.find(ddl);
+    const lead = leadingCause(incident.causes);
+    incident.attributed = (plan !== undefined && schema !== undefined) || lead !== undefined;
     let summary = `shape ${incident.fingerprint}: p95 ${incident.baseline.p95_ms} ms -> ${incident.current.p95_ms} ms`;
     if (plan) summary += `, plan changed ${plan.summary}`;
-    if (schema) {
+    if (lead) {
+      summary += `; cause: ${lead.summary}`;
+    } else if (schema) {
       const seconds = Math.round(schema.seconds_before_onset);
       const what = schema.statement ? `\`${schema.statement}\` was seen` : `the catalog showed: ${schema.summary}`;
       summary += seconds >= 0 ? `, ${seconds} s after ${what}` : `; ${what} (${-seconds} s after the onset)`;
     }
     incident.summary = summary;
+  }
+
+  /** Causes from the providers (settings, statistics, locks, saturation); a failing provider is logged and skipped. */
+  private providedCauses(fingerprint: string, onset: number, now: number): Cause[] {
+    const providers = this.options.causeProviders ?? [];
+    if (providers.length === 0) return [];
+    const planChanges = this.options.events.between(onset - CAUSE_LOOKBACK_MS, now, ['plan_change']).filter((e) => e.fingerprint === fingerprint);
+    const objects = new Set<string>(this.options.sampler?.plansOf(fingerprint)?.objects() ?? []);
+    for (const e of planChanges) for (const o of e.objects ?? []) objects.add(o.toLowerCase());
+    const out: Cause[] = [];
+    for (const provider of providers) {
+      try {
+        out.push(...provider.causes({ fingerprint, onset, now, objects, planChanges }));
+      } catch (err) {
+        this.options.log.warn({ err, provider: provider.name, fingerprint }, 'cause provider failed');
+      }
+    }
+    return out;
   }
 
   private causes(fingerprint: string, onset: number, now: number): Cause[] {

@@ -16,6 +16,12 @@ export interface MonitorOptions {
   readonly statementTimeoutMs: number;
   /** Databases with a pool at once; default 8. */
   readonly maxDatabases?: number;
+  /**
+   * lock_timeout of monitoring queries, ms: EXPLAIN and catalog reads take relation
+   * locks, and must fail fast rather than queue behind the very lock an incident is
+   * about (pg_get_indexdef waits for an ACCESS EXCLUSIVE lock). 0: none.
+   */
+  readonly lockTimeoutMs?: number;
   readonly log: Logger;
 }
 
@@ -97,6 +103,7 @@ export class MonitorPool {
         idleTimeoutMillis: 60_000,
         application_name: 'pgwarden-monitor',
         statement_timeout: this.options.statementTimeoutMs,
+        ...(this.options.lockTimeoutMs ? { lock_timeout: this.options.lockTimeoutMs } : {}),
         connectionTimeoutMillis: 5_000,
       });
       pool.on('error', (err) => this.options.log.warn({ err, database }, 'monitoring connection failed'));

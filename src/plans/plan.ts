@@ -21,6 +21,8 @@ export interface PlanNode {
   description: string;
   /** 0 for the root; with the pre-order this is enough to rebuild the tree. */
   depth: number;
+  /** The planner's row estimate ("Plan Rows"); not part of the fingerprint. */
+  planRows?: number;
 }
 
 export interface PlanSummary {
@@ -78,6 +80,19 @@ export function diffPlans(before: PlanSummary, after: PlanSummary): PlanDiff {
   return { headline: headline(before, after, removed, added), removed, added };
 }
 
+/**
+ * The plan's scans with the planner's row estimates, for explaining a plan that
+ * flipped on new statistics: "Index Scan using t_kind_idx on t (est. 1 rows)".
+ */
+export function describeEstimates(summary: PlanSummary): string {
+  const out: string[] = [];
+  for (const node of summary.nodes) {
+    if (!node.nodeType.endsWith(' Scan')) continue;
+    out.push(node.planRows === undefined ? node.description : `${node.description} (est. ${Math.round(node.planRows)} rows)`);
+  }
+  return out.join('; ');
+}
+
 /** The plan's scans on one line, for lists: "Seq Scan on users; Index Scan using orders_pkey on orders". */
 export function describePlan(summary: PlanSummary): string {
   const scans = accessPaths(summary.nodes).map((p) => p.text);
@@ -126,6 +141,8 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
   const target = scanTarget(node, where);
   const description = describeNode(node, nodeType, target, where);
   const planNode: PlanNode = { nodeType, description, depth };
+  const planRows = optionalNumber(node, 'Plan Rows', where);
+  if (planRows !== undefined) planNode.planRows = planRows;
   if (relation !== undefined) planNode.relation = relation;
   if (index !== undefined) planNode.index = index;
   if (scanDirection !== undefined) planNode.scanDirection = scanDirection;

@@ -15,7 +15,7 @@ import type { ShapeStats } from '../shapes/registry.ts';
 import { explainSample, NotSampled } from './explain.ts';
 import type { MonitorPool } from './monitor.ts';
 import { parametersAsText } from './params.ts';
-import { describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary } from './plan.ts';
+import { describeEstimates, describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary } from './plan.ts';
 
 /** Statements EXPLAIN can describe; everything else is never sampled. */
 const EXPLAINABLE = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
@@ -352,7 +352,7 @@ export class PlanSampler {
       fingerprint: shape,
       summary: diff.headline || `${describePlan(previous.summary)} -> ${describePlan(summary)}`,
       objects: [...objects],
-      details: { from: change.from, to: change.to, removed: diff.removed, added: diff.added, before: describePlan(previous.summary), after: describePlan(summary) },
+      details: { from: change.from, to: change.to, removed: diff.removed, added: diff.added, before: describePlan(previous.summary), after: describePlan(summary), estimates_before: describeEstimates(previous.summary), estimates_after: describeEstimates(summary) },
     });
     this.options.log.info({ fingerprint: shape, from: change.from, to: change.to, diff: diff.headline }, 'plan changed');
   }

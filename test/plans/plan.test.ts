@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { describePlan, diffPlans, summarizePlan, type PlanSummary } from '../../src/plans/plan.ts';
+import { describeEstimates, describePlan, diffPlans, summarizePlan, type PlanSummary } from '../../src/plans/plan.ts';
 import { testDatabase } from '../harness/database.ts';
 
 type Json = Record<string, unknown>;
@@ -121,8 +121,10 @@ describe('summarizePlan', () => {
         scanDirection: 'Forward',
         description: 'Index Scan using users_email_idx on users',
         depth: 0,
+        planRows: 1,
       },
     ]);
+    assert.equal(describeEstimates(summary), 'Index Scan using users_email_idx on users (est. 1 rows)');
     assert.deepEqual(summary.relations, ['users']);
     assert.deepEqual(summary.indexes, ['users_email_idx']);
     assert.equal(summary.totalCost, 8.3);

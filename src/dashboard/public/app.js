@@ -166,6 +166,16 @@ const actions = {
   open: (fingerprint) => select(fingerprint, { scroll: true }),
   block: (shape, reason) => ruleDialog('block', shape, { reason, done: refresh }),
   shed: (shape, reason) => ruleDialog('shed', shape, { reason, done: refresh }),
+  /** Cancels or terminates a blocking backend (audited by the server). */
+  async signal(pid, action) {
+    if (!window.confirm(`${action === 'cancel' ? 'Cancel the statement of' : 'Terminate the session of'} backend ${pid}?`)) return;
+    try {
+      await api(`/api/backends/${pid}/${action}`, { method: 'POST', body: { reason: 'from the dashboard' } });
+    } catch (err) {
+      window.alert(`pgwarden: ${err.message}`);
+    }
+    refresh();
+  },
 };
 
 const table = new ShapesTable($('shapes-table'), {
@@ -221,7 +231,7 @@ function renderSide(sessions, rules) {
 }
 
 function renderSummary(shapes, active) {
-  const counts = { regressed: 0, blocked: 0, shed: 0, rerouted: 0 };
+  const counts = { regressed: 0, blocked: 0, shed: 0, rerouted: 0, new: 0 };
   for (const s of shapes) if (s.status in counts) counts[s.status]++;
   const item = (n, label, cls) => h('span', { class: `summary-item ${cls ?? ''}` }, h('strong', {}, String(n)), ` ${label}`);
   fill(
@@ -231,6 +241,7 @@ function renderSummary(shapes, active) {
     counts.blocked ? item(counts.blocked, 'blocked', 'summary-warn') : null,
     counts.shed ? item(counts.shed, 'shed', 'summary-warn') : null,
     counts.rerouted ? item(counts.rerouted, 'rerouted') : null,
+    counts.new ? item(counts.new, counts.new === 1 ? 'new slow shape' : 'new slow shapes', 'summary-warn') : null,
   );
 }
 

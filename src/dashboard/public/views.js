@@ -6,7 +6,7 @@
 
 import { fill, fmtAgo, fmtCount, fmtMs, fmtRatio, fmtSeconds, fmtTime, h, oneLine } from './dom.js';
 
-const STATUS_LABELS = { ok: 'ok', regressed: 'regressed', blocked: 'blocked', shed: 'shed', rerouted: 'rerouted' };
+const STATUS_LABELS = { ok: 'ok', regressed: 'regressed', blocked: 'blocked', shed: 'shed', rerouted: 'rerouted', new: 'new' };
 
 export function statusBadge(status) {
   const known = status in STATUS_LABELS;
@@ -22,6 +22,10 @@ const EVENT_LABELS = {
   rule_added: 'rule',
   rule_removed: 'rule lifted',
   mitigation: 'mitigation',
+  setting_change: 'setting',
+  statistics_change: 'statistics',
+  new_shape: 'new shape',
+  admin_action: 'admin',
 };
 
 function eventChip(type) {
@@ -64,12 +68,34 @@ export function renderIncidents(container, incidents, actions) {
   fill(container, sorted.map((incident) => incidentCard(incident, actions)));
 }
 
+const CAUSE_LABELS = {
+  ddl: 'DDL',
+  schema_change: 'Schema change',
+  setting_change: 'Setting',
+  statistics_change: 'Statistics',
+  lock_wait: 'Lock wait',
+  saturation: 'Saturation',
+};
+
+/** Cancel / terminate buttons for the session at the head of a lock wait, while it still blocks. */
+function blockerActions(cause, actions) {
+  const pid = cause.type === 'lock_wait' && !cause.evidence?.released ? cause.evidence?.blockers?.[0]?.pid : undefined;
+  if (pid === undefined || !actions.signal) return null;
+  return h(
+    'span',
+    { class: 'cause-actions' },
+    h('button', { class: 'btn btn-small btn-warn', type: 'button', 'data-action': 'cancel-backend', onclick: () => actions.signal(pid, 'cancel') }, `Cancel pid ${pid}`),
+    h('button', { class: 'btn btn-small btn-danger', type: 'button', 'data-action': 'terminate-backend', onclick: () => actions.signal(pid, 'terminate') }, `Terminate pid ${pid}`),
+  );
+}
+
 function incidentCard(incident, actions) {
   const shape = { fingerprint: incident.fingerprint, query: incident.query };
   const reason = `incident ${incident.id}: ${incident.summary ?? ''}`.slice(0, 1000);
   const detectedAfter = (Date.parse(incident.detected_at) - Date.parse(incident.onset)) / 1000;
   const plan = (incident.causes ?? []).filter((c) => c.type === 'plan_change');
-  const schema = (incident.causes ?? []).filter((c) => c.type !== 'plan_change');
+  // Decisive causes (a setting, statistics, a lock, saturation) before the merely nearby ones.
+  const schema = (incident.causes ?? []).filter((c) => c.type !== 'plan_change').sort((a, b) => (b.decisive ? 1 : 0) - (a.decisive ? 1 : 0));
   const checks = incident.checks ?? (incident.ruled_out ?? []).map((r) => ({ ...r, ruled_out: true }));
 
   return h(
@@ -127,8 +153,9 @@ function incidentCard(incident, actions) {
             h(
               'div',
               { class: `cause cause-schema${c.relevant ? '' : ' cause-nearby'}` },
-              h('span', { class: 'cause-kind' }, c.type === 'ddl' ? 'DDL' : 'Schema change'),
+              h('span', { class: 'cause-kind' }, CAUSE_LABELS[c.type] ?? c.type),
               h('span', { class: 'cause-text' }, c.statement ? h('code', {}, oneLine(c.statement)) : c.summary),
+              blockerActions(c, actions),
               h('span', { class: 'cause-when' }, `${fmtTime(c.at)} · ${whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
             ),
           ),
@@ -266,7 +293,9 @@ export class ShapesTable {
       ? `regressed since ${fmtTime(incident.onset)}: p95 ${fmtMs(incident.baseline?.p95_ms)} -> ${fmtMs(incident.current?.p95_ms)}`
       : shape.status === 'ok'
         ? 'within its baseline'
-        : shape.status;
+        : shape.new_since
+          ? `new since ${fmtTime(shape.new_since)}: slow or heavy from its first calls`
+          : shape.status;
     for (const col of COLUMNS) {
       const value = shape[col.key];
       const td = row.cells[col.key];
