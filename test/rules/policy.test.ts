@@ -32,7 +32,7 @@ const shapes: PolicyShapes = {
 
 let nextId = 1;
 function incident(fingerprint: string, extra: Partial<Incident> = {}): Incident {
-  return { id: `i-${nextId++}`, fingerprint, query: '', status: 'active', summary: 'regressed', ...extra } as Incident;
+  return { id: `i-${nextId++}`, fingerprint, query: '', status: 'active', summary: 'regressed', causes: [], ...extra } as Incident;
 }
 
 function policy(mode: MitigationMode, settings: { maxRules?: number; maxTrafficShare?: number } = {}) {
