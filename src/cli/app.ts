@@ -151,16 +151,19 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         p95Ratio: config.detect_p95_ratio,
         p50Ratio: config.detect_p50_ratio,
         absoluteMs: config.detect_absolute_ms,
+        minBaselineCalls: config.detect_min_baseline_calls,
       },
       bucketMs,
       evaluateEveryMs: config.detect_evaluate_ms,
       sampler,
       roundTrip,
       webhook: config.alert_webhook_url ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null,
+      // Baselines and incident history go where the rules go.
+      store: persistence instanceof ControlDatabase || persistence instanceof StateFile ? persistence : null,
     });
+    await incidents.restore();
     collector.onShape(incidents.observe);
-    incidents.onChange(
-      new MitigationPolicy({
+    const policy = new MitigationPolicy({
         mode: config.mitigation,
         protect: new Set(config.mitigation_protect),
         maxConcurrent: config.mitigation_max_concurrent,
@@ -170,8 +173,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         events,
         clock,
         log: rulesLog,
-      }).onIncident,
-    );
+      });
+    // The policy acts on a root shape; a database-wide incident has none to shed.
+    incidents.onChange((incident, change) => {
+      if (incident.kind === 'shape') policy.onIncident(incident, change);
+    });
     if (persistence instanceof ControlDatabase) {
       // The fleet sees every instance's incidents through the control database.
       const control = persistence;
@@ -190,7 +196,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     if (actions.has('block')) return 'blocked';
     if (actions.has('shed')) return 'shed';
     if (actions.has('reroute')) return 'rerouted';
-    return incidents?.activeFor(fp) ? 'regressed' : 'ok';
+    const incident = incidents?.activeFor(fp);
+    return incident ? (incident.root === fp ? 'regressed' : 'slowed') : 'ok';
   };
 
   const proxyAddress = await proxy.listen();
@@ -212,7 +219,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
           ? shapeRoutes(collector.registry, clock, statusOf, {
               plansOf: sampler ? (fp) => plansJson(sampler!, fp) : undefined,
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
-              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
+              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
             })
           : []),
@@ -242,6 +249,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
       incidents?.stop();
+      await incidents?.save();
       schema?.stop();
       roundTrip?.stop();
       sampler?.stop();

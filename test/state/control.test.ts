@@ -77,7 +77,7 @@ describe('ControlDatabase', () => {
       );
       return rows.map((r) => r.name);
     }, controlUrl());
-    assert.deepEqual(tables, ['incidents', 'rules']);
+    assert.deepEqual(tables, ['detector_state', 'incidents', 'rules']);
     assert.deepEqual(await a.load(), []);
     assert.equal(a.reachable, true);
   });
