@@ -76,6 +76,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
             ...(detail.eventsOf ? { events: detail.eventsOf(stats.fingerprint) } : {}),
             ...(detail.incidentsOf ? { incidents: detail.incidentsOf(stats.fingerprint) } : {}),
             ...(detail.rulesOf ? { rules: detail.rulesOf(stats.fingerprint) } : {}),
+            ...(detail.detectorOf ? { detector: detail.detectorOf(stats.fingerprint) } : {}),
           },
         };
       },
@@ -88,4 +89,6 @@ export interface DetailSources {
   readonly eventsOf?: (fingerprint: string) => unknown;
   readonly incidentsOf?: (fingerprint: string) => unknown;
   readonly rulesOf?: (fingerprint: string) => unknown;
+  /** The detector's baseline and recent-window figures (current, not lifetime). */
+  readonly detectorOf?: (fingerprint: string) => unknown;
 }

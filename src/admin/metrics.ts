@@ -81,8 +81,12 @@ export function createMetrics(proxy: ProxyServer, sources: MetricSources, option
 
   if (collector !== null) registerShapeMetrics(registry, collector, options, counter, gauge);
   if (incidents) {
-    gauge('pgwarden_incidents_active', 'Regression incidents currently active.', () => incidents.activeCount);
+    // Incidents, not shapes: a root and its victims count once.
+    gauge('pgwarden_incidents_active', 'Regression incidents currently active (one per cause: a root shape and its victims count once).', () => incidents.activeCount);
     counter('pgwarden_incidents_opened_total', 'Regression incidents opened since start.', () => incidents.opened);
+    gauge('pgwarden_incident_shapes_affected', 'Shapes in active incidents (roots and victims).', () =>
+      incidents.list('active').reduce((sum, i) => sum + i.impact.shapes, 0),
+    );
     new client.Gauge({
       name: 'pgwarden_shape_regression_ratio',
       help: 'Recent p95 over baseline p95, for shapes with an active incident and the top shapes by total time.',
@@ -90,7 +94,7 @@ export function createMetrics(proxy: ProxyServer, sources: MetricSources, option
       registers: [registry],
       collect() {
         this.reset();
-        const shapes = new Set(incidents.list('active').map((i) => i.fingerprint));
+        const shapes = new Set(incidents.list('active').flatMap((i) => [...(i.root ? [i.root] : []), ...i.victims.map((v) => v.fingerprint)]));
         if (collector) for (const s of collector.registry.all().sort((a, b) => b.totalMs - a.totalMs).slice(0, options.topShapes)) shapes.add(s.fingerprint);
         for (const fp of shapes) {
           const ratio = incidents.regressionRatio(fp);

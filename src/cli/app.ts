@@ -221,6 +221,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
               incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
+              detectorOf: incidents ? (fp) => incidents!.detectorView(fp) : undefined,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),

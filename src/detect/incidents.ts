@@ -34,7 +34,7 @@ import {
   type Percentiles,
 } from './detector.ts';
 import type { EventLog, TimelineEvent } from './events.ts';
-import type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentListener, ResolutionEvent, Victim } from './record.ts';
+import type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentListener, Victim } from './record.ts';
 import type { RoundTripTracker } from './roundtrip.ts';
 import type { WebhookSender } from './webhook.ts';
 
@@ -88,6 +88,14 @@ const MAX_RESOLVED = 200;
 const RESTORED_MAX_AGE_MS = 24 * 3600_000;
 /** After a plan or schema change, an evaluation runs this soon instead of at the next tick. */
 const EVALUATE_SOON_MS = 250;
+/** The fix usually lands shortly before recovery shows: changes this long before it belong to the resolution. */
+const RESOLUTION_LEAD_MS = 10_000;
+/**
+ * The catalog watch and the re-EXPLAIN see a fix after the latency did: changes found
+ * this long after an incident resolved, and made before it resolved (plan changes:
+ * found before this ends), are added to its resolution.
+ */
+const RESOLUTION_GRACE_MS = 30_000;
 
 const rate = (perSecond: number) => (perSecond >= 10 ? Math.round(perSecond) : Math.round(perSecond * 10) / 10);
 const iso = (ms: number) => new Date(ms).toISOString();
@@ -127,6 +135,8 @@ export class IncidentManager {
   private soonTimer: NodeJS.Timeout | null = null;
   private nextId = 1;
   private databaseWideRun = 0;
+  /** Recently resolved incidents still collecting their fix: id -> end of the grace period. */
+  private readonly closing = new Map<string, number>();
   private lastSave: Promise<void> = Promise.resolve();
   opened = 0;
 
@@ -228,6 +238,21 @@ export class IncidentManager {
     let n = 0;
     for (const i of this.incidents.values()) if (i.status === 'active') n++;
     return n;
+  }
+
+  /** A shape's baseline (and where it came from) and its recent-window figures, for the shape view. */
+  detectorView(fingerprint: string): { baseline: Percentiles | null; baseline_from: BaselineSource | null; recent: Percentiles | null } | null {
+    const watch = this.watches.get(fingerprint);
+    const stats = this.options.registry.get(fingerprint);
+    if (!watch || !stats) return null;
+    const now = this.options.clock.now();
+    const live = watch.frozenBaseline ? { baseline: watch.frozenBaseline, from: watch.baselineFrom } : this.baselineFor(stats, now);
+    const calls = watch.recent.since(now - this.options.detector.recentWindowMs);
+    return {
+      baseline: live ? roundPercentiles(live.baseline) : null,
+      baseline_from: live?.from ?? null,
+      recent: calls.ms.length > 0 ? roundPercentiles(recentOf(calls, now, this.options.detector.recentWindowMs)) : null,
+    };
   }
 
   /** Current p95 over baseline p95 of a shape, or null without a baseline. */
@@ -602,7 +627,11 @@ export class IncidentManager {
         : slowedMembers < Math.max(1, Math.ceil(incident.victims.length / 2));
     if (silent || recovered) {
       tracking.under++;
-      tracking.recoveringSince ??= now;
+      if (tracking.recoveringSince === null) {
+        tracking.recoveringSince = now;
+        // Recovering: a fresh plan, so a plan flipping back is on record as the resolution.
+        if (incident.root) this.options.sampler?.resample(incident.root);
+      }
     } else {
       tracking.under = 0;
       tracking.recoveringSince = null;
@@ -618,19 +647,14 @@ export class IncidentManager {
     }
     incident.status = 'resolved';
     incident.resolved_at = iso(now);
-    const after = Date.parse(incident.attributed_at ?? incident.detected_at);
-    const events = this.resolutionEvents(incident, after, now);
-    const what = events.length > 0 ? `; after ${events.map((e) => e.summary).join('; ')}` : '';
-    const summary =
-      reason === 'silent'
-        ? `the shape stopped being called${what}`
-        : incident.kind === 'shape'
-          ? `p95 back to ${incident.current.p95_ms} ms (baseline ${incident.baseline.p95_ms} ms, peak ${incident.peak.p95_ms} ms)${what}`
-          : `most shapes back within their baselines${what}`;
-    incident.resolution = { reason, summary, events };
-    for (const e of events) incident.timeline.push({ at: e.at, what: 'change', summary: e.summary });
-    incident.timeline.push({ at: iso(now), what: 'resolved', summary });
+    const after = Math.max(Date.parse(incident.attributed_at ?? incident.detected_at), (tracking.recoveringSince ?? now) - RESOLUTION_LEAD_MS);
+    const events = this.options.events.between(after + 1, now, ['plan_change', 'ddl', 'schema_change']).filter((e) => this.concerns(incident, e));
+    incident.resolution = { reason, summary: '', events: [] };
+    for (const e of events) this.addResolutionEvent(incident, e);
+    incident.resolution.summary = resolutionSummary(incident);
+    incident.timeline.push({ at: iso(now), what: 'resolved', summary: incident.resolution.summary });
     incident.timeline.sort((a, b) => Date.parse(a.at) - Date.parse(b.at));
+    this.closing.set(incident.id, now + RESOLUTION_GRACE_MS);
     for (const fp of [tracking.primary, ...tracking.members]) {
       const watch = this.watches.get(fp);
       if (!watch || watch.incidentId !== incident.id) continue;
@@ -646,7 +670,7 @@ export class IncidentManager {
     this.options.events.add({
       type: 'incident_resolved',
       fingerprint: incident.root ?? undefined,
-      summary: `incident ${incident.id} resolved: ${summary}`,
+      summary: `incident ${incident.id} resolved: ${incident.resolution.summary}`,
       details: { incident: incident.id, kind: incident.kind },
     });
     this.options.log.info({ incident: incident.id, root: incident.root, reason }, 'regression incident resolved');
@@ -654,14 +678,41 @@ export class IncidentManager {
     void this.save();
   }
 
-  /** Plan changes of the root and schema changes on its objects (any, database-wide) after `from`. */
-  private resolutionEvents(incident: Incident, from: number, to: number): ResolutionEvent[] {
+  /** Whether a change belongs to an incident: a plan change of its root, a schema change on its objects (any, database-wide). */
+  private concerns(incident: Incident, e: TimelineEvent): boolean {
+    if (e.type === 'plan_change') return e.fingerprint === incident.root && incident.root !== null;
+    if (e.type !== 'ddl' && e.type !== 'schema_change') return false;
+    if (incident.root === null) return true;
     const objects = new Set<string>(incident.causes.flatMap((c) => c.objects.map((o) => o.toLowerCase())));
-    if (incident.root) for (const o of this.planKnowledge()?.objects(incident.root) ?? []) objects.add(o);
-    return this.options.events
-      .between(from + 1, to, ['plan_change', 'ddl', 'schema_change'])
-      .filter((e) => (e.type === 'plan_change' ? e.fingerprint === incident.root : incident.root === null || (e.objects ?? []).some((o) => objects.has(o.toLowerCase()))))
-      .map((e) => ({ at: iso(whenOf(e).to), type: e.type, summary: e.type === 'plan_change' ? `plan changed ${e.summary}` : e.type === 'ddl' ? String(e.details?.statement ?? e.summary) : e.summary }));
+    for (const o of this.planKnowledge()?.objects(incident.root) ?? []) objects.add(o);
+    return (e.objects ?? []).some((o) => objects.has(o.toLowerCase()));
+  }
+
+  private addResolutionEvent(incident: Incident, e: TimelineEvent): void {
+    const summary = e.type === 'plan_change' ? `plan changed ${e.summary}` : e.type === 'ddl' ? String(e.details?.statement ?? e.summary) : e.summary;
+    const at = iso(whenOf(e).to);
+    incident.resolution!.events.push({ at, type: e.type, summary });
+    incident.timeline.push({ at, what: 'change', summary: e.type === 'schema_change' ? `${summary} (between ${iso(whenOf(e).from).slice(11, 21)} and ${at.slice(11, 21)})` : summary });
+  }
+
+  /** A change found just after an incident resolved, made before it did: part of its resolution. */
+  private lateResolutionEvent(e: TimelineEvent): void {
+    for (const [id, until] of this.closing) {
+      const incident = this.incidents.get(id);
+      if (!incident?.resolution || e.at > until) {
+        this.closing.delete(id);
+        continue;
+      }
+      const resolvedAt = Date.parse(incident.resolved_at!);
+      if (e.type !== 'plan_change' && whenOf(e).from > resolvedAt) continue;
+      if (!this.concerns(incident, e)) continue;
+      this.addResolutionEvent(incident, e);
+      incident.resolution.summary = resolutionSummary(incident);
+      const entry = incident.timeline.find((t) => t.what === 'resolved');
+      if (entry) entry.summary = incident.resolution.summary;
+      incident.timeline.sort((a, b) => Date.parse(a.at) - Date.parse(b.at));
+      void this.save();
+    }
   }
 
   /** Recomputes causes, checks and the summary from the evidence up to `until`; freezes them once attributed. */
@@ -755,6 +806,7 @@ export class IncidentManager {
   // ------------------------------------------------------------------ plumbing
 
   private onTimelineEvent(e: TimelineEvent): void {
+    if (this.closing.size > 0) this.lateResolutionEvent(e);
     if (e.type === 'mitigation') {
       const incident = this.incidents.get(String(e.details?.incident ?? ''));
       if (incident) incident.timeline.push({ at: iso(e.at), what: 'mitigation', summary: e.summary });
@@ -808,6 +860,14 @@ export class IncidentManager {
     const resolved = this.list('resolved');
     for (const old of resolved.slice(MAX_RESOLVED)) this.incidents.delete(old.id);
   }
+}
+
+function resolutionSummary(incident: Incident): string {
+  const events = incident.resolution?.events ?? [];
+  const what = events.length > 0 ? `; after ${events.map((e) => e.summary).join('; ')}` : '';
+  if (incident.resolution?.reason === 'silent') return `the shape stopped being called${what}`;
+  if (incident.kind === 'shape') return `p95 back to ${incident.current.p95_ms} ms (baseline ${incident.baseline.p95_ms} ms, peak ${incident.peak.p95_ms} ms)${what}`;
+  return `most shapes back within their baselines${what}`;
 }
 
 /** Database time of a shape's recent calls (calls/s x median): who loads the database most. */
