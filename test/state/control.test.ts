@@ -142,6 +142,22 @@ describe('ControlDatabase', () => {
     assert.deepEqual(c.sharedIncidents().map((i) => i.id), ['i-1', 'i-2']);
   });
 
+  test('saved baselines reach an instance opened under a new name; its incident history stays with its own name', async () => {
+    const state = {
+      version: 1 as const,
+      saved_at: new Date().toISOString(),
+      baselines: [{ fingerprint: 'f1', baseline: { p50_ms: 0.2, p95_ms: 0.5, p99_ms: 1, rate: 100, samples: 1000 }, computed_at: Date.now() }],
+      incidents: [{ id: 'inc-1' } as never],
+    };
+    await a.saveDetectorState(state);
+    const again = await a.loadDetectorState();
+    assert.deepEqual(again, state, 'the same instance gets its state back');
+    const fresh = await open('fresh-after-restart');
+    const seen = await fresh.loadDetectorState();
+    assert.deepEqual(seen?.baselines, state.baselines);
+    assert.deepEqual(seen?.incidents, [], 'no other instance\'s incident history');
+  });
+
   test('an instance cut off from the control database keeps its rules, refuses changes, and catches up when it is back', async () => {
     // A role that can be locked out, so this instance goes down while `a` stays up.
     await withClient(async (client) => {
