@@ -9,11 +9,11 @@ export interface CpuHog {
   stop(): Promise<void>;
 }
 
-export function startCpuHog(processes = os.availableParallelism()): CpuHog {
+/** Spins `processes` children, each for at most `maxSeconds` (a test that dies without stopping them leaves no spinner for long). */
+export function startCpuHog(processes = os.availableParallelism(), maxSeconds = 120): CpuHog {
   const children: ChildProcess[] = [];
   for (let i = 0; i < processes; i++) {
-    // Bounded on its own too: a test that dies without stopping it leaves no spinner behind for long.
-    children.push(spawn(process.execPath, ['-e', 'const end = Date.now() + 120000; while (Date.now() < end) {}'], { stdio: 'ignore' }));
+    children.push(spawn(process.execPath, ['-e', `const end = Date.now() + ${maxSeconds * 1000}; while (Date.now() < end) {}`], { stdio: 'ignore' }));
   }
   return {
     async stop() {

@@ -3,11 +3,11 @@
 // All state lives here; views.js only renders. The token comes from the URL
 // fragment or the login form; a 401 brings the login form back.
 
-import { api, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
+import { api, apiText, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
 import { LatencyChart } from './chart.js';
 import { fill, fmtTime, h } from './dom.js';
 import { isOpen as modalOpen, liftDialog, ruleDialog, close as closeModal } from './modal.js';
-import { renderEvents, renderIncidents, renderPlans, renderRules, ShapesTable, shapeStats, statusBadge } from './views.js';
+import { renderEvents, renderHistory, renderIncidents, renderPlans, renderRules, ShapesTable, shapeStats, statusBadge } from './views.js';
 
 const POLL_MS = 2500;
 const SORT_LABELS = { total_time: 'total time', calls: 'calls', p95: 'p95', mean: 'mean' };
@@ -115,13 +115,15 @@ async function refresh() {
   state.inFlight = (async () => {
     try {
       const selected = state.selected;
-      const [shapes, incidents, events, detail] = await Promise.all([
+      const [shapes, incidents, history, events, detail] = await Promise.all([
         api(`/api/shapes?sort=${state.sort}&limit=50`, { allow404: true }),
         api('/api/incidents?status=active', { allow404: true }),
+        api('/api/incidents?status=resolved&limit=20', { allow404: true }),
         api('/api/events?limit=150', { allow404: true }),
         selected ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true }) : null,
       ]);
       render(shapes ?? [], incidents ?? [], events ?? [], selected, detail, shapes === null);
+      if (changed('history', history ?? [])) renderHistory($('history-body'), history ?? [], actions);
       setConnection('live', 'Live');
       $('refreshed').textContent = `updated ${fmtTime(new Date().toISOString())}`;
       schedule();
@@ -152,6 +154,16 @@ const actions = {
   open: (fingerprint) => select(fingerprint, { scroll: true }),
   block: (shape, reason) => ruleDialog('block', shape, { reason, done: refresh }),
   shed: (shape, reason) => ruleDialog('shed', shape, { reason, done: refresh }),
+  /** Downloads the incident's Markdown postmortem (fetched with the token, saved from memory). */
+  async postmortem(incident) {
+    const text = await apiText(`/api/incidents/${encodeURIComponent(incident.id)}/postmortem`);
+    const url = URL.createObjectURL(new Blob([text], { type: 'text/markdown' }));
+    const link = h('a', { href: url, download: `${incident.id}-postmortem.md` });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  },
 };
 
 const table = new ShapesTable($('shapes-table'), {
@@ -169,7 +181,8 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
   state.shapes = shapes;
   const active = incidents.filter((i) => i.status === 'active');
   if (changed('incidents', active)) renderIncidents($('incidents'), active, actions);
-  state.incidents = new Map(active.map((i) => [i.fingerprint, i]));
+  // A shape's row links to the incident it is the root or a victim of.
+  state.incidents = new Map(active.flatMap((i) => [...(i.root ? [[i.root, i]] : []), ...(i.victims ?? []).map((v) => [v.fingerprint, i])]));
   table.update(shapes, state.selected, state.incidents);
   $('shapes-hint').textContent = statsOff ? 'statistics are off (stats: false)' : `top ${shapes.length} by ${SORT_LABELS[state.sort]} · click a row for its latency, plans and rules`;
   if (changed('events', events)) renderEvents($('timeline-body'), events, (fp) => select(fp, { scroll: true }));
