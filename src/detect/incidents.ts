@@ -88,7 +88,7 @@ const MAX_RESOLVED = 200;
 const RESTORED_MAX_AGE_MS = 24 * 3600_000;
 /** After a plan or schema change, an evaluation runs this soon instead of at the next tick. */
 const EVALUATE_SOON_MS = 250;
-/** The fix usually lands shortly before recovery shows: changes this long before it belong to the resolution. */
+/** The fix usually lands shortly before recovery shows: changes on the root's objects this long before it belong to the resolution. */
 const RESOLUTION_LEAD_MS = 10_000;
 /**
  * The catalog watch and the re-EXPLAIN see a fix after the latency did: changes found
@@ -647,8 +647,15 @@ export class IncidentManager {
     }
     incident.status = 'resolved';
     incident.resolved_at = iso(now);
-    const after = Math.max(Date.parse(incident.attributed_at ?? incident.detected_at), (tracking.recoveringSince ?? now) - RESOLUTION_LEAD_MS);
-    const events = this.options.events.between(after + 1, now, ['plan_change', 'ddl', 'schema_change']).filter((e) => this.concerns(incident, e));
+    // The fix: the root's plan changing (back), a change to the very object a cause
+    // changed (the dropped index re-created), or any change on its objects just
+    // before the recovery showed. Not the rest of the migration that caused it.
+    const after = Date.parse(incident.attributed_at ?? incident.detected_at);
+    const recovering = (tracking.recoveringSince ?? now) - RESOLUTION_LEAD_MS;
+    const causeObjects = new Set(incident.causes.filter((c) => c.kind !== 'plan_change' && c.objects.length > 0).map((c) => c.objects[0].toLowerCase()));
+    const events = this.options.events
+      .between(after + 1, now, ['plan_change', 'ddl', 'schema_change'])
+      .filter((e) => this.concerns(incident, e) && (e.type === 'plan_change' || causeObjects.has((e.objects?.[0] ?? '').toLowerCase()) || whenOf(e).to >= recovering));
     incident.resolution = { reason, summary: '', events: [] };
     for (const e of events) this.addResolutionEvent(incident, e);
     incident.resolution.summary = resolutionSummary(incident);
