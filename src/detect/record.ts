@@ -6,7 +6,8 @@
 
 import type { Percentiles } from './detector.ts';
 
-interface CauseBase {
+/** What every cause has, whatever its kind (the fields new kinds share). */
+export interface CauseBase {
   /** The timeline event it comes from (null for causes of providers without one). */
   event_id: number | null;
   /** When it happened (or was seen: see `between` of schema changes). */

@@ -124,8 +124,11 @@ describe('docs/api.md', () => {
     const fields = [
       ...shapeSummaryFields(),
       ...interfaceFields('src/rules/rule.ts', 'Rule'),
-      ...interfaceFields('src/detect/incidents.ts', 'Incident'),
-      ...interfaceFields('src/detect/incidents.ts', 'Cause'),
+      ...interfaceFields('src/detect/record.ts', 'Incident'),
+      ...interfaceFields('src/detect/record.ts', 'Victim'),
+      ...interfaceFields('src/detect/record.ts', 'Impact'),
+      ...interfaceFields('src/detect/record.ts', 'Resolution'),
+      ...interfaceFields('src/detect/record.ts', 'CauseBase'),
       ...interfaceFields('src/detect/events.ts', 'TimelineEvent'),
       ...interfaceFields('src/shapes/series.ts', 'SeriesPoint'),
       ...workloadShapeFields(),
