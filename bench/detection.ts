@@ -87,7 +87,13 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
         const after = await api();
         return { detected, attributed, incidents: after.length, victims: after[0]?.victims.length ?? 0 };
       }
-      if (Date.now() - dropped > 90_000) return null;
+      if (Date.now() - dropped > 90_000) {
+        const shapes = (await (await fetch(`http://127.0.0.1:${app.adminPort}/api/shapes?sort=calls&limit=5`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json()) as { fingerprint: string; query: string }[];
+        const hotShape = shapes.find((x) => x.query.includes('where email'));
+        const detail = hotShape ? await (await fetch(`http://127.0.0.1:${app.adminPort}/api/shapes/${hotShape.fingerprint}`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json() : null;
+        console.log(`  not attributed: incidents ${JSON.stringify(list.map((i) => i.summary))}; hot shape detector ${JSON.stringify(detail?.detector)}; plans ${JSON.stringify(detail?.plans?.changes)} last_error ${detail?.plans?.last_error}`);
+        return null;
+      }
       await new Promise((r) => setTimeout(r, 100));
     }
   } finally {

@@ -279,9 +279,13 @@ export class IncidentManager {
     const free = [...readings.values()].filter((r) => r.watch.incidentId === null);
     for (const r of free) this.track(r, now);
 
-    // 1. Roots by plan change: a confirmed plan change and a p95 jump open at once.
-    for (const r of free) {
-      if (r.watch.incidentId !== null || !r.jump || !r.baseline) continue;
+    // 1. Roots by plan change: a confirmed plan change and a p95 jump open at once
+    //    (a victim of a database-wide incident turns it into its own).
+    const wideVictims = [...readings.values()].filter((r) => r.watch.incidentId !== null && this.incidents.get(r.watch.incidentId)?.kind === 'database_wide');
+    for (const r of wideVictims) if (r.jump && r.watch.onset === null) r.watch.onset = r.calls.at[0] ?? now;
+    for (const r of [...free, ...wideVictims]) {
+      const wide = r.watch.incidentId !== null && this.incidents.get(r.watch.incidentId)?.kind === 'database_wide';
+      if ((r.watch.incidentId !== null && !wide) || !r.jump || !r.baseline) continue;
       const onset = r.watch.onset ?? r.calls.at[0];
       if (this.planChangeSince(r.fingerprint, onset - NEARBY_MS) === null) continue;
       this.openShape(r, onset, totalCalls, now);

@@ -298,4 +298,22 @@ describe('the regression detector', () => {
     assert.ok(incident, 'a regression in the first seconds after the restart is judged');
     assert.equal(incident.baseline_from, 'restored');
   });
+
+  test('a database-wide incident whose busiest shape turns out to have changed plan becomes that root\'s incident', () => {
+    const sim = new Simulation();
+    const shapes = ['a', 'b', 'c', 'd'];
+    drive(sim, shapes, 60, 50, () => 1);
+    drive(sim, shapes, 14, 50, () => 30);
+    const wide = sim.incidents.list('active');
+    assert.equal(wide.length, 1);
+    assert.equal(wide[0].kind, 'database_wide');
+    sim.events.add({ type: 'plan_change', fingerprint: 'a', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    drive(sim, shapes, 4, 50, (fp) => (fp === 'a' ? 60 : 30));
+    const all = sim.incidents.list();
+    assert.equal(all.length, 1, 'still one incident');
+    assert.equal(all[0].id, wide[0].id);
+    assert.equal(all[0].kind, 'shape');
+    assert.equal(all[0].root, 'a');
+    assert.deepEqual(all[0].victims.map((v) => v.fingerprint).sort(), ['b', 'c', 'd']);
+  });
 });
