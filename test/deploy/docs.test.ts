@@ -174,7 +174,7 @@ describe('docs/operations.md', () => {
   test('the commands it tells responders to run exist', () => {
     for (const m of doc.matchAll(/pgwarden rules (\w+)/g)) assert.ok(RULES_USAGE.includes(`pgwarden rules ${m[1]}`), `pgwarden rules ${m[1]} is not a command`);
     const known = new Set(read('src/cli/main.ts').match(/case '(\w[\w-]*)'/g)?.map((c) => c.slice(6, -1)));
-    for (const m of doc.matchAll(/(?:^|[\s`])pgwarden (start|demo|rules|workload|check-migration|help)\b/g)) {
+    for (const m of doc.matchAll(/(?:^|[\s`])pgwarden (start|demo|rules|incidents|workload|check-migration|help)\b/g)) {
       assert.ok(known.has(m[1]), `pgwarden ${m[1]} is not a command of src/cli/main.ts`);
     }
   });
