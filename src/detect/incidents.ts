@@ -176,10 +176,12 @@ export class IncidentManager {
     if (state === null) return;
     const now = this.options.clock.now();
     for (const saved of state.baselines ?? []) {
-      if (now - saved.computed_at <= RESTORED_MAX_AGE_MS) this.restored.set(saved.fingerprint, saved);
+      // A hand-edited or older file may hold anything: keep only what reads as a baseline.
+      const valid = typeof saved?.fingerprint === 'string' && typeof saved.computed_at === 'number' && typeof saved.baseline?.p95_ms === 'number' && typeof saved.baseline.p50_ms === 'number';
+      if (valid && now - saved.computed_at <= RESTORED_MAX_AGE_MS) this.restored.set(saved.fingerprint, saved);
     }
     for (const incident of state.incidents ?? []) {
-      if (this.incidents.has(incident.id)) continue;
+      if (typeof incident?.id !== 'string' || !Array.isArray(incident.timeline) || !Array.isArray(incident.victims) || this.incidents.has(incident.id)) continue;
       if (incident.status === 'active') {
         // Nobody watched it while pgwarden was down: say so instead of guessing.
         incident.status = 'resolved';

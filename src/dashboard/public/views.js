@@ -43,6 +43,11 @@ export function planHeadline(text) {
   );
 }
 
+/** A DDL seen through the proxy has its time; a catalog change only lies between two checks. */
+function causeTime(c) {
+  return c.between ? `between ${fmtTime(c.between.from)} and ${fmtTime(c.between.to)}` : fmtTime(c.at);
+}
+
 function whenRelativeToOnset(seconds) {
   if (typeof seconds !== 'number') return '';
   if (Math.abs(seconds) < 0.5) return 'at the onset';
@@ -139,7 +144,7 @@ function incidentCard(incident, actions) {
               { class: `cause cause-schema${c.relevant ? '' : ' cause-nearby'}` },
               h('span', { class: 'cause-kind' }, c.type === 'ddl' ? 'DDL' : 'Schema change'),
               h('span', { class: 'cause-text' }, c.statement ? h('code', {}, oneLine(c.statement)) : c.summary),
-              h('span', { class: 'cause-when' }, `${fmtTime(c.at)} · ${whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
+              h('span', { class: 'cause-when' }, `${causeTime(c)} · ${c.between && c.seconds_before_onset === 0 ? 'the onset is in this window' : whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
             ),
           ),
         ),
