@@ -69,11 +69,18 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
     { next: (i: number) => ({ text: 'select email from users where id = $1', values: [1 + (i % ROWS)] }), pauseMs: 2 },
     { next: (i: number) => ({ text: 'insert into events (user_id) values ($1)', values: [i] }), pauseMs: 5 },
   ]);
+  const get = async (route: string) => (await fetch(`http://127.0.0.1:${app.adminPort}${route}`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json();
+  /** The hot shape's calls and detector view (baseline, recent window). */
+  const hotView = async () => {
+    const hotShape = ((await get('/api/shapes?sort=calls&limit=5')) as { fingerprint: string; query: string; calls: number }[]).find((x) => x.query.includes('where email'));
+    return hotShape ? { calls: hotShape.calls, ...((await get(`/api/shapes/${hotShape.fingerprint}`)) as { detector: unknown; plans: { changes: unknown[] } | null }) } : null;
+  };
   const api = async () =>
     (await (await fetch(`http://127.0.0.1:${app.adminPort}/api/incidents`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json()) as Incident[];
   try {
     while (Date.now() < started + dropAfterS * 1000) await new Promise((r) => setTimeout(r, 100));
     if ((await api()).length > 0) throw new Error('an incident before the drop');
+    const hotAtDrop = await hotView();
     const dropped = Date.now();
     await sql('drop index users_email_idx');
     let detected = 0;
@@ -88,10 +95,10 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
         return { detected, attributed, incidents: after.length, victims: after[0]?.victims.length ?? 0 };
       }
       if (Date.now() - dropped > 90_000) {
-        const shapes = (await (await fetch(`http://127.0.0.1:${app.adminPort}/api/shapes?sort=calls&limit=5`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json()) as { fingerprint: string; query: string }[];
-        const hotShape = shapes.find((x) => x.query.includes('where email'));
-        const detail = hotShape ? await (await fetch(`http://127.0.0.1:${app.adminPort}/api/shapes/${hotShape.fingerprint}`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json() : null;
-        console.log(`  not attributed: incidents ${JSON.stringify(list.map((i) => i.summary))}; hot shape detector ${JSON.stringify(detail?.detector)}; plans ${JSON.stringify(detail?.plans?.changes)} last_error ${detail?.plans?.last_error}`);
+        const hotNow = await hotView();
+        console.log(`  not attributed: incidents ${JSON.stringify(list.map((i) => i.summary))}`);
+        console.log(`  hot shape at the drop: ${hotAtDrop?.calls} calls, detector ${JSON.stringify(hotAtDrop?.detector)}`);
+        console.log(`  hot shape now: detector ${JSON.stringify(hotNow?.detector)}; plan changes ${JSON.stringify(hotNow?.plans?.changes)}`);
         return null;
       }
       await new Promise((r) => setTimeout(r, 100));

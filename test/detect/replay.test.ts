@@ -14,6 +14,7 @@ import { startTestApp, type TestApp } from '../harness/app.ts';
 import { createUsersTable, dropUsersTable } from '../harness/incident.ts';
 import { startWorkload, type RunningWorkload } from '../harness/workload.ts';
 import type { Incident } from '../../src/detect/record.ts';
+import { runIncidents } from '../../src/cli/incidents.ts';
 
 const TABLE = 'pgw_replay_users';
 const INDEX = 'pgw_replay_users_email_idx';
@@ -142,5 +143,23 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
     }
     assert.match(markdown as string, /\| [\d:.]+ \| attributed \|/);
     assert.equal((await pgw.api('/api/incidents/nope/postmortem')).status, 404);
+
+    // The same through the CLI, as the person on call runs it.
+    const cli = async (...args: string[]) => {
+      let out = '';
+      let err = '';
+      const code = await runIncidents([...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!], { write: (t: string) => (out += t) }, { write: (t: string) => (err += t) });
+      return { code, out, err };
+    };
+    const list = await cli('list', '--status', 'resolved');
+    assert.equal(list.code, 0, list.err);
+    assert.match(list.out, new RegExp(`^${incident.id}  resolved .* root ${incident.root} \\+\\d+ victims? .* attributed$`, 'm'));
+    const postmortem = await cli('postmortem', incident.id);
+    assert.equal(postmortem.code, 0, postmortem.err);
+    assert.equal(postmortem.out, markdown);
+    const missing = await cli('show', 'inc-nope');
+    assert.equal(missing.code, 1);
+    assert.match(missing.err, /no incident 'inc-nope' \(HTTP 404\)/);
+    assert.equal((await cli('postmortem')).code, 2, 'the ID is required');
   });
 });
