@@ -108,6 +108,8 @@ function median(values: number[]): number {
 export interface MergedLatency {
   readonly count: number;
   quantile(q: number): number;
+  /** When the shape was first seen (epoch ms): its first bucket is partial, and the rate counts from here. */
+  readonly firstSeen?: number;
 }
 
 /**
@@ -120,7 +122,8 @@ export function baselineOf(points: readonly SeriesPoint[], bucketMs: number, opt
   const usable = points.filter((p) => p.timed >= options.minBucketCalls);
   if (usable.length < options.minBaselineBuckets) {
     if (!merged || merged.count < options.minBaselineCalls || points.length === 0) return null;
-    const span = (points[points.length - 1].t + bucketMs - points[0].t) / 1000;
+    const from = Math.max(points[0].t, merged.firstSeen ?? points[0].t);
+    const span = Math.max(1, (points[points.length - 1].t + bucketMs - from) / 1000);
     return {
       p50_ms: merged.quantile(0.5),
       p95_ms: merged.quantile(0.95),

@@ -405,7 +405,7 @@ export class IncidentManager {
     }
     if (points.length > 0) {
       const sketch = stats.series.window(points[0].t, points[points.length - 1].t);
-      const merged = sketch ? { count: sketch.count, quantile: (q: number) => sketch.getValueAtQuantile(q) } : null;
+      const merged = sketch ? { count: sketch.count, quantile: (q: number) => sketch.getValueAtQuantile(q), firstSeen: stats.firstSeen } : null;
       const baseline = baselineOf(points, bucketMs, d, merged);
       if (baseline) return { baseline, from: 'recent_calls' };
     }
