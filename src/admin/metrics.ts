@@ -88,6 +88,19 @@ export function createMetrics(proxy: ProxyServer, sources: MetricSources, option
       incidents.list('active').reduce((sum, i) => sum + i.impact.shapes, 0),
     );
     new client.Gauge({
+      name: 'pgwarden_shape_in_incident',
+      help: 'Shapes in an active incident (1), as its root or as a victim: lets per-shape alerts skip what an incident already covers.',
+      labelNames: ['fingerprint', 'role'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const i of incidents.list('active')) {
+          if (i.root) this.set({ fingerprint: i.root, role: 'root' }, 1);
+          for (const v of i.victims) this.set({ fingerprint: v.fingerprint, role: 'victim' }, 1);
+        }
+      },
+    });
+    new client.Gauge({
       name: 'pgwarden_shape_regression_ratio',
       help: 'Recent p95 over baseline p95, for shapes with an active incident and the top shapes by total time.',
       labelNames: ['fingerprint'],
