@@ -71,6 +71,7 @@ export const OPTIONS = {
   detect_p95_ratio: z.coerce.number().min(1).default(3).describe('Regressed when recent p95 is at least this many times the baseline p95...'),
   detect_p50_ratio: z.coerce.number().min(1).default(2).describe('...and recent p50 at least this many times the baseline p50...'),
   detect_absolute_ms: nonNegative.default(10).describe('...and recent p95 at least this many ms above the baseline p95.'),
+  detect_min_baseline_calls: positiveInt.default(200).describe('Calls that make a young shape\'s baseline (before it has a minute of history).'),
   detect_evaluate_ms: positiveInt.default(2000).describe('How often every busy shape is evaluated.'),
   activity_sample_ms: positiveInt.default(2000).describe('How often pg_stat_activity (and, during lock waits, pg_locks) is sampled for lock and saturation evidence.'),
   new_shape_grace_s: nonNegative.default(60).describe('Shapes first seen within this long of the start are the known workload; later ones are judged as new.'),

@@ -142,6 +142,7 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
             ...(detail.eventsOf ? { events: detail.eventsOf(stats.fingerprint) } : {}),
             ...(detail.incidentsOf ? { incidents: detail.incidentsOf(stats.fingerprint) } : {}),
             ...(detail.rulesOf ? { rules: detail.rulesOf(stats.fingerprint) } : {}),
+            ...(detail.detectorOf ? { detector: detail.detectorOf(stats.fingerprint) } : {}),
           },
         };
       },
@@ -158,4 +159,6 @@ export interface DetailSources {
   readonly fleet?: () => Promise<FleetShape[]>;
   /** When a shape flagged as new was first seen (ISO 8601), else null. */
   readonly newSinceOf?: (fingerprint: string) => string | null;
+  /** The detector's baseline and recent-window figures (current, not lifetime). */
+  readonly detectorOf?: (fingerprint: string) => unknown;
 }

@@ -1,7 +1,9 @@
-// JSON API routes over incidents, the event timeline and plan histories.
+// JSON API routes over incidents (paged, newest first, with a Markdown postmortem
+// each), the event timeline and plan histories.
 
 import type { EventLog, EventType, TimelineEvent } from '../detect/events.ts';
 import type { IncidentManager } from '../detect/incidents.ts';
+import { postmortemMarkdown } from '../detect/postmortem.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import { ApiError, type Route } from './server.ts';
 
@@ -44,12 +46,18 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
         if (status !== 'all' && status !== 'active' && status !== 'resolved') throw new ApiError(400, `status must be active, resolved or all; got '${status}'`);
         const scope = query.get('scope') ?? 'instance';
         if (scope !== 'instance' && scope !== 'fleet') throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
+        const limit = integerParam(query, 'limit', 100, 1, 1000);
+        const offset = integerParam(query, 'offset', 0, 0, 1_000_000);
+        let list: unknown[];
         if (scope === 'fleet') {
           if (!fleet) throw new ApiError(400, 'scope=fleet needs a control database (control_url)');
           const all = fleet() as { status?: string }[];
-          return { status: 200, body: status === 'all' ? all : all.filter((i) => i.status === status) };
+          list = status === 'all' ? all : all.filter((i) => i.status === status);
+        } else {
+          list = incidents.list(status === 'all' ? undefined : status);
         }
-        return { status: 200, body: incidents.list(status === 'all' ? undefined : status) };
+        // The body stays a plain array (newest first); the total is in a header.
+        return { status: 200, body: list.slice(offset, offset + limit), headers: { 'X-Total-Count': String(list.length) } };
       },
     },
     {
@@ -59,6 +67,15 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
         const incident = incidents.get(params.id);
         if (!incident) throw new ApiError(404, `no incident '${params.id}'`);
         return { status: 200, body: incident };
+      },
+    },
+    {
+      method: 'GET',
+      path: '/api/incidents/:id/postmortem',
+      handle({ params }) {
+        const incident = incidents.get(params.id);
+        if (!incident) throw new ApiError(404, `no incident '${params.id}'`);
+        return { status: 200, body: postmortemMarkdown(incident), contentType: 'text/markdown; charset=utf-8' };
       },
     },
     {
@@ -78,4 +95,12 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
       },
     },
   ];
+}
+
+function integerParam(query: URLSearchParams, name: string, fallback: number, min: number, max: number): number {
+  const text = query.get(name);
+  if (text === null) return fallback;
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < min || value > max) throw new ApiError(400, `${name} must be an integer from ${min} to ${max}; got '${text}'`);
+  return value;
 }

@@ -98,8 +98,25 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
 
   if (collector !== null) registerShapeMetrics(registry, collector, options, counter, gauge);
   if (incidents) {
-    gauge('pgwarden_incidents_active', 'Regression incidents currently active.', () => incidents.activeCount);
+    // Incidents, not shapes: a root and its victims count once.
+    gauge('pgwarden_incidents_active', 'Regression incidents currently active (one per cause: a root shape and its victims count once).', () => incidents.activeCount);
     counter('pgwarden_incidents_opened_total', 'Regression incidents opened since start.', () => incidents.opened);
+    gauge('pgwarden_incident_shapes_affected', 'Shapes in active incidents (roots and victims).', () =>
+      incidents.list('active').reduce((sum, i) => sum + i.impact.shapes, 0),
+    );
+    new client.Gauge({
+      name: 'pgwarden_shape_in_incident',
+      help: 'Shapes in an active incident (1), as its root or as a victim: lets per-shape alerts skip what an incident already covers.',
+      labelNames: ['fingerprint', 'role'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const i of incidents.list('active')) {
+          if (i.root) this.set({ fingerprint: i.root, role: 'root' }, 1);
+          for (const v of i.victims) this.set({ fingerprint: v.fingerprint, role: 'victim' }, 1);
+        }
+      },
+    });
     new client.Gauge({
       name: 'pgwarden_shape_regression_ratio',
       help: 'Recent p95 over baseline p95, for shapes with an active incident and the top shapes by total time.',
@@ -107,7 +124,7 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
       registers: [registry],
       collect() {
         this.reset();
-        const shapes = new Set(incidents.list('active').map((i) => i.fingerprint));
+        const shapes = new Set(incidents.list('active').flatMap((i) => [...(i.root ? [i.root] : []), ...i.victims.map((v) => v.fingerprint)]));
         if (collector) for (const s of collector.registry.all().sort((a, b) => b.totalMs - a.totalMs).slice(0, options.topShapes)) shapes.add(s.fingerprint);
         for (const fp of shapes) {
           const ratio = incidents.regressionRatio(fp);

@@ -26,6 +26,10 @@ export interface ApiRequest {
 export interface ApiResponse {
   readonly status: number;
   readonly body: unknown;
+  /** Sends a string body as is with this Content-Type (a Markdown export) instead of as JSON. */
+  readonly contentType?: string;
+  /** Extra response headers (X-Total-Count of a paged list). */
+  readonly headers?: Readonly<Record<string, string>>;
 }
 
 /** An API error with its HTTP status and a message that says what is wrong. */
@@ -144,6 +148,12 @@ export class AdminServer {
     try {
       const body = req.method === 'POST' ? await readJson(req) : undefined;
       const response = await match.route.handle({ params: match.params, query: url.searchParams, body });
+      for (const [name, value] of Object.entries(response.headers ?? {})) res.setHeader(name, value);
+      if (response.contentType !== undefined && typeof response.body === 'string') {
+        res.writeHead(response.status, { 'Content-Type': response.contentType, 'Cache-Control': 'no-store' });
+        res.end(response.body);
+        return;
+      }
       send(res, response.status, response.body);
     } catch (err) {
       if (err instanceof ApiError) return send(res, err.status, { error: err.message });

@@ -95,6 +95,7 @@ export const RELOADABLE_KEYS: ReadonlySet<string> = new Set([
   'detect_p95_ratio',
   'detect_p50_ratio',
   'detect_absolute_ms',
+  'detect_min_baseline_calls',
   'slow_query_ms',
   'log_query_values',
   'log_level',
@@ -241,7 +242,10 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       webhook,
       causeProviders,
       inflight,
+      // Baselines and incident history go where the rules go.
+      store: persistence instanceof ControlDatabase || persistence instanceof StateFile ? persistence : null,
     });
+    await incidents.restore();
     collector.onShape(incidents.observe, 'latencies');
     const shapes = registry;
     policy = new MitigationPolicy({
@@ -308,7 +312,8 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     if (actions.has('block')) return 'blocked';
     if (actions.has('shed')) return 'shed';
     if (actions.has('reroute')) return 'rerouted';
-    if (incidents?.activeFor(fp)) return 'regressed';
+    const incident = incidents?.activeFor(fp);
+    if (incident) return incident.root === fp ? 'regressed' : 'slowed';
     return newShapes?.get(fp) ? 'new' : 'ok';
   };
 
@@ -341,10 +346,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
           ? shapeRoutes(collector.registry, clock, statusOf, {
               plansOf: sampler ? (fp) => plansJson(sampler!, fp) : undefined,
               eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
-              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.fingerprint === fp) : undefined,
+              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)) : undefined,
               rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
               fleet: fleet ? () => fleet!.fleet() : undefined,
               newSinceOf: (fp) => newShapes?.get(fp)?.new_since ?? null,
+              detectorOf: incidents ? (fp) => incidents!.detectorView(fp) : undefined,
             })
           : []),
         ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
@@ -405,6 +411,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       await worker?.close();
       incidents?.stop();
       fleet?.stop();
+      await incidents?.save();
       schema?.stop();
       roundTrip?.stop();
       activity?.stop();
@@ -428,6 +435,7 @@ function detectorOptions(config: Config): DetectorOptions {
     p95Ratio: config.detect_p95_ratio,
     p50Ratio: config.detect_p50_ratio,
     absoluteMs: config.detect_absolute_ms,
+    minBaselineCalls: config.detect_min_baseline_calls,
   };
 }
 

@@ -15,26 +15,17 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
+import type { Incident as FullIncident } from '../detect/record.ts';
 import { freePort, startPostgres, type PostgresServer } from '../embedded/postgres.ts';
 
 const USERS = 300_000;
 const HOT = 'select id, name from users where email = $1';
 const STEP_DEADLINE_MS = 60_000;
 
-interface Incident {
-  id: string;
-  fingerprint: string;
-  status: string;
-  onset: string;
-  detected_at: string;
-  attributed: boolean;
-  summary: string;
-  baseline: { p95_ms: number; rate: number };
-  current: { p95_ms: number; rate: number };
-  causes: { type: string; summary: string; statement?: string; seconds_before_onset: number }[];
-  ruled_out: { summary: string }[];
-  mitigation?: { note: string; rule_id: string | null };
-}
+type Incident = Pick<
+  FullIncident,
+  'id' | 'fingerprint' | 'root' | 'status' | 'onset' | 'detected_at' | 'attributed' | 'summary' | 'baseline' | 'current' | 'peak' | 'causes' | 'ruled_out' | 'mitigation' | 'victims' | 'resolution'
+>;
 
 export const DEMO_USAGE = `usage: pgwarden demo [--once] [--keep-running-s S]
 
@@ -117,9 +108,12 @@ class Demo {
       const shapes = await this.api<{ fingerprint: string; query: string; calls: number; p95_ms: number }[]>('/api/shapes?sort=calls&limit=20');
       const shape = shapes.find((s) => s.query.startsWith('select id, name from users where email'));
       if (!shape) return undefined;
-      const detail = await this.api<{ plans?: { current: { nodes: string[] } | null }; series: unknown[] }>(`/api/shapes/${shape.fingerprint}`);
+      const detail = await this.api<{ plans?: { current: { nodes: string[] } | null }; detector?: { baseline: { p95_ms: number } | null; baseline_from: string | null } | null }>(`/api/shapes/${shape.fingerprint}`);
       progress(`baseline: hot lookup ${shape.calls.toLocaleString('en')} calls, p95 ${shape.p95_ms} ms, plan ${detail.plans?.current?.nodes.join(' / ') ?? '(sampling)'}`);
-      return detail.plans?.current && detail.series.length >= 8 ? shape : undefined;
+      const baseline = detail.detector?.baseline;
+      if (!detail.plans?.current || !baseline) return undefined;
+      this.say(`baseline: hot lookup p95 ${baseline.p95_ms} ms from ${shape.calls.toLocaleString('en')} calls (${(detail.detector!.baseline_from ?? '').replace('_', ' ')}), plan ${detail.plans.current.nodes.join(' / ')}`);
+      return shape;
     });
 
     this.say('Running the migration out of band (directly on the database, as a deploy job would):');
@@ -131,7 +125,7 @@ class Demo {
     let detectedS = 0;
     const incident = await this.waitFor('pgwarden to detect and attribute the regression', async (progress) => {
       const list = await this.api<Incident[]>('/api/incidents?status=active');
-      const found = list.find((i) => i.fingerprint === hot.fingerprint);
+      const found = list.find((i) => i.root === hot.fingerprint);
       if (found && detectedS === 0) {
         detectedS = (Date.parse(found.detected_at) - migratedAt) / 1000;
         this.say(`DETECTED ${detectedS.toFixed(1)} s after the migration: p95 ${found.baseline.p95_ms} ms -> ${found.current.p95_ms} ms`);
@@ -142,8 +136,11 @@ class Demo {
     const attributedS = (Date.now() - migratedAt) / 1000;
     this.say(`ATTRIBUTED ${attributedS.toFixed(1)} s after the migration:`);
     this.say(`  ${incident.summary}`);
-    for (const cause of incident.causes.slice(0, 3)) this.say(`  cause: ${cause.type.replace('_', ' ')}: ${cause.statement ?? cause.summary}`);
+    for (const cause of incident.causes.slice(0, 3)) this.say(`  cause: ${cause.type.replace('_', ' ')}: ${cause.kind === 'ddl' ? cause.statement : cause.summary}`);
     for (const ruled of incident.ruled_out) this.say(`  ruled out: ${ruled.summary}`);
+    for (const victim of incident.victims) this.say(`  victim (slowed by it, no plan change of its own): ${victim.query.slice(0, 60)}`);
+    const others = (await this.api<Incident[]>('/api/incidents?status=active')).length - 1;
+    this.say(`  one incident for one cause${others > 0 ? ` (and ${others} other)` : ''}: the hot lookup is its root.`);
 
     const rule = await this.waitFor('the mitigation policy to shed the shape', async () => {
       const rules = await this.api<{ id: string; fingerprint: string; created_by: string; max_concurrent: number }[]>('/api/rules');
@@ -170,6 +167,10 @@ class Demo {
     });
     const recoveredS = (Date.now() - revertedAt) / 1000;
     this.say(`RECOVERED ${recoveredS.toFixed(1)} s after the revert: incident resolved, rule ${rule.id} lifted.`);
+    const resolved = await this.api<Incident>(`/api/incidents/${incident.id}`);
+    this.say(`  the record keeps the worst: p95 ${resolved.baseline.p95_ms} ms at baseline, ${resolved.peak.p95_ms} ms at its peak`);
+    if (resolved.resolution) this.say(`  resolution: ${resolved.resolution.summary}`);
+    this.say(`  postmortem: pgwarden incidents postmortem ${incident.id} (or GET /api/incidents/${incident.id}/postmortem)`);
     this.say('Summary:');
     this.say(`  migration -> detected:   ${detectedS.toFixed(1)} s`);
     this.say(`  migration -> attributed: ${attributedS.toFixed(1)} s`);
@@ -208,7 +209,7 @@ class Demo {
     const entry = fileURLToPath(new URL(fromSources ? './main.ts' : './main.js', import.meta.url));
     const log = fs.openSync(path.join(this.dir, 'pgwarden.log'), 'a');
     const db = this.database!;
-    // The demo uses 2 s buckets so a baseline forms in seconds, not a minute.
+    // Default detector settings: a baseline forms from the hot lookup's calls within seconds.
     const args = [
       ...(fromSources ? ['--import', 'tsx'] : []),
       entry, 'start',
@@ -216,9 +217,6 @@ class Demo {
       '--upstream', `127.0.0.1:${db.port}`,
       '--admin', `127.0.0.1:${this.adminPort}`,
       '--monitor-url', db.url(),
-      '--series-bucket-s', '2',
-      '--schema-check-interval-s', '2',
-      '--detect-evaluate-ms', '1000',
       '--mitigation', 'enforce',
       '--mitigation-queue-timeout-ms', '20',
       // The hot lookup is most of this small shop's traffic: let the policy's budget cover it.

@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util';
 import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
 import { runCheckMigration } from './check-migration.ts';
 import { runDemo } from './demo.ts';
+import { runIncidents } from './incidents.ts';
 import { runRules } from './rules.ts';
 import { runSessions } from './sessions.ts';
 import { VERSION } from '../version.ts';
@@ -18,6 +19,7 @@ commands:
   start     run the proxy
   rules     list, add (block, shed, reroute) and lift rules on a running pgwarden
   sessions  list the live sessions of a running pgwarden; cancel or terminate one
+  incidents list incidents of a running pgwarden, show one, or print its postmortem (Markdown)
   demo      replay the index-change incident on an embedded PostgreSQL (--once to exit after it)
   workload  export the captured workload of a running pgwarden (workload export --help)
   check-migration  EXPLAIN the workload before and after a migration on a staging database (--help)
@@ -37,6 +39,8 @@ export async function main(argv: string[]): Promise<number> {
       return start(rest);
     case 'rules':
       return runRules(rest);
+    case 'incidents':
+      return runIncidents(rest);
     case 'sessions':
       return runSessions(rest);
     case 'version':

@@ -6,24 +6,10 @@
 // This file also holds the provider for timeline evidence (setting and statistics
 // changes); locks.ts and saturation.ts hold those sampled from pg_stat_activity.
 
-import type { Cause } from './incidents.ts';
+import type { Cause, CauseContext, CauseProvider } from './record.ts';
 import type { EventLog, TimelineEvent } from './events.ts';
 
-export interface CauseContext {
-  readonly fingerprint: string;
-  /** Epoch ms. */
-  readonly onset: number;
-  readonly now: number;
-  /** Tables and indexes of the shape's plans, lower-case. */
-  readonly objects: ReadonlySet<string>;
-  /** The shape's plan changes from the lookback to now, oldest first. */
-  readonly planChanges: readonly TimelineEvent[];
-}
-
-export interface CauseProvider {
-  readonly name: string;
-  causes(context: CauseContext): Cause[];
-}
+export type { CauseContext, CauseProvider } from './record.ts';
 
 /** How far before the onset timeline causes are looked for (as for DDL). */
 export const CAUSE_LOOKBACK_MS = 10 * 60_000;
@@ -62,13 +48,14 @@ export class TimelineCauses implements CauseProvider {
       // New statistics act through the planner's estimates: show them moving.
       if (planAfter && e.type === 'statistics_change' && details?.estimates_before) summary += `; estimates: ${details.estimates_before} -> ${details.estimates_after}`;
       out.push({
+        kind: e.type as 'setting_change' | 'statistics_change',
         type: e.type as 'setting_change' | 'statistics_change',
         event_id: e.id,
         at: new Date(e.at).toISOString(),
         seconds_before_onset: round((context.onset - e.at) / 1000),
         summary,
         relevant: touches,
-        decisive,
+        conclusive: decisive,
         objects: [...(e.objects ?? [])],
         evidence: {
           ...(e.details ?? {}),
@@ -90,12 +77,12 @@ export class TimelineCauses implements CauseProvider {
  */
 export function leadingCause(causes: readonly Cause[]): Cause | undefined {
   const changes = causes
-    .filter((c) => c.decisive && (c.type === 'setting_change' || c.type === 'statistics_change'))
+    .filter((c) => c.conclusive && (c.type === 'setting_change' || c.type === 'statistics_change'))
     .sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
   if (changes.length > 0) {
     const latest = Date.parse(changes[0].at);
     const ddlAfter = causes.some((c) => (c.type === 'ddl' || c.type === 'schema_change') && c.relevant && Date.parse(c.at) > latest);
     return ddlAfter ? undefined : changes[0];
   }
-  return causes.find((c) => c.decisive && (c.type === 'lock_wait' || c.type === 'saturation'));
+  return causes.find((c) => c.conclusive && (c.type === 'lock_wait' || c.type === 'saturation'));
 }

@@ -6,7 +6,7 @@
 // cancel or terminate it. The plan is unchanged in this case: shedding the shape
 // would not help, so the cause is marked not mitigable.
 
-import type { Cause } from './incidents.ts';
+import type { Cause } from './record.ts';
 import type { ActivitySample, ActivitySampler, Backend, RelationLock } from './activity.ts';
 import type { CauseContext, CauseProvider } from './causes.ts';
 
@@ -134,13 +134,14 @@ export class LockCauses implements CauseProvider {
     const head = evidence.blockers[0];
     return [
       {
+        kind: 'lock_wait',
         type: 'lock_wait',
-        event_id: 0,
+        event_id: null,
         at: new Date(remembered.firstAt).toISOString(),
         seconds_before_onset: Math.round((context.onset - remembered.firstAt) / 10) / 100,
         summary: `waiting on a lock: ${describeLockWait(evidence)}${released ? ' (no longer waiting at the last sample)' : ''}`,
         relevant: true,
-        decisive: true,
+        conclusive: true,
         mitigable: false,
         objects: evidence.relations.map((r) => r.slice(r.lastIndexOf('.') + 1)),
         evidence: {

@@ -11,7 +11,7 @@
 import type { ShapeRegistry } from '../shapes/registry.ts';
 import type { ActivitySample, ActivitySampler } from './activity.ts';
 import type { CauseContext, CauseProvider } from './causes.ts';
-import type { Cause } from './incidents.ts';
+import type { Cause } from './record.ts';
 import type { RoundTripTracker } from './roundtrip.ts';
 
 export interface Consumer {
@@ -111,13 +111,14 @@ export class SaturationCauses implements CauseProvider {
     else summary += `; the top consumer bypasses the proxy (${who(top)}); the load is outside the proxy, so nothing is mitigated`;
     return [
       {
+        kind: 'saturation',
         type: 'saturation',
-        event_id: 0,
+        event_id: null,
         at: new Date(context.onset).toISOString(),
         seconds_before_onset: 0,
         summary,
         relevant: true,
-        decisive: true,
+        conclusive: true,
         mitigable: proxiedRoot,
         objects: [],
         evidence: {

@@ -229,13 +229,17 @@ export class SchemaWatcher {
       return [];
     }
     const changes = diffCatalog(previous.snapshot, snapshot);
+    // When it ran is only known to lie between two checks: after the start of the
+    // last one that did not see it (its digest was read after that), and before the
+    // end of this one. The event is placed at the end ('seen'), with 'since' the
+    // start of that window, so nobody reads the poll's delay as the change's time.
+    const seen = this.options.clock.now();
     for (const change of changes) {
       this.options.events.add({
         type: 'schema_change',
-        at,
+        at: seen,
         summary: change.summary,
         objects: change.objects,
-        // The change happened at some point since the previous snapshot.
         details: { ...change.details, kind: change.kind, database: this.database, since: previous.at },
       });
     }

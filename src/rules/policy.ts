@@ -137,7 +137,7 @@ export class MitigationPolicy {
     };
     if (incident.kind === 'database_wide') return none(null, 'database-wide incident: no single shape is its cause, so no shape is shed');
     // A lock held elsewhere or load from outside the proxy: shedding a shape would not help.
-    const elsewhere = incident.causes.find((c) => c.decisive && c.mitigable === false);
+    const elsewhere = incident.causes.find((c) => c.conclusive && 'mitigable' in c && c.mitigable === false);
     if (elsewhere !== undefined) return none(null, `the cause is not a shape through the proxy (${elsewhere.type}): shedding would not help`);
     const root = incident.root !== undefined ? incident.root : incident.fingerprint;
     if (root === null) return none(null, 'the incident has no root shape');

@@ -19,6 +19,7 @@ import { isDeepStrictEqual } from 'node:util';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { isRule, type Rule } from '../rules/rule.ts';
+import type { DetectorState, DetectorStateStore } from '../detect/incidents.ts';
 import type { IncidentSharing, RulePersistence } from './persistence.ts';
 
 const RULES_CHANNEL = 'pgwarden_rules';
@@ -56,7 +57,17 @@ const SCHEMA_DDL = `
     summary jsonb not null,
     primary key (instance, fingerprint)
   );
+  create table if not exists pgwarden.detector_state (
+    instance text primary key,
+    state jsonb not null,
+    updated_at timestamptz not null default now()
+  );
 `;
+
+// Added after the first release: a schema provisioned before it gets the table on
+// first use (or, for a role without CREATE, baselines are simply not shared).
+const DETECTOR_STATE_DDL = `create table if not exists pgwarden.detector_state (
+  instance text primary key, state jsonb not null, updated_at timestamptz not null default now())`;
 
 export interface ControlDatabaseOptions {
   /** postgres:// URL of the control database. */
@@ -75,7 +86,7 @@ export class ControlDatabaseUnreachableError extends Error {
   override name = 'ControlDatabaseUnreachableError';
 }
 
-export class ControlDatabase implements RulePersistence, IncidentSharing {
+export class ControlDatabase implements RulePersistence, IncidentSharing, DetectorStateStore {
   /** The last known rules, by id, in the control database's order. */
   private rules = new Map<string, Rule>();
   private incidents: SharedIncident[] = [];
@@ -249,6 +260,46 @@ export class ControlDatabase implements RulePersistence, IncidentSharing {
       );
       return rows;
     });
+  }
+
+  /**
+   * This instance's saved detector state; an instance seen for the first time (a
+   * new name, or host:pid after a restart) gets the baselines of the instance
+   * that saved last (same workload, same database) and no incident history.
+   */
+  async loadDetectorState(): Promise<DetectorState | null> {
+    return this.withPoolClient('load the saved baselines', async (client) => {
+      await this.ensureDetectorTable(client);
+      const { rows } = await client.query<{ instance: string; state: DetectorState }>(
+        `select instance, state from pgwarden.detector_state order by (instance = $1) desc, updated_at desc limit 1`,
+        [this.options.instance],
+      );
+      if (rows.length === 0) return null;
+      const state = rows[0].state;
+      return rows[0].instance === this.options.instance ? state : { ...state, incidents: [] };
+    });
+  }
+
+  async saveDetectorState(state: DetectorState): Promise<void> {
+    const what = 'save the baselines';
+    this.assertReachable(what);
+    await this.withPoolClient(what, async (client) => {
+      await this.ensureDetectorTable(client);
+      await client.query(
+        `insert into pgwarden.detector_state (instance, state, updated_at) values ($1, $2, now())
+         on conflict (instance) do update set state = excluded.state, updated_at = now()`,
+        [this.options.instance, JSON.stringify(state)],
+      );
+    });
+  }
+
+  private detectorTableReady = false;
+
+  private async ensureDetectorTable(client: pg.PoolClient): Promise<void> {
+    if (this.detectorTableReady) return;
+    const { rows } = await client.query<{ ready: boolean }>(`select to_regclass('pgwarden.detector_state') is not null as ready`);
+    if (!rows[0].ready) await client.query(DETECTOR_STATE_DDL);
+    this.detectorTableReady = true;
   }
 
   async close(): Promise<void> {

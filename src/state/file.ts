@@ -3,12 +3,15 @@
 // (temp file in the same directory, fsync, rename), one change at a time, so a
 // crash leaves either the old rules or the new ones, never half a file. A file
 // that cannot be read is an error, not "no rules": silently forgetting a block
-// rule would let the query it blocks run again.
+// rule would let the query it blocks run again. The detector's baselines and
+// incident history live in the same file under "detector"; each kind of write
+// keeps the other's part as it was.
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
+import type { DetectorState, DetectorStateStore } from '../detect/incidents.ts';
 import { isRule, type Rule } from '../rules/rule.ts';
 import type { RulePersistence } from './persistence.ts';
 
@@ -17,9 +20,10 @@ const VERSION = 1;
 interface StateFileContents {
   version: typeof VERSION;
   rules: Rule[];
+  detector?: DetectorState;
 }
 
-export class StateFile implements RulePersistence {
+export class StateFile implements RulePersistence, DetectorStateStore {
   /** Every operation runs after the previous one settled, so rewrites never interleave. */
   private queue: Promise<unknown> = Promise.resolve();
   /**
@@ -40,17 +44,33 @@ export class StateFile implements RulePersistence {
 
   add(rule: Rule): Promise<void> {
     return this.serialized(async () => {
-      const rules = (await this.read()).filter((r) => r.id !== rule.id);
+      const contents = await this.readContents();
+      const rules = contents.rules.filter((r) => r.id !== rule.id);
       rules.push(rule);
-      await this.write(rules);
+      await this.write({ ...contents, rules });
     });
   }
 
   remove(id: string): Promise<void> {
     return this.serialized(async () => {
-      const rules = await this.read();
-      const kept = rules.filter((r) => r.id !== id);
-      if (kept.length !== rules.length) await this.write(kept);
+      const contents = await this.readContents();
+      const kept = contents.rules.filter((r) => r.id !== id);
+      if (kept.length !== contents.rules.length) await this.write({ ...contents, rules: kept });
+    });
+  }
+
+  /** The detector's saved baselines and incidents, or null if none were saved. */
+  loadDetectorState(): Promise<DetectorState | null> {
+    return this.serialized(async () => {
+      const detector = (await this.readContents()).detector;
+      return typeof detector === 'object' && detector !== null && Array.isArray(detector.baselines) && Array.isArray(detector.incidents) ? detector : null;
+    });
+  }
+
+  saveDetectorState(state: DetectorState): Promise<void> {
+    return this.serialized(async () => {
+      const contents = await this.readContents();
+      await this.write({ ...contents, detector: state });
     });
   }
 
@@ -69,11 +89,15 @@ export class StateFile implements RulePersistence {
   }
 
   private async read(): Promise<Rule[]> {
+    return (await this.readContents()).rules;
+  }
+
+  private async readContents(): Promise<StateFileContents> {
     let text: string;
     try {
       text = await fs.readFile(this.path, 'utf8');
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return { version: VERSION, rules: [] };
       throw new Error(`state file ${this.path}: cannot read it: ${(error as Error).message}`, { cause: error });
     }
     let parsed: unknown;
@@ -112,18 +136,21 @@ export class StateFile implements RulePersistence {
       }
     });
     this.invalid = invalid;
-    return rules;
+    return { version: VERSION, rules, ...(contents.detector !== undefined ? { detector: contents.detector } : {}) };
   }
 
-  private async write(rules: Rule[]): Promise<void> {
+  private async write(contents: StateFileContents): Promise<void> {
     const dir = path.dirname(this.path);
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     const temp = path.join(dir, `.${path.basename(this.path)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
-    const contents = { version: VERSION, rules: [...rules, ...this.invalid] };
     let handle: fs.FileHandle | undefined;
     try {
       handle = await fs.open(temp, 'wx', 0o600);
-      await handle.writeFile(`${JSON.stringify(contents, null, 2)}\n`, 'utf8');
+      // Rules indented for people who read the file; the detector's bulk on one line.
+      // Entries that failed validation are written back untouched, for the operator to repair.
+      const { detector, ...rest } = { ...contents, rules: [...contents.rules, ...this.invalid] };
+      const text = JSON.stringify(rest, null, 2);
+      await handle.writeFile(detector === undefined ? `${text}\n` : `${text.slice(0, -2)},\n  "detector": ${JSON.stringify(detector)}\n}\n`, 'utf8');
       await handle.sync();
       await handle.close();
       handle = undefined;

@@ -142,8 +142,11 @@ describe('docs/api.md', () => {
     const fields = [
       ...shapeSummaryFields(),
       ...interfaceFields('src/rules/rule.ts', 'Rule'),
-      ...interfaceFields('src/detect/incidents.ts', 'Incident'),
-      ...interfaceFields('src/detect/incidents.ts', 'Cause'),
+      ...interfaceFields('src/detect/record.ts', 'Incident'),
+      ...interfaceFields('src/detect/record.ts', 'Victim'),
+      ...interfaceFields('src/detect/record.ts', 'Impact'),
+      ...interfaceFields('src/detect/record.ts', 'Resolution'),
+      ...interfaceFields('src/detect/record.ts', 'CauseBase'),
       ...interfaceFields('src/detect/events.ts', 'TimelineEvent'),
       ...interfaceFields('src/shapes/series.ts', 'SeriesPoint'),
       ...workloadShapeFields(),
@@ -189,7 +192,7 @@ describe('docs/operations.md', () => {
   test('the commands it tells responders to run exist', () => {
     for (const m of doc.matchAll(/pgwarden rules (\w+)/g)) assert.ok(RULES_USAGE.includes(`pgwarden rules ${m[1]}`), `pgwarden rules ${m[1]} is not a command`);
     const known = new Set(read('src/cli/main.ts').match(/case '(\w[\w-]*)'/g)?.map((c) => c.slice(6, -1)));
-    for (const m of doc.matchAll(/(?:^|[\s`])pgwarden (start|demo|rules|workload|check-migration|help)\b/g)) {
+    for (const m of doc.matchAll(/(?:^|[\s`])pgwarden (start|demo|rules|incidents|workload|check-migration|help)\b/g)) {
       assert.ok(known.has(m[1]), `pgwarden ${m[1]} is not a command of src/cli/main.ts`);
     }
   });

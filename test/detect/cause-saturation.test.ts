@@ -61,7 +61,7 @@ describe('saturation from outside the proxy', { timeout: 90_000 }, () => {
         })(),
       );
     }
-    const incident = await waitForIncident(pgw, null, (i) => i.attributed && i.causes.some((c) => c.type === 'saturation' && c.decisive === true), 45_000, 'an incident attributed to saturation').catch(async (err) => {
+    const incident = await waitForIncident(pgw, null, (i) => i.attributed && i.causes.some((c) => c.type === 'saturation' && c.conclusive === true), 45_000, 'an incident attributed to saturation').catch(async (err) => {
       console.log(`# incidents: ${JSON.stringify((await pgw.api('/api/incidents')).body.map((i: { summary: string }) => i.summary))}`);
       for (const s of (await pgw.api('/api/shapes?sort=calls&limit=5')).body) {
         const { body } = await pgw.api(`/api/shapes/${s.fingerprint}?since_s=120`);

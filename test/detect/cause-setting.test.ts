@@ -62,7 +62,7 @@ describe('a setting changed on the database', { timeout: 90_000 }, () => {
     const incident = await waitForIncident(
       pgw,
       fingerprint,
-      (i) => i.attributed && i.causes.some((c) => c.type === 'setting_change' && c.decisive === true),
+      (i) => i.attributed && i.causes.some((c) => c.type === 'setting_change' && c.conclusive === true),
       40_000,
       'an incident attributed to the setting change',
     );
@@ -70,7 +70,7 @@ describe('a setting changed on the database', { timeout: 90_000 }, () => {
     console.log(`# ${incident.summary}`);
     assert.match(incident.summary, /plan changed .*Seq Scan on pgw_setting_users/);
     assert.match(incident.summary, /cause: setting changed: random_page_cost 4 -> 100000 \(ALTER SYSTEM, reloaded at \d{4}-/);
-    assert.ok(!incident.causes.some((c) => c.type === 'setting_change' && c.summary.includes('work_mem') && c.decisive), 'the earlier role setting is not the cause');
+    assert.ok(!incident.causes.some((c) => c.type === 'setting_change' && c.summary.includes('work_mem') && c.conclusive), 'the earlier role setting is not the cause');
     await waitFor(async () => (await pgw.api('/api/incidents')).body.length >= 1, { what: 'incident listed' });
   });
 });

@@ -52,7 +52,7 @@ describe('statistics changed on the database', { timeout: 90_000 }, () => {
     const incident = await waitForIncident(
       pgw,
       fingerprint,
-      (i) => i.attributed && i.causes.some((c) => c.type === 'statistics_change' && c.decisive === true),
+      (i) => i.attributed && i.causes.some((c) => c.type === 'statistics_change' && c.conclusive === true),
       40_000,
       'an incident attributed to the ANALYZE',
     );

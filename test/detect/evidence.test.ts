@@ -167,11 +167,21 @@ describe('setting and statistics causes', () => {
     events.add({ type: 'statistics_change', at: now - 30_000, summary: 'ANALYZE of public.orders', objects: ['orders'] });
     const plan = events.add({ type: 'plan_change', at: now - 15_000, fingerprint: 'f1', summary: 'Index Scan -> Seq Scan on users', objects: ['users'] });
     const causes = new TimelineCauses(events).causes({ fingerprint: 'f1', onset: now - 14_000, now, objects: new Set(['users']), planChanges: [plan] });
-    const decisive = causes.filter((c) => c.decisive).map((c) => c.summary);
+    const decisive = causes.filter((c) => c.conclusive).map((c) => c.summary);
     assert.deepEqual(decisive, ['setting changed: random_page_cost 4 -> 1000 (ALTER SYSTEM); the plan changed 5 s later']);
     assert.ok(!causes.some((c) => c.type === 'statistics_change'), 'statistics of a table the shape does not use are no cause');
     assert.match(leadingCause(causes)!.summary, /random_page_cost/);
-    const ddl = { type: 'schema_change' as const, event_id: 9, at: new Date(now - 16_000).toISOString(), seconds_before_onset: 2, summary: 'index dropped', relevant: true, objects: ['users'] };
+    const ddl = {
+      kind: 'schema_change' as const,
+      type: 'schema_change' as const,
+      event_id: 9,
+      at: new Date(now - 16_000).toISOString(),
+      between: { from: new Date(now - 17_000).toISOString(), to: new Date(now - 16_000).toISOString() },
+      seconds_before_onset: 2,
+      summary: 'index dropped',
+      relevant: true,
+      objects: ['users'],
+    };
     assert.equal(leadingCause([...causes, ddl]), undefined, 'a DDL after the setting keeps the DDL attribution');
     now += 1;
   });

@@ -15,7 +15,7 @@ export interface ApiCause {
   type: string;
   summary: string;
   objects: string[];
-  decisive?: boolean;
+  conclusive?: boolean;
   mitigable?: boolean;
   evidence?: Record<string, any>;
 }
@@ -69,7 +69,7 @@ export async function waitForIncident(pgw: TestApp, fingerprint: string | null, 
     // What was there instead, so a failure on a busy machine can be read.
     const { body: incidents } = await pgw.api('/api/incidents');
     const { body: events } = await pgw.api('/api/events?limit=30');
-    err.message += `\nincidents: ${JSON.stringify((incidents as ApiIncident[]).map((i) => ({ summary: i.summary, causes: i.causes.map((c) => `${c.type}${c.decisive ? '!' : ''}: ${c.summary}`) })))}`;
+    err.message += `\nincidents: ${JSON.stringify((incidents as ApiIncident[]).map((i) => ({ summary: i.summary, causes: i.causes.map((c) => `${c.type}${c.conclusive ? '!' : ''}: ${c.summary}`) })))}`;
     err.message += `\nevents: ${JSON.stringify((events as { type: string; summary: string }[]).filter((e) => e.type !== 'mitigation').map((e) => `${e.type}: ${e.summary}`))}`;
     throw err;
   });

@@ -5,8 +5,12 @@
 import type { Config } from '../../src/config.ts';
 import { testDatabase, withClient } from './database.ts';
 
-/** Creates `table` with `rows` users and `index` on email; with `events`, also `<table>_events`. */
-export async function createUsersTable(table: string, index: string, rows: number, options: { events?: boolean } = {}): Promise<void> {
+/**
+ * Creates `table` with `rows` users and `index` on email; with `events`, also
+ * `<table>_events`. With `parallel`, scans may use parallel workers as on any
+ * default PostgreSQL (the seq scan then starves the other shapes too).
+ */
+export async function createUsersTable(table: string, index: string, rows: number, options: { events?: boolean; parallel?: boolean } = {}): Promise<void> {
   await withClient(async (c) => {
     await c.query(`drop table if exists ${table}, ${table}_events`);
     await c.query(`create table ${table} (id bigserial primary key, email text not null, name text not null, bio text not null)`);
@@ -16,7 +20,7 @@ export async function createUsersTable(table: string, index: string, rows: numbe
     await c.query(`create unique index ${index} on ${table} (email)`);
     // One core per scan: on a 2-core test machine parallel scans would starve every
     // other shape too, which is a different incident from the one replayed here.
-    await c.query(`alter table ${table} set (parallel_workers = 0)`);
+    if (!options.parallel) await c.query(`alter table ${table} set (parallel_workers = 0)`);
     if (options.events) await c.query(`create table ${table}_events (id bigserial primary key, user_id bigint, at timestamptz default now())`);
     await c.query(`analyze ${table}`);
   });

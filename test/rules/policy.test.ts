@@ -74,7 +74,7 @@ describe('mitigation policy decisions', () => {
 
   test('only the root shape of an incident is shed, never a victim', async () => {
     const { p, store } = policy('enforce');
-    p.onIncident(incident(ROOT, { kind: 'shape', root: ROOT, victims: [VICTIM] } as Partial<Incident>), 'opened');
+    p.onIncident(incident(ROOT, { kind: 'shape', root: ROOT, victims: [{ fingerprint: VICTIM }] } as unknown as Partial<Incident>), 'opened');
     // An incident whose reported shape is a victim of another root: the root is what is acted on.
     p.onIncident(incident(VICTIM, { kind: 'shape', root: OTHER }), 'opened');
     await settle();

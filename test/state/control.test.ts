@@ -77,7 +77,7 @@ describe('ControlDatabase', () => {
       );
       return rows.map((r) => r.name);
     }, controlUrl());
-    assert.deepEqual(tables, ['incidents', 'instances', 'rules', 'shape_summaries']);
+    assert.deepEqual(tables, ['detector_state', 'incidents', 'instances', 'rules', 'shape_summaries']);
     assert.deepEqual(await a.load(), []);
     assert.equal(a.reachable, true);
   });
@@ -140,6 +140,22 @@ describe('ControlDatabase', () => {
     const c = await open('c');
     assert.deepEqual((await c.load()).map((r) => r.id), ['r-2']);
     assert.deepEqual(c.sharedIncidents().map((i) => i.id), ['i-1', 'i-2']);
+  });
+
+  test('saved baselines reach an instance opened under a new name; its incident history stays with its own name', async () => {
+    const state = {
+      version: 1 as const,
+      saved_at: new Date().toISOString(),
+      baselines: [{ fingerprint: 'f1', baseline: { p50_ms: 0.2, p95_ms: 0.5, p99_ms: 1, rate: 100, samples: 1000 }, computed_at: Date.now() }],
+      incidents: [{ id: 'inc-1' } as never],
+    };
+    await a.saveDetectorState(state);
+    const again = await a.loadDetectorState();
+    assert.deepEqual(again, state, 'the same instance gets its state back');
+    const fresh = await open('fresh-after-restart');
+    const seen = await fresh.loadDetectorState();
+    assert.deepEqual(seen?.baselines, state.baselines);
+    assert.deepEqual(seen?.incidents, [], 'no other instance\'s incident history');
   });
 
   test('an instance cut off from the control database keeps its rules, refuses changes, and catches up when it is back', async () => {

@@ -3,11 +3,22 @@
 // All state lives here; views.js only renders. The token comes from the URL
 // fragment or the login form; a 401 brings the login form back.
 
-import { api, ApiError, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
+import { api, ApiError, apiText, clearToken, getToken, setToken, takeTokenFromFragment, Unauthorized } from './api.js';
 import { LatencyChart } from './chart.js';
 import { fill, fmtTime, h } from './dom.js';
 import { isOpen as modalOpen, liftDialog, ruleDialog, sessionDialog, close as closeModal } from './modal.js';
-import { renderEvents, renderIncidents, renderPlans, renderRules, renderSessions, renderUnseenRules, ShapesTable, shapeStats, statusBadge } from './views.js';
+import {
+  renderEvents,
+  renderHistory,
+  renderIncidents,
+  renderPlans,
+  renderRules,
+  renderSessions,
+  renderUnseenRules,
+  ShapesTable,
+  shapeStats,
+  statusBadge,
+} from './views.js';
 
 const POLL_MS = 2500;
 const SORT_LABELS = { total_time: 'total time', calls: 'calls', p95: 'p95', mean: 'mean' };
@@ -120,9 +131,10 @@ async function refresh() {
     try {
       const selected = state.selected;
       const scope = state.scope === 'fleet' ? '&scope=fleet' : '';
-      const [shapes, incidents, events, detail, sessions, rules] = await Promise.all([
+      const [shapes, incidents, history, events, detail, sessions, rules] = await Promise.all([
         api(`/api/shapes?sort=${state.sort}&limit=50${scope}`, { allow404: true }),
         api(`/api/incidents?status=active${scope}`, { allow404: true }),
+        api('/api/incidents?status=resolved&limit=20', { allow404: true }),
         api('/api/events?limit=150', { allow404: true }),
         selected ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true }) : null,
         api('/api/sessions', { allow404: true }),
@@ -130,6 +142,7 @@ async function refresh() {
       ]);
       render(shapes ?? [], incidents ?? [], events ?? [], selected, detail, shapes === null);
       renderSide(sessions ?? [], rules ?? []);
+      if (changed('history', history ?? [])) renderHistory($('history-body'), history ?? [], actions);
       setConnection('live', 'Live');
       $('refreshed').textContent = `updated ${fmtTime(new Date().toISOString())}`;
       schedule();
@@ -176,6 +189,17 @@ const actions = {
     }
     refresh();
   },
+
+  /** Downloads the incident's Markdown postmortem (fetched with the token, saved from memory). */
+  async postmortem(incident) {
+    const text = await apiText(`/api/incidents/${encodeURIComponent(incident.id)}/postmortem`);
+    const url = URL.createObjectURL(new Blob([text], { type: 'text/markdown' }));
+    const link = h('a', { href: url, download: `${incident.id}-postmortem.md` });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  },
 };
 
 const table = new ShapesTable($('shapes-table'), {
@@ -204,7 +228,8 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
   state.shapes = shapes;
   const active = incidents.filter((i) => i.status === 'active');
   if (changed('incidents', active)) renderIncidents($('incidents'), active, actions);
-  state.incidents = new Map(active.map((i) => [i.fingerprint, i]));
+  // A shape's row links to the incident it is the root or a victim of.
+  state.incidents = new Map(active.flatMap((i) => [...(i.root ? [[i.root, i]] : []), ...(i.victims ?? []).map((v) => [v.fingerprint, i])]));
   table.update(shapes, state.selected, state.incidents);
   const where = state.scope === 'fleet' ? ' over every instance (details: this instance)' : '';
   $('shapes-hint').textContent = statsOff

@@ -6,7 +6,7 @@
 
 import { fill, fmtAgo, fmtCount, fmtMs, fmtRatio, fmtSeconds, fmtTime, h, oneLine } from './dom.js';
 
-const STATUS_LABELS = { ok: 'ok', regressed: 'regressed', blocked: 'blocked', shed: 'shed', rerouted: 'rerouted', new: 'new' };
+const STATUS_LABELS = { ok: 'ok', regressed: 'regressed', slowed: 'slowed', blocked: 'blocked', shed: 'shed', rerouted: 'rerouted', new: 'new' };
 
 export function statusBadge(status) {
   const known = status in STATUS_LABELS;
@@ -45,6 +45,11 @@ export function planHeadline(text) {
         return [i > 0 ? h('span', { class: 'plan-sep' }, '; ') : null, ...pieces];
       }),
   );
+}
+
+/** A DDL seen through the proxy has its time; a catalog change only lies between two checks. */
+function causeTime(c) {
+  return c.between ? `between ${fmtTime(c.between.from)} and ${fmtTime(c.between.to)}` : fmtTime(c.at);
 }
 
 function whenRelativeToOnset(seconds) {
@@ -90,12 +95,13 @@ function blockerActions(cause, actions) {
 }
 
 function incidentCard(incident, actions) {
+  const wide = incident.kind === 'database_wide';
   const shape = { fingerprint: incident.fingerprint, query: incident.query };
   const reason = `incident ${incident.id}: ${incident.summary ?? ''}`.slice(0, 1000);
   const detectedAfter = (Date.parse(incident.detected_at) - Date.parse(incident.onset)) / 1000;
   const plan = (incident.causes ?? []).filter((c) => c.type === 'plan_change');
   // Decisive causes (a setting, statistics, a lock, saturation) before the merely nearby ones.
-  const schema = (incident.causes ?? []).filter((c) => c.type !== 'plan_change').sort((a, b) => (b.decisive ? 1 : 0) - (a.decisive ? 1 : 0));
+  const schema = (incident.causes ?? []).filter((c) => c.type !== 'plan_change').sort((a, b) => (b.conclusive ? 1 : 0) - (a.conclusive ? 1 : 0));
   const checks = incident.checks ?? (incident.ruled_out ?? []).map((r) => ({ ...r, ruled_out: true }));
 
   return h(
@@ -104,24 +110,31 @@ function incidentCard(incident, actions) {
     h(
       'header',
       { class: 'incident-head' },
-      h('span', { class: 'incident-tag' }, 'Regression'),
-      h('span', { class: 'incident-when' }, `shape `, h('code', {}, incident.fingerprint), ` · started ${fmtTime(incident.onset)} · detected ${Number.isFinite(detectedAfter) ? fmtSeconds(detectedAfter) : '–'} later · ${fmtAgo(incident.onset)}`),
+      h('span', { class: 'incident-tag' }, wide ? 'Database-wide' : 'Regression'),
       h(
         'span',
-        { class: 'incident-actions' },
-        h('button', { class: 'btn btn-small', type: 'button', 'data-action': 'open', onclick: () => actions.open(incident.fingerprint) }, 'Open shape'),
-        h('button', { class: 'btn btn-small btn-warn', type: 'button', 'data-action': 'shed', onclick: () => actions.shed(shape, reason) }, 'Shed…'),
-        h('button', { class: 'btn btn-small btn-danger', type: 'button', 'data-action': 'block', onclick: () => actions.block(shape, reason) }, 'Block…'),
+        { class: 'incident-when' },
+        wide ? 'most shapes slowed together' : ['root shape ', h('code', {}, incident.fingerprint)],
+        ` · started ${fmtTime(incident.onset)} · detected ${Number.isFinite(detectedAfter) ? fmtSeconds(detectedAfter) : '–'} later · ${fmtAgo(incident.onset)}`,
       ),
+      wide
+        ? null
+        : h(
+            'span',
+            { class: 'incident-actions' },
+            h('button', { class: 'btn btn-small', type: 'button', 'data-action': 'open', onclick: () => actions.open(incident.fingerprint) }, 'Open shape'),
+            h('button', { class: 'btn btn-small btn-warn', type: 'button', 'data-action': 'shed', onclick: () => actions.shed(shape, reason) }, 'Shed…'),
+            h('button', { class: 'btn btn-small btn-danger', type: 'button', 'data-action': 'block', onclick: () => actions.block(shape, reason) }, 'Block…'),
+          ),
     ),
-    h('div', { class: 'incident-query', title: incident.query }, oneLine(incident.query)),
+    wide ? h('div', { class: 'incident-query' }, incident.summary) : h('div', { class: 'incident-query', title: incident.query }, oneLine(incident.query)),
     h(
       'div',
       { class: 'incident-grid' },
       h(
         'div',
         { class: 'incident-metric' },
-        h('div', { class: 'metric-label' }, 'p95 latency'),
+        h('div', { class: 'metric-label' }, wide ? 'p95 of the busiest shape' : 'p95 latency'),
         h('div', { class: 'metric-change' }, h('span', { class: 'metric-before' }, fmtMs(incident.baseline?.p95_ms)), h('span', { class: 'metric-arrow' }, ' → '), h('span', { class: 'metric-after' }, fmtMs(incident.current?.p95_ms))),
         h('div', { class: 'metric-ratio' }, `${fmtRatio(incident.severity)} slower`),
         h(
@@ -130,6 +143,8 @@ function incidentCard(incident, actions) {
           `p50 ${fmtMs(incident.baseline?.p50_ms)} → ${fmtMs(incident.current?.p50_ms)}`,
           h('br'),
           `calls ${rate(incident.baseline?.rate)} → ${rate(incident.current?.rate)}`,
+          incident.peak ? [h('br'), `peak p95 ${fmtMs(incident.peak.p95_ms)} at ${fmtTime(incident.peak.at)}`] : null,
+          incident.impact ? [h('br'), `impact: ${incident.impact.shapes} shape${incident.impact.shapes === 1 ? '' : 's'}, ${Math.round((incident.impact.share_of_calls ?? 0) * 100)}% of calls`] : null,
         ),
       ),
       h(
@@ -156,7 +171,7 @@ function incidentCard(incident, actions) {
               h('span', { class: 'cause-kind' }, CAUSE_LABELS[c.type] ?? c.type),
               h('span', { class: 'cause-text' }, c.statement ? h('code', {}, oneLine(c.statement)) : c.summary),
               blockerActions(c, actions),
-              h('span', { class: 'cause-when' }, `${fmtTime(c.at)} · ${whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
+              h('span', { class: 'cause-when' }, `${causeTime(c)} · ${c.between && c.seconds_before_onset === 0 ? 'the onset is in this window' : whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
             ),
           ),
         ),
@@ -185,6 +200,66 @@ function incidentCard(incident, actions) {
                 : null,
             )
           : null,
+      ),
+    ),
+    victimsList(incident, actions),
+  );
+}
+
+/** The shapes slowed by the incident's cause, collapsed under one line. */
+function victimsList(incident, actions) {
+  const victims = incident.victims ?? [];
+  if (victims.length === 0) return null;
+  const wide = incident.kind === 'database_wide';
+  return h(
+    'details',
+    { class: 'victims' },
+    h('summary', {}, `${victims.length} ${wide ? 'shape' : 'victim'}${victims.length === 1 ? '' : 's'} ${wide ? 'slowed' : 'slowed by this shape, with no plan change of their own'}`),
+    h(
+      'ul',
+      { class: 'victim-list' },
+      victims.map((v) =>
+        h(
+          'li',
+          { 'data-victim': v.fingerprint },
+          h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(v.fingerprint) }, h('code', {}, v.fingerprint)),
+          h('span', { class: 'victim-query', title: v.query }, oneLine(v.query)),
+          h('span', { class: 'victim-figures' }, `p95 ${fmtMs(v.baseline_p95_ms)} → ${fmtMs(v.peak_p95_ms)} at worst · ${Math.round(v.share_of_calls * 100)}% of calls`),
+        ),
+      ),
+    ),
+  );
+}
+
+/**
+ * Resolved incidents, newest first, with what ended them and a postmortem download.
+ * actions: { open(fingerprint), postmortem(incident) }
+ */
+export function renderHistory(container, incidents, actions) {
+  if (incidents.length === 0) {
+    fill(container, h('p', { class: 'muted' }, 'No resolved incidents yet.'));
+    return;
+  }
+  fill(
+    container,
+    h(
+      'ul',
+      { class: 'history' },
+      incidents.map((i) =>
+        h(
+          'li',
+          { class: 'history-item', 'data-incident': i.id },
+          h(
+            'div',
+            { class: 'history-head' },
+            h('span', { class: 'incident-tag' }, i.kind === 'database_wide' ? 'Database-wide' : 'Regression'),
+            i.root ? h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(i.root) }, h('code', {}, i.root)) : null,
+            h('span', { class: 'muted' }, `${fmtTime(i.onset)} → ${fmtTime(i.resolved_at)}`),
+            h('button', { class: 'btn btn-small', type: 'button', 'data-action': 'postmortem', onclick: () => actions.postmortem(i) }, 'Postmortem'),
+          ),
+          h('div', { class: 'history-figures' }, `p95 ${fmtMs(i.baseline?.p95_ms)} → peak ${fmtMs(i.peak?.p95_ms)}${i.victims?.length ? ` · ${i.victims.length} victim${i.victims.length === 1 ? '' : 's'}` : ''}`),
+          i.resolution ? h('div', { class: 'history-resolution', title: i.resolution.summary }, `Resolution: ${i.resolution.summary}`) : null,
+        ),
       ),
     ),
   );
@@ -332,6 +407,10 @@ export function shapeStats(shape) {
     item('p50', fmtMs(shape.p50_ms)),
     item('p95', fmtMs(shape.p95_ms)),
     item('p99', fmtMs(shape.p99_ms)),
+    // The figures above cover the shape's whole life; these are the detector's window.
+    shape.detector?.recent ? item('p95 now', fmtMs(shape.detector.recent.p95_ms), 'p95 of the last 5 s of calls (the detector\u2019s window)') : null,
+    shape.detector?.recent ? item('p50 now', fmtMs(shape.detector.recent.p50_ms), 'p50 of the last 5 s of calls') : null,
+    shape.detector?.baseline ? item('Baseline p95', fmtMs(shape.detector.baseline.p95_ms), `from ${String(shape.detector.baseline_from ?? '').replace('_', ' ')}`) : null,
     item('First seen', fmtTime(shape.first_seen), shape.first_seen),
     item('Last seen', fmtTime(shape.last_seen), shape.last_seen),
     item('Users', list(shape.users), list(shape.users)),
