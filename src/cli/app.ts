@@ -216,7 +216,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       activity = new ActivitySampler({ monitor, finder, clock, log: detectLog, intervalMs: config.activity_sample_ms, inFlightByShape: tracker ? () => tracker.countsByShape() : undefined });
       activity.start();
       causeProviders.push(
-        new TimelineCauses(events),
+        new TimelineCauses(events, () => Math.min(settings!.watchedUntil, statistics!.watchedUntil)),
         new LockCauses(activity),
         new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
       );

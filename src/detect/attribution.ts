@@ -83,10 +83,14 @@ export function timelineCauses(events: EventLog, plans: PlanKnowledge | null, ro
   return [...planEvents.map((e) => causeOf(e, onset, true)).sort(byProximity), ...scored.map((s) => s.cause)];
 }
 
+const isSchemaCause = (c: Cause) => c.kind === 'ddl' || c.kind === 'schema_change';
+
 /** Attributed: a plan change with a schema (or other) change to explain it, or one conclusive cause. */
 export function isAttributed(causes: readonly Cause[]): boolean {
   if (causes.some((c) => c.conclusive)) return true;
-  return causes.some((c) => c.kind === 'plan_change') && causes.some((c) => c.kind !== 'plan_change');
+  // A setting or statistics change explains a plan change only when it is conclusive
+  // (the latest before the flip, once the watches have read past it): see causes.ts.
+  return causes.some((c) => c.kind === 'plan_change') && causes.some(isSchemaCause);
 }
 
 const clock = (ms: number) => new Date(ms).toISOString().slice(11, 21);
@@ -122,7 +126,7 @@ export function summaryOf(incident: Incident): string {
     if (incident.peak.p95_ms > incident.current.p95_ms) summary += ` (peak ${incident.peak.p95_ms} ms)`;
   }
   const plan = incident.causes.find((c) => c.kind === 'plan_change');
-  const other = incident.causes.find((c) => c.kind !== 'plan_change' && c.relevant) ?? incident.causes.find((c) => c.kind !== 'plan_change');
+  const other = incident.causes.find((c) => isSchemaCause(c) && c.relevant) ?? incident.causes.find(isSchemaCause);
   if (plan) summary += `, plan changed ${plan.summary}`;
   const lead = leadingCause(incident.causes);
   if (lead) summary += `; cause: ${lead.summary}`;

@@ -26,11 +26,22 @@ const round = (n: number) => Math.round(n * 1000) / 1000;
 export class TimelineCauses implements CauseProvider {
   readonly name = 'timeline';
 
-  constructor(private readonly events: EventLog) {}
+  /**
+   * `watchedUntil`: the time up to which the settings and statistics watches have
+   * certainly seen every change (their last completed read). A plan change after it
+   * may have a cause they have not read yet, so no change is conclusive until they
+   * have: otherwise an older change would be frozen into the incident as its cause.
+   */
+  constructor(
+    private readonly events: EventLog,
+    private readonly watchedUntil: () => number = () => Number.POSITIVE_INFINITY,
+  ) {}
 
   causes(context: CauseContext): Cause[] {
     const from = context.onset - CAUSE_LOOKBACK_MS;
     const out: Cause[] = [];
+    const lastPlanChange = context.planChanges.at(-1)?.at ?? 0;
+    const complete = lastPlanChange <= this.watchedUntil();
     const touching = this.events
       .between(from, context.now, ['setting_change', 'statistics_change'])
       .filter((e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())));
@@ -39,7 +50,7 @@ export class TimelineCauses implements CauseProvider {
       const touches = touching.includes(e);
       // The plan reacted to the latest change before it, not to every earlier one.
       const superseded = planAfter !== undefined && touching.some((other) => other.at > e.at && other.at <= planAfter.at);
-      const decisive = planAfter !== undefined && touches && !superseded;
+      const decisive = planAfter !== undefined && touches && !superseded && complete;
       const nearby = e.at >= context.onset - NEARBY_MS && e.at <= context.onset + 30_000;
       if (!decisive && !(touches && nearby)) continue;
       let summary = e.type === 'setting_change' ? `setting changed: ${e.summary}` : `statistics changed: ${e.summary}`;

@@ -116,6 +116,8 @@ interface Reading {
   readonly regressed: boolean;
   readonly jump: boolean;
   readonly slowed: boolean;
+  /** When the oldest of its statements stuck in flight started (null: none stuck). */
+  readonly stuckSince: number | null;
 }
 
 /** What the manager tracks about an active incident beyond its record. */
@@ -373,9 +375,10 @@ export class IncidentManager {
         recent,
         baseline: live?.baseline ?? null,
         baselineFrom: live?.from ?? null,
-        regressed: judged && isRegressed(recent!, live!.baseline, d),
+        regressed: judged && (stuck !== null || isRegressed(recent!, live!.baseline, d)),
         jump: judged && isJump(recent!, live!.baseline, d),
-        slowed: judged && isSlowed(recent!, live!.baseline, d),
+        slowed: judged && (stuck !== null || isSlowed(recent!, live!.baseline, d)),
+        stuckSince: stuck?.oldestSince ?? null,
       });
     }
     return readings;
@@ -401,6 +404,8 @@ export class IncidentManager {
         this.options.sampler?.resample(r.fingerprint);
         w.onset = onsetOf(r.calls, r.baseline!, this.options.detector) ?? r.calls.at[0] ?? now;
       }
+    } else if (r.stuckSince !== null) {
+      w.onset ??= r.stuckSince;
     } else if (!r.regressed) {
       w.onset = null;
     }

@@ -73,6 +73,11 @@ export class SettingsWatcher {
   private running = false;
   private failing = false;
 
+  /** When the last completed read started: every change made before it has been seen. */
+  get watchedUntil(): number {
+    return this.previousAt;
+  }
+
   constructor(private readonly options: SettingsWatcherOptions) {}
 
   start(): void {

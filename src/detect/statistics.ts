@@ -52,6 +52,11 @@ export class StatisticsWatcher {
   private running = false;
   private failing = false;
 
+  /** When the last completed read started: every change made before it has been seen. */
+  get watchedUntil(): number {
+    return this.previousAt;
+  }
+
   constructor(private readonly options: StatisticsWatcherOptions) {}
 
   start(): void {
