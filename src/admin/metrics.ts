@@ -10,6 +10,7 @@ import type { PlanSampler } from '../plans/sampler.ts';
 import type { RulesGate } from '../rules/gate.ts';
 import type { RuleStore } from '../rules/store.ts';
 import type { ProxyServer } from '../proxy/server.ts';
+import { REJECT_REASONS } from '../proxy/connections.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
 
@@ -51,7 +52,26 @@ export function createMetrics(proxy: ProxyServer, sources: MetricSources, option
     });
 
   counter('pgwarden_connections_total', 'Client connections that reached a session.', () => stats.connectionsAccepted);
-  counter('pgwarden_connections_rejected_total', 'Connections refused during startup (malformed, unsupported, timed out).', () => stats.connectionsRejected);
+  const connections = proxy.connections;
+  new client.Gauge({
+    name: 'pgwarden_connections_open',
+    help: 'Client sockets held now, by phase (startup, authenticating, active, closing).',
+    labelNames: ['phase'],
+    registers: [registry],
+    collect() {
+      for (const [phase, n] of Object.entries(connections.byPhase())) this.set({ phase }, n);
+    },
+  });
+  new client.Counter({
+    name: 'pgwarden_connections_rejected_total',
+    help: 'Connections refused or closed before becoming a working session, and cancel requests dropped, by reason.',
+    labelNames: ['reason'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const reason of REJECT_REASONS) this.inc({ reason }, connections.rejected(reason));
+    },
+  });
   gauge('pgwarden_connections_active', 'Client sessions open now.', () => proxy.sessionCount);
   counter('pgwarden_cancel_requests_total', 'CancelRequests received and forwarded.', () => stats.cancelRequests);
   counter('pgwarden_upstream_connect_failures_total', 'Upstream connections that could not be opened (client got 08006).', () => stats.upstreamConnectFailures);

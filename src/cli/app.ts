@@ -21,7 +21,7 @@ import { SchemaWatcher } from '../detect/schema.ts';
 import { WebhookSender } from '../detect/webhook.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
-import { ProxyServer } from '../proxy/server.ts';
+import { ProxyServer, type CancelKeyDirectory } from '../proxy/server.ts';
 import { ruleRoutes } from '../admin/rules-api.ts';
 import { RulesGate } from '../rules/gate.ts';
 import { MitigationPolicy } from '../rules/policy.ts';
@@ -58,12 +58,14 @@ export interface AppOptions {
   readonly clock?: Clock;
   /** Serve the admin API (false in all but one worker of a multi-process proxy). */
   readonly admin?: boolean;
+  /** Cancel keys shared with the other workers of a multi-process proxy. */
+  readonly cancelKeys?: CancelKeyDirectory;
 }
 
 export async function startApp(config: Config, log: Logger, options: AppOptions = {}): Promise<App> {
   const clock = options.clock ?? systemClock;
   const upstream = parseHostPort(config.upstream);
-  const proxy = buildProxy(config, log);
+  const proxy = buildProxy(config, log, options.cancelKeys);
 
   const events = new EventLog(clock);
   let collector: ShapeCollector | null = null;
@@ -254,7 +256,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   };
 }
 
-function buildProxy(config: Config, log: Logger): ProxyServer {
+function buildProxy(config: Config, log: Logger, cancelKeys: CancelKeyDirectory | undefined): ProxyServer {
   const listen = parseHostPort(config.listen);
   const upstream = parseHostPort(config.upstream);
   return new ProxyServer({
@@ -270,8 +272,26 @@ function buildProxy(config: Config, log: Logger): ProxyServer {
     },
     maxMessageBytes: config.max_message_bytes,
     startupTimeoutMs: config.startup_timeout_ms,
+    maxClientConnections: config.max_client_connections ?? defaultMaxClientConnections(),
+    unixSocketDir: config.listen_unix,
+    cancelKeys,
     tlsCert: config.tls_cert ? fs.readFileSync(config.tls_cert) : undefined,
     tlsKey: config.tls_key ? fs.readFileSync(config.tls_key) : undefined,
     log,
   });
+}
+
+/**
+ * 10000 clients, or as many as the open-file limit holds at two descriptors each
+ * (client and upstream) with some left for everything else.
+ */
+function defaultMaxClientConnections(): number {
+  try {
+    const limits = fs.readFileSync('/proc/self/limits', 'utf8');
+    const soft = /^Max open files\s+(\d+)/m.exec(limits)?.[1];
+    if (soft !== undefined) return Math.max(1, Math.min(10_000, Math.floor((Number(soft) - 128) / 2)));
+  } catch {
+    // not Linux: keep the fixed default
+  }
+  return 10_000;
 }
