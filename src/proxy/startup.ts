@@ -135,6 +135,9 @@ function acceptTls(socket: net.Socket, secureContext: tls.SecureContext): Promis
       secure.removeListener('error', reject);
       resolve(secure);
     });
-    secure.once('error', reject);
+    secure.once('error', (err) => {
+      secure.destroy();
+      reject(err);
+    });
   });
 }

@@ -38,7 +38,6 @@ function message(type: string, body: Buffer = Buffer.alloc(0), length = 4 + body
 class StubbornPeer {
   readonly received: Buffer[] = [];
   closed = false;
-  readonly closedAt: Promise<void>;
   private constructor(readonly socket: net.Socket) {
     socket.on('data', (d: Buffer) => this.received.push(d));
     socket.on('error', () => undefined);
@@ -46,12 +45,7 @@ class StubbornPeer {
       const poke = setInterval(() => socket.write('x'), 100);
       socket.once('close', () => clearInterval(poke));
     });
-    this.closedAt = new Promise((resolve) =>
-      socket.once('close', () => {
-        this.closed = true;
-        resolve();
-      }),
-    );
+    socket.once('close', () => (this.closed = true));
   }
   static async open(port: number): Promise<StubbornPeer> {
     const socket = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true });
@@ -115,7 +109,7 @@ describe('before authentication', () => {
   });
 
   for (const count of [1, 200]) {
-    test(`${count} startup packets longer than 10000 bytes followed by 64 KB are closed without a word`, { timeout: 60_000 }, async () => {
+    test(`${count === 1 ? 'a startup packet' : `${count} startup packets`} longer than 10000 bytes and followed by 64 KB: closed without a word`, { timeout: 60_000 }, async () => {
       const before = openFds();
       const oversized = Buffer.alloc(10_005 + 64 * 1024);
       oversized.writeInt32BE(10_005, 0); // PostgreSQL's bound is 10000 bytes after the length field
@@ -376,7 +370,7 @@ describe('a session ended by the server', () => {
   });
   after(() => proxy.stop());
 
-  test('sqlstate helper sanity: the server terminating a backend ends the client leg too', { timeout: 30_000 }, async () => {
+  test('a backend terminated by the server ends the client leg and releases its socket', { timeout: 30_000 }, async () => {
     const raw = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
     raw.write(serialize.query('select pg_terminate_backend(pg_backend_pid())'));
     const messages = await raw.untilClosed();
