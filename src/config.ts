@@ -36,6 +36,7 @@ const bool = z
 /** Every option: key (as in the config file) -> schema with default and description. */
 export const OPTIONS = {
   listen: hostPort.default('127.0.0.1:6464').describe('Address the proxy accepts PostgreSQL clients on.'),
+  listen_unix: z.string().min(1).optional().describe('Directory of a Unix socket to accept clients on too, named `.s.PGSQL.<port>` as PostgreSQL does (so `psql -h DIR -p PORT` works).'),
   upstream: hostPort.default('127.0.0.1:5432').describe('The PostgreSQL server (or PgBouncer) queries are forwarded to.'),
   admin: hostPort.default('127.0.0.1:6465').describe('Address of the admin HTTP server (API, metrics, dashboard).'),
   admin_token: z.string().min(16, 'must be at least 16 characters').optional().describe('Bearer token required by the admin API.'),
@@ -45,7 +46,8 @@ export const OPTIONS = {
   tls_cert: z.string().optional().describe('PEM certificate for TLS toward clients; without it SSLRequest is answered N.'),
   tls_key: z.string().optional().describe('PEM private key for tls_cert.'),
   max_message_bytes: positiveInt.min(1024).default(128 * 1024 * 1024).describe('Largest client message accepted; larger ones get 08P01 and the connection is closed.'),
-  startup_timeout_ms: positiveInt.default(10_000).describe('Time a new connection has to send its startup packet.'),
+  startup_timeout_ms: positiveInt.default(60_000).describe('Time a new connection has to send its startup packet and finish authentication (like PostgreSQL\'s authentication_timeout); then it is closed.'),
+  max_client_connections: positiveInt.optional().describe('Client connections held at once; past it a new one gets 53300 and is closed. Default: 10000, or fewer when the open-file limit cannot hold two descriptors per client.'),
   connect_timeout_ms: positiveInt.default(5_000).describe('Time allowed to connect to the upstream before the client gets 08006.'),
   drain_timeout_ms: positiveInt.default(30_000).describe('On SIGTERM, how long in-flight queries may run before connections are closed.'),
   workers: z.coerce.number().int().min(0).default(1).describe('Proxy processes sharing the listen port; 0 means one per CPU core.'),

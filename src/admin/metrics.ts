@@ -13,6 +13,7 @@ import type { PlanSampler } from '../plans/sampler.ts';
 import type { RulesGate } from '../rules/gate.ts';
 import type { RuleStore } from '../rules/store.ts';
 import type { ProxyServer } from '../proxy/server.ts';
+import { REJECT_REASONS, type ClientConnections } from '../proxy/connections.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import { LATENCY_BUCKETS_MS, type ShapeStats } from '../shapes/registry.ts';
 import { VERSION } from '../version.ts';
@@ -31,7 +32,9 @@ export interface MetricSources {
 }
 
 /** The proxy counters the metrics read: one ProxyServer's, or the sum over proxy workers. */
-export type ProxyCounters = Pick<ProxyServer, 'stats' | 'sessionCount' | 'bytesRelayed'>;
+export type ProxyCounters = Pick<ProxyServer, 'stats' | 'sessionCount' | 'bytesRelayed'> & {
+  readonly connections: Pick<ClientConnections, 'byPhase' | 'rejected'>;
+};
 
 export function createMetrics(proxy: ProxyCounters, sources: MetricSources, options: MetricsOptions): client.Registry {
   const { collector, incidents, sampler, rules } = sources;
@@ -68,7 +71,26 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
     });
 
   counter('pgwarden_connections_total', 'Client connections that reached a session.', () => stats.connectionsAccepted);
-  counter('pgwarden_connections_rejected_total', 'Connections refused during startup (malformed, unsupported, timed out).', () => stats.connectionsRejected);
+  const connections = proxy.connections;
+  new client.Gauge({
+    name: 'pgwarden_connections_open',
+    help: 'Client sockets held now, by phase (startup, authenticating, active, closing).',
+    labelNames: ['phase'],
+    registers: [registry],
+    collect() {
+      for (const [phase, n] of Object.entries(connections.byPhase())) this.set({ phase }, n);
+    },
+  });
+  new client.Counter({
+    name: 'pgwarden_connections_rejected_total',
+    help: 'Connections refused or closed before becoming a working session, and cancel requests dropped, by reason.',
+    labelNames: ['reason'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const reason of REJECT_REASONS) this.inc({ reason }, connections.rejected(reason));
+    },
+  });
   gauge('pgwarden_connections_active', 'Client sessions open now.', () => proxy.sessionCount);
   counter('pgwarden_cancel_requests_total', 'CancelRequests received and forwarded.', () => stats.cancelRequests);
   counter('pgwarden_upstream_connect_failures_total', 'Upstream connections that could not be opened (client got 08006).', () => stats.upstreamConnectFailures);

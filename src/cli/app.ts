@@ -31,7 +31,7 @@ import { StatisticsWatcher } from '../detect/statistics.ts';
 import { backendRoutes } from '../admin/backends-api.ts';
 import { MonitorPool } from '../plans/monitor.ts';
 import { PlanSampler } from '../plans/sampler.ts';
-import { ProxyServer } from '../proxy/server.ts';
+import { ProxyServer, type CancelKeyDirectory } from '../proxy/server.ts';
 import { mitigationRoutes, ruleRoutes } from '../admin/rules-api.ts';
 import { sessionRoutes } from '../admin/sessions-api.ts';
 import { setLogLevel } from '../log.ts';
@@ -113,12 +113,14 @@ export interface AppOptions {
    * fed by those reports, and relays nothing. Absent: one process does it all.
    */
   readonly cluster?: ClusterRole;
+  /** Cancel keys shared with the other workers of a multi-process proxy. */
+  readonly cancelKeys?: CancelKeyDirectory;
 }
 
 export async function startApp(config: Config, log: Logger, options: AppOptions = {}): Promise<App> {
   const clock = options.clock ?? systemClock;
   const upstream = parseHostPort(config.upstream);
-  const proxy = buildProxy(config, log);
+  const proxy = buildProxy(config, log, options.cancelKeys);
   const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
   const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
 
@@ -466,7 +468,7 @@ async function syncConfigRules(store: RuleStore, wanted: readonly Rule[]): Promi
   for (const rule of store.list()) if (rule.id.startsWith('cfg-') && !ids.has(rule.id)) await store.remove(rule.id, 'config', 'no longer in the configuration');
 }
 
-function buildProxy(config: Config, log: Logger): ProxyServer {
+function buildProxy(config: Config, log: Logger, cancelKeys: CancelKeyDirectory | undefined): ProxyServer {
   const listen = parseHostPort(config.listen);
   const upstream = parseHostPort(config.upstream);
   return new ProxyServer({
@@ -482,8 +484,26 @@ function buildProxy(config: Config, log: Logger): ProxyServer {
     },
     maxMessageBytes: config.max_message_bytes,
     startupTimeoutMs: config.startup_timeout_ms,
+    maxClientConnections: config.max_client_connections ?? defaultMaxClientConnections(),
+    unixSocketDir: config.listen_unix,
+    cancelKeys,
     tlsCert: config.tls_cert ? fs.readFileSync(config.tls_cert) : undefined,
     tlsKey: config.tls_key ? fs.readFileSync(config.tls_key) : undefined,
     log,
   });
+}
+
+/**
+ * 10000 clients, or as many as the open-file limit holds at two descriptors each
+ * (client and upstream) with some left for everything else.
+ */
+function defaultMaxClientConnections(): number {
+  try {
+    const limits = fs.readFileSync('/proc/self/limits', 'utf8');
+    const soft = /^Max open files\s+(\d+)/m.exec(limits)?.[1];
+    if (soft !== undefined) return Math.max(1, Math.min(10_000, Math.floor((Number(soft) - 128) / 2)));
+  } catch {
+    // not Linux: keep the fixed default
+  }
+  return 10_000;
 }

@@ -12,6 +12,7 @@ import { createLogger } from '../log.ts';
 import { VERSION } from '../version.ts';
 import { startApp, type App } from './app.ts';
 import { WorkerHub, WorkerLink } from './workers.ts';
+import type { CancelKeyDirectory, ProxyServer } from '../proxy/server.ts';
 
 export async function runStart(config: Config, sources: ConfigSources = {}): Promise<void> {
   const log = createLogger(config.log_level, config.log_format);
@@ -19,7 +20,8 @@ export async function runStart(config: Config, sources: ConfigSources = {}): Pro
   if (workers > 1 && cluster.isPrimary) return runPrimary(config, workers, sources, log);
   // A worker relays and reports to the primary, which owns statistics and the admin API.
   const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock }) } : undefined;
-  const app = await startApp(config, log, { cluster: role });
+  const cancelKeys = cluster.isWorker ? workerCancelKeys(() => app.proxy) : undefined;
+  const app = await startApp(config, log, { cluster: role, cancelKeys });
   logReady(config, app, log);
   onSignals(log, {
     async shutdown(signal) {
@@ -71,6 +73,51 @@ async function reload(app: App, sources: ConfigSources, log: Logger): Promise<vo
 }
 
 /**
+ * Cancel keys across workers. Each worker tells the primary which keys its
+ * sessions handed out; a CancelRequest for a key the receiving worker does not
+ * hold goes to the primary, which hands it to the owner or drops it. One message
+ * per session start and end, none per query.
+ */
+type CancelMessage = { pgwarden: 'cancel-key' | 'cancel-key-gone' | 'cancel'; pid: number; key: string };
+
+function isCancelMessage(message: unknown): message is CancelMessage {
+  return typeof message === 'object' && message !== null && typeof (message as CancelMessage).pgwarden === 'string';
+}
+
+function workerCancelKeys(proxy: () => ProxyServer): CancelKeyDirectory {
+  const send = (kind: CancelMessage['pgwarden'], pid: number, key: Buffer) => {
+    if (process.connected) process.send?.({ pgwarden: kind, pid, key: key.toString('hex') } satisfies CancelMessage);
+  };
+  process.on('message', (message: unknown) => {
+    if (isCancelMessage(message) && message.pgwarden === 'cancel') proxy().cancelLocal(message.pid, Buffer.from(message.key, 'hex'));
+  });
+  return {
+    handedOut: (pid, key) => send('cancel-key', pid, key),
+    withdrawn: (pid, key) => send('cancel-key-gone', pid, key),
+    route: (pid, key) => send('cancel', pid, key),
+  };
+}
+
+/** The primary's side: which worker owns which key. */
+function routeCancelKeys(): void {
+  const owners = new Map<string, number>();
+  cluster.on('message', (worker, message: unknown) => {
+    if (!isCancelMessage(message)) return;
+    const id = `${message.pid}:${message.key}`;
+    if (message.pgwarden === 'cancel-key') owners.set(id, worker.id);
+    else if (message.pgwarden === 'cancel-key-gone') {
+      if (owners.get(id) === worker.id) owners.delete(id);
+    } else {
+      const owner = owners.get(id);
+      if (owner !== undefined) cluster.workers?.[owner]?.send(message); // unknown keys are dropped
+    }
+  });
+  cluster.on('exit', (worker) => {
+    for (const [id, owner] of owners) if (owner === worker.id) owners.delete(id);
+  });
+}
+
+/**
  * The primary of a multi-process proxy: forks the workers (they start while it
  * opens its databases), runs everything but the relay (see workers.ts), restarts
  * crashed workers, drains the workers on SIGTERM before stopping itself, and on
@@ -78,6 +125,7 @@ async function reload(app: App, sources: ConfigSources, log: Logger): Promise<vo
  */
 async function runPrimary(config: Config, count: number, sources: ConfigSources, log: Logger): Promise<void> {
   const hub = new WorkerHub({ workers: count, log });
+  routeCancelKeys();
   let stopping = false;
   let stopped: (() => void) | null = null;
   for (let i = 0; i < count; i++) cluster.fork();

@@ -26,6 +26,7 @@ import type { ProxyCounters } from '../admin/metrics.ts';
 import type { Clock } from '../clock.ts';
 import { DDL_COMMANDS } from '../detect/ddlwatch.ts';
 import type { ProxyServer, ProxyStats } from '../proxy/server.ts';
+import { CONNECTION_PHASES, REJECT_REASONS, type ConnectionPhase, type RejectReason } from '../proxy/connections.ts';
 import type { RulesGate } from '../rules/gate.ts';
 import { isRule, type Rule } from '../rules/rule.ts';
 import type { RuleStore } from '../rules/store.ts';
@@ -41,13 +42,15 @@ const RULES_TIMEOUT_MS = 30_000;
 /** A worker's proxy counters (absolute since it started). */
 export interface ProxySnapshot {
   connectionsAccepted: number;
-  connectionsRejected: number;
   cancelRequests: number;
   upstreamConnectFailures: number;
   upstreamLost: number;
   sessions: number;
   bytesFromClient: number;
   bytesFromServer: number;
+  /** Client sockets open now, by phase; connections refused so far, by reason. */
+  phases: Record<ConnectionPhase, number>;
+  rejected: Partial<Record<RejectReason, number>>;
 }
 
 export interface StatsMessage {
@@ -71,7 +74,7 @@ interface RulesRequest {
 
 export type ClusterRole = { readonly role: 'primary'; readonly hub: WorkerHub } | { readonly role: 'worker'; readonly link: WorkerLink };
 
-const COUNTERS = ['connectionsAccepted', 'connectionsRejected', 'cancelRequests', 'upstreamConnectFailures', 'upstreamLost'] as const;
+const COUNTERS = ['connectionsAccepted', 'cancelRequests', 'upstreamConnectFailures', 'upstreamLost'] as const;
 
 /** What the primary's admin side needs to merge worker reports into. */
 export interface HubTargets {
@@ -108,6 +111,7 @@ export class WorkerHub {
       if (last === undefined) return;
       this.snapshots.delete(worker.id);
       for (const key of [...COUNTERS, 'bytesFromClient', 'bytesFromServer'] as const) this.departed[key] += last[key];
+      for (const reason of REJECT_REASONS) this.departed.rejected[reason] = (this.departed.rejected[reason] ?? 0) + (last.rejected[reason] ?? 0);
     });
   }
 
@@ -124,8 +128,12 @@ export class WorkerHub {
 
   /** Sums of the live workers' last reports and the departed ones'. */
   total(): ProxySnapshot {
-    const sum = { ...this.departed };
-    for (const s of this.snapshots.values()) for (const key of Object.keys(sum) as (keyof ProxySnapshot)[]) sum[key] += s[key];
+    const sum: ProxySnapshot = { ...this.departed, phases: { ...this.departed.phases }, rejected: { ...this.departed.rejected } };
+    for (const s of this.snapshots.values()) {
+      for (const key of [...COUNTERS, 'sessions', 'bytesFromClient', 'bytesFromServer'] as const) sum[key] += s[key];
+      for (const phase of CONNECTION_PHASES) sum.phases[phase] += s.phases?.[phase] ?? 0;
+      for (const reason of REJECT_REASONS) sum.rejected[reason] = (sum.rejected[reason] ?? 0) + (s.rejected?.[reason] ?? 0);
+    }
     return sum;
   }
 
@@ -176,6 +184,10 @@ function countersOf(hub: WorkerHub): ProxyCounters {
       const total = hub.total();
       return { fromClient: total.bytesFromClient, fromServer: total.bytesFromServer };
     },
+    connections: {
+      byPhase: () => hub.total().phases,
+      rejected: (reason: RejectReason) => hub.total().rejected[reason] ?? 0,
+    },
   };
 }
 
@@ -192,7 +204,17 @@ function statsView(hub: WorkerHub): ProxyStats {
 }
 
 function emptySnapshot(): ProxySnapshot {
-  return { connectionsAccepted: 0, connectionsRejected: 0, cancelRequests: 0, upstreamConnectFailures: 0, upstreamLost: 0, sessions: 0, bytesFromClient: 0, bytesFromServer: 0 };
+  return {
+    connectionsAccepted: 0,
+    cancelRequests: 0,
+    upstreamConnectFailures: 0,
+    upstreamLost: 0,
+    sessions: 0,
+    bytesFromClient: 0,
+    bytesFromServer: 0,
+    phases: { startup: 0, authenticating: 0, active: 0, closing: 0 },
+    rejected: {},
+  };
 }
 
 function isMessage(message: unknown): message is { type: string } {
@@ -284,13 +306,14 @@ export class WorkerLink {
       shapes: this.batcher?.drain() ?? [],
       proxy: {
         connectionsAccepted: stats.connectionsAccepted,
-        connectionsRejected: stats.connectionsRejected,
         cancelRequests: stats.cancelRequests,
         upstreamConnectFailures: stats.upstreamConnectFailures,
         upstreamLost: stats.upstreamLost,
         sessions: proxy.sessionCount,
         bytesFromClient: bytes.fromClient,
         bytesFromServer: bytes.fromServer,
+        phases: proxy.connections.byPhase(),
+        rejected: Object.fromEntries(REJECT_REASONS.map((reason) => [reason, proxy.connections.rejected(reason)])),
       },
       connectTimes: stats.connectTimes.splice(0),
       applied,

@@ -1,9 +1,9 @@
 // Decoders for the few backend messages the proxy must read: CommandComplete (row
-// counts), ErrorResponse (SQLSTATE), ReadyForQuery (transaction status) and
-// BackendKeyData. Like the frontend decoders they read in place; the row count
+// counts), ErrorResponse (SQLSTATE), ReadyForQuery (transaction status),
+// BackendKeyData and the authentication requests. Like the frontend decoders they read in place; the row count
 // parser allocates nothing because it runs once per query.
 
-import { ErrorField } from './constants.ts';
+import { ErrorField, SCRAM_SHA_256_PLUS } from './constants.ts';
 
 const DIGIT_0 = 0x30;
 const DIGIT_9 = 0x39;
@@ -50,7 +50,52 @@ export function errorIsFatal(buf: Buffer, start: number, end: number): boolean {
   return severity === 'FATAL' || severity === 'PANIC';
 }
 
-/** The transaction status byte of a ReadyForQuery ('I', 'T' or 'E'). */
+/** The request code of an Authentication ('R') message (0 = AuthenticationOk, 10 = SASL...). */
+export function authenticationCode(buf: Buffer, start: number, end: number): number {
+  return end - start >= 9 ? buf.readInt32BE(start + 5) : -1;
+}
+
+/** ReadyForQuery's transaction status byte. */
 export function readyForQueryStatus(buf: Buffer, start: number): number {
   return buf[start + 5];
+}
+
+/** BackendKeyData's process id. */
+export function backendKeyProcessId(buf: Buffer, start: number): number {
+  return buf.readInt32BE(start + 5);
+}
+
+/** BackendKeyData's secret key (4 bytes before protocol 3.2, up to 256 after), copied. */
+export function backendKeySecret(buf: Buffer, start: number, end: number): Buffer {
+  return Buffer.from(buf.subarray(start + 9, end));
+}
+
+/**
+ * An AuthenticationSASL message without SCRAM-SHA-256-PLUS, or null when it does
+ * not offer it. A client without TLS toward pgwarden cannot bind to the server's
+ * TLS channel, so the offer would only make it refuse to log in.
+ */
+export function withoutChannelBinding(buf: Buffer, start: number, end: number): Buffer | null {
+  const mechanisms: string[] = [];
+  let p = start + 9;
+  while (p < end && buf[p] !== 0) {
+    const nul = buf.indexOf(0, p);
+    if (nul === -1 || nul >= end) return null; // malformed: relayed as it is, the client judges
+    mechanisms.push(buf.toString('utf8', p, nul));
+    p = nul + 1;
+  }
+  if (!mechanisms.includes(SCRAM_SHA_256_PLUS)) return null;
+  const kept = mechanisms.filter((m) => m !== SCRAM_SHA_256_PLUS);
+  let length = 4 + 4 + 1;
+  for (const m of kept) length += Buffer.byteLength(m) + 1;
+  const out = Buffer.alloc(1 + length);
+  buf.copy(out, 0, start, start + 1);
+  out.writeInt32BE(length, 1);
+  buf.copy(out, 5, start + 5, start + 9);
+  let q = 9;
+  for (const m of kept) {
+    q += out.write(m, q);
+    out[q++] = 0;
+  }
+  return out;
 }

@@ -7,8 +7,24 @@ export const SSL_REQUEST_CODE = 80877103;
 export const GSSENC_REQUEST_CODE = 80877104;
 export const CANCEL_REQUEST_CODE = 80877102;
 
-/** PostgreSQL's own bound on a startup packet (MAX_STARTUP_PACKET_LENGTH). */
+/** PostgreSQL's own bound on a startup packet after its length field (MAX_STARTUP_PACKET_LENGTH). */
 export const MAX_STARTUP_PACKET_BYTES = 10_000;
+
+/**
+ * The largest message a client may send before authentication completes: PostgreSQL
+ * reads a password or SASL message up to PG_MAX_AUTH_TOKEN_LENGTH (65535) bytes of
+ * payload, plus the length field itself.
+ */
+export const MAX_AUTH_MESSAGE_BYTES = 65_535 + 4;
+
+/** Authentication request codes (the int32 after an 'R' message's length). */
+export const AuthenticationCode = {
+  Ok: 0,
+  SASL: 10,
+} as const;
+
+/** The SASL mechanism that binds SCRAM to the TLS channel the server sees. */
+export const SCRAM_SHA_256_PLUS = 'SCRAM-SHA-256-PLUS';
 
 /** Frontend (client to server) message type bytes. */
 export const Frontend = {
@@ -72,6 +88,8 @@ export const SqlState = {
   ProtocolViolation: '08P01', // malformed or oversized client message
   AdminShutdown: '57P01', // pgwarden is shutting down
   CannotConnectNow: '57P03', // pgwarden is draining and accepts no new sessions
+  TooManyConnections: '53300', // max_client_connections reached
+  QueryCanceled: '57014', // authentication did not finish within startup_timeout_ms
 } as const;
 
 /** ErrorResponse / NoticeResponse field type bytes we read or write. */

@@ -45,13 +45,17 @@ export class Framer {
 
   constructor(
     private kinds: Uint8Array,
-    private readonly maxMessageLength: number,
+    private maxMessageLength: number,
     private readonly handler: FrameHandler,
   ) {}
 
-  /** Changes which message types the handler sees (from the next message on). */
-  setKinds(kinds: Uint8Array): void {
+  /**
+   * Changes which message types the handler sees (from the next message on), and
+   * optionally the largest message length accepted.
+   */
+  setKinds(kinds: Uint8Array, maxMessageLength = this.maxMessageLength): void {
     this.kinds = kinds;
+    this.maxMessageLength = maxMessageLength;
   }
 
   get holding(): boolean {
@@ -104,6 +108,7 @@ export class Framer {
         if (kind !== PASS) {
           this.messageStart = p;
           const outcome = this.handler.onMessage(type, data, p, end);
+          if (this.stopped) return; // the handler ended the connection: nothing after this message counts
           if (outcome !== CONTINUE) {
             if (outcome === HOLD) {
               this.hold(data, end);
@@ -125,6 +130,7 @@ export class Framer {
       if (kind === HEADER) {
         this.messageStart = p;
         this.handler.onMessage(type, data, p, end);
+        if (this.stopped) return;
       }
       this.passRemaining = end - n;
       p = n;
@@ -152,11 +158,15 @@ export class Framer {
         for (let j = i; j < chunks.length; j++) heldAgain.push(chunks[j]);
         return;
       }
+      if (this.stopped) return;
       this.push(chunks[i]);
     }
   }
 
-  /** Stops framing: later input is dropped (the connection is going away). */
+  /**
+   * Stops framing: the rest of the current input and all later input are dropped
+   * (the connection is going away), even when called from inside a handler.
+   */
   stop(): void {
     this.stopped = true;
     this.held = null;
@@ -220,12 +230,14 @@ export class Framer {
         return whole.length === HEADER_BYTES ? this.gather(data, p) : p;
       }
       if (kind === HEADER) this.handler.onMessage(type, target, 0, 1 + length);
+      if (this.stopped) return -1;
       this.handler.onForward(target);
       this.passRemaining = 1 + length - HEADER_BYTES;
       return p;
     }
     // A whole message is complete: hand it over as a buffer of its own.
     const outcome = this.handler.onMessage(type, target, 0, target.length);
+    if (this.stopped) return -1;
     if (outcome === CONTINUE) this.handler.onForward(target);
     else if (outcome === HOLD) {
       this.held = p < data.length ? [Buffer.from(data.subarray(p))] : [];

@@ -53,6 +53,7 @@ export function decodeParse(buf: Buffer, start: number, end: number): ParseMessa
 
 /** Bind's first field: the destination portal name ('' for the unnamed portal). */
 export function decodeBindPortal(buf: Buffer, start: number, end: number): string {
+  if (end - start < 7) throw new ProtocolError('truncated Bind message');
   // Unnamed portal and unnamed statement are the common case: no string work at all.
   return buf[start + 5] === 0 ? '' : readCString(buf, start + 5, end);
 }
@@ -60,7 +61,7 @@ export function decodeBindPortal(buf: Buffer, start: number, end: number): strin
 /** Bind's second field: the source prepared statement name. */
 export function decodeBindStatement(buf: Buffer, start: number, end: number): string {
   const portalEnd = buf[start + 5] === 0 ? start + 5 : cstringEnd(buf, start + 5, end);
-  if (portalEnd === -1) throw new ProtocolError('unterminated portal name in Bind');
+  if (portalEnd === -1 || portalEnd + 1 >= end) throw new ProtocolError('unterminated portal name in Bind');
   return buf[portalEnd + 1] === 0 ? '' : readCString(buf, portalEnd + 1, end);
 }
 
@@ -108,17 +109,19 @@ export function decodeBindParameters(bind: Buffer): BindParameters {
 
 /** Execute's portal name ('' for the unnamed portal). */
 export function decodeExecutePortal(buf: Buffer, start: number, end: number): string {
+  if (end - start < 10) throw new ProtocolError('truncated Execute message');
   return buf[start + 5] === 0 ? '' : readCString(buf, start + 5, end);
 }
 
 /** Close: 'S' for a prepared statement or 'P' for a portal, and its name. */
 export function decodeCloseTarget(buf: Buffer, start: number, end: number): { kind: number; name: string } {
+  if (end - start < 7) throw new ProtocolError('truncated Close message');
   return { kind: buf[start + 5], name: readCString(buf, start + 6, end) };
 }
 
 /** The parameters of a StartupMessage (user, database, options, GUCs...). */
 export function decodeStartupParameters(packet: Buffer): Map<string, string> {
-  if (packet.length > MAX_STARTUP_PACKET_BYTES) throw new ProtocolError('startup packet too long');
+  if (packet.length - 4 > MAX_STARTUP_PACKET_BYTES) throw new ProtocolError('startup packet too long');
   const params = new Map<string, string>();
   const end = packet.length;
   let p = 8;
@@ -131,4 +134,10 @@ export function decodeStartupParameters(packet: Buffer): Map<string, string> {
     p = valueEnd + 1;
   }
   return params;
+}
+
+/** A CancelRequest packet (length, code, process id, secret key). */
+export function decodeCancelRequest(packet: Buffer): { processId: number; secretKey: Buffer } {
+  if (packet.length < 16) throw new ProtocolError('truncated CancelRequest');
+  return { processId: packet.readInt32BE(8), secretKey: packet.subarray(12) };
 }

@@ -14,7 +14,8 @@ export interface ReadBuffer {
 
 /**
  * The socket re-created with `onread`, plus any bytes the old one had already
- * read (to be handled first), or null when it must stay as it is.
+ * read (to be handled first), or null when it must stay as it is. The new socket
+ * starts paused: its owner resumes it when it can take input.
  */
 export function withReadBuffer(socket: net.Socket, onread: ReadBuffer): { socket: net.Socket; pending: Buffer | null } | null {
   const internals = socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean } | null };
@@ -29,5 +30,5 @@ export function withReadBuffer(socket: net.Socket, onread: ReadBuffer): { socket
   internals._handle = null;
   // With no handle, destroy() only settles the old object (and the server's count).
   socket.destroy();
-  return { socket: new net.Socket({ handle, readable: true, writable: true, onread } as net.SocketConstructorOpts), pending };
+  return { socket: new net.Socket({ handle, readable: true, writable: true, onread, pauseOnCreate: true } as net.SocketConstructorOpts), pending };
 }

@@ -8,12 +8,28 @@
 // message is replaced by one the server itself fails (a syntax error), so the
 // server skips to the next Sync, marks an open transaction failed and reports its
 // true status in ReadyForQuery; the proxy then swaps that ErrorResponse for its own.
+//
+// Until the server's first ReadyForQuery (authentication and startup done) the
+// session interprets nothing the client sends: bytes stream through under
+// PostgreSQL's own size bound for authentication messages, so an unauthenticated
+// peer can neither make pgwarden gather large messages nor reach the shape
+// registry; the server judges them as it would without pgwarden.
 
 import type net from 'node:net';
+import tls from 'node:tls';
 import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
-import { Backend, Frontend, SqlState, TransactionStatus } from '../protocol/constants.ts';
-import { commandCompleteRows, errorIsFatal, errorSqlState } from '../protocol/backend.ts';
+import { AuthenticationCode, Backend, Frontend, MAX_AUTH_MESSAGE_BYTES, SqlState, TransactionStatus } from '../protocol/constants.ts';
+import {
+  authenticationCode,
+  backendKeyProcessId,
+  backendKeySecret,
+  commandCompleteRows,
+  errorIsFatal,
+  errorSqlState,
+  readyForQueryStatus,
+  withoutChannelBinding,
+} from '../protocol/backend.ts';
 import {
   decodeBindPortal,
   decodeBindStatement,
@@ -40,6 +56,8 @@ import {
 } from './seam.ts';
 import { withReadBuffer } from './readbuffer.ts';
 import { startupSettings } from './settings.ts';
+import { closeClient } from './closing.ts';
+import type { ClientConnection } from './connections.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
 
 export interface SessionOptions {
@@ -50,6 +68,28 @@ export interface SessionOptions {
   readonly log: Logger;
 }
 
+/** What a session starts from: the negotiated connection and its StartupMessage. */
+export interface SessionOpening {
+  readonly id: number;
+  readonly connection: ClientConnection;
+  /** The socket after negotiation (a TLSSocket when the client asked for TLS). */
+  readonly socket: net.Socket;
+  readonly startupPacket: Buffer;
+  readonly params: Map<string, string>;
+  /** Client bytes read together with the startup packet. */
+  readonly leftover: Buffer | null;
+}
+
+/** What the session tells its owner; none of these run per message. */
+export interface SessionEvents {
+  /** The server's BackendKeyData was relayed: this session now owns a cancel key. */
+  backendKeyData(session: Session): void;
+  /** The upstream could not be reached. */
+  upstreamUnreachable(session: Session): void;
+  /** The session relays nothing more (its client socket may still be closing). */
+  closed(session: Session): void;
+}
+
 // What the server still owes, per entry of the pending queue.
 const SIMPLE = 0; // a Query: completions per statement, ends at ReadyForQuery
 const EXECUTE = 1; // an Execute: ends at CommandComplete/EmptyQuery/PortalSuspended/Error
@@ -57,6 +97,8 @@ const SYNC = 2; // a Sync: ends at ReadyForQuery
 const FUNCTION_CALL = 3; // a FunctionCall: ends at ReadyForQuery
 const REFUSED_SIMPLE = 4; // a refused Query: its ErrorResponse is replaced, ends at ReadyForQuery
 const REFUSED_EXTENDED = 5; // a refused Parse/Execute: its ErrorResponse is replaced
+const MALFORMED_QUERY = 6; // a Query the server will reject: ends at ReadyForQuery, recorded nowhere
+const MALFORMED_EXECUTE = 7; // an Execute the server will reject: ends at its ErrorResponse
 
 /** Server-side text that fails at parse time, cheaply and without side effects. */
 const REFUSAL_SQL = 'pgwarden refused this statement';
@@ -64,6 +106,33 @@ const REFUSAL_QUERY = encodeQuery(REFUSAL_SQL);
 const REFUSAL_PARSE = encodeParse('pgwarden_refused', REFUSAL_SQL);
 
 const READ_BUFFER_BYTES = 64 * 1024;
+
+/**
+ * One read buffer shared by every session for one direction. `onread` fills it
+ * and the callback consumes it synchronously, so sessions can take turns with
+ * it; only a write that did not complete at once still references it, and then
+ * the next read goes to a fresh buffer. An idle session thus holds no buffer.
+ */
+class SharedReadBuffer {
+  private buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  private inUse = false;
+
+  take(): Buffer {
+    if (this.inUse) {
+      this.buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      this.inUse = false;
+    }
+    return this.buffer;
+  }
+
+  /** A pending write still references the current buffer. */
+  retain(): void {
+    this.inUse = true;
+  }
+}
+
+const CLIENT_READS = new SharedReadBuffer();
+const SERVER_READS = new SharedReadBuffer();
 
 class Pending {
   kind = SIMPLE;
@@ -163,6 +232,10 @@ class MutableRequest implements QueryRequest {
   constructor(readonly session: SessionInfo) {}
 }
 
+/** Before authentication completes the session reads no client message but Terminate. */
+const PRE_AUTH_FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
+PRE_AUTH_FRONTEND_KINDS[Frontend.Terminate] = HEADER;
+
 /** Which frontend messages the session reads. */
 const FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
 for (const t of [Frontend.Query, Frontend.Parse, Frontend.Bind, Frontend.Execute, Frontend.Close, Frontend.Sync]) FRONTEND_KINDS[t] = WHOLE;
@@ -183,6 +256,10 @@ for (const t of [
   Backend.PortalSuspended,
 ]) BACKEND_KINDS[t] = WHOLE;
 BACKEND_KINDS[Backend.DataRow] = HEADER;
+
+/** Before the first ReadyForQuery the authentication requests are read too (see onAuthentication). */
+const PRE_AUTH_BACKEND_KINDS = Uint8Array.from(BACKEND_KINDS);
+PRE_AUTH_BACKEND_KINDS[Backend.Authentication] = WHOLE;
 
 const APPLICATION_NAME = Buffer.from('application_name\0');
 const SEARCH_PATH = Buffer.from('search_path\0');
@@ -228,6 +305,8 @@ export class Session {
   private lastStatementIndex = 0;
   private lastMark = 0;
   private lastDurationMs = 0;
+  /** The server's first ReadyForQuery has passed: authentication and startup are done. */
+  authenticated = false;
 
   private upstream: net.Socket | null = null;
   private readonly clientFramer: Framer;
@@ -240,18 +319,23 @@ export class Session {
   private dataRows = 0;
   private readonly completion: MutableCompletion;
   private readonly request: MutableRequest;
-  /** Client bytes that arrived before the upstream connection was ready. */
+  /**
+   * Client bytes read before the upstream connection was ready: those read with
+   * the startup packet and those the re-created socket hands over (the client is
+   * not read while connecting, so this is bounded by a read or two).
+   */
   private early: Buffer[] | null = [];
+  /** Sent to the server once connected, then dropped. */
+  private startupPacket: Buffer | null;
+  private readonly connection: ClientConnection;
+  /** The client leg is TLS: it can bind SCRAM to a channel of its own (see onAuthentication). */
+  private readonly clientTls: boolean;
 
   // Read-side flow control: the client is read only when the upstream accepts
   // writes and no gate decision is outstanding.
   private clientBlockedByBackpressure = false;
   private upstreamBlockedByBackpressure = false;
   private gateHolding = false;
-
-  // The upstream's reusable read buffer, replaced only while a write still holds it.
-  private readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-  private readBufferInUse = false;
 
   /** An extended-protocol group being collected, up to its Sync, to run on a reroute target. */
   private capture: { target: RerouteTarget; messages: Buffer[]; mark: number; statement: PreparedStatement; executes: number } | null = null;
@@ -264,18 +348,17 @@ export class Session {
   private closeTimer: NodeJS.Timeout | null = null;
 
   private readonly client: net.Socket;
-  // The client's reusable read buffer, replaced only while a write still holds it.
-  private clientBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-  private clientBufferInUse = false;
 
   constructor(
-    socket: net.Socket,
-    private readonly startupPacket: Buffer,
-    params: Map<string, string>,
-    id: number,
+    opening: SessionOpening,
     private readonly options: SessionOptions,
-    private readonly onClosed: (session: Session) => void,
+    private readonly events: SessionEvents,
   ) {
+    const { id, socket, params } = opening;
+    this.connection = opening.connection;
+    this.startupPacket = opening.startupPacket;
+    this.clientTls = socket instanceof tls.TLSSocket;
+    if (opening.leftover !== null && opening.leftover.length > 0) this.early!.push(opening.leftover);
     const replication = params.get('replication');
     this.info = new MutableSessionInfo(
       id,
@@ -288,10 +371,10 @@ export class Session {
     );
     this.completion = new MutableCompletion(this.info);
     this.request = new MutableRequest(this.info);
-    this.clientFramer = new Framer(FRONTEND_KINDS, options.maxMessageBytes, this.clientHandler);
-    this.serverFramer = new Framer(BACKEND_KINDS, 0x7fffffff, this.serverHandler);
+    this.clientFramer = new Framer(PRE_AUTH_FRONTEND_KINDS, MAX_AUTH_MESSAGE_BYTES, this.clientHandler);
+    this.serverFramer = new Framer(PRE_AUTH_BACKEND_KINDS, 0x7fffffff, this.serverHandler);
     const adopted = withReadBuffer(socket, {
-      buffer: () => this.nextClientBuffer(),
+      buffer: () => CLIENT_READS.take(),
       callback: (n, buf) => {
         this.onClientData((buf as Buffer).subarray(0, n));
         return true;
@@ -299,27 +382,29 @@ export class Session {
     });
     const client = adopted?.socket ?? socket;
     if (adopted === null) client.on('data', (data: Buffer) => this.onClientData(data));
-    else if (adopted.pending) this.early!.push(adopted.pending);
+    else {
+      if (adopted.pending) this.early!.push(adopted.pending);
+      this.connection.adopt(client);
+    }
     this.client = client;
     client.on('drain', () => this.onClientDrain());
     client.on('error', (err) => this.options.log.debug({ err, session: id }, 'client socket error'));
     client.on('close', () => this.onClientClose());
   }
 
-  /** Connects upstream and starts relaying; `leftover` is client data read with the startup packet. */
-  async start(leftover: Buffer | null): Promise<void> {
-    // Read with the startup packet, so before anything the socket delivered since.
-    if (leftover && leftover.length > 0) this.early!.unshift(leftover);
+  /** Connects upstream and starts relaying; the client is read only from then on. */
+  async start(): Promise<void> {
     let connection;
     const connectStarted = performance.now();
     try {
       connection = await connectUpstream(this.options.upstream, {
-        buffer: () => this.nextReadBuffer(),
+        buffer: () => SERVER_READS.take(),
         callback: (n, buf) => this.onUpstreamRead(n, buf as Buffer),
       });
     } catch (err) {
       this.upstreamConnectMs = -1;
       this.options.log.warn({ err, session: this.info.id, upstream: this.options.upstream.name }, 'upstream unreachable');
+      this.events.upstreamUnreachable(this);
       this.failClient(SqlState.ConnectionFailure, (err as Error).message);
       return;
     }
@@ -338,10 +423,12 @@ export class Session {
     socket.on('drain', () => this.onUpstreamDrain());
     socket.on('error', (err) => this.options.log.debug({ err, session: this.info.id }, 'upstream socket error'));
     socket.on('close', () => this.onUpstreamClose());
-    socket.write(this.startupPacket);
+    socket.write(this.startupPacket!);
+    this.startupPacket = null;
     const early = this.early!;
     this.early = null;
     for (const chunk of early) this.clientFramer.push(chunk);
+    this.resumeClientInput();
   }
 
   /** True when no query is in flight and no transaction is open. */
@@ -387,6 +474,12 @@ export class Session {
       statement = { text: this.lastText, statementIndex: this.lastStatementIndex, startedAt: performance.timeOrigin + this.lastMark, durationMs: this.lastDurationMs, running: false };
     }
     return { id: this.info.id, info: this.info, connectedAt: this.connectedAt, state, statement, bytesFromClient: this.bytesFromClient, bytesFromServer: this.bytesFromServer };
+  }
+
+  /** Authentication did not finish in time: ends the session as PostgreSQL's authentication_timeout does. */
+  authenticationTimeout(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.QueryCanceled, 'canceling authentication due to timeout');
   }
 
   /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
@@ -439,10 +532,20 @@ export class Session {
       }
     } catch (err) {
       if (!(err instanceof ProtocolError)) throw err;
-      this.clientFramer.stop();
-      this.onClientViolation(err.message);
-      return SKIP;
+      return this.onMalformed(type);
     }
+    return CONTINUE;
+  }
+
+  /**
+   * A well-framed message whose insides are wrong. PostgreSQL answers it with an
+   * ERROR and keeps the connection, so it goes to the server as it is; only what the
+   * server owes for it is noted, so later responses still match their queries.
+   */
+  private onMalformed(type: number): number {
+    if (this.capture !== null) return this.abandonCapture(); // the primary answers the group, this message included
+    if (type === Frontend.Query) this.pending.push(MALFORMED_QUERY, 0);
+    else if (type === Frontend.Execute) this.pending.push(MALFORMED_EXECUTE, 0);
     return CONTINUE;
   }
 
@@ -769,10 +872,10 @@ export class Session {
 
   private writeUpstream(bytes: Buffer): void {
     const upstream = this.upstream;
-    if (upstream === null) return;
+    if (upstream === null || upstream.writableEnded) return;
     this.bytesFromClient += bytes.length;
     const flushed = upstream.write(bytes);
-    if (upstream.writableLength > 0) this.clientBufferInUse = true;
+    if (upstream.writableLength > 0) CLIENT_READS.retain();
     if (!flushed && !this.clientBlockedByBackpressure) {
       this.clientBlockedByBackpressure = true;
       this.client.pause();
@@ -795,24 +898,6 @@ export class Session {
   }
 
   // ---- server to client -------------------------------------------------------
-
-  private nextClientBuffer(): Uint8Array {
-    if (this.clientBufferInUse) {
-      // An upstream write still references the old buffer: read into a fresh one.
-      this.clientBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-      this.clientBufferInUse = false;
-    }
-    return this.clientBuffer;
-  }
-
-  private nextReadBuffer(): Uint8Array {
-    if (this.readBufferInUse) {
-      // A client write still references the old buffer: read into a fresh one.
-      this.readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-      this.readBufferInUse = false;
-    }
-    return this.readBuffer;
-  }
 
   private onUpstreamRead(bytesRead: number, buffer: Buffer): boolean {
     this.serverFramer.push(buffer.subarray(0, bytesRead));
@@ -845,12 +930,15 @@ export class Session {
       case Backend.ErrorResponse:
         return this.onErrorResponse(buf, start, end);
       case Backend.ReadyForQuery:
-        this.onReadyForQuery(buf[start + 5]);
+        this.onReadyForQuery(readyForQueryStatus(buf, start));
         return CONTINUE;
       case Backend.BackendKeyData:
-        this.backendPid = buf.readInt32BE(start + 5);
-        this.backendKey = Buffer.from(buf.subarray(start + 9, end));
+        this.backendPid = backendKeyProcessId(buf, start);
+        this.backendKey = backendKeySecret(buf, start, end);
+        this.events.backendKeyData(this);
         return CONTINUE;
+      case Backend.Authentication:
+        return this.onAuthentication(buf, start, end);
       case Backend.ParameterStatus:
         if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
           const valueStart = start + 5 + APPLICATION_NAME.length;
@@ -861,6 +949,31 @@ export class Session {
         return CONTINUE;
     }
     return CONTINUE;
+  }
+
+  /**
+   * Without TLS toward pgwarden a client cannot bind SCRAM to the server's TLS
+   * channel, and libpq or node-postgres refuse a server that offers
+   * SCRAM-SHA-256-PLUS over a connection without TLS; so the offer is withdrawn.
+   * (The client then says it does not support binding, which the server accepts.
+   * A TLS client would say it could bind, which the server rightly refuses as a
+   * downgrade: see docs/operations.md.)
+   */
+  private onAuthentication(buf: Buffer, start: number, end: number): number {
+    if (this.clientTls || authenticationCode(buf, start, end) !== AuthenticationCode.SASL) return CONTINUE;
+    const replacement = withoutChannelBinding(buf, start, end);
+    if (replacement === null) return CONTINUE;
+    this.serverFramer.flushPending();
+    this.writeClient(replacement);
+    return SKIP;
+  }
+
+  /** The first ReadyForQuery: the client is authenticated, its queries are read from now on. */
+  private onAuthenticated(): void {
+    this.authenticated = true;
+    this.connection.activate();
+    this.clientFramer.setKinds(FRONTEND_KINDS, this.options.maxMessageBytes);
+    this.serverFramer.setKinds(BACKEND_KINDS);
   }
 
   private onStatementComplete(rows: number): void {
@@ -900,18 +1013,23 @@ export class Session {
       case SIMPLE:
         this.emit(head.text, null, head.statementIndex++, null, head.mark, now, 0, errorSqlState(buf, start, end), head.upstream);
         return CONTINUE;
+      case MALFORMED_EXECUTE:
+        this.finishHead();
+        while (this.pending.length > 0 && this.pending.peek()!.kind !== SYNC) this.finishHead();
+        return CONTINUE;
     }
     return CONTINUE;
   }
 
   private onReadyForQuery(status: number): void {
+    if (!this.authenticated) this.onAuthenticated();
     this.transactionStatus = status;
     // ReadyForQuery answers the oldest Sync, Query or FunctionCall; Executes still
     // ahead of it were skipped by the server after an error.
     while (this.pending.length > 0) {
       const kind = this.pending.peek()!.kind;
       this.finishHead();
-      if (kind !== EXECUTE && kind !== REFUSED_EXTENDED) break;
+      if (kind !== EXECUTE && kind !== REFUSED_EXTENDED && kind !== MALFORMED_EXECUTE) break;
     }
     if (this.draining && this.idle) setImmediate(() => this.shutdown());
   }
@@ -962,10 +1080,10 @@ export class Session {
   }
 
   private writeClient(bytes: Buffer): void {
-    if (this.client.destroyed) return;
+    if (this.client.writableEnded || this.client.destroyed) return;
     this.bytesFromServer += bytes.length;
     const flushed = this.client.write(bytes);
-    if (this.client.writableLength > 0) this.readBufferInUse = true;
+    if (this.client.writableLength > 0) SERVER_READS.retain();
     if (!flushed && !this.upstreamBlockedByBackpressure) {
       this.upstreamBlockedByBackpressure = true;
       this.upstream?.pause();
@@ -983,9 +1101,15 @@ export class Session {
   /** Sends the client a FATAL ErrorResponse and closes both sides. */
   private failClient(code: string, message: string): void {
     this.clientFramer.stop();
-    if (!this.client.destroyed) this.client.end(encodeErrorResponse({ severity: 'FATAL', code, message }));
+    this.endClient(encodeErrorResponse({ severity: 'FATAL', code, message }));
     this.closeUpstream();
     this.markClosed();
+  }
+
+  /** Ends the client connection from pgwarden's side, destroyed in bounded time (see closeClient). */
+  private endClient(lastBytes: Buffer | null): void {
+    this.connection.closing();
+    closeClient(this.client, lastBytes);
   }
 
   private onClientClose(): void {
@@ -1012,22 +1136,25 @@ export class Session {
   private onUpstreamClose(): void {
     if (this.closeTimer !== null) clearTimeout(this.closeTimer);
     this.serverFramer.stop();
+    this.clientFramer.stop();
     if (!this.client.destroyed && !this.client.writableEnded) {
-      if (this.clientTerminated || this.fatalRelayed) this.client.end();
+      if (this.clientTerminated || this.fatalRelayed) this.endClient(null);
       else {
         this.upstreamLost = true;
         this.options.log.warn({ session: this.info.id, upstream: this.options.upstream.name }, 'upstream connection lost');
-        this.client.end(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message: 'upstream connection lost' }));
+        this.endClient(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message: 'upstream connection lost' }));
       }
-    }
+    } else if (!this.client.destroyed) this.endClient(null); // bound whatever end() already started
     this.markClosed();
   }
 
   private markClosed(): void {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    this.startupPacket = null;
+    this.early = null;
     while (this.pending.length > 0) this.finishHead();
-    this.onClosed(this);
+    this.events.closed(this);
   }
 }
 

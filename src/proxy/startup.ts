@@ -1,7 +1,9 @@
 // The part of a connection before the session exists: SSLRequest (TLS toward the
 // client when a certificate is configured), GSSENCRequest, CancelRequest and the
 // StartupMessage. Reads exactly one packet at a time, as PostgreSQL does, and
-// rejects what PostgreSQL would reject before anything reaches the upstream.
+// rejects what PostgreSQL would reject before anything reaches the upstream, the
+// way PostgreSQL does: a FATAL for a packet it can read but not accept, silence
+// for bytes that are not a startup packet at all.
 
 import net from 'node:net';
 import tls from 'node:tls';
@@ -14,24 +16,26 @@ import {
 } from '../protocol/constants.ts';
 import { encodeErrorResponse, SSL_ACCEPTED, SSL_REFUSED } from '../protocol/encode.ts';
 import { decodeStartupParameters, ProtocolError } from '../protocol/frontend.ts';
+import { closeClient } from './closing.ts';
 
 export type StartupOutcome =
   | { kind: 'startup'; socket: net.Socket; packet: Buffer; params: Map<string, string>; leftover: Buffer | null }
   | { kind: 'cancel'; packet: Buffer }
-  | { kind: 'rejected'; reason: string };
+  | { kind: 'rejected'; reason: string; closedByPeer: boolean };
 
 export interface StartupOptions {
   /** Present when TLS toward clients is configured. */
   readonly secureContext: tls.SecureContext | null;
-  readonly timeoutMs: number;
 }
 
-/** Reads packets from a new connection until it asks for a session or a cancel. */
+/**
+ * Reads packets from a new connection until it asks for a session or a cancel.
+ * Whatever it rejects is closed here (see closeClient); the caller bounds the time.
+ */
 export async function negotiateStartup(socket: net.Socket, options: StartupOptions): Promise<StartupOutcome> {
   let current = socket;
   let tlsDone = false;
   let gssDone = false;
-  const deadline = setTimeout(() => current.destroy(new Error('startup timed out')), options.timeoutMs);
   try {
     for (;;) {
       const { packet, leftover } = await readPacket(current);
@@ -54,7 +58,7 @@ export async function negotiateStartup(socket: net.Socket, options: StartupOptio
         continue;
       }
       if (code === CANCEL_REQUEST_CODE && packet.length >= 16) {
-        current.end();
+        closeClient(current);
         return { kind: 'cancel', packet };
       }
       if (code >>> 16 !== 3) return reject(current, `unsupported frontend protocol ${code >>> 16}.${code & 0xffff}`);
@@ -62,19 +66,27 @@ export async function negotiateStartup(socket: net.Socket, options: StartupOptio
       return { kind: 'startup', socket: current, packet, params, leftover };
     }
   } catch (err) {
-    const reason = err instanceof ProtocolError ? err.message : (err as Error).message;
+    const reason = (err as Error).message;
     if (err instanceof ProtocolError) return reject(current, reason);
-    current.destroy();
-    return { kind: 'rejected', reason };
-  } finally {
-    clearTimeout(deadline);
+    // A bad length (garbage, an HTTP request, a Terminate before any startup
+    // packet) or a peer gone mid-packet: PostgreSQL closes without a word, and so
+    // does pgwarden.
+    const closedByPeer = err instanceof PeerClosed;
+    closeClient(current);
+    return { kind: 'rejected', reason, closedByPeer };
   }
 }
 
 function reject(socket: net.Socket, reason: string): StartupOutcome {
-  socket.end(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ProtocolViolation, message: `invalid startup packet: ${reason}` }));
-  return { kind: 'rejected', reason };
+  closeClient(socket, encodeErrorResponse({ severity: 'FATAL', code: SqlState.ProtocolViolation, message: `invalid startup packet: ${reason}` }));
+  return { kind: 'rejected', reason, closedByPeer: false };
 }
+
+/** The connection ended (or failed) before a whole packet arrived. */
+class PeerClosed extends Error {}
+
+/** A packet length PostgreSQL would not accept (it closes the connection silently). */
+class InvalidLength extends Error {}
 
 /** Reads one length-prefixed startup-phase packet; extra bytes come back as leftover. */
 function readPacket(socket: net.Socket): Promise<{ packet: Buffer; leftover: Buffer | null }> {
@@ -84,9 +96,9 @@ function readPacket(socket: net.Socket): Promise<{ packet: Buffer; leftover: Buf
       buffered = buffered === null ? data : Buffer.concat([buffered, data]);
       if (buffered.length < 4) return;
       const length = buffered.readInt32BE(0);
-      if (length < 8 || length > MAX_STARTUP_PACKET_BYTES) {
+      if (length < 8 || length - 4 > MAX_STARTUP_PACKET_BYTES) {
         cleanup();
-        return reject(new ProtocolError(`invalid length ${length}`));
+        return reject(new InvalidLength(`invalid length of startup packet: ${length}`));
       }
       if (buffered.length < length) return;
       cleanup();
@@ -97,11 +109,11 @@ function readPacket(socket: net.Socket): Promise<{ packet: Buffer; leftover: Buf
     };
     const onEnd = () => {
       cleanup();
-      reject(new Error('connection closed during startup'));
+      reject(new PeerClosed('connection closed during startup'));
     };
     const onError = (err: Error) => {
       cleanup();
-      reject(err);
+      reject(new PeerClosed(err.message));
     };
     const cleanup = () => {
       socket.removeListener('data', onData);
@@ -123,6 +135,9 @@ function acceptTls(socket: net.Socket, secureContext: tls.SecureContext): Promis
       secure.removeListener('error', reject);
       resolve(secure);
     });
-    secure.once('error', reject);
+    secure.once('error', (err) => {
+      secure.destroy();
+      reject(err);
+    });
   });
 }

@@ -40,20 +40,34 @@ export class UpstreamUnreachable extends Error {
   }
 }
 
+/** Opens the upstream connection; `connectTimeoutMs` bounds all of it, TLS negotiation included. */
 export async function connectUpstream(target: UpstreamTarget, onread: ReadBufferOptions): Promise<UpstreamConnection> {
+  const started = Date.now();
   try {
     if (target.tls === 'disable') {
       const socket = await openTcp(target, onread);
       return { socket, usesReadBuffer: true };
     }
     const socket = await openTcp(target, null);
-    const accepted = await requestTls(socket);
-    if (!accepted) {
-      if (target.tls === 'prefer') return { socket, usesReadBuffer: false };
+    // A server that accepts but never answers must not hold the client forever.
+    const timer = setTimeout(
+      () => socket.destroy(new Error(`TLS negotiation timed out after ${target.connectTimeoutMs} ms`)),
+      Math.max(1, target.connectTimeoutMs - (Date.now() - started)),
+    );
+    try {
+      const accepted = await requestTls(socket);
+      if (!accepted) {
+        if (target.tls === 'prefer') return { socket, usesReadBuffer: false };
+        socket.destroy();
+        throw new Error('server does not support TLS');
+      }
+      return { socket: await startTls(socket, target), usesReadBuffer: false };
+    } catch (err) {
       socket.destroy();
-      throw new Error('server does not support TLS');
+      throw err;
+    } finally {
+      clearTimeout(timer);
     }
-    return { socket: await startTls(socket, target), usesReadBuffer: false };
   } catch (err) {
     throw err instanceof UpstreamUnreachable ? err : new UpstreamUnreachable(target, err as Error);
   }
@@ -97,6 +111,7 @@ function requestTls(socket: net.Socket): Promise<boolean> {
       cleanup();
       reject(new Error('connection closed during SSLRequest'));
     };
+    if (socket.destroyed) return reject(new Error('connection closed during SSLRequest'));
     const cleanup = () => {
       socket.removeListener('data', onData);
       socket.removeListener('error', onError);
@@ -120,12 +135,15 @@ function startTls(socket: net.Socket, target: UpstreamTarget): Promise<tls.TLSSo
       rejectUnauthorized: verify,
       checkServerIdentity: verify ? tls.checkServerIdentity : () => undefined,
     });
+    const onClose = () => reject(new Error('connection closed during the TLS handshake'));
     secure.once('secureConnect', () => {
       secure.removeListener('error', reject);
+      secure.removeListener('close', onClose);
       secure.setNoDelay(true);
       resolve(secure);
     });
     secure.once('error', reject);
+    secure.once('close', onClose);
   });
 }
 

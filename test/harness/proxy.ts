@@ -35,6 +35,8 @@ export interface TestProxyOptions {
   gate?: QueryGate;
   maxMessageBytes?: number;
   startupTimeoutMs?: number;
+  maxClientConnections?: number;
+  unixSocketDir?: string;
   upstreamHost?: string;
   upstreamPort?: number;
   upstreamTls?: UpstreamTlsMode;
@@ -57,6 +59,8 @@ export async function startProxy(options: TestProxyOptions = {}): Promise<TestPr
     },
     maxMessageBytes: options.maxMessageBytes ?? 128 * 1024 * 1024,
     startupTimeoutMs: options.startupTimeoutMs ?? 10_000,
+    maxClientConnections: options.maxClientConnections ?? 10_000,
+    unixSocketDir: options.unixSocketDir,
     tlsCert: options.tlsCert,
     tlsKey: options.tlsKey,
     gate: options.gate,

@@ -157,4 +157,22 @@ describe('Framer', () => {
     assert.equal(recorder.forwarded.length, 2);
     assert.equal(recorder.forwarded[0].buffer, big.buffer, 'first read forwarded in place');
   });
+
+  test('a handler that stops the framer ends the read there: nothing after that message is seen or forwarded', () => {
+    for (let split = 1; split < stream.length; split += 7) {
+      for (const splits of [[], [split]]) {
+        const recorder = frame(stream, splits, (r) => {
+          r.decide = (_type, body) => {
+            if (body === 'select 1') {
+              r.framer!.stop();
+              return SKIP;
+            }
+            return CONTINUE;
+          };
+        });
+        assert.deepEqual(recorder.seen, ['Q:select 1'], `splits ${splits.join(',')}`);
+        assert.equal(recorder.output(), '<replaced select 1>', `splits ${splits.join(',')}`);
+      }
+    }
+  });
 });

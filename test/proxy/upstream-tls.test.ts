@@ -86,6 +86,45 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
     });
   });
 
+  // A client without TLS toward pgwarden cannot bind to the server's TLS channel;
+  // if it saw the server's SCRAM-SHA-256-PLUS offer, libpq and node-postgres would
+  // refuse to log in ("server offered SCRAM-SHA-256-PLUS authentication over a
+  // non-SSL connection"). pgwarden withdraws the offer on such legs.
+  describe('SCRAM over a plain client leg and a TLS upstream (upstream_tls prefer)', () => {
+    let proxy: TestProxy;
+    before(async () => {
+      const admin = new pg.Client({ host: '127.0.0.1', port: server.port, user: 'postgres', database: 'postgres' });
+      await admin.connect();
+      await admin.query("set password_encryption = 'scram-sha-256'");
+      await admin.query("drop role if exists pgw_scram_plain; create role pgw_scram_plain login password 'plain-secret'");
+      await admin.end();
+      proxy = await startProxy({ upstreamHost: '127.0.0.1', upstreamPort: server.port, upstreamTls: 'prefer' });
+      proxies.push(proxy);
+    });
+
+    test('psql logs in, and the upstream session is encrypted', async () => {
+      const { stdout } = await promisify(execFile)(
+        'psql',
+        ['-X', '-At', '-c', 'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())', `host=127.0.0.1 port=${proxy.port} user=pgw_scram_plain dbname=postgres sslmode=disable`],
+        { env: { ...process.env, PGPASSWORD: 'plain-secret' } },
+      );
+      assert.equal(stdout.trim(), 'pgw_scram_plain|t');
+    });
+
+    test('node-postgres logs in and is offered plain SCRAM-SHA-256 only', async () => {
+      const client = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'pgw_scram_plain', password: 'plain-secret', database: 'postgres' });
+      let offered: string[] = [];
+      client.connection.on('authenticationSASL', (message: { mechanisms: string[] }) => (offered = message.mechanisms));
+      await client.connect();
+      try {
+        assert.equal((await client.query('select current_user as u')).rows[0].u, 'pgw_scram_plain');
+      } finally {
+        await client.end();
+      }
+      assert.deepEqual(offered, ['SCRAM-SHA-256']);
+    });
+  });
+
   // SCRAM channel binding ties the exchange to the TLS session the server sees, and
   // is built to defeat any party in the middle: a client of a TLS-terminating
   // pgwarden in front of a TLS upstream must not ask for it (channel_binding=disable).
