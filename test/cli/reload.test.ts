@@ -58,9 +58,13 @@ async function start(values: Record<string, unknown>, extra: string[] = []): Pro
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as Record<string, any>);
   // The ready line with the dashboard: the proxy's, or with --workers the primary's.
+  // A start that never gets ready must not leave its process behind (it would hold the test run open).
   const ready = await waitFor(() => lines().find((l) => /^pgwarden (proxy listening|supervising proxy workers)/.test(String(l.msg)) && l.dashboard !== undefined), {
     timeoutMs: 30_000,
     what: `the ready line (output so far: ${output})`,
+  }).catch((err: Error) => {
+    child.kill('SIGTERM');
+    throw err;
   });
   return { child, file, port: Number(String(ready.listen).split(':').at(-1)), lines, output: () => output, exit };
 }
