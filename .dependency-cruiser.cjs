@@ -3,7 +3,7 @@
 // upward arrow or a cycle. Order, lowest first; a folder not listed is refused so
 // that a new one is placed deliberately.
 const LAYERS = [
-  ['src/protocol', 'src/clock.ts', 'src/log.ts'],
+  ['src/protocol', 'src/clock.ts', 'src/log.ts', 'src/version.ts'],
   ['src/proxy'],
   ['src/shapes'],
   ['src/events'],

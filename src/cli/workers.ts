@@ -33,7 +33,7 @@ import type { RuleStore } from '../rules/store.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import { SummaryBatcher, type ShapeSummary } from '../shapes/summary.ts';
-import type { RulePersistence } from '../state/persistence.ts';
+import type { RulePersistence } from '../rules/persistence.ts';
 
 /** How often a worker reports: the API and the detector lag by at most this much. */
 export const REPORT_MS = 250;
