@@ -170,7 +170,7 @@ export class WorkerHub {
 
 /** A shed rule as one of `workers` workers enforces it: its share of the slots. */
 export function perWorker(rule: Rule, workers: number): Rule {
-  if (rule.action !== 'shed' || rule.max_concurrent === null || rule.max_concurrent === 0) return rule;
+  if (rule.action !== 'shed' || rule.max_concurrent === 0) return rule;
   return { ...rule, max_concurrent: Math.max(1, Math.ceil(rule.max_concurrent / workers)) };
 }
 
