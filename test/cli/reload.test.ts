@@ -57,7 +57,8 @@ async function start(values: Record<string, unknown>, extra: string[] = []): Pro
       .split('\n')
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as Record<string, any>);
-  const ready = await waitFor(() => lines().find((l) => String(l.msg).startsWith('pgwarden proxy listening') && l.dashboard !== undefined), {
+  // The ready line with the dashboard: the proxy's, or with --workers the primary's.
+  const ready = await waitFor(() => lines().find((l) => /^pgwarden (proxy listening|supervising proxy workers)/.test(String(l.msg)) && l.dashboard !== undefined), {
     timeoutMs: 30_000,
     what: `the ready line (output so far: ${output})`,
   });
@@ -179,9 +180,10 @@ describe('SIGHUP', () => {
       await waitFor(() => r.lines().filter((l) => String(l.msg).startsWith('pgwarden proxy listening')).length === 2, { timeoutMs: 30_000, what: 'both workers' });
       writeConfig(r.file, { workers: 2, slow_query_ms: 0 });
       r.child.kill('SIGHUP');
-      await waitFor(() => new Set(r.lines().filter((l) => String(l.msg).startsWith('configuration reloaded')).map((l) => l.pid)).size === 2, {
+      // The primary (detection, policy, rules) and both workers (relay, TLS, log level).
+      await waitFor(() => new Set(r.lines().filter((l) => String(l.msg).startsWith('configuration reloaded')).map((l) => l.pid)).size === 3, {
         timeoutMs: 20_000,
-        what: 'both workers to reload',
+        what: 'the primary and both workers to reload',
       });
       assert.ok(r.lines().some((l) => l.msg === 'forwarding the reload to the workers'));
     } finally {
