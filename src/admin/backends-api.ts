@@ -7,7 +7,7 @@
 
 import type { Logger } from 'pino';
 import type { ActivitySampler } from '../detect/activity.ts';
-import type { EventLog } from '../detect/events.ts';
+import type { EventLog } from '../events/timeline.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
 import { ApiError, type ApiRequest, type ApiResponse, type Route } from './server.ts';
 

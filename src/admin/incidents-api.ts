@@ -1,7 +1,7 @@
 // JSON API routes over incidents (paged, newest first, with a Markdown postmortem
 // each), the event timeline and plan histories.
 
-import type { EventLog, EventType, TimelineEvent } from '../detect/events.ts';
+import type { EventLog, EventType, TimelineEvent } from '../events/timeline.ts';
 import type { IncidentManager } from '../detect/incidents.ts';
 import { postmortemMarkdown } from '../detect/postmortem.ts';
 import type { PlanSampler } from '../plans/sampler.ts';

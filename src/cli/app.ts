@@ -1,55 +1,32 @@
-// Wires the parts of a running pgwarden together: the proxy, the shape collector
-// and the admin server. The only module that knows them all (with the commands);
-// tests and the demo start pgwarden through it too.
+// Wires the parts of a running pgwarden together, one feature builder each: the
+// proxy, the rules (build-rules.ts), what runs after a query completes
+// (build-observers.ts) and the admin server (build-admin.ts). The composition
+// root: the only module that knows them all (with the commands); tests and the
+// demo start pgwarden through it too. docs/architecture.md traces one query.
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import path from 'node:path';
 import type { Logger } from 'pino';
-import { shapeRoutes } from '../admin/api.ts';
-import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts';
-import { createMetrics } from '../admin/metrics.ts';
-import { AdminServer, upstreamProbe } from '../admin/server.ts';
-import { loadDashboard } from '../dashboard/assets.ts';
+import type { AdminServer } from '../admin/server.ts';
 import { systemClock, type Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
-import { DEFAULT_DETECTOR_OPTIONS, type DetectorOptions } from '../detect/detector.ts';
-import { DdlWatch } from '../detect/ddlwatch.ts';
-import { EventLog } from '../detect/events.ts';
-import { IncidentManager } from '../detect/incidents.ts';
-import { RoundTripTracker } from '../detect/roundtrip.ts';
-import { SchemaWatcher } from '../detect/schema.ts';
-import { WebhookSender } from '../detect/webhook.ts';
-import { ActivitySampler } from '../detect/activity.ts';
-import { TimelineCauses, type CauseProvider } from '../detect/causes.ts';
 import { InFlightTracker } from '../detect/inflight.ts';
-import { LockCauses } from '../detect/locks.ts';
-import { NewShapeWatch } from '../detect/newshapes.ts';
-import { SaturationCauses } from '../detect/saturation.ts';
-import { SettingsWatcher } from '../detect/settings.ts';
-import { StatisticsWatcher } from '../detect/statistics.ts';
-import { backendRoutes } from '../admin/backends-api.ts';
-import { MonitorPool } from '../plans/monitor.ts';
-import { PlanSampler } from '../plans/sampler.ts';
-import { ProxyServer, type CancelKeyDirectory } from '../proxy/server.ts';
-import { mitigationRoutes, ruleRoutes } from '../admin/rules-api.ts';
-import { sessionRoutes } from '../admin/sessions-api.ts';
+import type { IncidentManager } from '../detect/incidents.ts';
+import type { NewShapeWatch } from '../detect/newshapes.ts';
+import type { SchemaWatcher } from '../detect/schema.ts';
+import { WebhookSender } from '../detect/webhook.ts';
+import { EventLog } from '../events/timeline.ts';
 import { setLogLevel } from '../log.ts';
-import { RulesGate } from '../rules/gate.ts';
-import { MitigationPolicy, type PolicySettings } from '../rules/policy.ts';
-import { ReplicaPool } from '../rules/replica.ts';
-import { createRule, type Rule } from '../rules/rule.ts';
-import { RuleStore } from '../rules/store.ts';
-import { ControlDatabase } from '../state/control.ts';
-import { StateFile } from '../state/file.ts';
-import type { RulePersistence } from '../state/persistence.ts';
-import { createHash } from 'node:crypto';
-import os from 'node:os';
-import { ShapeCollector } from '../shapes/collector.ts';
+import { MonitorPool } from '../plans/monitor.ts';
+import type { PlanSampler } from '../plans/sampler.ts';
+import { ProxyServer, type CancelKeyDirectory } from '../proxy/server.ts';
+import type { MitigationPolicy } from '../rules/policy.ts';
+import type { RuleStore } from '../rules/store.ts';
+import type { ShapeCollector } from '../shapes/collector.ts';
 import { ShapeFinder } from '../shapes/fingerprint.ts';
-import { ShapeRegistry } from '../shapes/registry.ts';
-import { workloadRoutes } from '../workload/export.ts';
-import { FleetPublisher } from './fleet.ts';
+import { keepGeneratedToken, startAdmin } from './build-admin.ts';
+import { startObservers, type Observers } from './build-observers.ts';
+import { configRules, openRules } from './build-rules.ts';
 import type { ClusterRole } from './workers.ts';
 
 export interface App {
@@ -119,289 +96,58 @@ export interface AppOptions {
 
 export async function startApp(config: Config, log: Logger, options: AppOptions = {}): Promise<App> {
   const clock = options.clock ?? systemClock;
-  const upstream = parseHostPort(config.upstream);
   const proxy = buildProxy(config, log, options.cancelKeys);
   const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
   const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
-
   const events = new EventLog(clock);
-  let collector: ShapeCollector | null = null;
-  let incidents: IncidentManager | null = null;
-  let sampler: PlanSampler | null = null;
-  let schema: SchemaWatcher | null = null;
-  let roundTrip: RoundTripTracker | null = null;
-  let policy: MitigationPolicy | null = null;
-  let current = config;
-  const webhook =
-    config.alert_webhook_url && !worker ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
-  let fleet: FleetPublisher | null = null;
-  const monitor = config.monitor_url && !worker
-    ? new MonitorPool({
-        url: config.monitor_url,
-        concurrency: config.monitor_concurrency,
-        statementTimeoutMs: config.monitor_statement_timeout_ms,
-        maxDatabases: config.monitor_max_databases,
-        lockTimeoutMs: config.monitor_lock_timeout_ms,
-        log: log.child({ component: 'monitor' }),
-      })
-    : null;
   const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
+  let current = config;
 
-  // Rules: persisted in the control database when there is one, else in the state file.
-  const rulesLog = log.child({ component: 'rules' });
-  const persistence: RulePersistence = worker
-    ? worker.rules
-    : config.control_url
-    ? await ControlDatabase.open({ url: config.control_url, instance: config.instance_name ?? `${os.hostname()}:${process.pid}`, log: rulesLog })
-    : new StateFile(config.state_file, rulesLog);
-  const rules = new RuleStore({ clock, log: rulesLog, events, persistence });
-  await rules.start();
-  // A worker's rules come from the primary, config-file rules included.
-  if (!worker) await syncConfigRules(rules, configRules(config, clock.now()));
-  const replicas = new Map(
-    Object.entries(config.replicas).map(([name, r]) => [
-      name,
-      new ReplicaPool({ name, url: r.url, size: r.pool_size, connectTimeoutMs: config.connect_timeout_ms, log: log.child({ component: 'replica', replica: name }) }),
-    ]),
-  );
-  const gate = new RulesGate({ store: rules, finder, replicas, log: rulesLog });
+  const rules = await openRules(config, log, clock, events, finder, worker);
   // The in-flight tracker wraps the rules' gate: it sees every statement forwarded.
   // (Not in a cluster worker: statements stuck in a worker are not reported to the primary yet.)
-  const inflight = config.stats && !worker ? new InFlightTracker(gate, finder) : null;
-  proxy.setGate(inflight ?? gate);
-  let activity: ActivitySampler | null = null;
-  let settings: SettingsWatcher | null = null;
-  let statistics: StatisticsWatcher | null = null;
-  let newShapes: NewShapeWatch | null = null;
-  const causeProviders: CauseProvider[] = [];
+  const inflight = config.stats && !worker ? new InFlightTracker(rules.gate, finder) : null;
+  proxy.setGate(inflight ?? rules.gate);
 
-  if (worker) worker.start(proxy, gate, config.stats ? finder : null);
-  else if (config.stats) {
-    const bucketMs = config.series_bucket_s * 1000;
-    const registry = new ShapeRegistry({
-      maxShapes: config.max_shapes,
-      clock,
-      series: { bucketMs, buckets: config.series_buckets, sketchBuckets: 6 },
-    });
-    collector = new ShapeCollector(finder, registry, {
-      slowQueryMs: config.slow_query_ms,
-      logQueryValues: config.log_query_values,
-      log: log.child({ component: 'shapes' }),
-    });
-    proxy.onQueryComplete(collector.observe);
+  // A cluster worker only relays and reports; everything after a query completes runs where the statistics are.
+  const monitor = config.monitor_url && !worker ? openMonitor(config, log) : null;
+  const webhook = config.alert_webhook_url && !worker ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
+  let observers: Observers | null = null;
+  if (worker) worker.start(proxy, rules.gate, config.stats ? finder : null);
+  else if (config.stats) observers = await startObservers({ config, log, clock, proxy, finder, events, rules, monitor, webhook, inflight });
 
-    if (monitor) {
-      const plansLog = log.child({ component: 'plans' });
-      sampler = new PlanSampler({
-        monitor,
-        events,
-        clock,
-        log: plansLog,
-        periodMs: config.plan_sample_period_s * 1000,
-        maxPerSecond: config.plan_samples_per_second,
-        queueLimit: 100,
-        concurrency: config.monitor_concurrency,
-        keepSamples: config.workload_sample_params ? 3 : 0,
-      });
-      collector.onShape(sampler.observe);
-      schema = new SchemaWatcher({ monitor, events, clock, log: log.child({ component: 'schema' }), intervalMs: config.schema_check_interval_s * 1000 });
-      schema.start();
-      roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
-      roundTrip.start();
-      const detectLog = log.child({ component: 'detect' });
-      const checkMs = config.schema_check_interval_s * 1000;
-      settings = new SettingsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
-      settings.start();
-      statistics = new StatisticsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
-      statistics.start();
-      const tracker = inflight;
-      activity = new ActivitySampler({ monitor, finder, clock, log: detectLog, intervalMs: config.activity_sample_ms, inFlightByShape: tracker ? () => tracker.countsByShape() : undefined });
-      activity.start();
-      causeProviders.push(
-        new TimelineCauses(events, () => Math.min(settings!.watchedUntil, statistics!.watchedUntil)),
-        new LockCauses(activity),
-        new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
-      );
-      // A schema change found in the catalog gets the affected shapes re-explained at
-      // once; so does a table's new statistics, and a setting change every shape.
-      const plans = sampler;
-      events.onEvent((e) => {
-        if (e.type === 'schema_change' || e.type === 'statistics_change') plans.resampleTouching(e.objects ?? []);
-        else if (e.type === 'setting_change') plans.resampleTouching([]);
-      });
-    }
-    collector.onShape(new DdlWatch(events, sampler).observe);
-    incidents = new IncidentManager({
-      registry,
-      events,
-      clock,
-      log: log.child({ component: 'incidents' }),
-      detector: detectorOptions(config),
-      bucketMs,
-      evaluateEveryMs: config.detect_evaluate_ms,
-      sampler,
-      roundTrip,
-      webhook,
-      causeProviders,
-      inflight,
-      // Baselines and incident history go where the rules go.
-      store: persistence instanceof ControlDatabase || persistence instanceof StateFile ? persistence : null,
-    });
-    await incidents.restore();
-    collector.onShape(incidents.observe, 'latencies');
-    const shapes = registry;
-    policy = new MitigationPolicy({
-      ...policySettings(config),
-      shapes: {
-        lookup: (fp) => shapes.get(fp),
-        trafficShare: (fps) => {
-          // Calls of the last minute: the traffic a shed rule would now meet.
-          const now = clock.now();
-          const from = now - 60_000;
-          let all = 0;
-          for (const s of shapes.all()) all += s.series.callsBetween(from, now);
-          let part = 0;
-          for (const fp of new Set(fps)) part += shapes.get(fp)?.series.callsBetween(from, now) ?? 0;
-          return all === 0 ? 0 : part / all;
-        },
-      },
-      store: rules,
-      events,
-      clock,
-      log: rulesLog,
-      alert: webhook ? (payload) => webhook.send(payload) : undefined,
-    });
-    incidents.onChange(policy.onIncident);
-    if (persistence instanceof ControlDatabase) {
-      // The fleet sees every instance's incidents through the control database.
-      const control = persistence;
-      incidents.onChange((incident) =>
-        control.publishIncident(incident as unknown as { id: string } & Record<string, unknown>).catch((err: Error) =>
-          rulesLog.warn({ err, incident: incident.id }, 'incident not shared: control database unreachable'),
-        ),
-      );
-    }
-    incidents.start();
-    if (persistence instanceof ControlDatabase) {
-      fleet = new FleetPublisher({
-        registry,
-        control: persistence,
-        intervalMs: config.fleet_publish_interval_s * 1000,
-        topShapes: config.fleet_top_shapes,
-        log: log.child({ component: 'fleet' }),
-      });
-      fleet.start();
-    }
-    newShapes = new NewShapeWatch({
-      registry,
-      events,
-      clock,
-      log: log.child({ component: 'detect' }),
-      sampler,
-      webhook,
-      graceMs: config.new_shape_grace_s * 1000,
-      windowMs: config.new_shape_window_s * 1000,
-      slowMs: config.new_shape_slow_ms,
-      share: config.new_shape_share,
-      minCalls: 3,
-    });
-    newShapes.start();
-  }
-
-  /** What a shape's status is: a rule on it, else an active incident, else ok. */
-  const statusOf = (fp: string): string => {
-    const actions = new Set((rules.forFingerprint(fp) ?? []).map((r) => r.action));
-    if (actions.has('block')) return 'blocked';
-    if (actions.has('shed')) return 'shed';
-    if (actions.has('reroute')) return 'rerouted';
-    const incident = incidents?.activeFor(fp);
-    if (incident) return incident.root === fp ? 'regressed' : 'slowed';
-    return newShapes?.get(fp) ? 'new' : 'ok';
-  };
-
-  hub?.attach({ collector, rules, gate });
+  hub?.attach({ collector: observers?.collector ?? null, rules: rules.store, gate: rules.gate });
   const proxyPort = hub ? 0 : (await proxy.listen()).port;
-  let admin: AdminServer | null = null;
-  let adminPort: number | null = null;
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
+  let admin: { server: AdminServer; port: number } | null = null;
   if (options.admin !== false && !worker) {
-    if (config.admin_token === undefined) {
-      // Not printed: logs travel further than the operator's terminal. A file only its owner can read.
-      const tokenFile = path.join(path.dirname(config.state_file), '.pgwarden-admin-token');
-      try {
-        fs.writeFileSync(tokenFile, `${adminToken}\n`, { mode: 0o600 });
-        fs.chmodSync(tokenFile, 0o600);
-        log.warn({ token_file: tokenFile }, `no admin_token configured: generated one for this run, in ${tokenFile} (set PGWARDEN_ADMIN_TOKEN to choose it)`);
-      } catch (err) {
-        log.warn({ err }, 'no admin_token configured and the generated one could not be written to a file: set PGWARDEN_ADMIN_TOKEN to use the admin API');
-      }
-    }
-    const adminAddress = parseHostPort(config.admin);
-    admin = new AdminServer({
-      host: adminAddress.host,
-      port: adminAddress.port,
-      token: adminToken,
-      maxConnections: config.admin_max_connections,
-      metrics: createMetrics(hub ? hub.proxyCounters : proxy, { collector, incidents, sampler, rules: { store: rules, gate } }, { topShapes: config.metrics_top_shapes }),
-      routes: [
-        ...(collector
-          ? shapeRoutes(collector.registry, clock, statusOf, {
-              plansOf: sampler ? (fp) => plansJson(sampler!, fp) : undefined,
-              eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
-              incidentsOf: incidents ? (fp) => incidents!.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)) : undefined,
-              rulesOf: (fp) => rules.forFingerprint(fp) ?? [],
-              fleet: fleet ? () => fleet!.fleet() : undefined,
-              newSinceOf: (fp) => newShapes?.get(fp)?.new_since ?? null,
-              detectorOf: incidents ? (fp) => incidents!.detectorView(fp) : undefined,
-            })
-          : []),
-        ...(collector ? workloadRoutes({ registry: collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
-        ...ruleRoutes(rules, gate, [...replicas.keys()], clock, collector ? (fp) => collector!.registry.get(fp) : null),
-        ...(policy ? mitigationRoutes(policy) : []),
-        ...sessionRoutes(
-          proxy,
-          collector
-            ? (text, index) => {
-                const shapes = finder.shapesOfText(text);
-                return shapes[Math.min(index, shapes.length - 1)];
-              }
-            : null,
-          config.upstream,
-        ),
-        ...(activity && monitor ? backendRoutes({ activity, monitor, events, log: log.child({ component: 'admin' }) }) : []),
-        ...(incidents ? incidentRoutes(incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined) : []),
-      ],
-      upstreamReady: upstreamProbe(upstream.host, upstream.port),
-      files: loadDashboard(),
-      log: log.child({ component: 'admin' }),
-    });
-    adminPort = (await admin.listen()).port;
+    if (config.admin_token === undefined) keepGeneratedToken(config, adminToken, log);
+    const counters = hub ? hub.proxyCounters : proxy;
+    admin = await startAdmin({ config, log, clock, token: adminToken, proxy, counters, finder, events, rules, observers, monitor });
   }
 
   return {
     proxy,
-    collector,
+    collector: observers?.collector ?? null,
     events,
-    incidents,
-    sampler,
-    schema,
+    incidents: observers?.incidents ?? null,
+    sampler: observers?.sampler ?? null,
+    schema: observers?.schema ?? null,
     inflight,
-    newShapes,
-    rules,
-    admin,
+    newShapes: observers?.newShapes ?? null,
+    rules: rules.store,
+    admin: admin?.server ?? null,
     adminToken,
     proxyPort,
-    adminPort,
-    policy,
+    adminPort: admin?.port ?? null,
+    policy: observers?.policy ?? null,
     async reload(next: Config) {
       // Everything that can fail is prepared first, so a bad config changes nothing.
       const tls = next.tls_cert && next.tls_key ? { cert: fs.readFileSync(next.tls_cert), key: fs.readFileSync(next.tls_key) } : null;
       const nextRules = configRules(next, clock.now());
       proxy.setTlsCertificate(tls?.cert, tls?.key);
-      if (!worker) await syncConfigRules(rules, nextRules);
-      policy?.reconfigure(policySettings(next));
-      incidents?.setDetectorOptions(detectorOptions(next));
-      collector?.reconfigure({ slowQueryMs: next.slow_query_ms, logQueryValues: next.log_query_values, log: log.child({ component: 'shapes' }) });
+      await rules.applyConfigRules(nextRules);
+      observers?.reconfigure(next);
       setLogLevel(log, next.log_level);
       const changed = (Object.keys(next) as (keyof Config)[]).filter((k) => JSON.stringify(next[k]) !== JSON.stringify(current[k]));
       for (const k of Object.keys(current) as (keyof Config)[]) if (!(k in next) && !changed.includes(k)) changed.push(k);
@@ -411,61 +157,23 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     async stop(drainMs: number) {
       await proxy.drain(drainMs);
       await worker?.close();
-      incidents?.stop();
-      fleet?.stop();
-      await incidents?.save();
-      schema?.stop();
-      roundTrip?.stop();
-      activity?.stop();
-      settings?.stop();
-      statistics?.stop();
-      newShapes?.stop();
-      sampler?.stop();
-      rules.stop();
-      await admin?.close();
+      await observers?.stop();
+      await admin?.server.close();
       await monitor?.close();
-      await Promise.all([...replicas.values()].map((r) => r.close()));
-      await persistence.close();
+      await rules.close();
     },
   };
 }
 
-function detectorOptions(config: Config): DetectorOptions {
-  return {
-    ...DEFAULT_DETECTOR_OPTIONS,
-    minRecentSamples: config.detect_min_samples,
-    p95Ratio: config.detect_p95_ratio,
-    p50Ratio: config.detect_p50_ratio,
-    absoluteMs: config.detect_absolute_ms,
-    minBaselineCalls: config.detect_min_baseline_calls,
-  };
-}
-
-function policySettings(config: Config): PolicySettings {
-  return {
-    mode: config.mitigation,
-    protect: new Set(config.mitigation_protect),
-    maxConcurrent: config.mitigation_max_concurrent,
-    queueTimeoutMs: config.mitigation_queue_timeout_ms,
-    ttlS: config.mitigation_ttl_s,
-    maxRules: config.mitigation_max_rules,
-    maxTrafficShare: config.mitigation_max_traffic_share,
-  };
-}
-
-/** The config file's rules, each with an id derived from its content (throws RuleError on a bad one). */
-function configRules(config: Config, now: number): Rule[] {
-  return config.rules.map((input) => {
-    const id = `cfg-${createHash('sha256').update(JSON.stringify(input)).digest('hex').slice(0, 10)}`;
-    return createRule({ created_by: 'config', ...input }, now, 'config', id);
+function openMonitor(config: Config, log: Logger): MonitorPool {
+  return new MonitorPool({
+    url: config.monitor_url!,
+    concurrency: config.monitor_concurrency,
+    statementTimeoutMs: config.monitor_statement_timeout_ms,
+    maxDatabases: config.monitor_max_databases,
+    lockTimeoutMs: config.monitor_lock_timeout_ms,
+    log: log.child({ component: 'monitor' }),
   });
-}
-
-/** Makes the config's rules the ones in force: adds new ones, lifts those no longer in the config. */
-async function syncConfigRules(store: RuleStore, wanted: readonly Rule[]): Promise<void> {
-  const ids = new Set(wanted.map((r) => r.id));
-  for (const rule of wanted) if (!store.get(rule.id)) await store.add(rule);
-  for (const rule of store.list()) if (rule.id.startsWith('cfg-') && !ids.has(rule.id)) await store.remove(rule.id, 'config', 'no longer in the configuration');
 }
 
 function buildProxy(config: Config, log: Logger, cancelKeys: CancelKeyDirectory | undefined): ProxyServer {

@@ -33,7 +33,7 @@ import type { RuleStore } from '../rules/store.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import { SummaryBatcher, type ShapeSummary } from '../shapes/summary.ts';
-import type { RulePersistence } from '../state/persistence.ts';
+import type { RulePersistence } from '../rules/persistence.ts';
 
 /** How often a worker reports: the API and the detector lag by at most this much. */
 export const REPORT_MS = 250;
@@ -170,7 +170,7 @@ export class WorkerHub {
 
 /** A shed rule as one of `workers` workers enforces it: its share of the slots. */
 export function perWorker(rule: Rule, workers: number): Rule {
-  if (rule.action !== 'shed' || rule.max_concurrent === null || rule.max_concurrent === 0) return rule;
+  if (rule.action !== 'shed' || rule.max_concurrent === 0) return rule;
   return { ...rule, max_concurrent: Math.max(1, Math.ceil(rule.max_concurrent / workers)) };
 }
 

@@ -6,7 +6,7 @@
 // schema watch only happened "between" two checks, and is never placed after the
 // onset when it may have run before it.
 
-import type { EventLog, TimelineEvent } from './events.ts';
+import type { EventLog, TimelineEvent } from '../events/timeline.ts';
 import type { Cause, Incident } from './record.ts';
 import { leadingCause } from './causes.ts';
 

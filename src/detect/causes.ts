@@ -7,7 +7,7 @@
 // changes); locks.ts and saturation.ts hold those sampled from pg_stat_activity.
 
 import type { Cause, CauseContext, CauseProvider } from './record.ts';
-import type { EventLog, TimelineEvent } from './events.ts';
+import type { EventLog, TimelineEvent } from '../events/timeline.ts';
 
 export type { CauseContext, CauseProvider } from './record.ts';
 

@@ -8,7 +8,7 @@ import type { StatementShape } from '../shapes/fingerprint.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
 import { redactLiterals } from '../shapes/sqlscan.ts';
 import { ddlChangesOf } from './ddl.ts';
-import type { EventLog } from './events.ts';
+import type { EventLog } from '../events/timeline.ts';
 
 /** Commands that change the schema: each successful one is an event. */
 export const DDL_COMMANDS: ReadonlySet<string> = new Set(['CREATE', 'DROP', 'ALTER', 'TRUNCATE', 'REINDEX', 'COMMENT']);

@@ -33,7 +33,7 @@ import {
   type DetectorOptions,
   type Percentiles,
 } from './detector.ts';
-import type { EventLog, TimelineEvent } from './events.ts';
+import type { EventLog, TimelineEvent } from '../events/timeline.ts';
 import type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentListener, Victim } from './record.ts';
 import type { RoundTripTracker } from './roundtrip.ts';
 import type { WebhookSender } from './webhook.ts';

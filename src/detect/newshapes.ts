@@ -10,7 +10,7 @@ import type { Clock } from '../clock.ts';
 import { describePlan } from '../plans/plan.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from '../shapes/registry.ts';
-import type { EventLog } from './events.ts';
+import type { EventLog } from '../events/timeline.ts';
 import type { WebhookSender } from './webhook.ts';
 
 export interface NewShapeOptions {

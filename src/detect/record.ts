@@ -5,7 +5,7 @@
 // plan change (the database or its host is saturated). Field names are the contract.
 
 import type { Percentiles } from './detector.ts';
-import type { TimelineEvent } from './events.ts';
+import type { TimelineEvent } from '../events/timeline.ts';
 
 /** What every cause has, whatever its kind (the fields new kinds share). */
 export interface CauseBase {

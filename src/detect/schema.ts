@@ -13,7 +13,7 @@
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
-import type { EventLog } from './events.ts';
+import type { EventLog } from '../events/timeline.ts';
 
 export interface CatalogTable {
   readonly oid: number;

@@ -7,7 +7,7 @@
 
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
-import type { EventLog } from '../detect/events.ts';
+import type { EventLog } from '../events/timeline.ts';
 import { decodeBindParameters } from '../protocol/frontend.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from '../shapes/fingerprint.ts';

@@ -9,7 +9,7 @@ import { FORWARD, type GateDecision, type QueryGate, type QueryRequest, type Rer
 import { SqlState } from '../protocol/constants.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import { isReadOnlyStatement } from './readonly.ts';
-import { ruleMatches, type Rule } from './rule.ts';
+import { ruleMatches, type RerouteRule, type Rule, type ShedRule } from './rule.ts';
 import type { RuleStore } from './store.ts';
 
 interface Waiter {
@@ -70,8 +70,8 @@ export class RulesGate implements QueryGate {
   private apply(fingerprint: string, request: QueryRequest, single: boolean): GateDecision | Promise<GateDecision> {
     const rules = this.options.store.forFingerprint(fingerprint);
     if (rules === undefined) return FORWARD;
-    let shed: Rule | null = null;
-    let reroute: Rule | null = null;
+    let shed: ShedRule | null = null;
+    let reroute: RerouteRule | null = null;
     for (const rule of rules) {
       if (!ruleMatches(rule, fingerprint, request.session)) continue;
       if (rule.action === 'block') return this.refuseBlocked(rule);
@@ -98,18 +98,17 @@ export class RulesGate implements QueryGate {
     };
   }
 
-  private admit(rule: Rule): GateDecision | Promise<GateDecision> {
+  private admit(rule: ShedRule): GateDecision | Promise<GateDecision> {
     let slots = this.slots.get(rule.id);
     if (slots === undefined) {
       slots = new ShedSlots();
       this.slots.set(rule.id, slots);
     }
-    const max = rule.max_concurrent ?? 0;
-    if (slots.active < max) {
+    if (slots.active < rule.max_concurrent) {
       slots.active++;
       return { action: 'forward', done: this.releaser(rule.id, slots) };
     }
-    const timeout = rule.queue_timeout_ms ?? 0;
+    const timeout = rule.queue_timeout_ms;
     if (timeout === 0) return this.refuseShed(rule);
     const queue = slots.waiters;
     return new Promise<GateDecision>((resolve) => {
@@ -141,22 +140,22 @@ export class RulesGate implements QueryGate {
     };
   }
 
-  private refuseShed(rule: Rule): GateDecision {
+  private refuseShed(rule: ShedRule): GateDecision {
     this.count(rule);
     return {
       action: 'refuse',
       error: {
         severity: 'ERROR',
         code: SqlState.ConfigurationLimitExceeded,
-        message: `pgwarden: query shed by rule ${rule.id}: at most ${rule.max_concurrent} concurrent executions of this shape, and no slot freed within ${rule.queue_timeout_ms ?? 0} ms`,
+        message: `pgwarden: query shed by rule ${rule.id}: at most ${rule.max_concurrent} concurrent executions of this shape, and no slot freed within ${rule.queue_timeout_ms} ms`,
         detail: describe(rule),
         hint: `Retry later, or lift the rule with "pgwarden rules delete ${rule.id}".`,
       },
     };
   }
 
-  private reroute(rule: Rule, fingerprint: string, request: QueryRequest): GateDecision {
-    const target = rule.target === null ? undefined : this.options.replicas.get(rule.target);
+  private reroute(rule: RerouteRule, fingerprint: string, request: QueryRequest): GateDecision {
+    const target = this.options.replicas.get(rule.target);
     if (target === undefined || request.transactionStatus !== 'I') return FORWARD;
     let readOnly = this.readOnly.get(fingerprint);
     if (readOnly === undefined) {

@@ -18,7 +18,7 @@
 
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
-import type { EventLog } from '../detect/events.ts';
+import type { EventLog } from '../events/timeline.ts';
 import type { Incident, IncidentChange } from '../detect/incidents.ts';
 import { createRule } from './rule.ts';
 import type { RuleStore } from './store.ts';

@@ -6,19 +6,13 @@ import { z } from 'zod';
 
 export type RuleAction = 'block' | 'shed' | 'reroute';
 
-export interface Rule {
+/** What every rule has, whatever it does (its JSON form keeps all fields: null where they do not apply). */
+interface RuleBase {
   readonly id: string;
-  readonly action: RuleAction;
   readonly fingerprint: string;
   readonly user: string | null;
   readonly database: string | null;
   readonly application_name: string | null;
-  /** shed: executions allowed at once across the proxy. */
-  readonly max_concurrent: number | null;
-  /** shed: how long an execution waits for a slot before failing with 53400. */
-  readonly queue_timeout_ms: number | null;
-  /** reroute: the name of a configured replica. */
-  readonly target: string | null;
   readonly reason: string;
   readonly ttl_s: number | null;
   readonly created_by: string;
@@ -27,6 +21,32 @@ export interface Rule {
   /** ISO 8601, or null without a TTL. */
   readonly expires_at: string | null;
 }
+
+/** Refuses the shape with 42501. */
+export interface BlockRule extends RuleBase {
+  readonly action: 'block';
+  readonly max_concurrent: null;
+  readonly queue_timeout_ms: null;
+  readonly target: null;
+}
+
+/** At most `max_concurrent` executions at once; the rest wait up to `queue_timeout_ms`, then fail with 53400. */
+export interface ShedRule extends RuleBase {
+  readonly action: 'shed';
+  readonly max_concurrent: number;
+  readonly queue_timeout_ms: number;
+  readonly target: null;
+}
+
+/** Runs the shape on `target`, a configured replica, where the result cannot differ. */
+export interface RerouteRule extends RuleBase {
+  readonly action: 'reroute';
+  readonly max_concurrent: null;
+  readonly queue_timeout_ms: null;
+  readonly target: string;
+}
+
+export type Rule = BlockRule | ShedRule | RerouteRule;
 
 const name = z.string().min(1).max(200);
 
@@ -71,22 +91,36 @@ export function createRule(input: unknown, now: number, defaultCreator: string, 
     throw new RuleError(parsed.error.issues.map((i) => `${i.path.join('.') || (i.code === 'unrecognized_keys' ? i.keys.join(', ') : 'body')}: ${i.message}`).join('; '));
   }
   const r = parsed.data;
-  return {
+  const base: RuleBase = {
     id: id ?? `r-${randomBytes(5).toString('hex')}`,
-    action: r.action,
     fingerprint: r.fingerprint,
     user: r.user ?? null,
     database: r.database ?? null,
     application_name: r.application_name ?? null,
-    max_concurrent: r.action === 'shed' ? r.max_concurrent! : null,
-    queue_timeout_ms: r.action === 'shed' ? (r.queue_timeout_ms ?? DEFAULT_QUEUE_TIMEOUT_MS) : null,
-    target: r.target ?? null,
     reason: r.reason,
     ttl_s: r.ttl_s ?? null,
     created_by: r.created_by ?? defaultCreator,
     created_at: new Date(now).toISOString(),
     expires_at: r.ttl_s ? new Date(now + r.ttl_s * 1000).toISOString() : null,
   };
+  // Field order as in docs/api.md: the action-specific fields after the matching ones.
+  const { id: ruleId, fingerprint, user, database, application_name, ...rest } = base;
+  const head = { id: ruleId, fingerprint, user, database, application_name };
+  switch (r.action) {
+    case 'block':
+      return { ...head, action: 'block', max_concurrent: null, queue_timeout_ms: null, target: null, ...rest };
+    case 'shed':
+      return {
+        ...head,
+        action: 'shed',
+        max_concurrent: r.max_concurrent!,
+        queue_timeout_ms: r.queue_timeout_ms ?? DEFAULT_QUEUE_TIMEOUT_MS,
+        target: null,
+        ...rest,
+      };
+    case 'reroute':
+      return { ...head, action: 'reroute', max_concurrent: null, queue_timeout_ms: null, target: r.target!, ...rest };
+  }
 }
 
 /** What this instance knows of a rule's shape (from the shape registry). */
@@ -136,11 +170,19 @@ export function isExpired(rule: Rule, now: number): boolean {
   return rule.expires_at !== null && Date.parse(rule.expires_at) <= now;
 }
 
-/** Loose check of a rule read back from a state file or the control database. */
+/** Check of a rule read back from a state file or the control database: its action's fields must fit. */
 export function isRule(value: unknown): value is Rule {
   const r = value as Rule;
-  return (
-    typeof r === 'object' && r !== null && typeof r.id === 'string' && typeof r.fingerprint === 'string' &&
-    (r.action === 'block' || r.action === 'shed' || r.action === 'reroute') && typeof r.created_at === 'string'
-  );
+  if (typeof r !== 'object' || r === null || typeof r.id !== 'string' || typeof r.fingerprint !== 'string') return false;
+  if (typeof r.created_at !== 'string') return false;
+  switch (r.action) {
+    case 'block':
+      return true;
+    case 'shed':
+      return typeof r.max_concurrent === 'number' && typeof r.queue_timeout_ms === 'number';
+    case 'reroute':
+      return typeof r.target === 'string';
+    default:
+      return false;
+  }
 }

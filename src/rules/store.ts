@@ -6,8 +6,8 @@
 
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
-import type { EventLog } from '../detect/events.ts';
-import type { RulePersistence } from '../state/persistence.ts';
+import type { EventLog } from '../events/timeline.ts';
+import type { RulePersistence } from './persistence.ts';
 import { isExpired, isRule, type Rule } from './rule.ts';
 
 export type RuleChangeListener = (rules: readonly Rule[]) => void;

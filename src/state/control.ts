@@ -20,7 +20,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { isRule, type Rule } from '../rules/rule.ts';
 import type { DetectorState, DetectorStateStore } from '../detect/incidents.ts';
-import type { IncidentSharing, RulePersistence } from './persistence.ts';
+import type { IncidentSharing, RulePersistence } from '../rules/persistence.ts';
 
 const RULES_CHANNEL = 'pgwarden_rules';
 const INCIDENTS_CHANNEL = 'pgwarden_incidents';

@@ -13,7 +13,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { DetectorState, DetectorStateStore } from '../detect/incidents.ts';
 import { isRule, type Rule } from '../rules/rule.ts';
-import type { RulePersistence } from './persistence.ts';
+import type { RulePersistence } from '../rules/persistence.ts';
 
 const VERSION = 1;
 

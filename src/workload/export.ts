@@ -4,7 +4,6 @@
 // database. Literal values leave pgwarden only as the samples the operator
 // opted into (workload_sample_params); everything else is normalized text.
 
-import type { Route } from '../admin/server.ts';
 import type { Clock } from '../clock.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from '../shapes/registry.ts';
@@ -86,8 +85,4 @@ function samplesOf(query: string, kept: readonly { text: string; params: readonl
     if (values !== null && values.length === count) out.push(values);
   }
   return out;
-}
-
-export function workloadRoutes(sources: WorkloadSources): Route[] {
-  return [{ method: 'GET', path: '/api/workload', handle: () => ({ status: 200, body: buildWorkload(sources) }) }];
 }

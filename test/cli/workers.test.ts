@@ -11,7 +11,7 @@ import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { perWorker } from '../../src/cli/workers.ts';
-import type { Rule } from '../../src/rules/rule.ts';
+import type { Rule, ShedRule } from '../../src/rules/rule.ts';
 import { testDatabase, waitFor } from '../harness/database.ts';
 
 const TOKEN = 'workers-test-token-0123456789';
@@ -26,7 +26,7 @@ interface Shape {
 
 describe('a shed limit under --workers', () => {
   test('each worker admits its share, rounded up, at least one', () => {
-    const shed = { action: 'shed', max_concurrent: 5 } as Rule;
+    const shed = { action: 'shed', max_concurrent: 5, queue_timeout_ms: 0 } as ShedRule;
     assert.equal(perWorker(shed, 2).max_concurrent, 3);
     assert.equal(perWorker({ ...shed, max_concurrent: 1 }, 4).max_concurrent, 1);
     assert.equal(perWorker({ ...shed, max_concurrent: 0 }, 2).max_concurrent, 0, 'zero stays zero');

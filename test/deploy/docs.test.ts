@@ -147,7 +147,7 @@ describe('docs/api.md', () => {
       ...interfaceFields('src/detect/record.ts', 'Impact'),
       ...interfaceFields('src/detect/record.ts', 'Resolution'),
       ...interfaceFields('src/detect/record.ts', 'CauseBase'),
-      ...interfaceFields('src/detect/events.ts', 'TimelineEvent'),
+      ...interfaceFields('src/events/timeline.ts', 'TimelineEvent'),
       ...interfaceFields('src/shapes/series.ts', 'SeriesPoint'),
       ...workloadShapeFields(),
     ];

@@ -6,7 +6,7 @@ import { describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.ts';
 import { DEFAULT_DETECTOR_OPTIONS } from '../../src/detect/detector.ts';
-import { EventLog } from '../../src/detect/events.ts';
+import { EventLog } from '../../src/events/timeline.ts';
 import { IncidentManager, type DetectorState, type DetectorStateStore } from '../../src/detect/incidents.ts';
 import type { DdlCause } from '../../src/detect/record.ts';
 import type { QueryCompletion, SessionInfo } from '../../src/proxy/seam.ts';

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import type { ActivitySample, Backend } from '../../src/detect/activity.ts';
 import { leadingCause, TimelineCauses } from '../../src/detect/causes.ts';
-import { EventLog } from '../../src/detect/events.ts';
+import { EventLog } from '../../src/events/timeline.ts';
 import { InFlightTracker, stuckRegression } from '../../src/detect/inflight.ts';
 import { DEFAULT_DETECTOR_OPTIONS } from '../../src/detect/detector.ts';
 import { describeLockWait, lockWaitOf } from '../../src/detect/locks.ts';

@@ -3,7 +3,7 @@ import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { pino } from 'pino';
 import { ManualClock } from '../../src/clock.ts';
-import { EventLog } from '../../src/detect/events.ts';
+import { EventLog } from '../../src/events/timeline.ts';
 import {
   diffCatalog,
   SchemaWatcher,

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import pino from 'pino';
 import { ManualClock } from '../../src/clock.ts';
-import { EventLog } from '../../src/detect/events.ts';
+import { EventLog } from '../../src/events/timeline.ts';
 import type { Incident } from '../../src/detect/incidents.ts';
 import { MitigationPolicy, type MitigationMode, type PolicyShapes } from '../../src/rules/policy.ts';
 import { RuleStore } from '../../src/rules/store.ts';

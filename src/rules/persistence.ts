@@ -2,7 +2,7 @@
 // process: a local state file for a single instance, or a control database shared
 // by a fleet. The rule store talks only to this interface.
 
-import type { Rule } from '../rules/rule.ts';
+import type { Rule } from './rule.ts';
 
 export interface RulePersistence {
   /** The rules stored, as of now (expired ones included: the store drops them). */
