@@ -49,9 +49,9 @@ export function causeOf(e: TimelineEvent, onset: number, relevant: boolean): Cau
     objects: [...(e.objects ?? [])],
   };
   if (e.type === 'plan_change') {
-    return { ...base, kind: 'plan_change', type: 'plan_change', diff: { headline: e.summary, ...(e.details as object) } as { headline: string; removed: string[]; added: string[] } };
+    return { ...base, kind: 'plan_change', type: 'plan_change', diff: { headline: e.summary, ...e.details, removed: [...(e.details?.removed ?? [])], added: [...(e.details?.added ?? [])] } };
   }
-  if (e.type === 'ddl') return { ...base, kind: 'ddl', type: 'ddl', statement: String(e.details?.statement ?? e.summary) };
+  if (e.type === 'ddl') return { ...base, kind: 'ddl', type: 'ddl', statement: e.details?.statement ?? e.summary };
   return { ...base, kind: 'schema_change', type: 'schema_change', between: { from: new Date(interval.from).toISOString(), to: new Date(interval.to).toISOString() } };
 }
 

@@ -55,7 +55,7 @@ export class TimelineCauses implements CauseProvider {
       if (!decisive && !(touches && nearby)) continue;
       let summary = e.type === 'setting_change' ? `setting changed: ${e.summary}` : `statistics changed: ${e.summary}`;
       if (planAfter && decisive) summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later`;
-      const details = planAfter?.details as { before?: string; after?: string; estimates_before?: string; estimates_after?: string } | undefined;
+      const details = planAfter?.type === 'plan_change' ? planAfter.details : undefined;
       // New statistics act through the planner's estimates: show them moving.
       if (planAfter && e.type === 'statistics_change' && details?.estimates_before) summary += `; estimates: ${details.estimates_before} -> ${details.estimates_after}`;
       out.push({

@@ -722,7 +722,7 @@ export class IncidentManager {
   }
 
   private addResolutionEvent(incident: Incident, e: TimelineEvent): void {
-    const summary = e.type === 'plan_change' ? `plan changed ${e.summary}` : e.type === 'ddl' ? String(e.details?.statement ?? e.summary) : e.summary;
+    const summary = e.type === 'plan_change' ? `plan changed ${e.summary}` : e.type === 'ddl' ? (e.details?.statement ?? e.summary) : e.summary;
     const at = iso(whenOf(e).to);
     incident.resolution!.events.push({ at, type: e.type, summary });
     incident.timeline.push({ at, what: 'change', summary: e.type === 'schema_change' ? `${summary} (between ${iso(whenOf(e).from).slice(11, 21)} and ${at.slice(11, 21)})` : summary });
@@ -839,7 +839,7 @@ export class IncidentManager {
   private onTimelineEvent(e: TimelineEvent): void {
     if (this.closing.size > 0) this.lateResolutionEvent(e);
     if (e.type === 'mitigation') {
-      const incident = this.incidents.get(String(e.details?.incident ?? ''));
+      const incident = this.incidents.get(e.details?.incident ?? '');
       if (incident) incident.timeline.push({ at: iso(e.at), what: 'mitigation', summary: e.summary });
       return;
     }

@@ -18,19 +18,68 @@ export type EventType =
   | 'rule_removed'
   | 'mitigation';
 
-export interface TimelineEvent {
+/** What every event has, whatever its type. */
+interface EventBase {
   readonly id: number;
   /** Epoch ms. */
   readonly at: number;
-  readonly type: EventType;
   /** One human-readable line ("DROP INDEX users_email_idx", "Index Scan ... -> Seq Scan ..."). */
   readonly summary: string;
   /** The shape concerned, if any. */
   readonly fingerprint?: string;
   /** Tables and indexes the event touches, lower-case, unqualified. */
   readonly objects?: readonly string[];
-  readonly details?: Record<string, unknown>;
 }
+
+/** A change found between two reads of a watch: it happened after `since` (epoch ms) and by the event's time. */
+interface Windowed {
+  readonly since: number;
+}
+
+/**
+ * What each type of event carries beyond the summary: the API shows it as is
+ * (docs/api.md, Events), and attribution reads it (plan diffs, change windows).
+ * Watch-specific fields beyond those named stay open (the catalog and settings
+ * diffs describe what they found in their own terms).
+ */
+export interface EventDetails {
+  ddl: { command: string; statement: string; user: string; database: string; application_name: string };
+  schema_change: Windowed & { kind: string; database: string } & Record<string, unknown>;
+  plan_change: {
+    from: string;
+    to: string;
+    removed: readonly string[];
+    added: readonly string[];
+    before: string;
+    after: string;
+    estimates_before: string;
+    estimates_after: string;
+  };
+  setting_change: Windowed & { name: string } & Record<string, unknown>;
+  statistics_change: Windowed & Record<string, unknown>;
+  new_shape: Record<string, unknown>;
+  admin_action: {
+    action: string;
+    pid: number;
+    ok: boolean;
+    reason: string | null;
+    blocking: readonly number[];
+    user: string | null;
+    application: string | null;
+    query: string | null;
+  };
+  incident_opened: { incident: string; kind: string; severity: number; victims: readonly string[] };
+  incident_resolved: { incident: string; kind: string };
+  rule_added: { rule: unknown };
+  rule_removed: { rule: unknown };
+  mitigation: { incident: string; mode: string; action: string; rule_id: string | null; refused: unknown };
+}
+
+/** One entry of the timeline; narrowing on `type` gives its `details`. */
+export type TimelineEvent = { [T in EventType]: EventBase & { readonly type: T; readonly details?: EventDetails[T] } }[EventType];
+
+/** An event as added: the log gives it its id, and its time unless one is known. */
+export type NewEvent = { [T in EventType]: Omit<EventBase, 'id' | 'at'> & { at?: number; type: T; details?: EventDetails[T] } }[EventType];
 
 export type EventListener = (event: TimelineEvent) => void;
 
@@ -44,8 +93,8 @@ export class EventLog {
     private readonly capacity = 2000,
   ) {}
 
-  add(event: Omit<TimelineEvent, 'id' | 'at'> & { at?: number }): TimelineEvent {
-    const stored: TimelineEvent = { ...event, id: this.nextId++, at: event.at ?? this.clock.now() };
+  add(event: NewEvent): TimelineEvent {
+    const stored = { ...event, id: this.nextId++, at: event.at ?? this.clock.now() } as TimelineEvent;
     this.events.push(stored);
     if (this.events.length > this.capacity) this.events.splice(0, this.events.length - this.capacity);
     for (const listener of this.listeners) listener(stored);

@@ -35,8 +35,8 @@ function registeredMetrics(): Map<string, string> {
 /** The fields of an exported interface, from its source text. */
 function interfaceFields(file: string, name: string): string[] {
   const source = read(file);
-  const start = source.indexOf(`export interface ${name} {`);
-  assert.ok(start >= 0, `${file} exports interface ${name}`);
+  const start = source.search(new RegExp(`^(export )?interface ${name}( extends [^{]+)? \\{`, 'm'));
+  assert.ok(start >= 0, `${file} declares interface ${name}`);
   const body = source.slice(start, source.indexOf('\n}', start));
   return [...body.matchAll(/^\s+(?:readonly\s+)?(\w+)\??:/gm)].map((m) => m[1]);
 }
@@ -141,13 +141,17 @@ describe('docs/api.md', () => {
   test('the JSON fields of shapes, rules and incidents are documented by their names in the code', () => {
     const fields = [
       ...shapeSummaryFields(),
-      ...interfaceFields('src/rules/rule.ts', 'Rule'),
+      ...interfaceFields('src/rules/rule.ts', 'RuleBase'),
+      ...interfaceFields('src/rules/rule.ts', 'ShedRule'),
+      ...interfaceFields('src/rules/rule.ts', 'RerouteRule'),
       ...interfaceFields('src/detect/record.ts', 'Incident'),
       ...interfaceFields('src/detect/record.ts', 'Victim'),
       ...interfaceFields('src/detect/record.ts', 'Impact'),
       ...interfaceFields('src/detect/record.ts', 'Resolution'),
       ...interfaceFields('src/detect/record.ts', 'CauseBase'),
-      ...interfaceFields('src/events/timeline.ts', 'TimelineEvent'),
+      ...interfaceFields('src/events/timeline.ts', 'EventBase'),
+      'type',
+      'details',
       ...interfaceFields('src/shapes/series.ts', 'SeriesPoint'),
       ...workloadShapeFields(),
     ];

@@ -98,6 +98,9 @@ function drive(sim: Simulation, shapes: string[], seconds: number, rate: number,
   }
 }
 
+/** The details of a DDL event seen through the proxy (only the statement matters here). */
+const ddlDetails = (statement: string) => ({ command: statement.split(' ').slice(0, 2).join(' '), statement, user: 'app', database: 'app', application_name: '' });
+
 describe('the regression detector', () => {
   test('two minutes of noisy but healthy load open no incident (50 seeds, after a warm-up)', () => {
     for (let seed = 1; seed <= 50; seed++) {
@@ -168,8 +171,8 @@ describe('the regression detector', () => {
   test('an incident names plan and schema changes near the onset, the relevant ones first', () => {
     const sim = new Simulation();
     drive(sim, ['hot'], 180, 50, () => 0.3);
-    sim.events.add({ type: 'ddl', summary: 'CREATE TABLE audit (id int)', objects: ['audit'], details: { statement: 'CREATE TABLE audit (id int)' } });
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX users_email_idx', objects: ['users_email_idx'], details: { statement: 'DROP INDEX users_email_idx' } });
+    sim.events.add({ type: 'ddl', summary: 'CREATE TABLE audit (id int)', objects: ['audit'], details: ddlDetails('CREATE TABLE audit (id int)') });
+    sim.events.add({ type: 'ddl', summary: 'DROP INDEX users_email_idx', objects: ['users_email_idx'], details: ddlDetails('DROP INDEX users_email_idx') });
     drive(sim, ['hot'], 2, 50, () => 40);
     sim.events.add({
       type: 'plan_change',
@@ -203,7 +206,7 @@ describe('the regression detector', () => {
     const sim = new Simulation();
     const shapes = ['hot', 'v1', 'v2', 'v3', 'calm'];
     drive(sim, shapes, 60, 50, () => 1);
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx'], details: { statement: 'DROP INDEX t_idx' } });
+    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx'], details: ddlDetails('DROP INDEX t_idx') });
     sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
     drive(sim, shapes, 20, 50, (fp) => (fp === 'hot' ? 60 : fp === 'calm' ? 1 : 30));
     const all = sim.incidents.list();
@@ -240,13 +243,13 @@ describe('the regression detector', () => {
   test('a resolved incident keeps its peak, its causes as attributed, and the fix as its resolution', () => {
     const sim = new Simulation();
     drive(sim, ['hot'], 60, 50, () => 0.3);
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx', 't'], details: { statement: 'DROP INDEX t_idx' } });
+    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx', 't'], details: ddlDetails('DROP INDEX t_idx') });
     sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
     drive(sim, ['hot'], 10, 50, (_fp, t) => (t < 5000 ? 400 : 40));
     const incident = sim.incidents.list('active')[0];
     assert.ok(incident?.attributed, 'attributed');
     const causes = JSON.stringify(incident.causes);
-    sim.events.add({ type: 'ddl', summary: 'CREATE INDEX t_idx ON t (email)', objects: ['t_idx', 't'], details: { statement: 'CREATE INDEX t_idx ON t (email)' } });
+    sim.events.add({ type: 'ddl', summary: 'CREATE INDEX t_idx ON t (email)', objects: ['t_idx', 't'], details: ddlDetails('CREATE INDEX t_idx ON t (email)') });
     sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Seq Scan on t -> Index Scan using t_idx on t', objects: ['t', 't_idx'] });
     drive(sim, ['hot'], 20, 50, () => 0.3);
     const resolved = sim.incidents.get(incident.id)!;
@@ -269,7 +272,7 @@ describe('the regression detector', () => {
     const before = sim.clock.now() - 1000;
     drive(sim, ['hot'], 3, 50, () => 40);
     // The watch saw it 3 s after the slowdown began; its previous check was 1 s before.
-    sim.events.add({ type: 'schema_change', summary: 'index t_idx on public.t dropped', objects: ['t_idx', 't'], details: { since: before } });
+    sim.events.add({ type: 'schema_change', summary: 'index t_idx on public.t dropped', objects: ['t_idx', 't'], details: { since: before, kind: 'index_dropped', database: 'app' } });
     sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
     drive(sim, ['hot'], 4, 50, () => 40);
     const incident = sim.incidents.list('active')[0];
