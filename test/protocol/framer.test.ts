@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { CONTINUE, Framer, HEADER, HOLD, PASS, SKIP, WHOLE, type FrameHandler } from '../../src/protocol/framer.ts';
+import { CONTINUE, Framer, HEADER, HOLD, kindTable, PASS, SKIP, WHOLE, type FrameHandler, type Outcome } from '../../src/protocol/framer.ts';
 
 function message(type: string, body: Buffer | string): Buffer {
   const payload = typeof body === 'string' ? Buffer.from(body) : body;
@@ -11,17 +11,15 @@ function message(type: string, body: Buffer | string): Buffer {
   return out;
 }
 
-const kinds = new Uint8Array(256).fill(PASS);
-kinds['Q'.charCodeAt(0)] = WHOLE;
-kinds['D'.charCodeAt(0)] = HEADER;
+const kinds = kindTable(PASS, [['Q'.charCodeAt(0)], WHOLE], [['D'.charCodeAt(0)], HEADER]);
 
 class Recorder implements FrameHandler {
   forwarded: Buffer[] = [];
   seen: string[] = [];
   violations: string[] = [];
-  decide: (type: string, body: string) => number = () => CONTINUE;
+  decide: (type: string, body: string) => Outcome = () => CONTINUE;
   constructor(public framer?: Framer) {}
-  onMessage(type: number, buf: Buffer, start: number, end: number): number {
+  onMessage(type: number, buf: Buffer, start: number, end: number): Outcome {
     const t = String.fromCharCode(type);
     if (t === 'Q') {
       const body = buf.toString('utf8', start + 5, end);
