@@ -117,3 +117,8 @@ export function withoutChannelBinding(buf: Buffer, start: number, end: number): 
   }
   return out;
 }
+
+/** The server's one-byte answer to SSLRequest: 'S' to go on with TLS, 'N' to go on without. */
+export function sslAccepted(answer: Buffer): boolean {
+  return answer[0] === 0x53; // 'S'
+}

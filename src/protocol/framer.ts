@@ -5,8 +5,6 @@
 // an ErrorResponse) are gathered when a read splits them; all others stream
 // through, so a 1 GB COPY or a huge DataRow is never buffered.
 
-import { MESSAGE_HEADER_BYTES as HEADER_BYTES } from './constants.ts';
-
 // Kinds and outcomes are small numbers on the hot path, branded so the compiler
 // keeps them apart: a kind is never returned as an outcome, nor stored the other way.
 declare const messageKind: unique symbol;
@@ -56,6 +54,9 @@ export interface FrameHandler {
   /** The stream is not valid protocol; nothing more will be framed. */
   onViolation(reason: string): void;
 }
+
+/** A module-local copy of MESSAGE_HEADER_BYTES (constants.ts): a plain const folds into the hot loop. */
+const HEADER_BYTES = 5;
 
 export class Framer {
   /** Bytes of a streamed (PASS or HEADER) message still to come. */

@@ -608,8 +608,10 @@ export class Session {
   // -- the simple query
 
   private onQuery(buf: Buffer, start: number, end: number): Outcome {
-    const query = this.pending.take(Owed.Simple, performance.now());
-    query.text = decodeQueryText(buf, start, end);
+    const mark = performance.now();
+    const text = decodeQueryText(buf, start, end); // decoded first: a malformed message takes no Pending
+    const query = this.pending.take(Owed.Simple, mark);
+    query.text = text;
     return this.gate(query, buf, start, end);
   }
 
@@ -643,8 +645,9 @@ export class Session {
   }
 
   private onExecute(buf: Buffer, start: number, end: number): Outcome {
-    const query = this.pending.take(Owed.Execute, performance.now());
+    const mark = performance.now();
     const portalName = decodeExecutePortal(buf, start, end);
+    const query = this.pending.take(Owed.Execute, mark);
     const portal = portalName === '' ? this.unnamedPortal : (this.portals.get(portalName) ?? null);
     if (portal !== null) {
       query.statement = portal.statement;

@@ -454,8 +454,9 @@ class ReplicaConnection {
     if (status !== 'I') {
       // A rerouted statement must not leave a transaction open; whatever it began
       // ends with this connection instead of leaking into the next statement.
-      this.options.log.warn({ database: this.options.database, status }, 'rerouted statement left a transaction open; closing the connection');
-      this.dead = new Error(`replica ${this.options.name}: connection closed after a statement left transaction status ${status}`);
+      const { database, name } = this.options;
+      this.options.log.warn({ database, status }, 'rerouted statement left a transaction open; closing the connection');
+      this.dead = new Error(`replica ${name}: connection closed after a statement left transaction status ${status}`);
       this.socket.destroy();
     }
     run.resolve({ rows: run.rows, sqlstate: run.sqlstate });

@@ -1,6 +1,19 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { CONTINUE, Framer, HEADER, HOLD, kindTable, PASS, SKIP, WHOLE, type FrameHandler, type Outcome } from '../../src/protocol/framer.ts';
+import {
+  CONTINUE,
+  Framer,
+  HEADER,
+  HOLD,
+  kindTable,
+  PASS,
+  SKIP,
+  WHOLE,
+  type FrameHandler,
+  type KindTable,
+  type MessageKind,
+  type Outcome,
+} from '../../src/protocol/framer.ts';
 
 function message(type: string, body: Buffer | string): Buffer {
   const payload = typeof body === 'string' ? Buffer.from(body) : body;
@@ -172,5 +185,22 @@ describe('Framer', () => {
         assert.equal(recorder.output(), '<replaced select 1>', `splits ${splits.join(',')}`);
       }
     }
+  });
+});
+
+describe('kinds and outcomes', () => {
+  // The @ts-expect-error lines are the test: `npx tsc --noEmit -p .` fails if any of
+  // them type-checks, i.e. if kinds, outcomes and plain numbers could be mixed.
+  test('are distinct types at compile time and plain numbers at run time', () => {
+    // @ts-expect-error a MessageKind is not an Outcome
+    const outcome: Outcome = WHOLE;
+    // @ts-expect-error an Outcome is not a MessageKind
+    const kind: MessageKind = SKIP;
+    // @ts-expect-error a plain number is neither
+    const plain: Outcome = 1;
+    // @ts-expect-error a kind table is built with kindTable(), not from any Uint8Array
+    const table: KindTable = new Uint8Array(256);
+    assert.deepEqual([outcome, kind, plain, table.length], [1, 1, 1, 256]);
+    assert.deepEqual([PASS, WHOLE, HEADER, CONTINUE, SKIP, HOLD], [0, 1, 2, 0, 1, 2]);
   });
 });

@@ -10,9 +10,10 @@ import {
   backendKeySecret,
   parameterStatusValue,
   readyForQueryStatus,
+  sslAccepted,
 } from '../../src/protocol/backend.ts';
 import { Backend, Frontend, PROTOCOL_VERSION_3_0 } from '../../src/protocol/constants.ts';
-import { encodeBackendKeyData, encodeReadyForQuery } from '../../src/protocol/encode.ts';
+import { encodeBackendKeyData, encodeReadyForQuery, SSL_ACCEPTED, SSL_REFUSED } from '../../src/protocol/encode.ts';
 import { ProtocolError, startupPacketLength, startupRequestCode } from '../../src/protocol/frontend.ts';
 import { findMessage, MessageCursor } from '../../src/protocol/messages.ts';
 
@@ -98,5 +99,10 @@ describe('startup packets', () => {
     packet.writeInt32BE(PROTOCOL_VERSION_3_0, 4);
     assert.equal(startupPacketLength(packet), 8);
     assert.equal(startupRequestCode(packet), PROTOCOL_VERSION_3_0);
+  });
+
+  test("the answer to SSLRequest is 'S' or 'N'", () => {
+    assert.equal(sslAccepted(SSL_ACCEPTED), true);
+    assert.equal(sslAccepted(SSL_REFUSED), false);
   });
 });
