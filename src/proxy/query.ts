@@ -5,6 +5,7 @@
 // pipelined responses are matched to their queries; entries are recycled, so
 // steady traffic allocates none.
 
+import { performance } from 'node:perf_hooks';
 import type { PreparedStatement, QueryCompletion, QueryRequest, SessionInfo } from './seam.ts';
 import type { TransactionStatus } from '../protocol/constants.ts';
 

@@ -2,9 +2,12 @@
 // Framers; the session looks only at the messages that start, end or route a
 // query, keeps a queue of what the server still owes (so pipelined responses are
 // matched to their queries), publishes a QueryCompletion per statement and asks
-// the gate before forwarding each query. It reads in the order of the protocol
-// documentation: start-up, the simple query, the extended query, the server's
-// responses, termination.
+// the gate before forwarding each query. After its states and the owner's
+// controls it reads in the order of the protocol documentation: start-up, the
+// simple query, the extended query (with the gate and reroute each query passes),
+// the server's responses, termination. The in-flight query is one Pending object
+// (query.ts) from the message that starts it to its completion event; running a
+// statement on a reroute target is in reroute.ts.
 //
 // Refusing a query never needs the proxy to imitate the server: the refused
 // message is replaced by one the server itself fails (a syntax error), so the
@@ -256,7 +259,8 @@ class MutableSessionInfo implements SessionInfo {
     this.applicationName = params.get('application_name') ?? '';
     this.clientAddress = `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`;
     const replication = params.get('replication');
-    this.replication = replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0';
+    this.replication =
+      replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0';
     this.settings = startupSettings(params);
   }
 }
@@ -390,6 +394,70 @@ export class Session {
     this.input = to;
   }
 
+  // ---- what the owner asks of a session --------------------------------------------
+
+  /**
+   * Graceful shutdown: an idle session is closed now, a busy one as soon as it
+   * becomes idle (see onReadyForQuery).
+   */
+  drain(): void {
+    if (this.state === 'draining') return;
+    if (this.state === 'open' && !this.idle) this.changeLifecycle('draining');
+    else this.shutdown();
+  }
+
+  /** Ends the session now, telling the client why, as PostgreSQL does on shutdown. */
+  shutdown(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
+  }
+
+  /** Ends the session at an operator's request, telling the client why (57P01, as pg_terminate_backend does). */
+  terminate(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection due to administrator command (pgwarden)');
+  }
+
+  /** Authentication did not finish in time: ends the session as PostgreSQL's authentication_timeout does. */
+  authenticationTimeout(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.QueryCanceled, 'canceling authentication due to timeout');
+  }
+
+  /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
+  cancel(): Promise<void> {
+    if (this.backendKey === null) return Promise.resolve();
+    return sendCancelRequest(this.options.upstream, encodeCancelRequest(this.backendPid, this.backendKey));
+  }
+
+  /** Who is connected, in which state, running what: for the live sessions view. */
+  snapshot(): SessionSnapshot {
+    const now = performance.now();
+    let state: SessionSnapshot['state'];
+    if (this.state === 'connecting' || this.state === 'closed') state = this.state;
+    else if (this.pending.length > 0) state = 'active';
+    else if (this.transactionStatus === 'T') state = 'idle in transaction';
+    else if (this.transactionStatus === 'E') state = 'idle in transaction (aborted)';
+    else state = 'idle';
+    const head = this.pending.peek();
+    let statement: SessionSnapshot['statement'] = null;
+    if (head !== undefined && head.text !== '') {
+      const { text, statementIndex, mark } = head;
+      const startedAt = performance.timeOrigin + mark;
+      statement = { text, statementIndex, startedAt, durationMs: now - mark, running: true };
+    } else if (this.lastText !== '') {
+      statement = {
+        text: this.lastText,
+        statementIndex: this.lastStatementIndex,
+        startedAt: performance.timeOrigin + this.lastMark,
+        durationMs: this.lastDurationMs,
+        running: false,
+      };
+    }
+    const { info, connectedAt, bytesFromClient, bytesFromServer } = this;
+    return { id: info.id, info, connectedAt, state, statement, bytesFromClient, bytesFromServer };
+  }
+
   // ---- start-up -------------------------------------------------------------------
 
   /** Connects upstream and starts relaying; the client is read only from then on. */
@@ -471,70 +539,6 @@ export class Session {
     }
     const searchPath = parameterStatusValue(buf, start, end, SEARCH_PATH);
     if (searchPath !== null) this.info.settings.set('search_path', searchPath);
-  }
-
-  // ---- what the owner asks of a session --------------------------------------------
-
-  /**
-   * Graceful shutdown: an idle session is closed now, a busy one as soon as it
-   * becomes idle (see onReadyForQuery).
-   */
-  drain(): void {
-    if (this.state === 'draining') return;
-    if (this.state === 'open' && !this.idle) this.changeLifecycle('draining');
-    else this.shutdown();
-  }
-
-  /** Ends the session now, telling the client why, as PostgreSQL does on shutdown. */
-  shutdown(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
-  }
-
-  /** Ends the session at an operator's request, telling the client why (57P01, as pg_terminate_backend does). */
-  terminate(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.AdminShutdown, 'terminating connection due to administrator command (pgwarden)');
-  }
-
-  /** Authentication did not finish in time: ends the session as PostgreSQL's authentication_timeout does. */
-  authenticationTimeout(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.QueryCanceled, 'canceling authentication due to timeout');
-  }
-
-  /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
-  cancel(): Promise<void> {
-    if (this.backendKey === null) return Promise.resolve();
-    return sendCancelRequest(this.options.upstream, encodeCancelRequest(this.backendPid, this.backendKey));
-  }
-
-  /** Who is connected, in which state, running what: for the live sessions view. */
-  snapshot(): SessionSnapshot {
-    const now = performance.now();
-    let state: SessionSnapshot['state'];
-    if (this.state === 'connecting' || this.state === 'closed') state = this.state;
-    else if (this.pending.length > 0) state = 'active';
-    else if (this.transactionStatus === 'T') state = 'idle in transaction';
-    else if (this.transactionStatus === 'E') state = 'idle in transaction (aborted)';
-    else state = 'idle';
-    const head = this.pending.peek();
-    let statement: SessionSnapshot['statement'] = null;
-    if (head !== undefined && head.text !== '') {
-      const { text, statementIndex, mark } = head;
-      const startedAt = performance.timeOrigin + mark;
-      statement = { text, statementIndex, startedAt, durationMs: now - mark, running: true };
-    } else if (this.lastText !== '') {
-      statement = {
-        text: this.lastText,
-        statementIndex: this.lastStatementIndex,
-        startedAt: performance.timeOrigin + this.lastMark,
-        durationMs: this.lastDurationMs,
-        running: false,
-      };
-    }
-    const { info, connectedAt, bytesFromClient, bytesFromServer } = this;
-    return { id: info.id, info, connectedAt, state, statement, bytesFromClient, bytesFromServer };
   }
 
   // ---- client to server ----------------------------------------------------------
