@@ -53,7 +53,7 @@ export function sessionRoutes(proxy: ProxyServer, shapeOf: StatementShapeOf, ups
       path: '/api/sessions',
       handle() {
         const now = Date.now();
-        const sessions = [...proxy.liveSessions()].filter((s) => s.state !== 'closed').map((s) => sessionJson(s, shapeOf, upstream, now));
+        const sessions = [...proxy.liveSessions()].filter((s) => s.lifecycle !== 'closed').map((s) => sessionJson(s, shapeOf, upstream, now));
         return { status: 200, body: sessions.sort((a, b) => a.id - b.id) };
       },
     },

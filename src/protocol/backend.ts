@@ -1,9 +1,9 @@
 // Decoders for the few backend messages the proxy must read: CommandComplete (row
 // counts), ErrorResponse (SQLSTATE), ReadyForQuery (transaction status),
-// BackendKeyData and the authentication requests. Like the frontend decoders they read in place; the row count
+// ParameterStatus, BackendKeyData and the authentication requests. Like the frontend decoders they read in place; the row count
 // parser allocates nothing because it runs once per query.
 
-import { ErrorField, SCRAM_SHA_256_PLUS } from './constants.ts';
+import { ErrorField, SCRAM_SHA_256_PLUS, type TransactionStatus } from './constants.ts';
 
 const DIGIT_0 = 0x30;
 const DIGIT_9 = 0x39;
@@ -55,9 +55,27 @@ export function authenticationCode(buf: Buffer, start: number, end: number): num
   return end - start >= 9 ? buf.readInt32BE(start + 5) : -1;
 }
 
-/** ReadyForQuery's transaction status byte. */
-export function readyForQueryStatus(buf: Buffer, start: number): number {
-  return buf[start + 5];
+const STATUS_IN_TRANSACTION = 0x54; // 'T'
+const STATUS_IDLE = 0x49; // 'I'
+
+/**
+ * ReadyForQuery's transaction status. A byte other than 'I', 'T' or 'E' (no server
+ * sends one) reads as 'E': nothing is assumed to be idle that did not say so.
+ */
+export function readyForQueryStatus(buf: Buffer, start: number): TransactionStatus {
+  const status = buf[start + 5];
+  return status === STATUS_IDLE ? 'I' : status === STATUS_IN_TRANSACTION ? 'T' : 'E';
+}
+
+/**
+ * A ParameterStatus's value when its parameter is `name` (given NUL-terminated, as
+ * on the wire, e.g. Buffer.from('search_path\0')), else null. Compares in place.
+ */
+export function parameterStatusValue(buf: Buffer, start: number, end: number, name: Buffer): string | null {
+  const nameStart = start + 5;
+  const valueStart = nameStart + name.length;
+  if (valueStart >= end || buf.compare(name, 0, name.length, nameStart, valueStart) !== 0) return null;
+  return buf.toString('utf8', valueStart, end - 1);
 }
 
 /** BackendKeyData's process id. */
@@ -98,4 +116,9 @@ export function withoutChannelBinding(buf: Buffer, start: number, end: number): 
     out[q++] = 0;
   }
   return out;
+}
+
+/** The server's one-byte answer to SSLRequest: 'S' to go on with TLS, 'N' to go on without. */
+export function sslAccepted(answer: Buffer): boolean {
+  return answer[0] === 0x53; // 'S'
 }

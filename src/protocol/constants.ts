@@ -72,13 +72,15 @@ export const Backend = {
   RowDescription: 0x54, // 'T'
 } as const;
 
-/** ReadyForQuery transaction status bytes. */
-export const TransactionStatus = {
-  Idle: 0x49, // 'I'
-  InTransaction: 0x54, // 'T'
-  Failed: 0x45, // 'E'
-} as const;
-export type TransactionStatusByte = (typeof TransactionStatus)[keyof typeof TransactionStatus];
+/**
+ * The transaction status a ReadyForQuery reports, as its byte reads: 'I' idle, 'T'
+ * in a transaction block, 'E' in a failed one. The one type for it everywhere
+ * (readyForQueryStatus decodes it, encodeReadyForQuery writes it).
+ */
+export type TransactionStatus = 'I' | 'T' | 'E';
+
+/** Every typed message starts with its type byte and an int32 length (which counts itself, not the type). */
+export const MESSAGE_HEADER_BYTES = 5;
 
 /** The SQLSTATEs pgwarden itself originates (docs/api.md and README.md name them). */
 export const SqlState = {

@@ -1,8 +1,8 @@
 // Encoders for the messages pgwarden itself writes: its own ErrorResponses, the
-// substitute messages that make the server fail a refused statement, Terminate and
-// CancelRequest. None of these run per forwarded message.
+// substitute messages that make the server fail a refused statement, ReadyForQuery
+// after a rerouted statement, Terminate and CancelRequest (BackendKeyData for tests). None of these run per forwarded message.
 
-import { CANCEL_REQUEST_CODE, ErrorField, Frontend, Backend, SSL_REQUEST_CODE } from './constants.ts';
+import { CANCEL_REQUEST_CODE, ErrorField, Frontend, Backend, SSL_REQUEST_CODE, type TransactionStatus } from './constants.ts';
 
 export interface ErrorFields {
   severity: 'ERROR' | 'FATAL';
@@ -68,9 +68,19 @@ export function encodeCopyFail(reason: string): Buffer {
   return encodeWithCStrings(Frontend.CopyFail, [reason]);
 }
 
-/** ReadyForQuery with a transaction status ('I', 'T' or 'E' as a byte). */
-export function encodeReadyForQuery(status: number): Buffer {
-  return Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, status]);
+/** ReadyForQuery with a transaction status. */
+export function encodeReadyForQuery(status: TransactionStatus): Buffer {
+  return Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, status.charCodeAt(0)]);
+}
+
+/** BackendKeyData: the server process id and its secret key (4 bytes before protocol 3.2, up to 256 after). */
+export function encodeBackendKeyData(processId: number, secretKey: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(9 + secretKey.length);
+  out[0] = Backend.BackendKeyData;
+  out.writeInt32BE(8 + secretKey.length, 1);
+  out.writeInt32BE(processId, 5);
+  secretKey.copy(out, 9);
+  return out;
 }
 
 export const TERMINATE = Buffer.from([Frontend.Terminate, 0, 0, 0, 4]);

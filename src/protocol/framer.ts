@@ -5,28 +5,57 @@
 // an ErrorResponse) are gathered when a read splits them; all others stream
 // through, so a 1 GB COPY or a huge DataRow is never buffered.
 
+// Kinds and outcomes are small numbers on the hot path, branded so the compiler
+// keeps them apart: a kind is never returned as an outcome, nor stored the other way.
+declare const messageKind: unique symbol;
+declare const outcome: unique symbol;
+declare const kindTableBrand: unique symbol;
+
 /** Per message type: what the handler needs. */
-export const PASS = 0; // not shown to the handler
-export const WHOLE = 1; // shown once complete (gathered if split across reads)
-export const HEADER = 2; // shown at its header; the body may not be in the buffer yet
+export type MessageKind = number & { readonly [messageKind]: true };
+export const PASS = 0 as MessageKind; // not shown to the handler
+export const WHOLE = 1 as MessageKind; // shown once complete (gathered if split across reads)
+export const HEADER = 2 as MessageKind; // shown at its header; the body may not be in the buffer yet
 
 /** What the handler did with a message. */
-export const CONTINUE = 0; // forward it
-export const SKIP = 1; // do not forward it (the handler wrote something else instead)
-export const HOLD = 2; // stop here; the handler will call resume() later
+export type Outcome = number & { readonly [outcome]: true };
+export const CONTINUE = 0 as Outcome; // forward it
+export const SKIP = 1 as Outcome; // do not forward it (the handler wrote something else instead)
+export const HOLD = 2 as Outcome; // stop here; the handler will call resume() later
+
+/** The MessageKind of each of the 256 message type bytes, indexed by the type byte. */
+export type KindTable = Uint8Array & { readonly [kindTableBrand]: true };
+
+/**
+ * A KindTable: `fallback` for every type byte, then each listed group of types set
+ * to its kind (later groups win). Built once at module load, never per message.
+ */
+export function kindTable(fallback: MessageKind, ...groups: (readonly [readonly number[], MessageKind])[]): KindTable {
+  const table = new Uint8Array(256).fill(fallback);
+  for (const [types, kind] of groups) for (const t of types) table[t] = kind;
+  return table as KindTable;
+}
+
+/** A copy of `base` with each listed group of types set to its kind. */
+export function withKinds(base: KindTable, ...groups: (readonly [readonly number[], MessageKind])[]): KindTable {
+  const table = Uint8Array.from(base);
+  for (const [types, kind] of groups) for (const t of types) table[t] = kind;
+  return table as KindTable;
+}
 
 export interface FrameHandler {
   /**
    * A message of a WHOLE or HEADER type. `buf[start]` is the type byte and `end` is
    * one past the message; for HEADER types `end` may lie beyond `buf`.
    */
-  onMessage(type: number, buf: Buffer, start: number, end: number): number;
+  onMessage(type: number, buf: Buffer, start: number, end: number): Outcome;
   /** Bytes to pass on verbatim, in order. */
   onForward(bytes: Buffer): void;
   /** The stream is not valid protocol; nothing more will be framed. */
   onViolation(reason: string): void;
 }
 
+/** A module-local copy of MESSAGE_HEADER_BYTES (constants.ts): a plain const folds into the hot loop. */
 const HEADER_BYTES = 5;
 
 export class Framer {
@@ -44,7 +73,7 @@ export class Framer {
   private messageStart = 0;
 
   constructor(
-    private kinds: Uint8Array,
+    private kinds: KindTable,
     private maxMessageLength: number,
     private readonly handler: FrameHandler,
   ) {}
@@ -53,7 +82,7 @@ export class Framer {
    * Changes which message types the handler sees (from the next message on), and
    * optionally the largest message length accepted.
    */
-  setKinds(kinds: Uint8Array, maxMessageLength = this.maxMessageLength): void {
+  setKinds(kinds: KindTable, maxMessageLength = this.maxMessageLength): void {
     this.kinds = kinds;
     this.maxMessageLength = maxMessageLength;
   }
@@ -103,7 +132,7 @@ export class Framer {
       const length = data.readInt32BE(p + 1);
       if (!this.validLength(length, p)) return;
       const end = p + 1 + length;
-      const kind = this.kinds[type];
+      const kind = this.kinds[type] as MessageKind;
       if (end <= n) {
         if (kind !== PASS) {
           this.messageStart = p;
@@ -220,7 +249,7 @@ export class Framer {
     const length = target.readInt32BE(1);
     if (this.gatheringHeader) {
       if (!this.validLength(length, p)) return -1;
-      const kind = this.kinds[type];
+      const kind = this.kinds[type] as MessageKind;
       if (kind === WHOLE) {
         const whole = Buffer.allocUnsafe(1 + length);
         target.copy(whole, 0);

@@ -119,6 +119,19 @@ export function decodeCloseTarget(buf: Buffer, start: number, end: number): { ki
   return { kind: buf[start + 5], name: readCString(buf, start + 6, end) };
 }
 
+/**
+ * The length of a startup-phase packet (StartupMessage, SSLRequest, CancelRequest...:
+ * no type byte, an int32 length that counts itself), from its first 4 bytes.
+ */
+export function startupPacketLength(buf: Buffer): number {
+  return buf.readInt32BE(0);
+}
+
+/** A startup-phase packet's request code (a protocol version, or SSLRequest's, CancelRequest's...). */
+export function startupRequestCode(packet: Buffer): number {
+  return packet.readInt32BE(4);
+}
+
 /** The parameters of a StartupMessage (user, database, options, GUCs...). */
 export function decodeStartupParameters(packet: Buffer): Map<string, string> {
   if (packet.length - 4 > MAX_STARTUP_PACKET_BYTES) throw new ProtocolError('startup packet too long');

@@ -32,3 +32,29 @@ export function withReadBuffer(socket: net.Socket, onread: ReadBuffer): { socket
   socket.destroy();
   return { socket: new net.Socket({ handle, readable: true, writable: true, onread, pauseOnCreate: true } as net.SocketConstructorOpts), pending };
 }
+
+const READ_BUFFER_BYTES = 64 * 1024;
+
+/**
+ * One read buffer shared by every session for one direction. `onread` fills it
+ * and the callback consumes it synchronously, so sessions can take turns with
+ * it; only a write that did not complete at once still references it, and then
+ * the next read goes to a fresh buffer. An idle session thus holds no buffer.
+ */
+export class SharedReadBuffer {
+  private buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  private inUse = false;
+
+  take(): Buffer {
+    if (this.inUse) {
+      this.buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      this.inUse = false;
+    }
+    return this.buffer;
+  }
+
+  /** A pending write still references the current buffer. */
+  retain(): void {
+    this.inUse = true;
+  }
+}

@@ -2,6 +2,7 @@
 // one QueryCompletion per finished statement and asks a QueryGate before forwarding
 // each query; it knows nothing else about shapes, plans or rules.
 
+import type { TransactionStatus } from '../protocol/constants.ts';
 import type { ErrorFields } from '../protocol/encode.ts';
 
 /** Who is on the other end of a session, as the startup packet and server told us. */
@@ -71,7 +72,7 @@ export interface QueryRequest {
   readonly text: string;
   readonly statement: PreparedStatement | null;
   /** The server's transaction status from its last ReadyForQuery: 'I', 'T' or 'E'. */
-  readonly transactionStatus: 'I' | 'T' | 'E';
+  readonly transactionStatus: TransactionStatus;
   /** Whether earlier messages of this session still await their responses. */
   readonly pipelineBusy: boolean;
 }

@@ -2,7 +2,12 @@
 // Framers; the session looks only at the messages that start, end or route a
 // query, keeps a queue of what the server still owes (so pipelined responses are
 // matched to their queries), publishes a QueryCompletion per statement and asks
-// the gate before forwarding each query.
+// the gate before forwarding each query. After its states and the owner's
+// controls it reads in the order of the protocol documentation: start-up, the
+// simple query, the extended query (with the gate and reroute each query passes),
+// the server's responses, termination. The in-flight query is one Pending object
+// (query.ts) from the message that starts it to its completion event; running a
+// statement on a reroute target is in reroute.ts.
 //
 // Refusing a query never needs the proxy to imitate the server: the refused
 // message is replaced by one the server itself fails (a syntax error), so the
@@ -14,12 +19,25 @@
 // PostgreSQL's own size bound for authentication messages, so an unauthenticated
 // peer can neither make pgwarden gather large messages nor reach the shape
 // registry; the server judges them as it would without pgwarden.
+//
+// Two state variables say where a session is, each changed only through its own
+// transition function, which refuses a transition the tables below do not list
+// (PgBouncer's change_client_state() is the model): the lifecycle (connecting,
+// authenticating, open, draining, closed) and the input phase (what happens to the
+// client's next message: relayed, held for the gate, captured for a reroute...).
 
 import type net from 'node:net';
 import tls from 'node:tls';
 import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
-import { AuthenticationCode, Backend, Frontend, MAX_AUTH_MESSAGE_BYTES, SqlState, TransactionStatus } from '../protocol/constants.ts';
+import {
+  AuthenticationCode,
+  Backend,
+  Frontend,
+  MAX_AUTH_MESSAGE_BYTES,
+  SqlState,
+  type TransactionStatus,
+} from '../protocol/constants.ts';
 import {
   authenticationCode,
   backendKeyProcessId,
@@ -27,6 +45,7 @@ import {
   commandCompleteRows,
   errorIsFatal,
   errorSqlState,
+  parameterStatusValue,
   readyForQueryStatus,
   withoutChannelBinding,
 } from '../protocol/backend.ts';
@@ -39,22 +58,40 @@ import {
   decodeQueryText,
   ProtocolError,
 } from '../protocol/frontend.ts';
-import { encodeCancelRequest, encodeErrorResponse, encodeParse, encodeQuery, TERMINATE, type ErrorFields } from '../protocol/encode.ts';
-import { CONTINUE, Framer, HEADER, HOLD, PASS, SKIP, WHOLE, type FrameHandler } from '../protocol/framer.ts';
+import {
+  encodeCancelRequest,
+  encodeErrorResponse,
+  encodeParse,
+  encodeQuery,
+  TERMINATE,
+  type ErrorFields,
+} from '../protocol/encode.ts';
+import {
+  CONTINUE,
+  Framer,
+  HEADER,
+  HOLD,
+  kindTable,
+  PASS,
+  SKIP,
+  WHOLE,
+  withKinds,
+  type FrameHandler,
+  type Outcome,
+} from '../protocol/framer.ts';
+import { findMessage, MessageCursor } from '../protocol/messages.ts';
 import {
   FORWARD,
   type GateDecision,
   type PreparedStatement,
-  type QueryCompletion,
   type QueryGate,
   type QueryObserver,
-  type QueryRequest,
-  RerouteInterrupted,
-  type RerouteSink,
   type RerouteTarget,
   type SessionInfo,
 } from './seam.ts';
-import { withReadBuffer } from './readbuffer.ts';
+import { MutableCompletion, MutableRequest, Owed, type Pending, PendingQueue } from './query.ts';
+import { GroupCapture, runRerouted, type RerouteHost } from './reroute.ts';
+import { SharedReadBuffer, withReadBuffer } from './readbuffer.ts';
 import { startupSettings } from './settings.ts';
 import { closeClient } from './closing.ts';
 import type { ClientConnection } from './connections.ts';
@@ -90,187 +127,6 @@ export interface SessionEvents {
   closed(session: Session): void;
 }
 
-// What the server still owes, per entry of the pending queue.
-const SIMPLE = 0; // a Query: completions per statement, ends at ReadyForQuery
-const EXECUTE = 1; // an Execute: ends at CommandComplete/EmptyQuery/PortalSuspended/Error
-const SYNC = 2; // a Sync: ends at ReadyForQuery
-const FUNCTION_CALL = 3; // a FunctionCall: ends at ReadyForQuery
-const REFUSED_SIMPLE = 4; // a refused Query: its ErrorResponse is replaced, ends at ReadyForQuery
-const REFUSED_EXTENDED = 5; // a refused Parse/Execute: its ErrorResponse is replaced
-const MALFORMED_QUERY = 6; // a Query the server will reject: ends at ReadyForQuery, recorded nowhere
-const MALFORMED_EXECUTE = 7; // an Execute the server will reject: ends at its ErrorResponse
-
-/** Server-side text that fails at parse time, cheaply and without side effects. */
-const REFUSAL_SQL = 'pgwarden refused this statement';
-const REFUSAL_QUERY = encodeQuery(REFUSAL_SQL);
-const REFUSAL_PARSE = encodeParse('pgwarden_refused', REFUSAL_SQL);
-
-const READ_BUFFER_BYTES = 64 * 1024;
-
-/**
- * One read buffer shared by every session for one direction. `onread` fills it
- * and the callback consumes it synchronously, so sessions can take turns with
- * it; only a write that did not complete at once still references it, and then
- * the next read goes to a fresh buffer. An idle session thus holds no buffer.
- */
-class SharedReadBuffer {
-  private buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-  private inUse = false;
-
-  take(): Buffer {
-    if (this.inUse) {
-      this.buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-      this.inUse = false;
-    }
-    return this.buffer;
-  }
-
-  /** A pending write still references the current buffer. */
-  retain(): void {
-    this.inUse = true;
-  }
-}
-
-const CLIENT_READS = new SharedReadBuffer();
-const SERVER_READS = new SharedReadBuffer();
-
-class Pending {
-  kind = SIMPLE;
-  text = '';
-  statement: PreparedStatement | null = null;
-  bind: Buffer | null = null;
-  /** performance.now() when the message arrived; advanced per statement of a multi-statement Query. */
-  mark = 0;
-  statementIndex = 0;
-  refusal: Buffer | null = null;
-  refusalCode: string | null = null;
-  done: (() => void) | null = null;
-  upstream = 'primary';
-}
-
-/** A FIFO of Pending entries that recycles them, so steady traffic allocates none. */
-class PendingQueue {
-  private items: (Pending | undefined)[] = [];
-  private head = 0;
-  private readonly spare: Pending[] = [];
-
-  get length(): number {
-    return this.items.length - this.head;
-  }
-
-  push(kind: number, mark: number): Pending {
-    const entry = this.spare.pop() ?? new Pending();
-    entry.kind = kind;
-    entry.mark = mark;
-    this.items.push(entry);
-    return entry;
-  }
-
-  peek(): Pending | undefined {
-    return this.items[this.head];
-  }
-
-  shift(): void {
-    const entry = this.items[this.head]!;
-    this.items[this.head++] = undefined;
-    if (this.head === this.items.length) {
-      this.items.length = 0;
-      this.head = 0;
-    } else if (this.head > 1024 && this.head * 2 > this.items.length) {
-      this.items.splice(0, this.head);
-      this.head = 0;
-    }
-    entry.text = '';
-    entry.statement = null;
-    entry.bind = null;
-    entry.statementIndex = 0;
-    entry.refusal = null;
-    entry.refusalCode = null;
-    entry.done = null;
-    entry.upstream = 'primary';
-    this.spare.push(entry);
-  }
-}
-
-class MutableSessionInfo implements SessionInfo {
-  applicationName: string;
-  readonly settings: Map<string, string>;
-  constructor(
-    readonly id: number,
-    readonly user: string,
-    readonly database: string,
-    applicationName: string,
-    readonly clientAddress: string,
-    readonly replication: boolean,
-    settings: Map<string, string>,
-  ) {
-    this.applicationName = applicationName;
-    this.settings = settings;
-  }
-}
-
-class MutableCompletion implements QueryCompletion {
-  text = '';
-  statement: PreparedStatement | null = null;
-  statementIndex = 0;
-  bind: Buffer | null = null;
-  startedAt = 0;
-  durationMs = 0;
-  rows = 0;
-  sqlstate: string | null = null;
-  upstream = 'primary';
-  refused = false;
-  constructor(readonly session: SessionInfo) {}
-}
-
-class MutableRequest implements QueryRequest {
-  phase: 'query' | 'parse' | 'execute' = 'query';
-  text = '';
-  statement: PreparedStatement | null = null;
-  transactionStatus: 'I' | 'T' | 'E' = 'I';
-  pipelineBusy = false;
-  constructor(readonly session: SessionInfo) {}
-}
-
-/** Before authentication completes the session reads no client message but Terminate. */
-const PRE_AUTH_FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
-PRE_AUTH_FRONTEND_KINDS[Frontend.Terminate] = HEADER;
-
-/** Which frontend messages the session reads. */
-const FRONTEND_KINDS = new Uint8Array(256).fill(PASS);
-for (const t of [Frontend.Query, Frontend.Parse, Frontend.Bind, Frontend.Execute, Frontend.Close, Frontend.Sync]) FRONTEND_KINDS[t] = WHOLE;
-for (const t of [Frontend.FunctionCall, Frontend.Terminate]) FRONTEND_KINDS[t] = HEADER;
-
-/** While an extended-protocol group is captured for reroute, every message is seen whole. */
-const CAPTURE_KINDS = new Uint8Array(256).fill(WHOLE);
-
-/** Which backend messages the session reads; DataRow only to count it. */
-const BACKEND_KINDS = new Uint8Array(256).fill(PASS);
-for (const t of [
-  Backend.CommandComplete,
-  Backend.ErrorResponse,
-  Backend.ReadyForQuery,
-  Backend.BackendKeyData,
-  Backend.ParameterStatus,
-  Backend.EmptyQueryResponse,
-  Backend.PortalSuspended,
-]) BACKEND_KINDS[t] = WHOLE;
-BACKEND_KINDS[Backend.DataRow] = HEADER;
-
-/** Before the first ReadyForQuery the authentication requests are read too (see onAuthentication). */
-const PRE_AUTH_BACKEND_KINDS = Uint8Array.from(BACKEND_KINDS);
-PRE_AUTH_BACKEND_KINDS[Backend.Authentication] = WHOLE;
-
-const APPLICATION_NAME = Buffer.from('application_name\0');
-const SEARCH_PATH = Buffer.from('search_path\0');
-
-interface Portal {
-  statement: PreparedStatement | null;
-  bind: Buffer | null;
-}
-
-export type SessionState = 'connecting' | 'open' | 'closed';
-
 /** What GET /api/sessions shows of a session (see snapshot()); built on request, never on the relay path. */
 export interface SessionSnapshot {
   readonly id: number;
@@ -278,76 +134,207 @@ export interface SessionSnapshot {
   /** Epoch ms the session was created. */
   readonly connectedAt: number;
   /** From the last ReadyForQuery and what is in flight. */
-  readonly state: 'connecting' | 'idle' | 'active' | 'idle in transaction' | 'idle in transaction (aborted)' | 'closed';
+  readonly state:
+    | 'connecting'
+    | 'idle'
+    | 'active'
+    | 'idle in transaction'
+    | 'idle in transaction (aborted)'
+    | 'closed';
   /** The statement running now (the oldest one in flight), or the last one that finished. */
-  readonly statement: { readonly text: string; readonly statementIndex: number; readonly startedAt: number; readonly durationMs: number; readonly running: boolean } | null;
+  readonly statement: {
+    readonly text: string;
+    readonly statementIndex: number;
+    readonly startedAt: number;
+    readonly durationMs: number;
+    readonly running: boolean;
+  } | null;
   readonly bytesFromClient: number;
   readonly bytesFromServer: number;
 }
 
+// ---- states ---------------------------------------------------------------------
+
+/**
+ * Where the session is in its life:
+ * - connecting: the upstream connection is being made; client bytes wait unread;
+ * - authenticating: the client and server talk authentication and startup, which
+ *   the session relays without reading the client's messages;
+ * - open: after the server's first ReadyForQuery, queries are read and gated;
+ * - draining: open, but ends as soon as it is idle (graceful shutdown);
+ * - closed: relays nothing more (the client socket may still be closing).
+ */
+export type Lifecycle = 'connecting' | 'authenticating' | 'open' | 'draining' | 'closed';
+
+const LIFECYCLE_NEXT: { readonly [From in Lifecycle]: readonly Lifecycle[] } = {
+  connecting: ['authenticating', 'closed'],
+  authenticating: ['open', 'closed'],
+  open: ['draining', 'closed'],
+  draining: ['closed'],
+  closed: [],
+};
+
+/**
+ * What happens to the client's next message (meaningful once open):
+ * - relaying: read, gated and forwarded as it comes;
+ * - gating: the gate is deciding on a message asynchronously; input waits;
+ * - capturing: an extended-protocol group is collected up to its Sync, for a reroute;
+ * - rerouting: a statement runs on a reroute target; input waits;
+ * - replaying: a captured group goes to the primary after all, the gate having
+ *   decided already (its messages are not asked about again).
+ */
+export type InputPhase = 'relaying' | 'gating' | 'capturing' | 'rerouting' | 'replaying';
+
+const INPUT_NEXT: { readonly [From in InputPhase]: readonly InputPhase[] } = {
+  relaying: ['gating', 'capturing', 'rerouting'],
+  gating: ['relaying'],
+  capturing: ['rerouting', 'replaying'],
+  rerouting: ['replaying', 'relaying'],
+  replaying: ['relaying', 'rerouting'],
+};
+
+// ---- what the Framers show the session --------------------------------------------
+
+/** Before authentication completes the session reads no client message but Terminate. */
+const PRE_AUTH_FRONTEND_KINDS = kindTable(PASS, [[Frontend.Terminate], HEADER]);
+
+/** Which frontend messages the session reads. */
+const FRONTEND_KINDS = kindTable(
+  PASS,
+  [[Frontend.Query, Frontend.Parse, Frontend.Bind, Frontend.Execute, Frontend.Close, Frontend.Sync], WHOLE],
+  [[Frontend.FunctionCall, Frontend.Terminate], HEADER],
+);
+
+/** While an extended-protocol group is captured for reroute, every message is seen whole. */
+const CAPTURE_KINDS = kindTable(WHOLE);
+
+/** Which backend messages the session reads; DataRow only to count it. */
+const BACKEND_KINDS = kindTable(
+  PASS,
+  [
+    [
+      Backend.CommandComplete,
+      Backend.ErrorResponse,
+      Backend.ReadyForQuery,
+      Backend.BackendKeyData,
+      Backend.ParameterStatus,
+      Backend.EmptyQueryResponse,
+      Backend.PortalSuspended,
+    ],
+    WHOLE,
+  ],
+  [[Backend.DataRow], HEADER],
+);
+
+/** Before the first ReadyForQuery the authentication requests are read too (see onAuthentication). */
+const PRE_AUTH_BACKEND_KINDS = withKinds(BACKEND_KINDS, [[Backend.Authentication], WHOLE]);
+
+/** Server-side text that fails at parse time, cheaply and without side effects. */
+const REFUSAL_SQL = 'pgwarden refused this statement';
+const REFUSAL_QUERY = encodeQuery(REFUSAL_SQL);
+const REFUSAL_PARSE = encodeParse('pgwarden_refused', REFUSAL_SQL);
+
+const APPLICATION_NAME = Buffer.from('application_name\0');
+const SEARCH_PATH = Buffer.from('search_path\0');
+
+const CLIENT_READS = new SharedReadBuffer();
+const SERVER_READS = new SharedReadBuffer();
+
+/** Who is on the other end, from the startup packet; application_name and search_path follow ParameterStatus. */
+class MutableSessionInfo implements SessionInfo {
+  readonly user: string;
+  readonly database: string;
+  applicationName: string;
+  readonly clientAddress: string;
+  readonly replication: boolean;
+  readonly settings: Map<string, string>;
+
+  constructor(
+    readonly id: number,
+    socket: net.Socket,
+    params: ReadonlyMap<string, string>,
+  ) {
+    this.user = params.get('user') ?? '';
+    this.database = params.get('database') ?? this.user;
+    this.applicationName = params.get('application_name') ?? '';
+    this.clientAddress = `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`;
+    const replication = params.get('replication');
+    this.replication =
+      replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0';
+    this.settings = startupSettings(params);
+  }
+}
+
+interface Portal {
+  statement: PreparedStatement | null;
+  bind: Buffer | null;
+}
+
 export class Session {
   readonly info: MutableSessionInfo;
-  state: SessionState = 'connecting';
   /** Bytes relayed each way, for the proxy-level metrics. */
   bytesFromClient = 0;
   bytesFromServer = 0;
   /** Milliseconds the upstream connection took, or -1 if it failed. */
   upstreamConnectMs = 0;
-  /** The upstream went away while the client still used it. */
+  /** The upstream went away while the client still used it (a statistic, read once the session closes). */
   upstreamLost = false;
   /** Server process id from BackendKeyData (0 until received). */
   backendPid = 0;
   backendKey: Buffer | null = null;
   /** Epoch ms the session was created. */
   readonly connectedAt = Date.now();
+
+  private state: Lifecycle = 'connecting';
+  private input: InputPhase = 'relaying';
+
+  // Facts independent of the phases above, each set once:
+  /** The client sent Terminate (it was forwarded): the upstream may close, nothing was lost. */
+  private clientTerminated = false;
+  /** The server sent a FATAL ErrorResponse (relayed): the client knows why the upstream closes. */
+  private fatalRelayed = false;
+
+  // Flow control, independent of the phases: each side is read only while the other accepts writes.
+  private clientBlockedByBackpressure = false;
+  private upstreamBlockedByBackpressure = false;
+
+  private upstream: net.Socket | null = null;
+  private readonly client: net.Socket;
+  private readonly clientFramer: Framer;
+  private readonly serverFramer: Framer;
+  private readonly connection: ClientConnection;
+  /** The client leg is TLS: it can bind SCRAM to a channel of its own (see onAuthentication). */
+  private readonly clientTls: boolean;
+  /** Sent to the server once connected, then dropped. */
+  private startupPacket: Buffer | null;
+  /**
+   * While connecting: client bytes read before the upstream connection was ready,
+   * those read with the startup packet and those the re-created socket hands over
+   * (the client is not read while connecting, so this is bounded by a read or two).
+   */
+  private early: Buffer[] | null = [];
+  private closeTimer: NodeJS.Timeout | null = null;
+
+  /** What the server still owes, oldest first. */
+  private readonly pending = new PendingQueue();
+  private readonly statements = new Map<string, PreparedStatement>();
+  private readonly portals = new Map<string, Portal>();
+  private unnamedPortal: Portal | null = null;
+  /** From the server's last ReadyForQuery. */
+  private transactionStatus: TransactionStatus = 'I';
+  private dataRows = 0;
+  private readonly completion: MutableCompletion;
+  private readonly request: MutableRequest;
+  /** The group being collected while the input phase is 'capturing'. */
+  private capture: GroupCapture | null = null;
+  /** What reroute.ts may do with this session; made on the first reroute. */
+  private rerouteHost: RerouteHost | null = null;
+
   // The last finished statement, for snapshot(): plain field writes once per statement.
   private lastText = '';
   private lastStatementIndex = 0;
   private lastMark = 0;
   private lastDurationMs = 0;
-  /** The server's first ReadyForQuery has passed: authentication and startup are done. */
-  authenticated = false;
-
-  private upstream: net.Socket | null = null;
-  private readonly clientFramer: Framer;
-  private readonly serverFramer: Framer;
-  private readonly pending = new PendingQueue();
-  private readonly statements = new Map<string, PreparedStatement>();
-  private readonly portals = new Map<string, Portal>();
-  private unnamedPortal: Portal | null = null;
-  private transactionStatus: number = TransactionStatus.Idle;
-  private dataRows = 0;
-  private readonly completion: MutableCompletion;
-  private readonly request: MutableRequest;
-  /**
-   * Client bytes read before the upstream connection was ready: those read with
-   * the startup packet and those the re-created socket hands over (the client is
-   * not read while connecting, so this is bounded by a read or two).
-   */
-  private early: Buffer[] | null = [];
-  /** Sent to the server once connected, then dropped. */
-  private startupPacket: Buffer | null;
-  private readonly connection: ClientConnection;
-  /** The client leg is TLS: it can bind SCRAM to a channel of its own (see onAuthentication). */
-  private readonly clientTls: boolean;
-
-  // Read-side flow control: the client is read only when the upstream accepts
-  // writes and no gate decision is outstanding.
-  private clientBlockedByBackpressure = false;
-  private upstreamBlockedByBackpressure = false;
-  private gateHolding = false;
-
-  /** An extended-protocol group being collected, up to its Sync, to run on a reroute target. */
-  private capture: { target: RerouteTarget; messages: Buffer[]; mark: number; statement: PreparedStatement; executes: number } | null = null;
-  /** Replaying captured messages to the primary: the gate has already decided. */
-  private bypassGate = false;
-
-  private clientTerminated = false;
-  private fatalRelayed = false;
-  private draining = false;
-  private closeTimer: NodeJS.Timeout | null = null;
-
-  private readonly client: net.Socket;
 
   constructor(
     opening: SessionOpening,
@@ -359,16 +346,7 @@ export class Session {
     this.startupPacket = opening.startupPacket;
     this.clientTls = socket instanceof tls.TLSSocket;
     if (opening.leftover !== null && opening.leftover.length > 0) this.early!.push(opening.leftover);
-    const replication = params.get('replication');
-    this.info = new MutableSessionInfo(
-      id,
-      params.get('user') ?? '',
-      params.get('database') ?? params.get('user') ?? '',
-      params.get('application_name') ?? '',
-      `${socket.remoteAddress ?? 'unknown'}:${socket.remotePort ?? 0}`,
-      replication !== undefined && replication !== 'false' && replication !== 'off' && replication !== '0',
-      startupSettings(params),
-    );
+    this.info = new MutableSessionInfo(id, socket, params);
     this.completion = new MutableCompletion(this.info);
     this.request = new MutableRequest(this.info);
     this.clientFramer = new Framer(PRE_AUTH_FRONTEND_KINDS, MAX_AUTH_MESSAGE_BYTES, this.clientHandler);
@@ -392,6 +370,96 @@ export class Session {
     client.on('close', () => this.onClientClose());
   }
 
+  /** Where the session is in its life (see Lifecycle). */
+  get lifecycle(): Lifecycle {
+    return this.state;
+  }
+
+  /** True when no query is in flight and no transaction is open. */
+  get idle(): boolean {
+    return this.pending.length === 0 && this.transactionStatus === 'I' && !this.clientFramer.holding;
+  }
+
+  private changeLifecycle(to: Lifecycle): void {
+    if (!LIFECYCLE_NEXT[this.state].includes(to)) {
+      throw new Error(`session ${this.info.id}: lifecycle cannot go from ${this.state} to ${to}`);
+    }
+    this.state = to;
+  }
+
+  private changeInput(to: InputPhase): void {
+    if (!INPUT_NEXT[this.input].includes(to)) {
+      throw new Error(`session ${this.info.id}: input phase cannot go from ${this.input} to ${to}`);
+    }
+    this.input = to;
+  }
+
+  // ---- what the owner asks of a session --------------------------------------------
+
+  /**
+   * Graceful shutdown: an idle session is closed now, a busy one as soon as it
+   * becomes idle (see onReadyForQuery).
+   */
+  drain(): void {
+    if (this.state === 'draining') return;
+    if (this.state === 'open' && !this.idle) this.changeLifecycle('draining');
+    else this.shutdown();
+  }
+
+  /** Ends the session now, telling the client why, as PostgreSQL does on shutdown. */
+  shutdown(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
+  }
+
+  /** Ends the session at an operator's request, telling the client why (57P01, as pg_terminate_backend does). */
+  terminate(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.AdminShutdown, 'terminating connection due to administrator command (pgwarden)');
+  }
+
+  /** Authentication did not finish in time: ends the session as PostgreSQL's authentication_timeout does. */
+  authenticationTimeout(): void {
+    if (this.state === 'closed') return;
+    this.failClient(SqlState.QueryCanceled, 'canceling authentication due to timeout');
+  }
+
+  /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
+  cancel(): Promise<void> {
+    if (this.backendKey === null) return Promise.resolve();
+    return sendCancelRequest(this.options.upstream, encodeCancelRequest(this.backendPid, this.backendKey));
+  }
+
+  /** Who is connected, in which state, running what: for the live sessions view. */
+  snapshot(): SessionSnapshot {
+    const now = performance.now();
+    let state: SessionSnapshot['state'];
+    if (this.state === 'connecting' || this.state === 'closed') state = this.state;
+    else if (this.pending.length > 0) state = 'active';
+    else if (this.transactionStatus === 'T') state = 'idle in transaction';
+    else if (this.transactionStatus === 'E') state = 'idle in transaction (aborted)';
+    else state = 'idle';
+    const head = this.pending.peek();
+    let statement: SessionSnapshot['statement'] = null;
+    if (head !== undefined && head.text !== '') {
+      const { text, statementIndex, mark } = head;
+      const startedAt = performance.timeOrigin + mark;
+      statement = { text, statementIndex, startedAt, durationMs: now - mark, running: true };
+    } else if (this.lastText !== '') {
+      statement = {
+        text: this.lastText,
+        statementIndex: this.lastStatementIndex,
+        startedAt: performance.timeOrigin + this.lastMark,
+        durationMs: this.lastDurationMs,
+        running: false,
+      };
+    }
+    const { info, connectedAt, bytesFromClient, bytesFromServer } = this;
+    return { id: info.id, info, connectedAt, state, statement, bytesFromClient, bytesFromServer };
+  }
+
+  // ---- start-up -------------------------------------------------------------------
+
   /** Connects upstream and starts relaying; the client is read only from then on. */
   async start(): Promise<void> {
     let connection;
@@ -403,7 +471,8 @@ export class Session {
       });
     } catch (err) {
       this.upstreamConnectMs = -1;
-      this.options.log.warn({ err, session: this.info.id, upstream: this.options.upstream.name }, 'upstream unreachable');
+      const upstream = this.options.upstream.name;
+      this.options.log.warn({ err, session: this.info.id, upstream }, 'upstream unreachable');
       this.events.upstreamUnreachable(this);
       this.failClient(SqlState.ConnectionFailure, (err as Error).message);
       return;
@@ -415,7 +484,7 @@ export class Session {
       return;
     }
     this.upstream = socket;
-    this.state = 'open';
+    this.changeLifecycle('authenticating');
     if (!connection.usesReadBuffer) {
       socket.on('data', (data: Buffer) => this.serverFramer.push(data));
       socket.resume(); // paused after the SSLRequest answer was read
@@ -431,68 +500,52 @@ export class Session {
     this.resumeClientInput();
   }
 
-  /** True when no query is in flight and no transaction is open. */
-  get idle(): boolean {
-    return this.pending.length === 0 && this.transactionStatus === TransactionStatus.Idle && !this.clientFramer.holding;
-  }
-
   /**
-   * Graceful shutdown: an idle session is closed now, a busy one as soon as it
-   * becomes idle (see onReadyForQuery).
+   * Without TLS toward pgwarden a client cannot bind SCRAM to the server's TLS
+   * channel, and libpq or node-postgres refuse a server that offers
+   * SCRAM-SHA-256-PLUS over a connection without TLS; so the offer is withdrawn.
+   * (The client then says it does not support binding, which the server accepts.
+   * A TLS client would say it could bind, which the server rightly refuses as a
+   * downgrade: see docs/operations.md.)
    */
-  drain(): void {
-    this.draining = true;
-    if (this.state !== 'open' || this.idle) this.shutdown();
+  private onAuthentication(buf: Buffer, start: number, end: number): Outcome {
+    if (this.clientTls || authenticationCode(buf, start, end) !== AuthenticationCode.SASL) return CONTINUE;
+    const replacement = withoutChannelBinding(buf, start, end);
+    if (replacement === null) return CONTINUE;
+    this.serverFramer.flushPending();
+    this.writeClient(replacement);
+    return SKIP;
   }
 
-  /** Ends the session now, telling the client why, as PostgreSQL does on shutdown. */
-  shutdown(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.AdminShutdown, 'terminating connection because pgwarden is shutting down');
+  /** The first ReadyForQuery: the client is authenticated, its queries are read from now on. */
+  private onAuthenticated(): void {
+    this.changeLifecycle('open');
+    this.connection.activate();
+    this.clientFramer.setKinds(FRONTEND_KINDS, this.options.maxMessageBytes);
+    this.serverFramer.setKinds(BACKEND_KINDS);
   }
 
-  /** Ends the session at an operator's request, telling the client why (57P01, as pg_terminate_backend does). */
-  terminate(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.AdminShutdown, 'terminating connection due to administrator command (pgwarden)');
+  private onBackendKeyData(buf: Buffer, start: number, end: number): void {
+    this.backendPid = backendKeyProcessId(buf, start);
+    this.backendKey = backendKeySecret(buf, start, end);
+    this.events.backendKeyData(this);
   }
 
-  /** Who is connected, in which state, running what: for the live sessions view. */
-  snapshot(): SessionSnapshot {
-    const now = performance.now();
-    let state: SessionSnapshot['state'];
-    if (this.state !== 'open') state = this.state;
-    else if (this.pending.length > 0) state = 'active';
-    else if (this.transactionStatus === TransactionStatus.InTransaction) state = 'idle in transaction';
-    else if (this.transactionStatus === TransactionStatus.Failed) state = 'idle in transaction (aborted)';
-    else state = 'idle';
-    const head = this.pending.peek();
-    let statement: SessionSnapshot['statement'] = null;
-    if (head !== undefined && head.text !== '') {
-      statement = { text: head.text, statementIndex: head.statementIndex, startedAt: performance.timeOrigin + head.mark, durationMs: now - head.mark, running: true };
-    } else if (this.lastText !== '') {
-      statement = { text: this.lastText, statementIndex: this.lastStatementIndex, startedAt: performance.timeOrigin + this.lastMark, durationMs: this.lastDurationMs, running: false };
+  private onParameterStatus(buf: Buffer, start: number, end: number): void {
+    const applicationName = parameterStatusValue(buf, start, end, APPLICATION_NAME);
+    if (applicationName !== null) {
+      this.info.applicationName = applicationName;
+      return;
     }
-    return { id: this.info.id, info: this.info, connectedAt: this.connectedAt, state, statement, bytesFromClient: this.bytesFromClient, bytesFromServer: this.bytesFromServer };
+    const searchPath = parameterStatusValue(buf, start, end, SEARCH_PATH);
+    if (searchPath !== null) this.info.settings.set('search_path', searchPath);
   }
 
-  /** Authentication did not finish in time: ends the session as PostgreSQL's authentication_timeout does. */
-  authenticationTimeout(): void {
-    if (this.state === 'closed') return;
-    this.failClient(SqlState.QueryCanceled, 'canceling authentication due to timeout');
-  }
-
-  /** Cancels the query in flight on the upstream (used for a forwarded CancelRequest). */
-  cancel(): Promise<void> {
-    if (this.backendKey === null) return Promise.resolve();
-    return sendCancelRequest(this.options.upstream, encodeCancelRequest(this.backendPid, this.backendKey));
-  }
-
-  // ---- client to server -------------------------------------------------------
+  // ---- client to server ----------------------------------------------------------
 
   private onClientData(data: Buffer): void {
-    if (this.early !== null) {
-      this.early.push(Buffer.from(data)); // the read buffer is reused
+    if (this.state === 'connecting') {
+      this.early!.push(Buffer.from(data)); // the read buffer is reused
       return;
     }
     this.clientFramer.push(data);
@@ -504,9 +557,9 @@ export class Session {
     onViolation: (reason) => this.onClientViolation(reason),
   };
 
-  private onClientMessage(type: number, buf: Buffer, start: number, end: number): number {
+  private onClientMessage(type: number, buf: Buffer, start: number, end: number): Outcome {
     try {
-      if (this.capture !== null) return this.onCaptured(type, buf, start, end);
+      if (this.input === 'capturing') return this.onCaptured(type, buf, start, end);
       switch (type) {
         case Frontend.Query:
           return this.onQuery(buf, start, end);
@@ -518,13 +571,13 @@ export class Session {
         case Frontend.Execute:
           return this.onExecute(buf, start, end);
         case Frontend.Sync:
-          this.pending.push(SYNC, 0);
+          this.pending.add(Owed.Sync, 0);
           return CONTINUE;
         case Frontend.Close:
           this.onClose(buf, start, end);
           return CONTINUE;
         case Frontend.FunctionCall:
-          this.pending.push(FUNCTION_CALL, performance.now());
+          this.pending.add(Owed.FunctionCall, performance.now());
           return CONTINUE;
         case Frontend.Terminate:
           this.clientTerminated = true;
@@ -542,31 +595,40 @@ export class Session {
    * ERROR and keeps the connection, so it goes to the server as it is; only what the
    * server owes for it is noted, so later responses still match their queries.
    */
-  private onMalformed(type: number): number {
-    if (this.capture !== null) return this.abandonCapture(); // the primary answers the group, this message included
-    if (type === Frontend.Query) this.pending.push(MALFORMED_QUERY, 0);
-    else if (type === Frontend.Execute) this.pending.push(MALFORMED_EXECUTE, 0);
+  private onMalformed(type: number): Outcome {
+    // The primary answers the group, this message included.
+    if (this.input === 'capturing') return this.abandonCapture();
+    if (type === Frontend.Query) this.pending.add(Owed.MalformedQuery, 0);
+    else if (type === Frontend.Execute) this.pending.add(Owed.MalformedExecute, 0);
     return CONTINUE;
   }
 
-  private onQuery(buf: Buffer, start: number, end: number): number {
-    const mark = performance.now();
-    const text = decodeQueryText(buf, start, end);
-    const decision = this.ask('query', text, null);
-    if (decision === FORWARD) {
-      this.pending.push(SIMPLE, mark).text = text;
-      return CONTINUE;
-    }
-    return this.decided(decision, SIMPLE, mark, text, null, null, buf, start, end);
+  private onClientViolation(reason: string): void {
+    const { id: session, clientAddress: client } = this.info;
+    this.options.log.warn({ session, client, reason }, 'malformed client message');
+    this.failClient(SqlState.ProtocolViolation, `invalid client message: ${reason}`);
   }
 
-  private onParse(buf: Buffer, start: number, end: number): number {
+  // -- the simple query
+
+  private onQuery(buf: Buffer, start: number, end: number): Outcome {
+    const mark = performance.now();
+    const text = decodeQueryText(buf, start, end); // decoded first: a malformed message takes no Pending
+    const query = this.pending.take(Owed.Simple, mark);
+    query.text = text;
+    return this.gate(query, buf, start, end);
+  }
+
+  // -- the extended query
+
+  private onParse(buf: Buffer, start: number, end: number): Outcome {
     const parse = decodeParse(buf, start, end);
     const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
     this.statements.set(parse.statement, statement);
-    const decision = this.ask('parse', parse.text, statement);
-    if (decision === FORWARD) return CONTINUE;
-    return this.decided(decision, -1, performance.now(), parse.text, statement, null, buf, start, end);
+    const query = this.pending.take(Owed.Parse, performance.now());
+    query.text = parse.text;
+    query.statement = statement;
+    return this.gate(query, buf, start, end);
   }
 
   private onBind(buf: Buffer, start: number, end: number): void {
@@ -586,21 +648,17 @@ export class Session {
     }
   }
 
-  private onExecute(buf: Buffer, start: number, end: number): number {
+  private onExecute(buf: Buffer, start: number, end: number): Outcome {
     const mark = performance.now();
     const portalName = decodeExecutePortal(buf, start, end);
+    const query = this.pending.take(Owed.Execute, mark);
     const portal = portalName === '' ? this.unnamedPortal : (this.portals.get(portalName) ?? null);
-    const statement = portal?.statement ?? null;
-    const text = statement?.text ?? '';
-    const decision = this.ask('execute', text, statement);
-    if (decision === FORWARD) {
-      const entry = this.pending.push(EXECUTE, mark);
-      entry.text = text;
-      entry.statement = statement;
-      entry.bind = portal?.bind ?? null;
-      return CONTINUE;
+    if (portal !== null) {
+      query.statement = portal.statement;
+      query.text = portal.statement?.text ?? '';
+      query.bind = portal.bind;
     }
-    return this.decided(decision, EXECUTE, mark, text, statement, portal?.bind ?? null, buf, start, end);
+    return this.gate(query, buf, start, end);
   }
 
   private onClose(buf: Buffer, start: number, end: number): void {
@@ -610,265 +668,203 @@ export class Session {
     else this.portals.delete(target.name);
   }
 
-  private ask(phase: QueryRequest['phase'], text: string, statement: PreparedStatement | null): GateDecision | Promise<GateDecision> {
-    if (this.bypassGate) return FORWARD;
-    const request = this.request;
-    request.phase = phase;
-    request.text = text;
-    request.statement = statement;
-    request.transactionStatus = this.transactionStatus === TransactionStatus.Idle ? 'I' : this.transactionStatus === TransactionStatus.InTransaction ? 'T' : 'E';
-    request.pipelineBusy = this.pending.length > 0;
-    return this.options.gate.decide(request);
-  }
+  // -- the gate: every Query, Parse and Execute is asked about before it goes on
 
-  /**
-   * Applies a decision other than the plain forward. `kind` is the pending entry a
-   * forwarded message creates (-1 for Parse, which creates none).
-   */
-  private decided(
-    decision: GateDecision | Promise<GateDecision>,
-    kind: number,
-    mark: number,
-    text: string,
-    statement: PreparedStatement | null,
-    bind: Buffer | null,
-    buf: Buffer,
-    start: number,
-    end: number,
-  ): number {
+  /** Asks the gate about `query`, whose message is `buf[start, end)`, and applies the answer. */
+  private gate(query: Pending, buf: Buffer, start: number, end: number): Outcome {
+    // A replayed group was decided already, as a whole.
+    const decision = this.input === 'replaying' ? FORWARD : this.options.gate.decide(this.ask(query));
+    if (decision === FORWARD) {
+      this.forward(query);
+      return CONTINUE;
+    }
     if (decision instanceof Promise) {
-      // Hold this session's input (only this session's) until the gate answers.
-      const message = Buffer.from(buf.subarray(start, end));
-      this.gateHolding = true;
-      this.client.pause();
-      decision.then(
-        (settled) => this.resumeAfterGate(settled, kind, mark, text, statement, bind, message),
-        (err: Error) => {
-          this.options.log.error({ err, session: this.info.id }, 'query gate failed; forwarding the query');
-          this.resumeAfterGate(FORWARD, kind, mark, text, statement, bind, message);
-        },
-      );
+      this.holdForGate(query, decision, Buffer.from(buf.subarray(start, end)));
       return HOLD;
     }
-    switch (decision.action) {
-      case 'forward':
-        this.forwardAs(kind, mark, text, statement, bind, decision.done ?? null);
-        return CONTINUE;
-      case 'refuse':
-        this.clientFramer.flushPending();
-        this.refuse(decision.error, kind === SIMPLE, mark, text, statement);
-        return SKIP;
-      case 'reroute': {
-        // Reroute is only honoured where the result cannot differ from the
-        // primary's: outside a transaction, with nothing in flight, for a simple
-        // Query or an extended-protocol group on the unnamed statement.
-        const idle = this.transactionStatus === TransactionStatus.Idle && this.pending.length === 0;
-        if (idle && kind === SIMPLE) {
-          this.reroute(decision.target, mark, text, buf.subarray(start, end));
-          return HOLD;
-        }
-        if (idle && kind < 0 && statement !== null && statement.name === '') {
-          this.clientFramer.flushPending();
-          this.capture = { target: decision.target, messages: [Buffer.from(buf.subarray(start, end))], mark, statement, executes: 0 };
-          this.clientFramer.setKinds(CAPTURE_KINDS);
-          return SKIP;
-        }
-        this.forwardAs(kind, mark, text, statement, bind, null);
-        return CONTINUE;
-      }
-    }
+    return this.decided(query, decision, buf, start, end);
   }
 
-  /** Records what a forwarded message is owed; Parse (kind -1) is owed nothing of its own. */
-  private forwardAs(kind: number, mark: number, text: string, statement: PreparedStatement | null, bind: Buffer | null, done: (() => void) | null): void {
-    if (kind < 0) {
-      done?.();
-      return;
-    }
-    const entry = this.pending.push(kind, mark);
-    entry.text = text;
-    entry.statement = statement;
-    entry.bind = bind;
-    entry.done = done;
+  private ask(query: Pending): MutableRequest {
+    return this.request.fill(query, this.transactionStatus, this.pending.length > 0);
   }
 
-  private resumeAfterGate(
-    decision: GateDecision,
-    kind: number,
-    mark: number,
-    text: string,
-    statement: PreparedStatement | null,
-    bind: Buffer | null,
-    message: Buffer,
-  ): void {
-    this.gateHolding = false;
+  /** Holds this session's input (only this session's) until the gate answers about `message`. */
+  private holdForGate(query: Pending, decision: Promise<GateDecision>, message: Buffer): void {
+    query.held = message;
+    this.changeInput('gating');
+    this.client.pause();
+    decision.then(
+      (settled) => this.resumeAfterGate(query, settled),
+      (err: Error) => {
+        this.options.log.error({ err, session: this.info.id }, 'query gate failed; forwarding the query');
+        this.resumeAfterGate(query, FORWARD);
+      },
+    );
+  }
+
+  private resumeAfterGate(query: Pending, decision: GateDecision): void {
+    const message = query.held!;
+    query.held = null;
     if (this.state === 'closed') {
       if (decision.action === 'forward') decision.done?.();
+      this.pending.release(query);
       return;
     }
-    const outcome = this.decided(decision, kind, mark, text, statement, bind, message, 0, message.length);
+    this.changeInput('relaying');
+    const outcome = this.decided(query, decision, message, 0, message.length);
     if (outcome === HOLD) return; // rerouted: resumes when the other upstream answers
     if (outcome === CONTINUE) this.writeUpstream(message);
     this.resumeClientInput();
     this.clientFramer.resume();
   }
 
+  /** Applies a decision other than the plain forward to `query`, whose message is `buf[start, end)`. */
+  private decided(query: Pending, decision: GateDecision, buf: Buffer, start: number, end: number): Outcome {
+    switch (decision.action) {
+      case 'forward':
+        query.done = decision.done ?? null;
+        this.forward(query);
+        return CONTINUE;
+      case 'refuse':
+        this.clientFramer.flushPending();
+        this.refuse(query, decision.error);
+        return SKIP;
+      case 'reroute':
+        return this.reroute(query, decision.target, buf.subarray(start, end));
+    }
+  }
+
+  /** Records what a forwarded query is owed; a Parse is owed nothing of its own. */
+  private forward(query: Pending): void {
+    if (query.kind !== Owed.Parse) {
+      this.pending.enqueue(query);
+      return;
+    }
+    query.done?.();
+    this.pending.release(query);
+  }
+
   /** Sends the server a message it will fail, and remembers to answer with `error` instead. */
-  private refuse(error: ErrorFields, simple: boolean, mark: number, text: string, statement: PreparedStatement | null): void {
-    const entry = this.pending.push(simple ? REFUSED_SIMPLE : REFUSED_EXTENDED, mark);
-    entry.text = text;
-    entry.statement = statement;
-    entry.refusal = encodeErrorResponse(error);
-    entry.refusalCode = error.code;
+  private refuse(query: Pending, error: ErrorFields): void {
+    const simple = query.kind === Owed.Simple;
+    query.kind = simple ? Owed.RefusedSimple : Owed.RefusedExtended;
+    query.bind = null;
+    query.refusal = encodeErrorResponse(error);
+    query.refusalCode = error.code;
+    this.pending.enqueue(query);
     this.writeUpstream(simple ? REFUSAL_QUERY : REFUSAL_PARSE);
   }
 
-  /** Runs a simple Query on a reroute target; the client's input waits meanwhile. */
-  private reroute(target: RerouteTarget, mark: number, text: string, message: Buffer): void {
-    this.gateHolding = true;
-    this.client.pause();
-    const copy = Buffer.from(message); // the client's read buffer is not ours to keep across awaits
-    this.runElsewhere(target, copy, mark, text, null, null, () => {
-      this.pending.push(SIMPLE, mark).text = text;
-      this.writeUpstream(copy);
-    });
-  }
+  // -- reroute (the running of it is in reroute.ts)
 
   /**
-   * A message of the extended-protocol group being captured. Only the plain
-   * single-statement shape (Parse, Bind, Describe, Execute on unnamed objects, then
-   * Sync) is rerouted; anything else sends the whole group to the primary.
+   * Reroute is only honoured where the result cannot differ from the primary's:
+   * outside a transaction, with nothing in flight, for a simple Query or an
+   * extended-protocol group on the unnamed statement; elsewhere the query is
+   * forwarded.
    */
-  private onCaptured(type: number, buf: Buffer, start: number, end: number): number {
-    const capture = this.capture!;
-    capture.messages.push(Buffer.from(buf.subarray(start, end)));
-    switch (type) {
-      case Frontend.Bind:
-        if (decodeBindPortal(buf, start, end) !== '' || decodeBindStatement(buf, start, end) !== '') return this.abandonCapture();
-        return SKIP;
-      case Frontend.Execute:
-        if (decodeExecutePortal(buf, start, end) !== '' || ++capture.executes > 1) return this.abandonCapture();
-        return SKIP;
-      case Frontend.Describe:
-      case Frontend.Flush:
-        return SKIP;
-      case Frontend.Sync: {
-        this.capture = null;
-        this.clientFramer.setKinds(FRONTEND_KINDS);
-        this.gateHolding = true;
-        this.client.pause();
-        const bindMessage = capture.messages.find((m) => m[0] === Frontend.Bind) ?? null;
-        const group = Buffer.concat(capture.messages);
-        this.runElsewhere(capture.target, group, capture.mark, capture.statement.text, capture.statement, bindMessage, () =>
-          this.replayToPrimary(capture.messages),
-        );
-        return HOLD;
-      }
-      default:
-        return this.abandonCapture();
+  private reroute(query: Pending, target: RerouteTarget, message: Buffer): Outcome {
+    const idle = this.transactionStatus === 'I' && this.pending.length === 0;
+    if (idle && query.kind === Owed.Simple) {
+      this.changeInput('rerouting');
+      this.client.pause();
+      // The client's read buffer is not ours to keep across awaits.
+      runRerouted(this.reroutes(), target, query, Buffer.from(message));
+      return HOLD;
     }
+    if (idle && query.kind === Owed.Parse && query.statement!.name === '') {
+      this.clientFramer.flushPending();
+      this.capture = new GroupCapture(target, query, message);
+      this.changeInput('capturing');
+      this.clientFramer.setKinds(CAPTURE_KINDS);
+      return SKIP;
+    }
+    this.forward(query);
+    return CONTINUE;
+  }
+
+  /** A message of the group being captured: at its Sync the group runs on the target. */
+  private onCaptured(type: number, buf: Buffer, start: number, end: number): Outcome {
+    const capture = this.capture!;
+    const step = capture.add(type, buf, start, end);
+    if (step === 'more') return SKIP;
+    if (step === 'abandon') return this.abandonCapture();
+    this.capture = null;
+    this.clientFramer.setKinds(FRONTEND_KINDS);
+    this.changeInput('rerouting');
+    this.client.pause();
+    const group = capture.group();
+    const query = capture.query;
+    query.bind = findMessage(group, Frontend.Bind);
+    runRerouted(this.reroutes(), capture.target, query, group);
+    return HOLD;
   }
 
   /** The captured group cannot be rerouted: it goes to the primary, in order, as it came. */
-  private abandonCapture(): number {
-    const messages = this.capture!.messages;
+  private abandonCapture(): Outcome {
+    const capture = this.capture!;
     this.capture = null;
     this.clientFramer.setKinds(FRONTEND_KINDS);
-    this.replayToPrimary(messages);
+    this.pending.release(capture.query);
+    this.replayToPrimary(capture.group(), 'relaying');
     return SKIP;
   }
 
-  private replayToPrimary(messages: Buffer[]): void {
-    this.bypassGate = true;
+  /** Handles a captured group's messages as if they had just come, forwarding each; then input goes on in `then`. */
+  private replayToPrimary(group: Buffer, then: InputPhase): void {
+    this.changeInput('replaying');
     try {
-      for (const m of messages) if (this.onClientMessage(m[0], m, 0, m.length) === CONTINUE) this.writeUpstream(m);
+      const cursor = new MessageCursor(group);
+      while (cursor.next()) {
+        const { type, start, end } = cursor;
+        if (this.onClientMessage(type, group, start, end) === CONTINUE) this.writeUpstream(group.subarray(start, end));
+      }
     } finally {
-      this.bypassGate = false;
+      this.changeInput(then);
     }
   }
 
-  /**
-   * Runs frontend messages on a reroute target, streaming its answer to the client
-   * (the target pauses while the client is behind), then ReadyForQuery with the
-   * primary's (idle) status. If the target fails before relaying anything,
-   * `fallback` sends the messages to the primary instead. If it fails mid-answer,
-   * the statement ends with an 08006 ErrorResponse and ReadyForQuery, and the
-   * session goes on; if a message was half-relayed the client's stream cannot be
-   * continued, and the session is closed. Client input resumes otherwise.
-   */
-  private runElsewhere(
-    target: RerouteTarget,
-    messages: Buffer,
-    mark: number,
-    text: string,
-    statement: PreparedStatement | null,
-    bind: Buffer | null,
-    fallback: () => void,
-  ): void {
-    const client = this.client;
-    const sink: RerouteSink = {
-      resumed: null,
-      get closed() {
-        return client.destroyed || client.writableEnded;
+  /** What reroute.ts may do with this session. */
+  private reroutes(): RerouteHost {
+    if (this.rerouteHost !== null) return this.rerouteHost;
+    this.rerouteHost = {
+      sessionId: this.info.id,
+      database: this.info.database,
+      log: this.options.log,
+      client: this.client,
+      ended: () => this.state === 'closed',
+      countServerBytes: (bytes) => {
+        this.bytesFromServer += bytes;
       },
-      write: (bytes) => {
-        if (client.destroyed) return false;
-        this.bytesFromServer += bytes.length;
-        if (client.write(bytes)) return true;
-        client.once('drain', wake);
-        return false;
+      writeClient: (bytes) => this.writeClient(bytes),
+      complete: (query, rows, sqlstate) => {
+        this.complete(query, performance.now(), rows, sqlstate);
+        this.pending.release(query);
       },
-    };
-    // The target waits for this after a false write: on drain, or at once if the client goes.
-    const wake = (): void => {
-      client.off('drain', wake);
-      sink.resumed?.();
-    };
-    client.once('close', wake);
-    const resume = () => {
-      client.off('close', wake);
-      this.gateHolding = false;
-      this.resumeClientInput();
-      this.clientFramer.resume();
-    };
-    target.run(messages, this.info.database, sink).then(
-      (outcome) => {
-        if (this.state === 'closed') return;
-        this.writeClient(READY_FOR_QUERY_IDLE);
-        this.emit(text, statement, 0, bind, mark, performance.now(), outcome.rows, outcome.sqlstate, target.name);
-        resume();
-      },
-      (err: Error) => {
-        if (this.state === 'closed') return;
-        if (!(err instanceof RerouteInterrupted)) {
-          this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute failed; running on the primary');
-          fallback();
-          resume();
+      runOnPrimary: (query, messages) => {
+        if (query.kind === Owed.Simple) {
+          this.pending.enqueue(query);
+          this.writeUpstream(messages);
           return;
         }
-        this.options.log.warn({ err, session: this.info.id, target: target.name }, 'reroute target failed mid-answer');
-        this.emit(text, statement, 0, bind, mark, performance.now(), 0, SqlState.ConnectionFailure, target.name);
-        if (err.midMessage) {
-          // Part of a message is out: nothing more can be framed by the client. Close.
-          client.off('close', wake);
-          this.clientFramer.stop();
-          client.end();
-          return;
-        }
-        this.writeClient(
-          encodeErrorResponse({
-            severity: 'ERROR',
-            code: SqlState.ConnectionFailure,
-            message: `reroute target ${target.name} failed during the statement; the rest of its answer is lost`,
-            detail: err.message,
-            hint: 'The statement did not complete. It is safe to retry it; the session is still usable.',
-          }),
-        );
-        this.writeClient(READY_FOR_QUERY_IDLE);
-        resume();
+        this.pending.release(query); // a group: its messages are handled afresh
+        this.replayToPrimary(messages, 'rerouting');
       },
-    );
+      resumeInput: () => {
+        this.changeInput('relaying');
+        this.resumeClientInput();
+        this.clientFramer.resume();
+      },
+      endClient: () => {
+        this.clientFramer.stop();
+        this.client.end();
+      },
+    };
+    return this.rerouteHost;
   }
+
+  // -- flow control toward the server
 
   private writeUpstream(bytes: Buffer): void {
     const upstream = this.upstream;
@@ -888,16 +884,14 @@ export class Session {
     this.resumeClientInput();
   }
 
+  /** Reads the client again, unless the upstream is behind or input waits for the gate or a reroute. */
   private resumeClientInput(): void {
-    if (!this.clientBlockedByBackpressure && !this.gateHolding && this.state === 'open') this.client.resume();
+    if (this.clientBlockedByBackpressure || this.input === 'gating' || this.input === 'rerouting') return;
+    if (this.state === 'connecting' || this.state === 'closed') return;
+    this.client.resume();
   }
 
-  private onClientViolation(reason: string): void {
-    this.options.log.warn({ session: this.info.id, client: this.info.clientAddress, reason }, 'malformed client message');
-    this.failClient(SqlState.ProtocolViolation, `invalid client message: ${reason}`);
-  }
-
-  // ---- server to client -------------------------------------------------------
+  // ---- server to client -----------------------------------------------------------
 
   private onUpstreamRead(bytesRead: number, buffer: Buffer): boolean {
     this.serverFramer.push(buffer.subarray(0, bytesRead));
@@ -913,7 +907,7 @@ export class Session {
     },
   };
 
-  private onServerMessage(type: number, buf: Buffer, start: number, end: number): number {
+  private onServerMessage(type: number, buf: Buffer, start: number, end: number): Outcome {
     switch (type) {
       case Backend.DataRow:
         this.dataRows++;
@@ -933,47 +927,15 @@ export class Session {
         this.onReadyForQuery(readyForQueryStatus(buf, start));
         return CONTINUE;
       case Backend.BackendKeyData:
-        this.backendPid = backendKeyProcessId(buf, start);
-        this.backendKey = backendKeySecret(buf, start, end);
-        this.events.backendKeyData(this);
+        this.onBackendKeyData(buf, start, end);
         return CONTINUE;
       case Backend.Authentication:
         return this.onAuthentication(buf, start, end);
       case Backend.ParameterStatus:
-        if (buf.indexOf(APPLICATION_NAME, start + 5) === start + 5) {
-          const valueStart = start + 5 + APPLICATION_NAME.length;
-          this.info.applicationName = buf.toString('utf8', valueStart, end - 1);
-        } else if (end - start > 5 + SEARCH_PATH.length && buf.compare(SEARCH_PATH, 0, SEARCH_PATH.length, start + 5, start + 5 + SEARCH_PATH.length) === 0) {
-          this.info.settings.set('search_path', buf.toString('utf8', start + 5 + SEARCH_PATH.length, end - 1));
-        }
+        this.onParameterStatus(buf, start, end);
         return CONTINUE;
     }
     return CONTINUE;
-  }
-
-  /**
-   * Without TLS toward pgwarden a client cannot bind SCRAM to the server's TLS
-   * channel, and libpq or node-postgres refuse a server that offers
-   * SCRAM-SHA-256-PLUS over a connection without TLS; so the offer is withdrawn.
-   * (The client then says it does not support binding, which the server accepts.
-   * A TLS client would say it could bind, which the server rightly refuses as a
-   * downgrade: see docs/operations.md.)
-   */
-  private onAuthentication(buf: Buffer, start: number, end: number): number {
-    if (this.clientTls || authenticationCode(buf, start, end) !== AuthenticationCode.SASL) return CONTINUE;
-    const replacement = withoutChannelBinding(buf, start, end);
-    if (replacement === null) return CONTINUE;
-    this.serverFramer.flushPending();
-    this.writeClient(replacement);
-    return SKIP;
-  }
-
-  /** The first ReadyForQuery: the client is authenticated, its queries are read from now on. */
-  private onAuthenticated(): void {
-    this.authenticated = true;
-    this.connection.activate();
-    this.clientFramer.setKinds(FRONTEND_KINDS, this.options.maxMessageBytes);
-    this.serverFramer.setKinds(BACKEND_KINDS);
   }
 
   private onStatementComplete(rows: number): void {
@@ -981,57 +943,63 @@ export class Session {
     this.dataRows = 0;
     if (head === undefined) return;
     const now = performance.now();
-    if (head.kind === EXECUTE) {
-      this.emit(head.text, head.statement, 0, head.bind, head.mark, now, rows, null, head.upstream);
+    if (head.kind === Owed.Execute) {
+      this.complete(head, now, rows, null);
       this.finishHead();
-    } else if (head.kind === SIMPLE) {
-      this.emit(head.text, null, head.statementIndex++, null, head.mark, now, rows, null, head.upstream);
+    } else if (head.kind === Owed.Simple) {
+      this.complete(head, now, rows, null);
+      head.statementIndex++;
       head.mark = now;
     }
   }
 
-  private onErrorResponse(buf: Buffer, start: number, end: number): number {
+  private onErrorResponse(buf: Buffer, start: number, end: number): Outcome {
     if (errorIsFatal(buf, start, end)) this.fatalRelayed = true;
     const head = this.pending.peek();
     this.dataRows = 0;
     if (head === undefined) return CONTINUE;
     const now = performance.now();
     switch (head.kind) {
-      case REFUSED_SIMPLE:
-      case REFUSED_EXTENDED:
+      case Owed.RefusedSimple:
+      case Owed.RefusedExtended:
         this.serverFramer.flushPending();
         this.writeClient(head.refusal!);
-        this.emit(head.text, head.statement, 0, null, head.mark, now, 0, head.refusalCode, head.upstream, true);
-        if (head.kind === REFUSED_EXTENDED) this.finishHead();
+        this.complete(head, now, 0, head.refusalCode);
+        if (head.kind === Owed.RefusedExtended) this.finishHead();
         return SKIP;
-      case EXECUTE:
-        this.emit(head.text, head.statement, 0, head.bind, head.mark, now, 0, errorSqlState(buf, start, end), head.upstream);
+      case Owed.Execute:
+        this.complete(head, now, 0, errorSqlState(buf, start, end));
         this.finishHead();
-        // The server now skips everything up to the next Sync: those owe nothing.
-        while (this.pending.length > 0 && this.pending.peek()!.kind !== SYNC) this.finishHead();
+        this.skipToSync();
         return CONTINUE;
-      case SIMPLE:
-        this.emit(head.text, null, head.statementIndex++, null, head.mark, now, 0, errorSqlState(buf, start, end), head.upstream);
+      case Owed.Simple:
+        this.complete(head, now, 0, errorSqlState(buf, start, end));
+        head.statementIndex++;
         return CONTINUE;
-      case MALFORMED_EXECUTE:
+      case Owed.MalformedExecute:
         this.finishHead();
-        while (this.pending.length > 0 && this.pending.peek()!.kind !== SYNC) this.finishHead();
+        this.skipToSync();
         return CONTINUE;
     }
     return CONTINUE;
   }
 
-  private onReadyForQuery(status: number): void {
-    if (!this.authenticated) this.onAuthenticated();
+  /** After an error in an extended-protocol group the server skips all up to the next Sync: those owe nothing. */
+  private skipToSync(): void {
+    while (this.pending.length > 0 && this.pending.peek()!.kind !== Owed.Sync) this.finishHead();
+  }
+
+  private onReadyForQuery(status: TransactionStatus): void {
+    if (this.state === 'authenticating') this.onAuthenticated();
     this.transactionStatus = status;
     // ReadyForQuery answers the oldest Sync, Query or FunctionCall; Executes still
     // ahead of it were skipped by the server after an error.
     while (this.pending.length > 0) {
       const kind = this.pending.peek()!.kind;
       this.finishHead();
-      if (kind !== EXECUTE && kind !== REFUSED_EXTENDED && kind !== MALFORMED_EXECUTE) break;
+      if (kind !== Owed.Execute && kind !== Owed.RefusedExtended && kind !== Owed.MalformedExecute) break;
     }
-    if (this.draining && this.idle) setImmediate(() => this.shutdown());
+    if (this.state === 'draining' && this.idle) setImmediate(() => this.shutdown());
   }
 
   private finishHead(): void {
@@ -1040,44 +1008,26 @@ export class Session {
     if (done !== null) done();
   }
 
-  private emit(
-    text: string,
-    statement: PreparedStatement | null,
-    statementIndex: number,
-    bind: Buffer | null,
-    mark: number,
-    now: number,
-    rows: number,
-    sqlstate: string | null,
-    upstream: string,
-    refused = false,
-  ): void {
-    this.lastText = text;
-    this.lastStatementIndex = statementIndex;
-    this.lastMark = mark;
-    this.lastDurationMs = now - mark;
+  /** Publishes `query`'s completion (of its current statement), finished at `now`. */
+  private complete(query: Pending, now: number, rows: number, sqlstate: string | null): void {
+    this.lastText = query.text;
+    this.lastStatementIndex = query.statementIndex;
+    this.lastMark = query.mark;
+    this.lastDurationMs = now - query.mark;
     const observers = this.options.observers;
     if (observers.length === 0) return;
-    const c = this.completion;
-    c.text = text;
-    c.statement = statement;
-    c.statementIndex = statementIndex;
-    c.bind = bind;
-    c.startedAt = performance.timeOrigin + mark;
-    c.durationMs = now - mark;
-    c.rows = rows;
-    c.sqlstate = sqlstate;
-    c.upstream = upstream;
-    c.refused = refused;
+    const completion = this.completion.fill(query, now, rows, sqlstate);
     for (let i = 0; i < observers.length; i++) {
       try {
-        observers[i](c);
+        observers[i](completion);
       } catch (err) {
         // A subscriber's bug must never break the query path.
         this.options.log.error({ err, session: this.info.id }, 'query observer failed');
       }
     }
   }
+
+  // -- flow control toward the client
 
   private writeClient(bytes: Buffer): void {
     if (this.client.writableEnded || this.client.destroyed) return;
@@ -1096,7 +1046,7 @@ export class Session {
     this.upstream?.resume();
   }
 
-  // ---- endings ----------------------------------------------------------------
+  // ---- termination ----------------------------------------------------------------
 
   /** Sends the client a FATAL ErrorResponse and closes both sides. */
   private failClient(code: string, message: string): void {
@@ -1141,8 +1091,9 @@ export class Session {
       if (this.clientTerminated || this.fatalRelayed) this.endClient(null);
       else {
         this.upstreamLost = true;
-        this.options.log.warn({ session: this.info.id, upstream: this.options.upstream.name }, 'upstream connection lost');
-        this.endClient(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message: 'upstream connection lost' }));
+        const message = 'upstream connection lost';
+        this.options.log.warn({ session: this.info.id, upstream: this.options.upstream.name }, message);
+        this.endClient(encodeErrorResponse({ severity: 'FATAL', code: SqlState.ConnectionFailure, message }));
       }
     } else if (!this.client.destroyed) this.endClient(null); // bound whatever end() already started
     this.markClosed();
@@ -1150,12 +1101,10 @@ export class Session {
 
   private markClosed(): void {
     if (this.state === 'closed') return;
-    this.state = 'closed';
+    this.changeLifecycle('closed');
     this.startupPacket = null;
     this.early = null;
     while (this.pending.length > 0) this.finishHead();
     this.events.closed(this);
   }
 }
-
-const READY_FOR_QUERY_IDLE = Buffer.from([Backend.ReadyForQuery, 0, 0, 0, 5, TransactionStatus.Idle]);

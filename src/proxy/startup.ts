@@ -15,7 +15,7 @@ import {
   SSL_REQUEST_CODE,
 } from '../protocol/constants.ts';
 import { encodeErrorResponse, SSL_ACCEPTED, SSL_REFUSED } from '../protocol/encode.ts';
-import { decodeStartupParameters, ProtocolError } from '../protocol/frontend.ts';
+import { decodeStartupParameters, ProtocolError, startupPacketLength, startupRequestCode } from '../protocol/frontend.ts';
 import { closeClient } from './closing.ts';
 
 export type StartupOutcome =
@@ -39,7 +39,7 @@ export async function negotiateStartup(socket: net.Socket, options: StartupOptio
   try {
     for (;;) {
       const { packet, leftover } = await readPacket(current);
-      const code = packet.readInt32BE(4);
+      const code = startupRequestCode(packet);
       if (code === SSL_REQUEST_CODE && packet.length === 8) {
         if (leftover !== null || tlsDone) return reject(current, 'unexpected data after SSLRequest');
         tlsDone = true;
@@ -95,7 +95,7 @@ function readPacket(socket: net.Socket): Promise<{ packet: Buffer; leftover: Buf
     const onData = (data: Buffer) => {
       buffered = buffered === null ? data : Buffer.concat([buffered, data]);
       if (buffered.length < 4) return;
-      const length = buffered.readInt32BE(0);
+      const length = startupPacketLength(buffered);
       if (length < 8 || length - 4 > MAX_STARTUP_PACKET_BYTES) {
         cleanup();
         return reject(new InvalidLength(`invalid length of startup packet: ${length}`));

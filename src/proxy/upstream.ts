@@ -4,6 +4,7 @@
 
 import net from 'node:net';
 import tls from 'node:tls';
+import { sslAccepted } from '../protocol/backend.ts';
 import { SSL_REQUEST } from '../protocol/encode.ts';
 
 export type UpstreamTlsMode = 'disable' | 'prefer' | 'require' | 'verify-full';
@@ -101,7 +102,7 @@ function requestTls(socket: net.Socket): Promise<boolean> {
       cleanup();
       // Any byte beyond the answer would be unencrypted data injected before the handshake.
       if (data.length !== 1) return reject(new Error('unexpected data in answer to SSLRequest'));
-      resolve(data[0] === 0x53);
+      resolve(sslAccepted(data));
     };
     const onError = (err: Error) => {
       cleanup();

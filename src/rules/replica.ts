@@ -15,10 +15,18 @@
 import type { Duplex } from 'node:stream';
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { commandCompleteRows, errorField, errorIsFatal, errorSqlState, readyForQueryStatus } from '../protocol/backend.ts';
-import { Backend, ErrorField, Frontend, TransactionStatus } from '../protocol/constants.ts';
+import {
+  commandCompleteRows,
+  errorField,
+  errorIsFatal,
+  errorSqlState,
+  readyForQueryStatus,
+} from '../protocol/backend.ts';
+import { Backend, ErrorField, Frontend, type TransactionStatus } from '../protocol/constants.ts';
 import { encodeCopyFail, TERMINATE } from '../protocol/encode.ts';
-import { CONTINUE, Framer, HEADER, SKIP, WHOLE, type FrameHandler } from '../protocol/framer.ts';
+import { CONTINUE, Framer, kindTable, PASS, SKIP, WHOLE, type FrameHandler, type Outcome } from '../protocol/framer.ts';
+import { MessageCursor } from '../protocol/messages.ts';
+import { ProtocolError } from '../protocol/frontend.ts';
 import { RerouteInterrupted, type RerouteOutcome, type RerouteSink, type RerouteTarget } from '../proxy/seam.ts';
 
 export interface ReplicaPoolOptions {
@@ -43,18 +51,17 @@ const MAX_BACKEND_MESSAGE = 0x7fffffff;
 const COPY_FAIL = encodeCopyFail('pgwarden: COPY FROM STDIN cannot run on a replica');
 
 /** Backend messages the replica connection reads; everything else streams through. */
-const REPLICA_KINDS = new Uint8Array(256);
-for (const t of [
-  Backend.ReadyForQuery,
-  Backend.ErrorResponse,
-  Backend.CommandComplete,
-  Backend.ParameterStatus,
-  Backend.CopyInResponse,
-  Backend.CopyBothResponse,
-]) REPLICA_KINDS[t] = WHOLE;
-
-/** Frontend messages looked at when checking a group to reroute: all of them, by header. */
-const GROUP_KINDS = new Uint8Array(256).fill(HEADER);
+const REPLICA_KINDS = kindTable(PASS, [
+  [
+    Backend.ReadyForQuery,
+    Backend.ErrorResponse,
+    Backend.CommandComplete,
+    Backend.ParameterStatus,
+    Backend.CopyInResponse,
+    Backend.CopyBothResponse,
+  ],
+  WHOLE,
+]);
 
 export class ReplicaPool implements RerouteTarget {
   readonly name: string;
@@ -115,21 +122,18 @@ export class ReplicaPool implements RerouteTarget {
   private expectedReadyForQuery(messages: Buffer): number {
     let count = 0;
     let last = -1;
-    let violation: string | null = null;
-    const handler: FrameHandler = {
-      onMessage: (type) => {
-        if (type === Frontend.Terminate) violation ??= 'Terminate cannot be rerouted';
+    const cursor = new MessageCursor(messages);
+    try {
+      while (cursor.next()) {
+        const type = cursor.type;
+        if (type === Frontend.Terminate) throw new Error(`replica ${this.name}: Terminate cannot be rerouted`);
         if (type === Frontend.Query || type === Frontend.Sync || type === Frontend.FunctionCall) count++;
         last = type;
-        return CONTINUE;
-      },
-      onForward: () => {},
-      onViolation: (reason) => (violation ??= `malformed frontend message: ${reason}`),
-    };
-    const framer = new Framer(GROUP_KINDS, messages.length, handler);
-    framer.push(messages);
-    if (violation === null && framer.partial) violation = 'truncated frontend message';
-    if (violation !== null) throw new Error(`replica ${this.name}: ${violation}`);
+      }
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      throw new Error(`replica ${this.name}: malformed frontend message: ${err.message}`);
+    }
     if (last !== Frontend.Query && last !== Frontend.Sync && last !== Frontend.FunctionCall) {
       throw new Error(`replica ${this.name}: messages to reroute must end with Query or Sync`);
     }
@@ -374,7 +378,7 @@ class ReplicaConnection {
     },
   };
 
-  private onMessage(type: number, buf: Buffer, start: number, end: number): number {
+  private onMessage(type: number, buf: Buffer, start: number, end: number): Outcome {
     const run = this.pending;
     // Between runs only asynchronous messages arrive (ParameterStatus, NoticeResponse,
     // a FATAL ErrorResponse before the close): nobody to relay them to.
@@ -444,15 +448,15 @@ class ReplicaConnection {
     this.socket.destroy();
   }
 
-  private finish(run: PendingRun, status: number): void {
+  private finish(run: PendingRun, status: TransactionStatus): void {
     this.pending = null;
     this.reused = true;
-    if (status !== TransactionStatus.Idle) {
+    if (status !== 'I') {
       // A rerouted statement must not leave a transaction open; whatever it began
       // ends with this connection instead of leaking into the next statement.
-      const text = String.fromCharCode(status);
-      this.options.log.warn({ database: this.options.database, status: text }, 'rerouted statement left a transaction open; closing the connection');
-      this.dead = new Error(`replica ${this.options.name}: connection closed after a statement left transaction status ${text}`);
+      const { database, name } = this.options;
+      this.options.log.warn({ database, status }, 'rerouted statement left a transaction open; closing the connection');
+      this.dead = new Error(`replica ${name}: connection closed after a statement left transaction status ${status}`);
       this.socket.destroy();
     }
     run.resolve({ rows: run.rows, sqlstate: run.sqlstate });

@@ -1,6 +1,19 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { CONTINUE, Framer, HEADER, HOLD, PASS, SKIP, WHOLE, type FrameHandler } from '../../src/protocol/framer.ts';
+import {
+  CONTINUE,
+  Framer,
+  HEADER,
+  HOLD,
+  kindTable,
+  PASS,
+  SKIP,
+  WHOLE,
+  type FrameHandler,
+  type KindTable,
+  type MessageKind,
+  type Outcome,
+} from '../../src/protocol/framer.ts';
 
 function message(type: string, body: Buffer | string): Buffer {
   const payload = typeof body === 'string' ? Buffer.from(body) : body;
@@ -11,17 +24,15 @@ function message(type: string, body: Buffer | string): Buffer {
   return out;
 }
 
-const kinds = new Uint8Array(256).fill(PASS);
-kinds['Q'.charCodeAt(0)] = WHOLE;
-kinds['D'.charCodeAt(0)] = HEADER;
+const kinds = kindTable(PASS, [['Q'.charCodeAt(0)], WHOLE], [['D'.charCodeAt(0)], HEADER]);
 
 class Recorder implements FrameHandler {
   forwarded: Buffer[] = [];
   seen: string[] = [];
   violations: string[] = [];
-  decide: (type: string, body: string) => number = () => CONTINUE;
+  decide: (type: string, body: string) => Outcome = () => CONTINUE;
   constructor(public framer?: Framer) {}
-  onMessage(type: number, buf: Buffer, start: number, end: number): number {
+  onMessage(type: number, buf: Buffer, start: number, end: number): Outcome {
     const t = String.fromCharCode(type);
     if (t === 'Q') {
       const body = buf.toString('utf8', start + 5, end);
@@ -174,5 +185,22 @@ describe('Framer', () => {
         assert.equal(recorder.output(), '<replaced select 1>', `splits ${splits.join(',')}`);
       }
     }
+  });
+});
+
+describe('kinds and outcomes', () => {
+  // The @ts-expect-error lines are the test: `npx tsc --noEmit -p .` fails if any of
+  // them type-checks, i.e. if kinds, outcomes and plain numbers could be mixed.
+  test('are distinct types at compile time and plain numbers at run time', () => {
+    // @ts-expect-error a MessageKind is not an Outcome
+    const outcome: Outcome = WHOLE;
+    // @ts-expect-error an Outcome is not a MessageKind
+    const kind: MessageKind = SKIP;
+    // @ts-expect-error a plain number is neither
+    const plain: Outcome = 1;
+    // @ts-expect-error a kind table is built with kindTable(), not from any Uint8Array
+    const table: KindTable = new Uint8Array(256);
+    assert.deepEqual([outcome, kind, plain, table.length], [1, 1, 1, 256]);
+    assert.deepEqual([PASS, WHOLE, HEADER, CONTINUE, SKIP, HOLD], [0, 1, 2, 0, 1, 2]);
   });
 });

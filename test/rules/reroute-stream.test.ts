@@ -13,7 +13,7 @@ import { fingerprintSync } from 'libpg-query';
 import { errorField } from '../../src/protocol/backend.ts';
 import { Backend, ErrorField } from '../../src/protocol/constants.ts';
 import { encodeQuery } from '../../src/protocol/encode.ts';
-import { CONTINUE, Framer, WHOLE } from '../../src/protocol/framer.ts';
+import { CONTINUE, Framer, kindTable, PASS, WHOLE } from '../../src/protocol/framer.ts';
 import { loadParser } from '../../src/shapes/fingerprint.ts';
 import { startTestApp, type TestApp } from '../harness/app.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
@@ -90,9 +90,7 @@ class StreamingClient {
   closed = false;
 
   private constructor(private readonly socket: net.Socket) {
-    const kinds = new Uint8Array(256);
-    kinds[Backend.ErrorResponse] = WHOLE;
-    kinds[Backend.ReadyForQuery] = WHOLE;
+    const kinds = kindTable(PASS, [[Backend.ErrorResponse, Backend.ReadyForQuery], WHOLE]);
     this.framer = new Framer(kinds, 0x7fffffff, {
       onMessage: (type, buf, start, end) => {
         if (type === Backend.ErrorResponse) {
