@@ -143,7 +143,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
         log: log.child({ component: 'monitor' }),
       })
     : null;
-  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
+  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, cacheBytes: config.shape_cache_mb * 1024 * 1024, maxTextBytes: config.max_shape_text_bytes });
 
   // Rules: persisted in the control database when there is one, else in the state file.
   const rulesLog = log.child({ component: 'rules' });

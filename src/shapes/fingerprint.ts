@@ -59,6 +59,11 @@ const CONTROL_WORDS: ReadonlySet<string> = new Set([
 export interface ShapeFinderOptions {
   /** Distinct texts (or literal-free keys) kept in each cache. */
   readonly cacheEntries: number;
+  /**
+   * Estimated bytes both caches hold at most, together (DEFAULT_CACHE_BYTES if
+   * absent): an entry count alone does not bound memory when texts are long.
+   */
+  readonly cacheBytes?: number;
   /** Texts longer than this get a fallback shape without being parsed. */
   readonly maxTextBytes: number;
 }
@@ -68,6 +73,24 @@ const FINGERPRINT = /^[0-9a-f]{16}$/;
 const DML = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
 /** Longest normalized text kept per shape. */
 const MAX_QUERY_CHARS = 16 * 1024;
+
+/** ShapeFinderOptions.cacheBytes when not given (the shape_cache_mb default). */
+const DEFAULT_CACHE_BYTES = 16 * 1024 * 1024;
+/** Estimated bytes of a shape object and of a cache entry around its key, besides the strings. */
+const SHAPE_OVERHEAD_BYTES = 160;
+const ENTRY_OVERHEAD_BYTES = 120;
+
+/**
+ * What a cache entry holds, estimated from its strings at two bytes a character
+ * (V8 keeps ASCII in one, so this errs high): the key (the text itself, or its
+ * literal-free key) and each shape's normalized text. Statements of one text share
+ * nothing with another's, so the sum is what evicting the entry frees.
+ */
+function entryBytes(shapes: readonly StatementShape[], key: string): number {
+  let bytes = ENTRY_OVERHEAD_BYTES + key.length * 2;
+  for (const shape of shapes) bytes += SHAPE_OVERHEAD_BYTES + (shape.query.length + shape.fingerprint.length + shape.command.length) * 2;
+  return bytes;
+}
 
 let loaded: Promise<void> | null = null;
 
@@ -83,8 +106,9 @@ export class ShapeFinder {
   private readonly byStatement = new WeakMap<PreparedStatement, StatementShape>();
 
   private constructor(private readonly options: ShapeFinderOptions) {
-    this.byText = new LRUCache({ max: options.cacheEntries });
-    this.byKey = new LRUCache({ max: options.cacheEntries });
+    const maxSize = Math.max(1, Math.floor((options.cacheBytes ?? DEFAULT_CACHE_BYTES) / 2));
+    this.byText = new LRUCache({ max: options.cacheEntries, maxSize, sizeCalculation: entryBytes });
+    this.byKey = new LRUCache({ max: options.cacheEntries, maxSize, sizeCalculation: entryBytes });
   }
 
   static async create(options: ShapeFinderOptions): Promise<ShapeFinder> {

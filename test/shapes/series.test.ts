@@ -141,4 +141,24 @@ describe('ShapeSeries', { timeout: 10_000 }, () => {
     );
     assertNear(points[0].p50_ms, 7, 'closed bucket p50');
   });
+
+  test('memory grows with the buckets that saw calls, up to the configured number, and old buckets are reused', () => {
+    const { clock, series, start } = setup({ buckets: 8 });
+    series.add(clock.now(), 1, false, 0);
+    const one = series.bytes;
+    assert.ok(one <= 2 * 9 * 8, `a shape run once holds ${one} bytes`);
+    for (let i = 1; i < 100; i++) {
+      clock.advance(BUCKET_MS);
+      series.add(clock.now(), i, false, 0);
+    }
+    assert.equal(series.bytes, 8 * (6 * 8 + 3 * 4), 'full size: 8 buckets');
+    const points = series.points(clock.now());
+    assert.deepEqual(
+      points.map((p) => [p.t, p.calls]),
+      Array.from({ length: 8 }, (_, k) => [start + (92 + k) * BUCKET_MS, 1]),
+      'the last 8 buckets, oldest first',
+    );
+    assert.equal(series.callsBetween(start, clock.now()), 8);
+    assertNear(points[0].p50_ms, 92, 'a reused bucket keeps its own quantile');
+  });
 });
