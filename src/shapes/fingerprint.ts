@@ -104,6 +104,8 @@ export class ShapeFinder {
   private readonly byText: LRUCache<string, readonly StatementShape[]>;
   private readonly byKey: LRUCache<string, readonly StatementShape[]>;
   private readonly byStatement = new WeakMap<PreparedStatement, StatementShape>();
+  private lastText: string | null = null;
+  private lastShapes: readonly StatementShape[] = [];
 
   private constructor(private readonly options: ShapeFinderOptions) {
     const maxSize = Math.max(1, Math.floor((options.cacheBytes ?? DEFAULT_CACHE_BYTES) / 2));
@@ -128,6 +130,19 @@ export class ShapeFinder {
 
   /** One shape per statement of a (possibly multi-statement) text. */
   shapesOfText(text: string): readonly StatementShape[] {
+    // The gate, the in-flight tracker and the collector each ask for the shapes of
+    // the same statement in turn: the last answer spares them a scan each.
+    if (text === this.lastText) return this.lastShapes;
+    const shapes = this.find(text);
+    if (text.length <= this.options.maxTextBytes) {
+      // (A text over the cap is not kept alive for this.)
+      this.lastText = text;
+      this.lastShapes = shapes;
+    }
+    return shapes;
+  }
+
+  private find(text: string): readonly StatementShape[] {
     if (Buffer.byteLength(text) > this.options.maxTextBytes) {
       return [fallbackShape(text.length > 65536 ? null : scanSql(text), text)];
     }

@@ -39,7 +39,11 @@ export class ShapeStats {
   readonly errorsByClass = new Map<string, number>();
   rows = 0;
   totalMs = 0;
-  readonly sketch: DDSketch = newSketch();
+  // The lifetime latency sketch (~2 KiB) is made at the second timed call: until
+  // then the one latency is held as a number, so a shape run once (most shapes of
+  // a flood of distinct texts) costs no sketch.
+  private lifetime: DDSketch | null = null;
+  private held = Number.NaN;
   /** Timed calls per latency bucket (LATENCY_BUCKETS_MS, then +Inf); not cumulative. */
   readonly latencyBuckets = new Float64Array(BUCKET_COUNT + 1);
   readonly series: ShapeSeries;
@@ -73,8 +77,19 @@ export class ShapeStats {
     return this.timedCalls === 0 ? 0 : this.totalMs / this.timedCalls;
   }
 
+  /** The latencies of all timed calls (made on first use; callers may merge into it). */
+  get sketch(): DDSketch {
+    if (this.lifetime === null) {
+      this.lifetime = newSketch();
+      if (!Number.isNaN(this.held)) this.lifetime.accept(this.held);
+      this.held = Number.NaN;
+    }
+    return this.lifetime;
+  }
+
   quantile(q: number): number {
-    return this.sketch.count === 0 ? 0 : this.sketch.getValueAtQuantile(q);
+    if (this.lifetime === null) return Number.isNaN(this.held) ? 0 : this.held;
+    return this.lifetime.count === 0 ? 0 : this.lifetime.getValueAtQuantile(q);
   }
 
   record(c: QueryCompletion, now: number): void {
@@ -94,7 +109,11 @@ export class ShapeStats {
     }
     // A query the gate refused never ran: it counts as a call and an error, but its
     // (tiny) duration would fake a recovery in the latency figures.
-    if (!c.refused) this.sketch.accept(Math.max(c.durationMs, 0));
+    if (!c.refused) {
+      const ms = Math.max(c.durationMs, 0);
+      if (this.lifetime === null && Number.isNaN(this.held)) this.held = ms;
+      else this.sketch.accept(ms);
+    }
     this.series.add(now, c.durationMs, failed, c.rows, !c.refused);
     const session = c.session;
     if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
@@ -134,7 +153,9 @@ export class ShapeStats {
     this.rows += other.rows;
     this.totalMs += other.totalMs;
     for (let b = 0; b <= BUCKET_COUNT; b++) this.latencyBuckets[b] += other.latencyBuckets[b];
-    if (other.sketch.count > 0) this.sketch.merge(other.sketch);
+    if (other.lifetime !== null) {
+      if (other.lifetime.count > 0) this.sketch.merge(other.lifetime);
+    } else if (!Number.isNaN(other.held)) this.sketch.accept(other.held);
     this.firstSeen = Math.min(this.firstSeen, other.firstSeen);
     this.lastSeen = Math.max(this.lastSeen, other.lastSeen);
   }

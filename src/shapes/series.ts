@@ -81,18 +81,29 @@ export class ShapeSeries {
     if (failed) data[e + ERRORS]++;
     data[e + ROWS] += rows;
     if (!timed) return;
+    const ms = Math.max(durationMs, 0);
     data[e + TIMED]++;
     data[e + TOTAL_MS] += durationMs;
-    if (bucket !== this.currentBucket) {
+    if (bucket !== this.currentBucket || this.currentSketch === null) {
       let sketch = this.sketches.get(bucket);
       if (sketch === undefined) {
+        const q = (e / FIELDS) * 3;
+        if (data[e + TIMED] === 1) {
+          // A bucket's first latency is held as its quantiles, without a sketch
+          // (~2 KiB each): most shapes of a flood never get a second call.
+          this.quantiles[q] = this.quantiles[q + 1] = this.quantiles[q + 2] = ms;
+          this.currentBucket = bucket;
+          this.currentSketch = null;
+          return;
+        }
         sketch = newSketch();
+        sketch.accept(this.quantiles[q]); // the held first latency
         this.sketches.set(bucket, sketch);
       }
       this.currentBucket = bucket;
       this.currentSketch = sketch;
     }
-    this.currentSketch!.accept(Math.max(durationMs, 0));
+    this.currentSketch.accept(ms);
   }
 
   /**
@@ -107,12 +118,15 @@ export class ShapeSeries {
     data[e + ERRORS] += errors;
     data[e + ROWS] += rows;
     if (timed === 0 || sketch === null) return;
+    const held = data[e + TIMED] === 1 && !this.sketches.has(bucket);
     data[e + TIMED] += timed;
     data[e + TOTAL_MS] += totalMs;
     let target = this.sketches.get(bucket);
     if (target === undefined) {
       target = newSketch();
+      if (held) target.accept(this.quantiles[(e / FIELDS) * 3]);
       this.sketches.set(bucket, target);
+      if (bucket === this.currentBucket) this.currentSketch = target;
     }
     target.merge(sketch);
   }
@@ -166,13 +180,23 @@ export class ShapeSeries {
    * into one sketch, using only buckets that still keep theirs; null if none.
    */
   window(from: number, to: number): DDSketch | null {
-    const { bucketMs } = this.options;
+    const { bucketMs, sketchBuckets } = this.options;
+    const first = Math.floor(from / bucketMs);
+    const last = Math.floor(to / bucketMs);
     let merged: DDSketch | null = null;
-    for (let bucket = Math.floor(from / bucketMs); bucket <= Math.floor(to / bucketMs); bucket++) {
+    for (let i = 0; i < this.entries; i++) {
+      const e = i * FIELDS;
+      const bucket = this.data[e + BUCKET];
+      if (bucket < first || bucket > last) continue;
       const sketch = this.sketches.get(bucket);
-      if (!sketch) continue;
-      merged ??= newSketch();
-      merged.merge(sketch);
+      if (sketch !== undefined) {
+        merged ??= newSketch();
+        merged.merge(sketch);
+      } else if (this.data[e + TIMED] === 1 && bucket > this.lastBucket - sketchBuckets) {
+        // A single latency held in place of a sketch, for as long as a sketch would be kept.
+        merged ??= newSketch();
+        merged.accept(this.quantiles[i * 3]);
+      }
     }
     return merged;
   }

@@ -161,4 +161,22 @@ describe('ShapeSeries', { timeout: 10_000 }, () => {
     assert.equal(series.callsBetween(start, clock.now()), 8);
     assertNear(points[0].p50_ms, 92, 'a reused bucket keeps its own quantile');
   });
+
+  test('a bucket with one timed call holds its latency without a sketch, and a second call gets both into one', () => {
+    const { clock, series, start } = setup({ sketchBuckets: 2 });
+    series.add(clock.now(), 12.5, false, 0);
+    assert.equal(series.window(start, start)?.count, 1, 'the held latency is in the window');
+    assertNear(series.window(start, start)!.getValueAtQuantile(0.5), 12.5, 'held latency');
+    assert.equal(series.points(clock.now())[0].p95_ms, 12.5);
+    clock.advance(BUCKET_MS);
+    series.add(clock.now(), 3, false, 0);
+    series.add(clock.now(), 40, false, 0);
+    const window = series.window(start, clock.now());
+    assert.equal(window?.count, 3, 'the held latency, then both of the second bucket');
+    assertNear(window!.getValueAtQuantile(1), 40, 'max');
+    clock.advance(2 * BUCKET_MS);
+    series.add(clock.now(), 1, false, 0);
+    assert.equal(series.window(start, start), null, 'past the sketch horizon, a held latency leaves the window too');
+    assert.equal(series.points(clock.now())[0].p50_ms, 12.5, 'but stays the bucket\'s quantile');
+  });
 });
