@@ -186,7 +186,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       logQueryValues: config.log_query_values,
       log: log.child({ component: 'shapes' }),
     });
-    proxy.onQueryComplete(collector.observe);
+    proxy.onQueryComplete(collector.deferred);
 
     if (monitor) {
       const plansLog = log.child({ component: 'plans' });
