@@ -104,6 +104,8 @@ export class ShapeFinder {
   private readonly byText: LRUCache<string, readonly StatementShape[]>;
   private readonly byKey: LRUCache<string, readonly StatementShape[]>;
   private readonly byStatement = new WeakMap<PreparedStatement, StatementShape>();
+  private lastKey: string | null = null;
+  private lastKeyShapes: readonly StatementShape[] = [];
   private lastText: string | null = null;
   private lastShapes: readonly StatementShape[] = [];
 
@@ -143,7 +145,8 @@ export class ShapeFinder {
   }
 
   private find(text: string): readonly StatementShape[] {
-    if (Buffer.byteLength(text) > this.options.maxTextBytes) {
+    // UTF-8 takes at most 3 bytes per UTF-16 unit: short texts skip the count.
+    if (text.length * 3 > this.options.maxTextBytes && Buffer.byteLength(text) > this.options.maxTextBytes) {
       return [fallbackShape(text.length > 65536 ? null : scanSql(text), text)];
     }
     const scan = scanSql(text);
@@ -151,8 +154,15 @@ export class ShapeFinder {
     // values that neither the fingerprint nor the normalized text depends on.
     const byKey = scan !== null && DML.has(scan.firstWord) && !scan.multiStatement && !scan.literalsMatter;
     if (byKey) {
+      // Consecutive statements of one shape (pgbench's, an application's hot query)
+      // compare their key with the last one's instead of a cache lookup.
+      if (scan.key === this.lastKey) return this.lastKeyShapes;
       const cached = this.byKey.get(scan.key);
-      if (cached !== undefined) return cached;
+      if (cached !== undefined) {
+        this.lastKey = scan.key;
+        this.lastKeyShapes = cached;
+        return cached;
+      }
     }
     const exact = this.byText.get(text);
     if (exact !== undefined) return exact;
