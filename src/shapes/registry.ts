@@ -36,7 +36,6 @@ export class ShapeStats {
   /** Calls that ran (not refused by a rule), the ones with a latency. */
   timedCalls = 0;
   errors = 0;
-  readonly errorsByClass = new Map<string, number>();
   rows = 0;
   totalMs = 0;
   // The lifetime latency sketch (~2 KiB) is made at the second timed call: until
@@ -47,9 +46,13 @@ export class ShapeStats {
   /** Timed calls per latency bucket (LATENCY_BUCKETS_MS, then +Inf); not cumulative. */
   readonly latencyBuckets = new Float64Array(BUCKET_COUNT + 1);
   readonly series: ShapeSeries;
-  readonly users = new Set<string>();
-  readonly databases = new Set<string>();
-  readonly applications = new Set<string>();
+  // Arrays (at most MAX_NAMES, usually one name), not Sets: a Set and its table
+  // cost ~200 bytes each, for every shape of a flood.
+  readonly users: string[] = [];
+  readonly databases: string[] = [];
+  readonly applications: string[] = [];
+  /** Made at the first error: most shapes never fail. */
+  private errorClasses: Map<string, number> | null = null;
   /** The parse tree's statement kind ('' when unknown) and whether it is transaction/session control. */
   kind = '';
   control = false;
@@ -71,6 +74,16 @@ export class ShapeStats {
     this.firstSeen = now;
     this.lastSeen = now;
     this.series = new ShapeSeries(seriesOptions);
+  }
+
+  /** Failed calls per SQLSTATE class. */
+  get errorsByClass(): ReadonlyMap<string, number> {
+    return this.errorClasses ?? NO_ERRORS;
+  }
+
+  private countErrors(errorClass: string, n: number): void {
+    this.errorClasses ??= new Map();
+    this.errorClasses.set(errorClass, (this.errorClasses.get(errorClass) ?? 0) + n);
   }
 
   get meanMs(): number {
@@ -104,8 +117,7 @@ export class ShapeStats {
     const failed = c.sqlstate !== null;
     if (failed) {
       this.errors++;
-      const errorClass = c.sqlstate!.slice(0, 2);
-      this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + 1);
+      this.countErrors(c.sqlstate!.slice(0, 2), 1);
     }
     // A query the gate refused never ran: it counts as a call and an error, but its
     // (tiny) duration would fake a recovery in the latency figures.
@@ -134,7 +146,7 @@ export class ShapeStats {
     this.calls += summary.calls;
     this.timedCalls += summary.timed;
     this.errors += summary.errors;
-    for (const [k, v] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    for (const [k, v] of Object.entries(summary.errorsByClass)) this.countErrors(k, v);
     this.rows += summary.rows;
     this.totalMs += summary.totalMs;
     if (sketch !== null && sketch.count > 0) this.sketch.merge(sketch);
@@ -153,7 +165,7 @@ export class ShapeStats {
     this.calls += other.calls;
     this.timedCalls += other.timedCalls;
     this.errors += other.errors;
-    for (const [k, v] of other.errorsByClass) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    for (const [k, v] of other.errorsByClass) this.countErrors(k, v);
     this.rows += other.rows;
     this.totalMs += other.totalMs;
     for (let b = 0; b <= BUCKET_COUNT; b++) this.latencyBuckets[b] += other.latencyBuckets[b];
@@ -165,8 +177,10 @@ export class ShapeStats {
   }
 }
 
-function addName(names: Set<string>, name: string): void {
-  if (name !== '' && names.size < MAX_NAMES && !names.has(name)) names.add(name);
+const NO_ERRORS: ReadonlyMap<string, number> = new Map();
+
+function addName(names: string[], name: string): void {
+  if (name !== '' && names.length < MAX_NAMES && !names.includes(name)) names.push(name);
 }
 
 export interface RegistryOptions {

@@ -44,16 +44,19 @@ const TIMED = 2; // calls with a latency sample
 const ERRORS = 3;
 const ROWS = 4;
 const TOTAL_MS = 5;
-const FIELDS = 6;
+const P50 = 6; // p50, p95, p99, once the bucket is closed (or its one latency, see add)
+const FIELDS = 9;
+/** Read-only stand-in for a series' sketch map until it needs one (a Map is ~200 bytes). */
+const NO_SKETCHES: Map<number, DDSketch> = new Map();
 /** Entries allocated for a new shape; doubled as needed up to SeriesOptions.buckets. */
 const INITIAL_ENTRIES = 2;
 
 export class ShapeSeries {
-  /** FIELDS numbers per entry; an entry whose BUCKET is -1 is free. Entries are in no particular order. */
+  /** FIELDS numbers per entry. Entries are in no particular order. */
   private data: Float64Array;
-  private quantiles: Float32Array; // p50, p95, p99 per entry, once the bucket is closed
-  private entries = 0; // entries in use or freed (data[0, entries * FIELDS))
-  private readonly sketches = new Map<number, DDSketch>();
+  private entries = 0; // entries in use (data[0, entries * FIELDS))
+  /** Sketches of the newest buckets, by bucket; NO_SKETCHES (shared) until the first one. */
+  private sketches: Map<number, DDSketch> = NO_SKETCHES;
   // The bucket being filled and its entry, so the common case skips the search.
   private lastBucket = -1;
   private lastEntry = -1;
@@ -62,14 +65,12 @@ export class ShapeSeries {
   private currentSketch: DDSketch | null = null;
 
   constructor(private readonly options: SeriesOptions) {
-    const n = Math.min(INITIAL_ENTRIES, options.buckets);
-    this.data = new Float64Array(n * FIELDS);
-    this.quantiles = new Float32Array(n * 3);
+    this.data = new Float64Array(Math.min(INITIAL_ENTRIES, options.buckets) * FIELDS);
   }
 
-  /** Bytes held by the arrays (the sketches come on top), for the registry's accounting. */
+  /** Bytes held by the bucket array (the sketches come on top). */
   get bytes(): number {
-    return this.data.byteLength + this.quantiles.byteLength;
+    return this.data.byteLength;
   }
 
   /** Counts a call; `timed` false leaves it out of the latency figures (a refused query). */
@@ -87,18 +88,17 @@ export class ShapeSeries {
     if (bucket !== this.currentBucket || this.currentSketch === null) {
       let sketch = this.sketches.get(bucket);
       if (sketch === undefined) {
-        const q = (e / FIELDS) * 3;
         if (data[e + TIMED] === 1) {
           // A bucket's first latency is held as its quantiles, without a sketch
           // (~2 KiB each): most shapes of a flood never get a second call.
-          this.quantiles[q] = this.quantiles[q + 1] = this.quantiles[q + 2] = ms;
+          data[e + P50] = data[e + P50 + 1] = data[e + P50 + 2] = ms;
           this.currentBucket = bucket;
           this.currentSketch = null;
           return;
         }
         sketch = newSketch();
-        sketch.accept(this.quantiles[q]); // the held first latency
-        this.sketches.set(bucket, sketch);
+        sketch.accept(data[e + P50]); // the held first latency
+        this.keepSketch(bucket, sketch);
       }
       this.currentBucket = bucket;
       this.currentSketch = sketch;
@@ -124,8 +124,8 @@ export class ShapeSeries {
     let target = this.sketches.get(bucket);
     if (target === undefined) {
       target = newSketch();
-      if (held) target.accept(this.quantiles[(e / FIELDS) * 3]);
-      this.sketches.set(bucket, target);
+      if (held) target.accept(data[e + P50]);
+      this.keepSketch(bucket, target);
       if (bucket === this.currentBucket) this.currentSketch = target;
     }
     target.merge(sketch);
@@ -147,7 +147,7 @@ export class ShapeSeries {
       const bucket = this.data[e + BUCKET];
       const sketch = this.sketches.get(bucket);
       const timed = this.data[e + TIMED];
-      const q = (k: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.quantiles[i * 3 + k]);
+      const q = (k: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.data[e + P50 + k]);
       return {
         t: bucket * bucketMs,
         calls: this.data[e + CALLS],
@@ -195,7 +195,7 @@ export class ShapeSeries {
       } else if (this.data[e + TIMED] === 1 && bucket > this.lastBucket - sketchBuckets) {
         // A single latency held in place of a sketch, for as long as a sketch would be kept.
         merged ??= newSketch();
-        merged.accept(this.quantiles[i * 3]);
+        merged.accept(this.data[e + P50]);
       }
     }
     return merged;
@@ -235,13 +235,14 @@ export class ShapeSeries {
   }
 
   private grow(): void {
-    const n = Math.min(this.options.buckets, Math.max(1, this.entries) * 2);
-    const data = new Float64Array(n * FIELDS);
+    const data = new Float64Array(Math.min(this.options.buckets, Math.max(1, this.entries) * 2) * FIELDS);
     data.set(this.data);
-    const quantiles = new Float32Array(n * 3);
-    quantiles.set(this.quantiles);
     this.data = data;
-    this.quantiles = quantiles;
+  }
+
+  private keepSketch(bucket: number, sketch: DDSketch): void {
+    if (this.sketches === NO_SKETCHES) this.sketches = new Map();
+    this.sketches.set(bucket, sketch);
   }
 
   private open(entry: number, bucket: number): void {
@@ -257,10 +258,11 @@ export class ShapeSeries {
     for (const [old, sketch] of this.sketches) {
       if (old > bucket - this.options.sketchBuckets) continue;
       for (let i = 0; i < this.entries; i++) {
+        const q = i * FIELDS + P50;
         if (data[i * FIELDS + BUCKET] !== old) continue;
-        this.quantiles[i * 3] = sketch.getValueAtQuantile(0.5);
-        this.quantiles[i * 3 + 1] = sketch.getValueAtQuantile(0.95);
-        this.quantiles[i * 3 + 2] = sketch.getValueAtQuantile(0.99);
+        data[q] = sketch.getValueAtQuantile(0.5);
+        data[q + 1] = sketch.getValueAtQuantile(0.95);
+        data[q + 2] = sketch.getValueAtQuantile(0.99);
       }
       this.sketches.delete(old);
       if (old === this.currentBucket) {

@@ -151,7 +151,7 @@ describe('ShapeSeries', { timeout: 10_000 }, () => {
       clock.advance(BUCKET_MS);
       series.add(clock.now(), i, false, 0);
     }
-    assert.equal(series.bytes, 8 * (6 * 8 + 3 * 4), 'full size: 8 buckets');
+    assert.equal(series.bytes, 8 * 9 * 8, 'full size: 8 buckets of 9 numbers');
     const points = series.points(clock.now());
     assert.deepEqual(
       points.map((p) => [p.t, p.calls]),
