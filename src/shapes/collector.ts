@@ -121,7 +121,7 @@ export class ShapeCollector {
     if (this.queued === MAX_QUEUED) this.drain();
     let r = this.queue[this.queued];
     if (r === undefined) {
-      r = { ...c };
+      r = { ...c }; // every field of QueryCompletion: the branch below must copy each of them too
       this.queue.push(r);
     } else {
       r.session = c.session;

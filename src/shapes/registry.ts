@@ -129,7 +129,7 @@ export class ShapeStats {
     this.series.add(now, c.durationMs, failed, c.rows, !c.refused);
     const session = c.session;
     if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
-      // Sessions of one application interleave (a pool): the same names, already in the sets.
+      // Sessions of one application interleave (a pool): the same names, already listed.
       const known = this.lastSession !== null && session.user === this.lastSession.user && session.database === this.lastSession.database && session.applicationName === this.lastApplication;
       this.lastSession = session;
       this.lastApplication = session.applicationName;
