@@ -1,15 +1,14 @@
 // Subscribes to the proxy's completion events: finds each statement's shape,
-// records it in the registry, and writes the slow-query log line. The proxy
-// reports a completion while it is still handling the server's answer, before
-// relaying it, so the events are queued (`deferred`) and processed in one batch
-// when the event loop has done its I/O: the client gets its answer without waiting
-// for the bookkeeping, and the work itself is cached lookups and counter updates.
+// records it in the registry, and writes the slow-query log line. The proxy's
+// events are queued (`deferred`, see queue.ts) and recorded in a batch once the
+// event loop has done its I/O; the work itself is cached lookups and counter updates.
 
 import type { Logger } from 'pino';
 import type { QueryCompletion, QueryObserver } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
 import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from './registry.ts';
 import { completionOfExemplar, sketchFromJson, type ShapeSummary } from './summary.ts';
+import { CompletionQueue } from './queue.ts';
 
 export interface CollectorOptions {
   /** Queries at least this slow get a log line; 0 logs every query. */
@@ -31,11 +30,6 @@ export type ShapeListener = (stats: ShapeStats, shape: StatementShape, completio
  * gets every completion.
  */
 export type ListenerNeeds = 'statements' | 'latencies';
-
-/** Completions queued at most before `deferred` processes the queue at once (bounds its memory). */
-const MAX_QUEUED = 4096;
-
-type MutableCompletion = { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
 
 export class ShapeCollector {
   /** Statements seen and failed, for the proxy-level metrics. */
@@ -59,10 +53,7 @@ export class ShapeCollector {
     refused: false,
   } satisfies QueryCompletion as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
 
-  /** Copies of the completions not yet processed: reused records, queue[0, queued). */
-  private readonly queue: MutableCompletion[] = [];
-  private queued = 0;
-  private drainScheduled = false;
+  private readonly queue = new CompletionQueue((c) => this.observe(c), (err) => this.options.log.error({ err }, 'recording a statement failed'));
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -110,58 +101,15 @@ export class ShapeCollector {
     return stats;
   }
 
-  /**
-   * What the proxy calls: copies the completion (the proxy reuses its object) into
-   * a queued record and has the queue processed by `observe` on setImmediate, that
-   * is after the event loop's I/O callbacks of this turn (the relay's writes among
-   * them). Nothing is allocated once the records exist; the strings, the Bind copy
-   * and the session are shared, not copied.
-   */
-  readonly deferred: QueryObserver = (c) => {
-    if (this.queued === MAX_QUEUED) this.drain();
-    let r = this.queue[this.queued];
-    if (r === undefined) {
-      r = { ...c }; // every field of QueryCompletion: the branch below must copy each of them too
-      this.queue.push(r);
-    } else {
-      r.session = c.session;
-      r.text = c.text;
-      r.statement = c.statement;
-      r.statementIndex = c.statementIndex;
-      r.bind = c.bind;
-      r.startedAt = c.startedAt;
-      r.durationMs = c.durationMs;
-      r.rows = c.rows;
-      r.sqlstate = c.sqlstate;
-      r.upstream = c.upstream;
-      r.refused = c.refused;
-    }
-    this.queued++;
-    if (!this.drainScheduled) {
-      this.drainScheduled = true;
-      setImmediate(this.drain);
-    }
-  };
+  /** What the proxy calls: completions queued and recorded in a batch after this turn's I/O (see queue.ts). */
+  get deferred(): QueryObserver {
+    return this.queue.observe;
+  }
 
-  /** Processes the queued completions, oldest first (also usable to flush before reading statistics). */
-  readonly drain = (): void => {
-    this.drainScheduled = false;
-    const n = this.queued;
-    this.queued = 0;
-    for (let i = 0; i < n; i++) {
-      const r = this.queue[i];
-      try {
-        this.observe(r);
-      } catch (err) {
-        // As on the proxy's path: a bug in a listener must not lose the rest of the batch.
-        this.options.log.error({ err }, 'recording a statement failed');
-      }
-      // An idle record keeps no text or Bind alive.
-      r.text = '';
-      r.statement = null;
-      r.bind = null;
-    }
-  };
+  /** Records what is queued now. */
+  drain(): void {
+    this.queue.flush();
+  }
 
   /** Records one completion now (the queue is for the proxy; tests and ingest call this directly). */
   readonly observe: QueryObserver = (c) => {
