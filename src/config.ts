@@ -54,6 +54,7 @@ export const OPTIONS = {
   stats: bool.default(true).describe('Fingerprint every statement and keep per-shape statistics (off: a plain proxy).'),
   max_shapes: positiveInt.default(2000).describe('Shapes tracked at once; the least recently seen are folded into one overflow shape.'),
   shape_cache_entries: positiveInt.default(10_000).describe('Distinct statement texts whose shape is cached.'),
+  shape_cache_mb: positiveInt.default(16).describe('Memory the shape caches may hold (texts, literal-free keys and shapes, estimated), in MiB; the least recently used entries go first.'),
   max_shape_text_bytes: positiveInt.default(65_536).describe('Statements longer than this get a cheap fallback shape instead of being parsed.'),
   slow_query_ms: nonNegative.default(1000).describe('Statements at least this slow get a log line; 0 logs every statement.'),
   log_query_values: bool.default(false).describe('Include the literal statement text in log lines (off: only normalized text, never values).'),

@@ -100,7 +100,7 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
   const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
   const events = new EventLog(clock);
-  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, maxTextBytes: config.max_shape_text_bytes });
+  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, cacheBytes: config.shape_cache_mb * 1024 * 1024, maxTextBytes: config.max_shape_text_bytes });
   let current = config;
 
   const rules = await openRules(config, log, clock, events, finder, worker);

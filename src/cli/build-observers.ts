@@ -81,7 +81,8 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
     series: { bucketMs, buckets: config.series_buckets, sketchBuckets: 6 },
   });
   const collector = new ShapeCollector(inputs.finder, registry, collectorSettings(config, log));
-  inputs.proxy.onQueryComplete(collector.observe);
+  // Recorded off the relay's critical path: queued, then processed in a batch on the next turn.
+  inputs.proxy.onQueryComplete(collector.deferred);
 
   const monitoring = inputs.monitor ? startMonitoring(inputs, collector, registry, bucketMs) : null;
   const sampler = monitoring?.sampler ?? null;

@@ -2,6 +2,8 @@
 // from the configuration schema), and turns configuration errors into one clear
 // message and exit code 2.
 
+// First: V8 flags for the parser's WebAssembly must be set before it is compiled.
+import '../shapes/wasm-tiering.ts';
 import { parseArgs } from 'node:util';
 import { ConfigError, envName, flagName, loadConfig, OPTIONS, optionKeys, type OptionKey } from '../config.ts';
 import { runCheckMigration } from './check-migration.ts';

@@ -19,7 +19,7 @@ export async function runStart(config: Config, sources: ConfigSources = {}): Pro
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
   if (workers > 1 && cluster.isPrimary) return runPrimary(config, workers, sources, log);
   // A worker relays and reports to the primary, which owns statistics and the admin API.
-  const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock }) } : undefined;
+  const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock, log }) } : undefined;
   const cancelKeys = cluster.isWorker ? workerCancelKeys(() => app.proxy) : undefined;
   const app = await startApp(config, log, { cluster: role, cancelKeys });
   logReady(config, app, log);

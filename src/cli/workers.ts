@@ -32,6 +32,7 @@ import { isRule, type Rule } from '../rules/rule.ts';
 import type { RuleStore } from '../rules/store.ts';
 import type { ShapeCollector } from '../shapes/collector.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
+import { CompletionQueue } from '../shapes/queue.ts';
 import { SummaryBatcher, type ShapeSummary } from '../shapes/summary.ts';
 import type { RulePersistence } from '../rules/persistence.ts';
 
@@ -228,6 +229,7 @@ function isMessage(message: unknown): message is { type: string } {
  */
 export class WorkerLink {
   private batcher: SummaryBatcher | null = null;
+  private queue: CompletionQueue | null = null;
   private proxy: ProxyServer | null = null;
   private gate: RulesGate | null = null;
   private readonly appliedSent = new Map<string, number>();
@@ -243,7 +245,7 @@ export class WorkerLink {
     } else for (const listener of this.ruleListeners) listener(rules);
   };
 
-  constructor(private readonly options: { readonly clock: Clock }) {
+  constructor(private readonly options: { readonly clock: Clock; readonly log?: Logger }) {
     process.on('message', this.onMessage);
   }
 
@@ -272,8 +274,11 @@ export class WorkerLink {
     this.proxy = proxy;
     this.gate = gate;
     if (finder !== null) {
-      this.batcher = new SummaryBatcher(finder, { clock: this.options.clock, everyExecutionOf: DDL_COMMANDS });
-      proxy.onQueryComplete(this.batcher.observe);
+      const batcher = new SummaryBatcher(finder, { clock: this.options.clock, everyExecutionOf: DDL_COMMANDS });
+      this.batcher = batcher;
+      // Summarized after the relay's writes of each turn, like the collector in one process.
+      this.queue = new CompletionQueue(batcher.observe, (err) => this.options.log?.error({ err }, 'summarizing a statement failed'));
+      proxy.onQueryComplete(this.queue.observe);
     }
     this.timer = setInterval(() => this.report(), REPORT_MS);
     this.timer.unref();
@@ -287,6 +292,12 @@ export class WorkerLink {
     await new Promise<void>((resolve) => {
       if (!this.report(resolve)) resolve();
     });
+  }
+
+  /** The window's summaries, with the completions still queued. */
+  private drainShapes(): ShapeSummary[] {
+    this.queue?.flush();
+    return this.batcher?.drain() ?? [];
   }
 
   /** Sends one report; false if there was no channel to send it on. */
@@ -303,7 +314,7 @@ export class WorkerLink {
     const stats = proxy.stats;
     const message: StatsMessage = {
       type: 'pgwarden:stats',
-      shapes: this.batcher?.drain() ?? [],
+      shapes: this.drainShapes(),
       proxy: {
         connectionsAccepted: stats.connectionsAccepted,
         cancelRequests: stats.cancelRequests,

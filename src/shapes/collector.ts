@@ -1,12 +1,14 @@
 // Subscribes to the proxy's completion events: finds each statement's shape,
-// records it in the registry, and writes the slow-query log line. Runs on the
-// query path, so it only does cached lookups and counter updates.
+// records it in the registry, and writes the slow-query log line. The proxy's
+// events are queued (`deferred`, see queue.ts) and recorded in a batch once the
+// event loop has done its I/O; the work itself is cached lookups and counter updates.
 
 import type { Logger } from 'pino';
 import type { QueryCompletion, QueryObserver } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
 import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from './registry.ts';
 import { completionOfExemplar, sketchFromJson, type ShapeSummary } from './summary.ts';
+import { CompletionQueue } from './queue.ts';
 
 export interface CollectorOptions {
   /** Queries at least this slow get a log line; 0 logs every query. */
@@ -50,6 +52,8 @@ export class ShapeCollector {
     upstream: 'primary',
     refused: false,
   } satisfies QueryCompletion as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
+
+  private readonly queue = new CompletionQueue((c) => this.observe(c), (err) => this.options.log.error({ err }, 'recording a statement failed'));
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -97,6 +101,17 @@ export class ShapeCollector {
     return stats;
   }
 
+  /** What the proxy calls: completions queued and recorded in a batch after this turn's I/O (see queue.ts). */
+  get deferred(): QueryObserver {
+    return this.queue.observe;
+  }
+
+  /** Records what is queued now. */
+  drain(): void {
+    this.queue.flush();
+  }
+
+  /** Records one completion now (the queue is for the proxy; tests and ingest call this directly). */
   readonly observe: QueryObserver = (c) => {
     if (c.session.replication) return; // replication commands are not SQL shapes
     this.queries++;

@@ -59,6 +59,11 @@ const CONTROL_WORDS: ReadonlySet<string> = new Set([
 export interface ShapeFinderOptions {
   /** Distinct texts (or literal-free keys) kept in each cache. */
   readonly cacheEntries: number;
+  /**
+   * Estimated bytes both caches hold at most, together (DEFAULT_CACHE_BYTES if
+   * absent): an entry count alone does not bound memory when texts are long.
+   */
+  readonly cacheBytes?: number;
   /** Texts longer than this get a fallback shape without being parsed. */
   readonly maxTextBytes: number;
 }
@@ -68,6 +73,24 @@ const FINGERPRINT = /^[0-9a-f]{16}$/;
 const DML = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
 /** Longest normalized text kept per shape. */
 const MAX_QUERY_CHARS = 16 * 1024;
+
+/** ShapeFinderOptions.cacheBytes when not given (the shape_cache_mb default). */
+const DEFAULT_CACHE_BYTES = 16 * 1024 * 1024;
+/** Estimated bytes of a shape object and of a cache entry around its key, besides the strings. */
+const SHAPE_OVERHEAD_BYTES = 160;
+const ENTRY_OVERHEAD_BYTES = 120;
+
+/**
+ * What a cache entry holds, estimated from its strings at two bytes a character
+ * (V8 keeps ASCII in one, so this errs high): the key (the text itself, or its
+ * literal-free key) and each shape's normalized text. Statements of one text share
+ * nothing with another's, so the sum is what evicting the entry frees.
+ */
+function entryBytes(shapes: readonly StatementShape[], key: string): number {
+  let bytes = ENTRY_OVERHEAD_BYTES + key.length * 2;
+  for (const shape of shapes) bytes += SHAPE_OVERHEAD_BYTES + (shape.query.length + shape.fingerprint.length + shape.command.length) * 2;
+  return bytes;
+}
 
 let loaded: Promise<void> | null = null;
 
@@ -81,10 +104,15 @@ export class ShapeFinder {
   private readonly byText: LRUCache<string, readonly StatementShape[]>;
   private readonly byKey: LRUCache<string, readonly StatementShape[]>;
   private readonly byStatement = new WeakMap<PreparedStatement, StatementShape>();
+  private lastKey: string | null = null;
+  private lastKeyShapes: readonly StatementShape[] = [];
+  private lastText: string | null = null;
+  private lastShapes: readonly StatementShape[] = [];
 
   private constructor(private readonly options: ShapeFinderOptions) {
-    this.byText = new LRUCache({ max: options.cacheEntries });
-    this.byKey = new LRUCache({ max: options.cacheEntries });
+    const maxSize = Math.max(1, Math.floor((options.cacheBytes ?? DEFAULT_CACHE_BYTES) / 2));
+    this.byText = new LRUCache({ max: options.cacheEntries, maxSize, sizeCalculation: entryBytes });
+    this.byKey = new LRUCache({ max: options.cacheEntries, maxSize, sizeCalculation: entryBytes });
   }
 
   static async create(options: ShapeFinderOptions): Promise<ShapeFinder> {
@@ -104,7 +132,21 @@ export class ShapeFinder {
 
   /** One shape per statement of a (possibly multi-statement) text. */
   shapesOfText(text: string): readonly StatementShape[] {
-    if (Buffer.byteLength(text) > this.options.maxTextBytes) {
+    // The gate, the in-flight tracker and the collector each ask for the shapes of
+    // the same statement in turn: the last answer spares them a scan each.
+    if (text === this.lastText) return this.lastShapes;
+    const shapes = this.find(text);
+    if (text.length <= this.options.maxTextBytes) {
+      // (A text over the cap is not kept alive for this.)
+      this.lastText = text;
+      this.lastShapes = shapes;
+    }
+    return shapes;
+  }
+
+  private find(text: string): readonly StatementShape[] {
+    // UTF-8 takes at most 3 bytes per UTF-16 unit: short texts skip the count.
+    if (text.length * 3 > this.options.maxTextBytes && Buffer.byteLength(text) > this.options.maxTextBytes) {
       return [fallbackShape(text.length > 65536 ? null : scanSql(text), text)];
     }
     const scan = scanSql(text);
@@ -112,8 +154,15 @@ export class ShapeFinder {
     // values that neither the fingerprint nor the normalized text depends on.
     const byKey = scan !== null && DML.has(scan.firstWord) && !scan.multiStatement && !scan.literalsMatter;
     if (byKey) {
+      // Consecutive statements of one shape (pgbench's, an application's hot query)
+      // compare their key with the last one's instead of a cache lookup.
+      if (scan.key === this.lastKey) return this.lastKeyShapes;
       const cached = this.byKey.get(scan.key);
-      if (cached !== undefined) return cached;
+      if (cached !== undefined) {
+        this.lastKey = scan.key;
+        this.lastKeyShapes = cached;
+        return cached;
+      }
     }
     const exact = this.byText.get(text);
     if (exact !== undefined) return exact;

@@ -36,16 +36,23 @@ export class ShapeStats {
   /** Calls that ran (not refused by a rule), the ones with a latency. */
   timedCalls = 0;
   errors = 0;
-  readonly errorsByClass = new Map<string, number>();
   rows = 0;
   totalMs = 0;
-  readonly sketch: DDSketch = newSketch();
+  // The lifetime latency sketch (~2 KiB) is made at the second timed call: until
+  // then the one latency is held as a number, so a shape run once (most shapes of
+  // a flood of distinct texts) costs no sketch.
+  private lifetime: DDSketch | null = null;
+  private held = Number.NaN;
   /** Timed calls per latency bucket (LATENCY_BUCKETS_MS, then +Inf); not cumulative. */
   readonly latencyBuckets = new Float64Array(BUCKET_COUNT + 1);
   readonly series: ShapeSeries;
-  readonly users = new Set<string>();
-  readonly databases = new Set<string>();
-  readonly applications = new Set<string>();
+  // Arrays (at most MAX_NAMES, usually one name), not Sets: a Set and its table
+  // cost ~200 bytes each, for every shape of a flood.
+  readonly users: string[] = [];
+  readonly databases: string[] = [];
+  readonly applications: string[] = [];
+  /** Made at the first error: most shapes never fail. */
+  private errorClasses: Map<string, number> | null = null;
   /** The parse tree's statement kind ('' when unknown) and whether it is transaction/session control. */
   kind = '';
   control = false;
@@ -69,12 +76,33 @@ export class ShapeStats {
     this.series = new ShapeSeries(seriesOptions);
   }
 
+  /** Failed calls per SQLSTATE class. */
+  get errorsByClass(): ReadonlyMap<string, number> {
+    return this.errorClasses ?? NO_ERRORS;
+  }
+
+  private countErrors(errorClass: string, n: number): void {
+    this.errorClasses ??= new Map();
+    this.errorClasses.set(errorClass, (this.errorClasses.get(errorClass) ?? 0) + n);
+  }
+
   get meanMs(): number {
     return this.timedCalls === 0 ? 0 : this.totalMs / this.timedCalls;
   }
 
+  /** The latencies of all timed calls (made on first use; callers may merge into it). */
+  get sketch(): DDSketch {
+    if (this.lifetime === null) {
+      this.lifetime = newSketch();
+      if (!Number.isNaN(this.held)) this.lifetime.accept(this.held);
+      this.held = Number.NaN;
+    }
+    return this.lifetime;
+  }
+
   quantile(q: number): number {
-    return this.sketch.count === 0 ? 0 : this.sketch.getValueAtQuantile(q);
+    if (this.lifetime === null) return Number.isNaN(this.held) ? 0 : this.held;
+    return this.lifetime.count === 0 ? 0 : this.lifetime.getValueAtQuantile(q);
   }
 
   record(c: QueryCompletion, now: number): void {
@@ -89,20 +117,27 @@ export class ShapeStats {
     const failed = c.sqlstate !== null;
     if (failed) {
       this.errors++;
-      const errorClass = c.sqlstate!.slice(0, 2);
-      this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + 1);
+      this.countErrors(c.sqlstate!.slice(0, 2), 1);
     }
     // A query the gate refused never ran: it counts as a call and an error, but its
     // (tiny) duration would fake a recovery in the latency figures.
-    if (!c.refused) this.sketch.accept(Math.max(c.durationMs, 0));
+    if (!c.refused) {
+      const ms = Math.max(c.durationMs, 0);
+      if (this.lifetime === null && Number.isNaN(this.held)) this.held = ms;
+      else this.sketch.accept(ms);
+    }
     this.series.add(now, c.durationMs, failed, c.rows, !c.refused);
     const session = c.session;
     if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
+      // Sessions of one application interleave (a pool): the same names, already listed.
+      const known = this.lastSession !== null && session.user === this.lastSession.user && session.database === this.lastSession.database && session.applicationName === this.lastApplication;
       this.lastSession = session;
       this.lastApplication = session.applicationName;
-      addName(this.users, session.user);
-      addName(this.databases, session.database);
-      addName(this.applications, session.applicationName);
+      if (!known) {
+        addName(this.users, session.user);
+        addName(this.databases, session.database);
+        addName(this.applications, session.applicationName);
+      }
     }
   }
 
@@ -111,7 +146,7 @@ export class ShapeStats {
     this.calls += summary.calls;
     this.timedCalls += summary.timed;
     this.errors += summary.errors;
-    for (const [k, v] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    for (const [k, v] of Object.entries(summary.errorsByClass)) this.countErrors(k, v);
     this.rows += summary.rows;
     this.totalMs += summary.totalMs;
     if (sketch !== null && sketch.count > 0) this.sketch.merge(sketch);
@@ -130,18 +165,22 @@ export class ShapeStats {
     this.calls += other.calls;
     this.timedCalls += other.timedCalls;
     this.errors += other.errors;
-    for (const [k, v] of other.errorsByClass) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    for (const [k, v] of other.errorsByClass) this.countErrors(k, v);
     this.rows += other.rows;
     this.totalMs += other.totalMs;
     for (let b = 0; b <= BUCKET_COUNT; b++) this.latencyBuckets[b] += other.latencyBuckets[b];
-    if (other.sketch.count > 0) this.sketch.merge(other.sketch);
+    if (other.lifetime !== null) {
+      if (other.lifetime.count > 0) this.sketch.merge(other.lifetime);
+    } else if (!Number.isNaN(other.held)) this.sketch.accept(other.held);
     this.firstSeen = Math.min(this.firstSeen, other.firstSeen);
     this.lastSeen = Math.max(this.lastSeen, other.lastSeen);
   }
 }
 
-function addName(names: Set<string>, name: string): void {
-  if (name !== '' && names.size < MAX_NAMES && !names.has(name)) names.add(name);
+const NO_ERRORS: ReadonlyMap<string, number> = new Map();
+
+function addName(names: string[], name: string): void {
+  if (name !== '' && names.length < MAX_NAMES && !names.includes(name)) names.push(name);
 }
 
 export interface RegistryOptions {

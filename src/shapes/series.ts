@@ -1,7 +1,12 @@
-// A shape's latency over time: fixed buckets (10 s by default) in a ring covering
-// the last hour, for charts and for the regression detector. The bucket being
-// filled keeps a sketch; the last few keep theirs so windows can be merged exactly;
-// older buckets keep only their summary, which bounds memory per shape.
+// A shape's latency over time: fixed buckets (10 s by default) covering the last
+// hour, for charts and for the regression detector. The bucket being filled keeps a
+// sketch; the last few keep theirs so windows can be merged exactly; older buckets
+// keep only their summary, which bounds memory per shape.
+//
+// Only buckets that saw calls take memory, in arrays that grow (doubling) up to the
+// configured number of buckets: most shapes of a flood of distinct texts run once or
+// a few times, and a full hour's arrays (360 buckets x 9 numbers, ~22 KiB) for each
+// of them was most of the shape registry's memory.
 
 import { DDSketch } from '@datadog/sketches-js';
 
@@ -32,51 +37,73 @@ export interface SeriesOptions {
   readonly sketchBuckets: number;
 }
 
+/** Fields per bucket entry in ShapeSeries.data. */
+const BUCKET = 0;
+const CALLS = 1;
+const TIMED = 2; // calls with a latency sample
+const ERRORS = 3;
+const ROWS = 4;
+const TOTAL_MS = 5;
+const P50 = 6; // p50, p95, p99, once the bucket is closed (or its one latency, see add)
+const FIELDS = 9;
+/** Read-only stand-in for a series' sketch map until it needs one (a Map is ~200 bytes). */
+const NO_SKETCHES: Map<number, DDSketch> = new Map();
+/** Entries allocated for a new shape; doubled as needed up to SeriesOptions.buckets. */
+const INITIAL_ENTRIES = 2;
+
 export class ShapeSeries {
-  private readonly index: Float64Array; // absolute bucket number held by each slot (-1 empty)
-  private readonly calls: Float64Array;
-  private readonly timed: Float64Array; // calls with a latency sample
-  private readonly errors: Float64Array;
-  private readonly rows: Float64Array;
-  private readonly totalMs: Float64Array;
-  private readonly quantiles: Float32Array; // p50, p95, p99 per slot, once the bucket is closed
-  private readonly sketches = new Map<number, DDSketch>();
-  // The bucket being filled, so the common case skips the map lookup.
+  /** FIELDS numbers per entry. Entries are in no particular order. */
+  private data: Float64Array;
+  private entries = 0; // entries in use (data[0, entries * FIELDS))
+  /** Sketches of the newest buckets, by bucket; NO_SKETCHES (shared) until the first one. */
+  private sketches: Map<number, DDSketch> = NO_SKETCHES;
+  // The bucket being filled and its entry, so the common case skips the search.
+  private lastBucket = -1;
+  private lastEntry = -1;
+  // The bucket being filled's sketch, so the common case skips the map lookup.
   private currentBucket = -1;
   private currentSketch: DDSketch | null = null;
 
   constructor(private readonly options: SeriesOptions) {
-    const n = options.buckets;
-    this.index = new Float64Array(n).fill(-1);
-    this.calls = new Float64Array(n);
-    this.timed = new Float64Array(n);
-    this.errors = new Float64Array(n);
-    this.rows = new Float64Array(n);
-    this.totalMs = new Float64Array(n);
-    this.quantiles = new Float32Array(n * 3);
+    this.data = new Float64Array(Math.min(INITIAL_ENTRIES, options.buckets) * FIELDS);
+  }
+
+  /** Bytes held by the bucket array (the sketches come on top). */
+  get bytes(): number {
+    return this.data.byteLength;
   }
 
   /** Counts a call; `timed` false leaves it out of the latency figures (a refused query). */
   add(at: number, durationMs: number, failed: boolean, rows: number, timed = true): void {
     const bucket = Math.floor(at / this.options.bucketMs);
-    const slot = bucket % this.options.buckets;
-    if (this.index[slot] !== bucket) this.open(slot, bucket);
-    this.calls[slot]++;
-    if (failed) this.errors[slot]++;
-    this.rows[slot] += rows;
+    const e = (bucket === this.lastBucket ? this.lastEntry : this.entryOf(bucket)) * FIELDS;
+    const data = this.data;
+    data[e + CALLS]++;
+    if (failed) data[e + ERRORS]++;
+    data[e + ROWS] += rows;
     if (!timed) return;
-    this.timed[slot]++;
-    this.totalMs[slot] += durationMs;
-    if (bucket !== this.currentBucket) {
+    const ms = Math.max(durationMs, 0);
+    data[e + TIMED]++;
+    data[e + TOTAL_MS] += durationMs;
+    if (bucket !== this.currentBucket || this.currentSketch === null) {
       let sketch = this.sketches.get(bucket);
       if (sketch === undefined) {
+        if (data[e + TIMED] === 1) {
+          // A bucket's first latency is held as its quantiles, without a sketch
+          // (~2 KiB each): most shapes of a flood never get a second call.
+          data[e + P50] = data[e + P50 + 1] = data[e + P50 + 2] = ms;
+          this.currentBucket = bucket;
+          this.currentSketch = null;
+          return;
+        }
         sketch = newSketch();
-        this.sketches.set(bucket, sketch);
+        sketch.accept(data[e + P50]); // the held first latency
+        this.keepSketch(bucket, sketch);
       }
       this.currentBucket = bucket;
       this.currentSketch = sketch;
     }
-    this.currentSketch!.accept(Math.max(durationMs, 0));
+    this.currentSketch.accept(ms);
   }
 
   /**
@@ -85,18 +112,21 @@ export class ShapeSeries {
    */
   merge(at: number, calls: number, timed: number, errors: number, rows: number, totalMs: number, sketch: DDSketch | null): void {
     const bucket = Math.floor(at / this.options.bucketMs);
-    const slot = bucket % this.options.buckets;
-    if (this.index[slot] !== bucket) this.open(slot, bucket);
-    this.calls[slot] += calls;
-    this.errors[slot] += errors;
-    this.rows[slot] += rows;
+    const e = (bucket === this.lastBucket ? this.lastEntry : this.entryOf(bucket)) * FIELDS;
+    const data = this.data;
+    data[e + CALLS] += calls;
+    data[e + ERRORS] += errors;
+    data[e + ROWS] += rows;
     if (timed === 0 || sketch === null) return;
-    this.timed[slot] += timed;
-    this.totalMs[slot] += totalMs;
+    const held = data[e + TIMED] === 1 && !this.sketches.has(bucket);
+    data[e + TIMED] += timed;
+    data[e + TOTAL_MS] += totalMs;
     let target = this.sketches.get(bucket);
     if (target === undefined) {
       target = newSketch();
-      this.sketches.set(bucket, target);
+      if (held) target.accept(data[e + P50]);
+      this.keepSketch(bucket, target);
+      if (bucket === this.currentBucket) this.currentSketch = target;
     }
     target.merge(sketch);
   }
@@ -106,35 +136,41 @@ export class ShapeSeries {
     const { bucketMs, buckets } = this.options;
     const last = Math.floor(now / bucketMs);
     const first = Math.max(last - buckets + 1, Math.floor(since / bucketMs));
-    const out: SeriesPoint[] = [];
-    for (let bucket = first; bucket <= last; bucket++) {
-      const slot = bucket % buckets;
-      if (this.index[slot] !== bucket || this.calls[slot] === 0) continue;
+    const found: number[] = [];
+    for (let i = 0; i < this.entries; i++) {
+      const bucket = this.data[i * FIELDS + BUCKET];
+      if (bucket >= first && bucket <= last && this.data[i * FIELDS + CALLS] !== 0) found.push(i);
+    }
+    found.sort((a, b) => this.data[a * FIELDS] - this.data[b * FIELDS]);
+    return found.map((i) => {
+      const e = i * FIELDS;
+      const bucket = this.data[e + BUCKET];
       const sketch = this.sketches.get(bucket);
-      const timed = this.timed[slot];
-      const q = (i: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.quantiles[slot * 3 + i]);
-      out.push({
+      const timed = this.data[e + TIMED];
+      const q = (k: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.data[e + P50 + k]);
+      return {
         t: bucket * bucketMs,
-        calls: this.calls[slot],
+        calls: this.data[e + CALLS],
         timed,
-        errors: this.errors[slot],
-        rows: this.rows[slot],
-        mean_ms: this.timed[slot] === 0 ? 0 : this.totalMs[slot] / this.timed[slot],
+        errors: this.data[e + ERRORS],
+        rows: this.data[e + ROWS],
+        mean_ms: timed === 0 ? 0 : this.data[e + TOTAL_MS] / timed,
         p50_ms: q(0, 0.5),
         p95_ms: q(1, 0.95),
         p99_ms: q(2, 0.99),
-      });
-    }
-    return out;
+      };
+    });
   }
 
   /** Calls in the buckets from `from` to `to` (epoch ms, inclusive). */
   callsBetween(from: number, to: number): number {
     const { bucketMs, buckets } = this.options;
+    const first = Math.max(Math.floor(from / bucketMs), Math.floor(to / bucketMs) - buckets + 1);
+    const last = Math.floor(to / bucketMs);
     let calls = 0;
-    for (let bucket = Math.max(Math.floor(from / bucketMs), Math.floor(to / bucketMs) - buckets + 1); bucket <= Math.floor(to / bucketMs); bucket++) {
-      const slot = bucket % buckets;
-      if (this.index[slot] === bucket) calls += this.calls[slot];
+    for (let e = 0; e < this.entries * FIELDS; e += FIELDS) {
+      const bucket = this.data[e + BUCKET];
+      if (bucket >= first && bucket <= last) calls += this.data[e + CALLS];
     }
     return calls;
   }
@@ -144,32 +180,89 @@ export class ShapeSeries {
    * into one sketch, using only buckets that still keep theirs; null if none.
    */
   window(from: number, to: number): DDSketch | null {
-    const { bucketMs } = this.options;
+    const { bucketMs, sketchBuckets } = this.options;
+    const first = Math.floor(from / bucketMs);
+    const last = Math.floor(to / bucketMs);
     let merged: DDSketch | null = null;
-    for (let bucket = Math.floor(from / bucketMs); bucket <= Math.floor(to / bucketMs); bucket++) {
+    for (let i = 0; i < this.entries; i++) {
+      const e = i * FIELDS;
+      const bucket = this.data[e + BUCKET];
+      if (bucket < first || bucket > last) continue;
       const sketch = this.sketches.get(bucket);
-      if (!sketch) continue;
-      merged ??= newSketch();
-      merged.merge(sketch);
+      if (sketch !== undefined) {
+        merged ??= newSketch();
+        merged.merge(sketch);
+      } else if (this.data[e + TIMED] === 1 && bucket > this.lastBucket - sketchBuckets) {
+        // A single latency held in place of a sketch, for as long as a sketch would be kept.
+        merged ??= newSketch();
+        merged.accept(this.data[e + P50]);
+      }
     }
     return merged;
   }
 
-  private open(slot: number, bucket: number): void {
-    this.index[slot] = bucket;
-    this.calls[slot] = 0;
-    this.timed[slot] = 0;
-    this.errors[slot] = 0;
-    this.rows[slot] = 0;
-    this.totalMs[slot] = 0;
+  /** The entry holding `bucket`, opened (and older buckets retired) if there is none. */
+  private entryOf(bucket: number): number {
+    const data = this.data;
+    let free = -1;
+    let oldest = -1;
+    const horizon = bucket - this.options.buckets; // buckets at or before it have left the window
+    for (let i = 0; i < this.entries; i++) {
+      const b = data[i * FIELDS + BUCKET];
+      if (b === bucket) return this.remember(bucket, i);
+      if (b <= horizon && free === -1) free = i;
+      if (b !== -1 && (oldest === -1 || b < data[oldest * FIELDS + BUCKET])) oldest = i;
+    }
+    let entry = free;
+    if (entry === -1) {
+      if (this.entries * FIELDS < data.length) entry = this.entries++;
+      else if (this.entries < this.options.buckets) {
+        this.grow();
+        entry = this.entries++;
+      } else entry = oldest; // only if the clock went back: drop the oldest bucket
+    }
+    this.open(entry, bucket);
+    return this.remember(bucket, entry);
+  }
+
+  private remember(bucket: number, entry: number): number {
+    // Only the newest bucket is remembered: a late call for an older one (clock skew) must not stick.
+    if (bucket >= this.lastBucket) {
+      this.lastBucket = bucket;
+      this.lastEntry = entry;
+    }
+    return entry;
+  }
+
+  private grow(): void {
+    const data = new Float64Array(Math.min(this.options.buckets, Math.max(1, this.entries) * 2) * FIELDS);
+    data.set(this.data);
+    this.data = data;
+  }
+
+  private keepSketch(bucket: number, sketch: DDSketch): void {
+    if (this.sketches === NO_SKETCHES) this.sketches = new Map();
+    this.sketches.set(bucket, sketch);
+  }
+
+  private open(entry: number, bucket: number): void {
+    const e = entry * FIELDS;
+    const data = this.data;
+    data[e + BUCKET] = bucket;
+    data[e + CALLS] = 0;
+    data[e + TIMED] = 0;
+    data[e + ERRORS] = 0;
+    data[e + ROWS] = 0;
+    data[e + TOTAL_MS] = 0;
     // Close buckets that fall out of the sketch horizon: keep their quantiles only.
     for (const [old, sketch] of this.sketches) {
       if (old > bucket - this.options.sketchBuckets) continue;
-      const oldSlot = old % this.options.buckets;
-      if (this.index[oldSlot] === old) {
-        this.quantiles[oldSlot * 3] = sketch.getValueAtQuantile(0.5);
-        this.quantiles[oldSlot * 3 + 1] = sketch.getValueAtQuantile(0.95);
-        this.quantiles[oldSlot * 3 + 2] = sketch.getValueAtQuantile(0.99);
+      for (let i = 0; i < this.entries; i++) {
+        const q = i * FIELDS + P50;
+        if (data[i * FIELDS + BUCKET] !== old) continue;
+        data[q] = sketch.getValueAtQuantile(0.5);
+        data[q + 1] = sketch.getValueAtQuantile(0.95);
+        data[q + 2] = sketch.getValueAtQuantile(0.99);
       }
       this.sketches.delete(old);
       if (old === this.currentBucket) {

@@ -54,6 +54,15 @@ const TYPES_WITH_MODIFIERS = new Set([
   'TIME', 'TIMESTAMP', 'TIMETZ', 'TIMESTAMPTZ', 'INTERVAL', 'PRECISION',
 ]);
 
+/** By lower-cased first letter: 1 where a word may be one of TYPES_WITH_MODIFIERS. */
+const MAY_BE_TYPE = new Uint8Array(128);
+for (const type of TYPES_WITH_MODIFIERS) MAY_BE_TYPE[type.toLowerCase().charCodeAt(0)] = 1;
+
+function allDigits(text: string, start: number, end: number): boolean {
+  for (let i = start; i < end; i++) if (!isDigit(text.charCodeAt(i))) return false;
+  return true;
+}
+
 function isIdentChar(c: number): boolean {
   return (
     (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c === 0x5f || c === DOLLAR || c >= 0x80
@@ -154,7 +163,8 @@ export function scanSql(text: string): ScanResult | null {
       const end = skipNumber(text, i);
       // A malformed number (0xZZ, 1__0, 1_) does not parse while a well-formed one
       // does: it stays in the key as written, like a column position in ORDER BY.
-      const malformed = !NUMBER.test(text.slice(i, end)) || (end < n && isIdentChar(text.charCodeAt(end)));
+      // Plain digits (most numbers) are well-formed without the regular expression.
+      const malformed = (end < n && isIdentChar(text.charCodeAt(end))) || (!allDigits(text, i, end) && !NUMBER.test(text.slice(i, end)));
       if (!inByList && !malformed) replace(i, end, LITERAL_MARK);
       i = end;
       continue;
@@ -162,7 +172,10 @@ export function scanSql(text: string): ScanResult | null {
     if (isIdentChar(c)) {
       const start = i;
       while (i < n && isIdentChar(text.charCodeAt(i))) i++;
-      const word = i - start <= 11 ? text.slice(start, i).toUpperCase() : '';
+      // Upper-cased only when it may be a keyword that matters here: most words are
+      // names, and a string per name was most of the scan's garbage.
+      const len = i - start;
+      const word = len <= 11 && (firstWord === '' || len === 2 || inByList || MAY_BE_TYPE[c | 0x20] === 1) ? text.slice(start, i).toUpperCase() : '';
       if (firstWord === '' && !sawSemicolon) firstWord = word || text.slice(start, i).toUpperCase();
       if (word === 'BY') inByList = true;
       else if (END_OF_BY_LIST.has(word)) inByList = false;

@@ -155,4 +155,15 @@ describe('ShapeRegistry', { timeout: 10_000 }, () => {
     assert.equal(sum(all.map((s) => s.errors)), errors);
     assert.equal(registry.overflow.sketch.count, registry.overflow.calls);
   });
+
+  test('a shape run once reports its one latency as every quantile, and its sketch holds it', () => {
+    const { registry } = setup();
+    const stats = registry.record(shape(7), completion({ durationMs: 8.25 }));
+    assert.equal(stats.quantile(0.5), 8.25);
+    assert.equal(stats.quantile(0.99), 8.25);
+    assert.equal(stats.sketch.count, 1);
+    registry.record(shape(7), completion({ durationMs: 100 }));
+    assert.equal(stats.sketch.count, 2);
+    assert.ok(Math.abs(stats.quantile(1) - 100) <= 2, `max ${stats.quantile(1)}`);
+  });
 });

@@ -141,4 +141,42 @@ describe('ShapeSeries', { timeout: 10_000 }, () => {
     );
     assertNear(points[0].p50_ms, 7, 'closed bucket p50');
   });
+
+  test('memory grows with the buckets that saw calls, up to the configured number, and old buckets are reused', () => {
+    const { clock, series, start } = setup({ buckets: 8 });
+    series.add(clock.now(), 1, false, 0);
+    const one = series.bytes;
+    assert.ok(one <= 2 * 9 * 8, `a shape run once holds ${one} bytes`);
+    for (let i = 1; i < 100; i++) {
+      clock.advance(BUCKET_MS);
+      series.add(clock.now(), i, false, 0);
+    }
+    assert.equal(series.bytes, 8 * 9 * 8, 'full size: 8 buckets of 9 numbers');
+    const points = series.points(clock.now());
+    assert.deepEqual(
+      points.map((p) => [p.t, p.calls]),
+      Array.from({ length: 8 }, (_, k) => [start + (92 + k) * BUCKET_MS, 1]),
+      'the last 8 buckets, oldest first',
+    );
+    assert.equal(series.callsBetween(start, clock.now()), 8);
+    assertNear(points[0].p50_ms, 92, 'a reused bucket keeps its own quantile');
+  });
+
+  test('a bucket with one timed call holds its latency without a sketch, and a second call gets both into one', () => {
+    const { clock, series, start } = setup({ sketchBuckets: 2 });
+    series.add(clock.now(), 12.5, false, 0);
+    assert.equal(series.window(start, start)?.count, 1, 'the held latency is in the window');
+    assertNear(series.window(start, start)!.getValueAtQuantile(0.5), 12.5, 'held latency');
+    assert.equal(series.points(clock.now())[0].p95_ms, 12.5);
+    clock.advance(BUCKET_MS);
+    series.add(clock.now(), 3, false, 0);
+    series.add(clock.now(), 40, false, 0);
+    const window = series.window(start, clock.now());
+    assert.equal(window?.count, 3, 'the held latency, then both of the second bucket');
+    assertNear(window!.getValueAtQuantile(1), 40, 'max');
+    clock.advance(2 * BUCKET_MS);
+    series.add(clock.now(), 1, false, 0);
+    assert.equal(series.window(start, start), null, 'past the sketch horizon, a held latency leaves the window too');
+    assert.equal(series.points(clock.now())[0].p50_ms, 12.5, 'but stays the bucket\'s quantile');
+  });
 });
