@@ -8,6 +8,8 @@ import { once } from 'node:events';
 import fs from 'node:fs';
 import http from 'node:http';
 import type net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { perWorker } from '../../src/cli/workers.ts';
@@ -37,6 +39,7 @@ describe('a shed limit under --workers', () => {
 
 describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
   let child: ChildProcess;
+  let stateDir: string | undefined;
   let exit: Promise<number | null>;
   let output = '';
   let proxyPort = 0;
@@ -58,6 +61,7 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     await once(receiver, 'listening');
     const hookUrl = `http://127.0.0.1:${(receiver.address() as net.AddressInfo).port}/hook`;
     const db = testDatabase();
+    stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-workers-'));
     child = spawn(
       process.execPath,
       [
@@ -66,6 +70,8 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
         '--listen', '127.0.0.1:0',
         '--admin', '127.0.0.1:0',
         '--admin-token', TOKEN,
+        // Its own state file: rules and saved incidents must not leak into the checkout or the next run.
+        '--state-file', path.join(stateDir, 'state.json'),
         '--upstream', `${db.host}:${db.port}`,
         '--monitor-url', db.url,
         '--alert-webhook-url', hookUrl,
@@ -100,6 +106,7 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       assert.equal(await exit, 0, output.slice(-2000));
     }
     receiver?.close();
+    if (stateDir) fs.rmSync(stateDir, { recursive: true, force: true });
   });
 
   async function api(path: string, init: { method?: string; body?: unknown; status?: number } = {}): Promise<any> {
