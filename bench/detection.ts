@@ -26,7 +26,14 @@ import { startCpuHog, type CpuHog } from '../test/harness/hog.ts';
 import { startWorkload } from '../test/harness/workload.ts';
 
 const ROWS = 300_000;
-const { values } = parseArgs({ options: { runs: { type: 'string' }, hog: { type: 'boolean' }, 'cold-only': { type: 'boolean' }, 'warm-only': { type: 'boolean' } } });
+const { values } = parseArgs({
+  options: {
+    runs: { type: 'string' },
+    hog: { type: 'boolean' },
+    'cold-only': { type: 'boolean' },
+    'warm-only': { type: 'boolean' },
+  },
+});
 const runs = Number(values.runs ?? 3);
 
 const db = await startPostgres();
@@ -45,7 +52,9 @@ await sql(`create table users (id bigserial primary key, email text not null, na
   create table events (id bigserial primary key, user_id bigint, at timestamptz default now());
   analyze users;`);
 
-async function once(dropAfterS: number): Promise<{ detected: number; attributed: number; incidents: number; victims: number } | null> {
+async function once(
+  dropAfterS: number,
+): Promise<{ detected: number; attributed: number; incidents: number; victims: number } | null> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-detect-bench-'));
   const config = {
     ...loadConfig(),
@@ -61,7 +70,12 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
   const started = Date.now();
   const url = `postgres://postgres@127.0.0.1:${app.proxyPort}/postgres`;
   let n = 0;
-  const hot = { next: () => ({ text: 'select id, name from users where email = $1', values: [`user${1 + ((n++ * 7919) % ROWS)}@example.com`] }) };
+  const hot = {
+    next: () => ({
+      text: 'select id, name from users where email = $1',
+      values: [`user${1 + ((n++ * 7919) % ROWS)}@example.com`],
+    }),
+  };
   const workload = await startWorkload(url, [
     hot,
     hot,
@@ -69,18 +83,38 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
     { next: (i: number) => ({ text: 'select email from users where id = $1', values: [1 + (i % ROWS)] }), pauseMs: 2 },
     { next: (i: number) => ({ text: 'insert into events (user_id) values ($1)', values: [i] }), pauseMs: 5 },
   ]);
-  const get = async (route: string) => (await fetch(`http://127.0.0.1:${app.adminPort}${route}`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json();
+  const get = async (route: string) =>
+    (
+      await fetch(`http://127.0.0.1:${app.adminPort}${route}`, {
+        headers: { Authorization: `Bearer ${config.admin_token}` },
+      })
+    ).json();
   /** The hot shape's calls and detector view (baseline, recent window). */
   const hotView = async () => {
-    const hotShape = ((await get('/api/shapes?sort=calls&limit=5')) as { fingerprint: string; query: string; calls: number }[]).find((x) => x.query.includes('where email'));
-    return hotShape ? { calls: hotShape.calls, ...((await get(`/api/shapes/${hotShape.fingerprint}`)) as { detector: unknown; plans: { changes: unknown[] } | null }) } : null;
+    const hotShape = (
+      (await get('/api/shapes?sort=calls&limit=5')) as { fingerprint: string; query: string; calls: number }[]
+    ).find((x) => x.query.includes('where email'));
+    return hotShape
+      ? {
+          calls: hotShape.calls,
+          ...((await get(`/api/shapes/${hotShape.fingerprint}`)) as {
+            detector: unknown;
+            plans: { changes: unknown[] } | null;
+          }),
+        }
+      : null;
   };
   const api = async () =>
-    (await (await fetch(`http://127.0.0.1:${app.adminPort}/api/incidents`, { headers: { Authorization: `Bearer ${config.admin_token}` } })).json()) as Incident[];
+    (await (
+      await fetch(`http://127.0.0.1:${app.adminPort}/api/incidents`, {
+        headers: { Authorization: `Bearer ${config.admin_token}` },
+      })
+    ).json()) as Incident[];
   try {
     while (Date.now() < started + dropAfterS * 1000) await new Promise((r) => setTimeout(r, 100));
     const early = await api();
-    if (early.length > 0) console.log(`  before the drop: ${early.map((i) => `${i.kind} ${i.status}: ${i.summary}`).join(' | ')}`);
+    if (early.length > 0)
+      console.log(`  before the drop: ${early.map((i) => `${i.kind} ${i.status}: ${i.summary}`).join(' | ')}`);
     if (early.some((i) => i.kind === 'shape')) throw new Error('a per-shape incident before the drop');
     const hotAtDrop = await hotView();
     const dropped = Date.now();
@@ -99,8 +133,12 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
       if (Date.now() - dropped > 90_000) {
         const hotNow = await hotView();
         console.log(`  not attributed: incidents ${JSON.stringify(list.map((i) => i.summary))}`);
-        console.log(`  hot shape at the drop: ${hotAtDrop?.calls} calls, detector ${JSON.stringify(hotAtDrop?.detector)}`);
-        console.log(`  hot shape now: detector ${JSON.stringify(hotNow?.detector)}; plan changes ${JSON.stringify(hotNow?.plans?.changes)}`);
+        console.log(
+          `  hot shape at the drop: ${hotAtDrop?.calls} calls, detector ${JSON.stringify(hotAtDrop?.detector)}`,
+        );
+        console.log(
+          `  hot shape now: detector ${JSON.stringify(hotNow?.detector)}; plan changes ${JSON.stringify(hotNow?.plans?.changes)}`,
+        );
         return null;
       }
       await new Promise((r) => setTimeout(r, 100));
@@ -116,12 +154,19 @@ async function once(dropAfterS: number): Promise<{ detected: number; attributed:
 let hog: CpuHog | null = null;
 try {
   if (values.hog) hog = startCpuHog(os.availableParallelism(), 1800);
-  const cases = [...(values['warm-only'] ? [] : [['cold (drop 20 s after start)', 20] as const]), ...(values['cold-only'] ? [] : [['warm (drop 80 s after start)', 80] as const])];
+  const cases = [
+    ...(values['warm-only'] ? [] : [['cold (drop 20 s after start)', 20] as const]),
+    ...(values['cold-only'] ? [] : [['warm (drop 80 s after start)', 80] as const]),
+  ];
   for (const [name, dropAfterS] of cases) {
     const results: string[] = [];
     for (let i = 0; i < runs; i++) {
       const r = await once(dropAfterS);
-      results.push(r ? `attributed ${r.attributed.toFixed(1)} s (detected ${r.detected.toFixed(1)} s; ${r.incidents} incident, ${r.victims} victims)` : 'not attributed within 90 s');
+      results.push(
+        r
+          ? `attributed ${r.attributed.toFixed(1)} s (detected ${r.detected.toFixed(1)} s; ${r.incidents} incident, ${r.victims} victims)`
+          : 'not attributed within 90 s',
+      );
       console.log(`${name}${values.hog ? ', CPU hog' : ''}, run ${i + 1}: ${results[results.length - 1]}`);
     }
   }

@@ -27,11 +27,14 @@ function parseArgs(argv: string[]): Options {
     if (argv[i] === '--clients') options.clients = Number(argv[++i]);
     else if (argv[i] === '--targets') options.targets = argv[++i].split(',');
     else if (argv[i] === '--help') {
-      process.stdout.write('usage: node --import tsx bench/idle.ts [--clients N (default 500)] [--targets pgwarden,pgbouncer]\n');
+      process.stdout.write(
+        'usage: node --import tsx bench/idle.ts [--clients N (default 500)] [--targets pgwarden,pgbouncer]\n',
+      );
       process.exit(0);
     } else throw new Error(`unknown option ${argv[i]}`);
   }
-  if (!Number.isInteger(options.clients) || options.clients < 1) throw new Error('--clients must be a positive integer');
+  if (!Number.isInteger(options.clients) || options.clients < 1)
+    throw new Error('--clients must be a positive integer');
   return options;
 }
 
@@ -67,7 +70,13 @@ function login(port: number, packet: Buffer): Promise<net.Socket> {
   });
 }
 
-async function measure(name: string, proxy: StartedProxy, user: string, database: string, clients: number): Promise<number> {
+async function measure(
+  name: string,
+  proxy: StartedProxy,
+  user: string,
+  database: string,
+  clients: number,
+): Promise<number> {
   const packet = startupPacket(user, database);
   // Warm up: the first connections pay for code paths, JIT and pools once.
   for (const s of await Promise.all(Array.from({ length: 20 }, () => login(proxy.port, packet)))) s.destroy();
@@ -75,13 +84,17 @@ async function measure(name: string, proxy: StartedProxy, user: string, database
   const before = treeRssKib(proxy.daemon.pid);
   const sockets: net.Socket[] = [];
   for (let i = 0; i < clients; i += 50) {
-    sockets.push(...(await Promise.all(Array.from({ length: Math.min(50, clients - i) }, () => login(proxy.port, packet)))));
+    sockets.push(
+      ...(await Promise.all(Array.from({ length: Math.min(50, clients - i) }, () => login(proxy.port, packet)))),
+    );
   }
   await sleep(3000);
   const after = treeRssKib(proxy.daemon.pid);
   for (const s of sockets) s.destroy();
   const perClient = ((after - before) * 1024) / clients;
-  console.log(`${name.padEnd(10)} ${clients} idle clients: RSS ${before} -> ${after} KiB, ${(perClient / 1024).toFixed(2)} KiB per idle client`);
+  console.log(
+    `${name.padEnd(10)} ${clients} idle clients: RSS ${before} -> ${after} KiB, ${(perClient / 1024).toFixed(2)} KiB per idle client`,
+  );
   return perClient;
 }
 
@@ -94,7 +107,12 @@ async function main(): Promise<void> {
     const upstream = { host: server.host, port: server.port, user: server.superuser, database: 'postgres' };
     if (options.targets.includes('pgwarden')) {
       await buildPgwarden();
-      const proxy = await startPgwarden(`${server.host}:${server.port}`, { name: 'pgwarden', stats: true, extraArgs: [], tempDir });
+      const proxy = await startPgwarden(`${server.host}:${server.port}`, {
+        name: 'pgwarden',
+        stats: true,
+        extraArgs: [],
+        tempDir,
+      });
       try {
         await measure('pgwarden', proxy, upstream.user, upstream.database, options.clients);
       } finally {

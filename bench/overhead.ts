@@ -235,7 +235,11 @@ async function warmUp(targets: ActiveTarget[], options: BenchOptions, cleanup: C
       cleanup.check();
       progress(`warming up ${target.name} with ${mode} (${options.warmupS} s)`);
       try {
-        await runPgbench(target.endpoint, { mode, clients: WARMUP_CLIENTS, durationS: options.warmupS }, cleanup.signal);
+        await runPgbench(
+          target.endpoint,
+          { mode, clients: WARMUP_CLIENTS, durationS: options.warmupS },
+          cleanup.signal,
+        );
       } catch (error) {
         if (cleanup.signal.aborted) throw error;
         progress(`warm-up of ${target.name} failed (its runs will show why): ${(error as Error).message}`);
@@ -282,7 +286,9 @@ async function measure(
 function assertRunning(daemon: Daemon): void {
   const exited = daemon.exitReason();
   if (exited !== undefined) {
-    throw new Error(`${daemon.name} is not running (exited: ${exited}); end of its log:\n${tailOfFile(daemon.logFile)}`);
+    throw new Error(
+      `${daemon.name} is not running (exited: ${exited}); end of its log:\n${tailOfFile(daemon.logFile)}`,
+    );
   }
 }
 

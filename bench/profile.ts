@@ -73,7 +73,8 @@ export function summarize(file: string, top = 20): string {
     `statistics path (under shapes/collector or shapes/summary): ${((stats / Math.max(busy, 1)) * 100).toFixed(1)}% of busy samples`,
     'self time, top frames (% of busy samples):',
   ];
-  for (const [key, n] of [...self].sort((a, b) => b[1] - a[1]).slice(0, top)) lines.push(`  ${((n / busy) * 100).toFixed(1).padStart(5)}%  ${key}`);
+  for (const [key, n] of [...self].sort((a, b) => b[1] - a[1]).slice(0, top))
+    lines.push(`  ${((n / busy) * 100).toFixed(1).padStart(5)}%  ${key}`);
   return lines.join('\n');
 }
 
@@ -130,14 +131,21 @@ async function main(): Promise<void> {
     try {
       await listeningOrStopped(daemon, '127.0.0.1', port);
       const endpoint = { ...database, host: '127.0.0.1', port };
-      const result = await runPgbench(endpoint, { mode, clients: Number(values.clients), durationS: Number(values.duration) }, abort.signal);
+      const result = await runPgbench(
+        endpoint,
+        { mode, clients: Number(values.clients), durationS: Number(values.duration) },
+        abort.signal,
+      );
       console.log(`${mode} -c ${values.clients}: ${result.tps.toFixed(0)} tps, ${result.transactions} transactions`);
     } finally {
       await daemon.stop();
     }
     const file = fs.readdirSync(dir).find((f) => f.endsWith('.cpuprofile'));
     if (!file) throw new Error(`no profile written; see ${path.join(dir, 'pgwarden.log')}`);
-    const kept = path.join(os.tmpdir(), `pgwarden-${mode}-${values.clients}-stats-${values.stats}-${Date.now()}.cpuprofile`);
+    const kept = path.join(
+      os.tmpdir(),
+      `pgwarden-${mode}-${values.clients}-stats-${values.stats}-${Date.now()}.cpuprofile`,
+    );
     fs.copyFileSync(path.join(dir, file), kept);
     console.log(summarize(kept));
   } finally {

@@ -48,7 +48,8 @@ async function main(): Promise<void> {
   });
   const shapes = Number(values.shapes);
   const clients = Number(values.clients);
-  if (!Number.isInteger(shapes) || shapes < 1 || shapes >= 2 ** COLUMNS) throw new Error(`--shapes must be 1..${2 ** COLUMNS - 1}`);
+  if (!Number.isInteger(shapes) || shapes < 1 || shapes >= 2 ** COLUMNS)
+    throw new Error(`--shapes must be 1..${2 ** COLUMNS - 1}`);
   if (!values['no-build']) await buildPgwarden();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgwarden-shapes-memory-'));
   const server = await startPostgres();
@@ -56,7 +57,9 @@ async function main(): Promise<void> {
     const database = { host: server.host, port: server.port, user: server.superuser, database: 'postgres' };
     const setup = new pg.Client(database);
     await setup.connect();
-    await setup.query(`DROP TABLE IF EXISTS wide; CREATE TABLE wide (${Array.from({ length: COLUMNS }, (_, b) => `c${b} int`).join(', ')})`);
+    await setup.query(
+      `DROP TABLE IF EXISTS wide; CREATE TABLE wide (${Array.from({ length: COLUMNS }, (_, b) => `c${b} int`).join(', ')})`,
+    );
     await setup.end();
 
     const port = await freePort();
@@ -133,11 +136,19 @@ async function main(): Promise<void> {
       await Promise.all(pool.map((c) => c.end()));
       const text = await metrics();
       console.log(`pgwarden --stats ${values.stats} ${values['pgwarden-args']}`.trim());
-      console.log(`${shapes} distinct shapes through ${clients} connections in ${seconds.toFixed(1)} s (${(shapes / seconds).toFixed(0)}/s)`);
-      console.log(`shapes folded into the overflow shape by the shape cap: ${metric(text, 'pgwarden_shapes_evicted_total')}`);
+      console.log(
+        `${shapes} distinct shapes through ${clients} connections in ${seconds.toFixed(1)} s (${(shapes / seconds).toFixed(0)}/s)`,
+      );
+      console.log(
+        `shapes folded into the overflow shape by the shape cap: ${metric(text, 'pgwarden_shapes_evicted_total')}`,
+      );
       console.log(`idle:   ${idleHeap}\nbefore: ${beforeHeap}\nafter:  ${afterHeap}`);
-      console.log(`RSS MiB: idle ${mib(idle).toFixed(1)}, before ${mib(before).toFixed(1)}, after ${mib(after).toFixed(1)} (peak ${mib(peak).toFixed(1)}), 5 s later ${mib(settled).toFixed(1)}`);
-      console.log(`delta (after - before): ${mib(after - before).toFixed(1)} MiB; peak - before: ${mib(peak - before).toFixed(1)} MiB`);
+      console.log(
+        `RSS MiB: idle ${mib(idle).toFixed(1)}, before ${mib(before).toFixed(1)}, after ${mib(after).toFixed(1)} (peak ${mib(peak).toFixed(1)}), 5 s later ${mib(settled).toFixed(1)}`,
+      );
+      console.log(
+        `delta (after - before): ${mib(after - before).toFixed(1)} MiB; peak - before: ${mib(peak - before).toFixed(1)} MiB`,
+      );
     } finally {
       await daemon.stop();
     }
@@ -147,7 +158,8 @@ async function main(): Promise<void> {
   }
 }
 
-if (process.argv[1] === import.meta.filename) main().catch((error: unknown) => {
-  console.error(error instanceof Error ? error.message : error);
-  process.exitCode = 1;
-});
+if (process.argv[1] === import.meta.filename)
+  main().catch((error: unknown) => {
+    console.error(error instanceof Error ? error.message : error);
+    process.exitCode = 1;
+  });

@@ -11,7 +11,11 @@ export type LogFormat = 'auto' | 'json' | 'pretty';
 
 const children = new WeakMap<Logger, Set<WeakRef<Logger>>>();
 
-export function createLogger(level: string, format: LogFormat = 'json', stream: NodeJS.WritableStream = process.stdout): Logger {
+export function createLogger(
+  level: string,
+  format: LogFormat = 'json',
+  stream: NodeJS.WritableStream = process.stdout,
+): Logger {
   const readable = format === 'pretty' || (format === 'auto' && (stream as { isTTY?: boolean }).isTTY === true);
   const tracked = new Set<WeakRef<Logger>>();
   const log = pino(
@@ -21,7 +25,15 @@ export function createLogger(level: string, format: LogFormat = 'json', stream: 
       timestamp: pino.stdTimeFunctions.isoTime,
       onChild: (child) => tracked.add(new WeakRef(child)),
     },
-    readable ? pretty({ destination: stream as never, sync: true, colorize: (stream as { isTTY?: boolean }).isTTY === true, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' }) : (stream as never),
+    readable
+      ? pretty({
+          destination: stream as never,
+          sync: true,
+          colorize: (stream as { isTTY?: boolean }).isTTY === true,
+          translateTime: 'SYS:HH:MM:ss.l',
+          ignore: 'pid,hostname',
+        })
+      : (stream as never),
   );
   children.set(log, tracked);
   return log;

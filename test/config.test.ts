@@ -45,11 +45,14 @@ describe('configuration', () => {
   });
 
   test('a bad value names the option and where it came from', () => {
-    assert.throws(() => loadConfig({ flags: { listen: 'nonsense' } }), (err: Error) => {
-      assert.ok(err instanceof ConfigError);
-      assert.match(err.message, /listen \(from --listen\): expected HOST:PORT/);
-      return true;
-    });
+    assert.throws(
+      () => loadConfig({ flags: { listen: 'nonsense' } }),
+      (err: Error) => {
+        assert.ok(err instanceof ConfigError);
+        assert.match(err.message, /listen \(from --listen\): expected HOST:PORT/);
+        return true;
+      },
+    );
     assert.throws(() => loadConfig({ env: { PGWARDEN_WORKERS: '-1' } }), /workers \(from PGWARDEN_WORKERS\)/);
   });
 
@@ -63,7 +66,10 @@ describe('configuration', () => {
   });
 
   test('an unreadable or unparsable file gets one clear message', () => {
-    assert.throws(() => loadConfig({ file: '/nonexistent/pgwarden.yaml' }), /cannot read config file \/nonexistent\/pgwarden.yaml: ENOENT/);
+    assert.throws(
+      () => loadConfig({ file: '/nonexistent/pgwarden.yaml' }),
+      /cannot read config file \/nonexistent\/pgwarden.yaml: ENOENT/,
+    );
     const file = tempFile('c.yaml', 'listen: [unclosed\n');
     assert.throws(() => loadConfig({ file }), /is not valid YAML/);
   });

@@ -45,7 +45,9 @@ if (process.env.PGWARDEN_TEST_DATABASE_URL) {
     const { rows } = await client.query<{ server_version_num: string }>('show server_version_num');
     return Number(rows[0].server_version_num);
   }).catch((error: Error) => {
-    console.error(`pgwarden tests: cannot query PGWARDEN_TEST_DATABASE_URL (${url.hostname}:${url.port || 5432}): ${error.message}`);
+    console.error(
+      `pgwarden tests: cannot query PGWARDEN_TEST_DATABASE_URL (${url.hostname}:${url.port || 5432}): ${error.message}`,
+    );
     process.exit(1);
   });
   const version = Math.floor(versionNum / 10_000);

@@ -115,21 +115,25 @@ function pgwardenArgs(value: string): string[] {
   const args = value.split(/\s+/).filter(Boolean);
   if (args.some((arg) => arg === '--stats' || arg.startsWith('--stats='))) {
     throw new UsageError(
-      "--pgwarden-args: --stats is set per target (pgwarden: --stats false, pgwarden-stats: --stats true); use --targets to choose",
+      '--pgwarden-args: --stats is set per target (pgwarden: --stats false, pgwarden-stats: --stats true); use --targets to choose',
     );
   }
   return args;
 }
 
 function list(value: string): string[] {
-  return value.split(',').map((item) => item.trim()).filter(Boolean);
+  return value
+    .split(',')
+    .map((item) => item.trim())
+    .filter(Boolean);
 }
 
 function oneOf<T extends string>(flag: string, value: string | undefined, allowed: readonly T[]): T[] {
   if (value === undefined) return [...allowed];
   const chosen = list(value);
   const unknown = chosen.filter((item) => !(allowed as readonly string[]).includes(item));
-  if (unknown.length > 0) throw new UsageError(`${flag}: unknown ${unknown.join(', ')} (expected ${allowed.join(', ')})`);
+  if (unknown.length > 0)
+    throw new UsageError(`${flag}: unknown ${unknown.join(', ')} (expected ${allowed.join(', ')})`);
   if (chosen.length === 0) throw new UsageError(`${flag}: empty list`);
   // The order of `allowed` (direct first) is the order of the interleaved runs.
   return allowed.filter((item) => chosen.includes(item));

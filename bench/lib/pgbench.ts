@@ -73,7 +73,12 @@ async function pgbench(endpoint: Endpoint, argv: string[], timeoutMs: number, si
     return stdout;
   } catch (error) {
     if (signal.aborted) throw error;
-    const { stdout = '', stderr = '', code, killed } = error as { stdout?: string; stderr?: string; code?: unknown; killed?: boolean };
+    const {
+      stdout = '',
+      stderr = '',
+      code,
+      killed,
+    } = error as { stdout?: string; stderr?: string; code?: unknown; killed?: boolean };
     const why = killed ? `killed after ${timeoutMs / 1000} s` : `exit ${String(code)}`;
     throw new Error(`pgbench ${argv.join(' ')} failed (${why}):\n${tail(`${stdout}${stderr}`, 12)}`);
   }

@@ -52,7 +52,9 @@ export function machineDescription(versions: Record<string, string>): Machine {
 export function printHeader(machine: Machine, options: BenchOptions): void {
   const width = Math.max(...Object.keys(machine).map((key) => key.length));
   for (const [key, value] of Object.entries(machine)) console.log(`${key.padEnd(width)}  ${value}`);
-  const pgwardens = options.targets.filter(isPgwardenTarget).map((target) => `${target} --stats ${PGWARDEN_TARGETS[target].stats}`);
+  const pgwardens = options.targets
+    .filter(isPgwardenTarget)
+    .map((target) => `${target} --stats ${PGWARDEN_TARGETS[target].stats}`);
   console.log(
     `\nruns: ${options.durationS} s each, -j min(clients, 2), scale ${options.scale}, ` +
       `warm-up ${options.warmupS} s per target and warm-up mode, targets interleaved per client count` +
@@ -82,7 +84,10 @@ export function printModeTable(mode: Mode, clients: number[], measurements: Meas
       rows.map((row, i) => throughputRow(clients[i], row, latencyTargets)),
     ),
   );
-  const cost = formatTable(COST_COLUMNS, rows.map((row, i) => costRow(clients[i], row)));
+  const cost = formatTable(
+    COST_COLUMNS,
+    rows.map((row, i) => costRow(clients[i], row)),
+  );
   if (cost) console.log(cost);
   for (const failure of failures.filter((f) => f.mode === mode)) {
     console.log(`  ${failure.target} at ${failure.clients} clients failed: ${indent(failure.error)}`);
@@ -186,12 +191,20 @@ function indent(text: string): string {
 
 export function writeJson(
   file: string,
-  report: { machine: Machine; options: BenchOptions; measurements: Measurement[]; failures: Failure[]; skipped: Record<string, string> },
+  report: {
+    machine: Machine;
+    options: BenchOptions;
+    measurements: Measurement[];
+    failures: Failure[];
+    skipped: Record<string, string>;
+  },
 ): void {
   fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
   const { databaseUrl, ...options } = report.options; // may hold a password
   // What tells the pgwarden targets apart, so the file explains itself.
-  const pgwardenTargets = Object.fromEntries(options.targets.filter(isPgwardenTarget).map((target) => [target, PGWARDEN_TARGETS[target]]));
+  const pgwardenTargets = Object.fromEntries(
+    options.targets.filter(isPgwardenTarget).map((target) => [target, PGWARDEN_TARGETS[target]]),
+  );
   const body = {
     date: new Date().toISOString(),
     ...report,

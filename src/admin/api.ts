@@ -84,12 +84,18 @@ async function readFleet(fleet: NonNullable<DetailSources['fleet']>): Promise<Fl
 
 function scopeOf(query: URLSearchParams, fleet: DetailSources['fleet']): 'instance' | 'fleet' {
   const scope = query.get('scope') ?? 'instance';
-  if (scope !== 'instance' && scope !== 'fleet') throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
+  if (scope !== 'instance' && scope !== 'fleet')
+    throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
   if (scope === 'fleet' && !fleet) throw new ApiError(400, 'scope=fleet needs a control database (control_url)');
   return scope;
 }
 
-export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: ShapeStatusOf = () => 'ok', detail: DetailSources = {}): Route[] {
+export function shapeRoutes(
+  registry: ShapeRegistry,
+  clock: Clock,
+  statusOf: ShapeStatusOf = () => 'ok',
+  detail: DetailSources = {},
+): Route[] {
   return [
     {
       method: 'GET',
@@ -97,19 +103,31 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
       async handle({ query }) {
         const scope = scopeOf(query, detail.fleet);
         const sort = query.get('sort') ?? 'total_time';
-        if (!(sort in SORTS)) throw new ApiError(400, `sort must be one of ${Object.keys(SORTS).join(', ')}; got '${sort}'`);
+        if (!(sort in SORTS))
+          throw new ApiError(400, `sort must be one of ${Object.keys(SORTS).join(', ')}; got '${sort}'`);
         const limitText = query.get('limit') ?? '100';
         const limit = Number(limitText);
-        if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new ApiError(400, `limit must be an integer from 1 to 10000; got '${limitText}'`);
+        if (!Number.isInteger(limit) || limit < 1 || limit > 10_000)
+          throw new ApiError(400, `limit must be an integer from 1 to 10000; got '${limitText}'`);
         const status = query.get('status');
         const key = SORTS[sort as keyof typeof SORTS];
         if (scope === 'fleet') {
           const fleet = (await readFleet(detail.fleet!)).sort((a, b) => key(b) - key(a)).slice(0, limit);
           return { status: 200, body: fleet.map((s) => fleetShapeSummary(s, statusOf(s.fingerprint))) };
         }
-        const all = status === null ? registry.all() : registry.all().filter((s) => statusOf(s.fingerprint) === status || (status === 'new' && detail.newSinceOf?.(s.fingerprint)));
+        const all =
+          status === null
+            ? registry.all()
+            : registry
+                .all()
+                .filter(
+                  (s) => statusOf(s.fingerprint) === status || (status === 'new' && detail.newSinceOf?.(s.fingerprint)),
+                );
         const shapes = all.sort((a, b) => key(b) - key(a)).slice(0, limit);
-        return { status: 200, body: shapes.map((s) => shapeSummary(s, statusOf(s.fingerprint), detail.newSinceOf?.(s.fingerprint) ?? null)) };
+        return {
+          status: 200,
+          body: shapes.map((s) => shapeSummary(s, statusOf(s.fingerprint), detail.newSinceOf?.(s.fingerprint) ?? null)),
+        };
       },
     },
     {
@@ -123,7 +141,11 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
             status: 200,
             body: {
               ...fleetShapeSummary(shape, statusOf(shape.fingerprint)),
-              by_instance: shape.instances.map((i) => ({ instance: i.instance, calls: i.calls, p95_ms: round(i.p95_ms) })),
+              by_instance: shape.instances.map((i) => ({
+                instance: i.instance,
+                calls: i.calls,
+                p95_ms: round(i.p95_ms),
+              })),
             },
           };
         }
@@ -132,7 +154,8 @@ export function shapeRoutes(registry: ShapeRegistry, clock: Clock, statusOf: Sha
         const now = clock.now();
         const sinceText = query.get('since_s') ?? '3600';
         const since = Number(sinceText);
-        if (!Number.isFinite(since) || since <= 0) throw new ApiError(400, `since_s must be a positive number of seconds; got '${sinceText}'`);
+        if (!Number.isFinite(since) || since <= 0)
+          throw new ApiError(400, `since_s must be a positive number of seconds; got '${sinceText}'`);
         return {
           status: 200,
           body: {

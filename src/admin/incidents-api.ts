@@ -7,7 +7,20 @@ import { postmortemMarkdown } from '../detect/postmortem.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import { ApiError, type Route } from './server.ts';
 
-const EVENT_TYPES: EventType[] = ['ddl', 'schema_change', 'plan_change', 'setting_change', 'statistics_change', 'new_shape', 'admin_action', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed', 'mitigation'];
+const EVENT_TYPES: EventType[] = [
+  'ddl',
+  'schema_change',
+  'plan_change',
+  'setting_change',
+  'statistics_change',
+  'new_shape',
+  'admin_action',
+  'incident_opened',
+  'incident_resolved',
+  'rule_added',
+  'rule_removed',
+  'mitigation',
+];
 
 export function eventJson(e: TimelineEvent) {
   return { ...e, at: new Date(e.at).toISOString() };
@@ -43,9 +56,11 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
       path: '/api/incidents',
       handle({ query }) {
         const status = query.get('status') ?? 'all';
-        if (status !== 'all' && status !== 'active' && status !== 'resolved') throw new ApiError(400, `status must be active, resolved or all; got '${status}'`);
+        if (status !== 'all' && status !== 'active' && status !== 'resolved')
+          throw new ApiError(400, `status must be active, resolved or all; got '${status}'`);
         const scope = query.get('scope') ?? 'instance';
-        if (scope !== 'instance' && scope !== 'fleet') throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
+        if (scope !== 'instance' && scope !== 'fleet')
+          throw new ApiError(400, `scope must be instance or fleet; got '${scope}'`);
         const limit = integerParam(query, 'limit', 100, 1, 1000);
         const offset = integerParam(query, 'offset', 0, 0, 1_000_000);
         let list: unknown[];
@@ -57,7 +72,11 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
           list = incidents.list(status === 'all' ? undefined : status);
         }
         // The body stays a plain array (newest first); the total is in a header.
-        return { status: 200, body: list.slice(offset, offset + limit), headers: { 'X-Total-Count': String(list.length) } };
+        return {
+          status: 200,
+          body: list.slice(offset, offset + limit),
+          headers: { 'X-Total-Count': String(list.length) },
+        };
       },
     },
     {
@@ -84,13 +103,20 @@ export function incidentRoutes(incidents: IncidentManager, events: EventLog, fle
       handle({ query }) {
         const limitText = query.get('limit') ?? '200';
         const limit = Number(limitText);
-        if (!Number.isInteger(limit) || limit < 1 || limit > 2000) throw new ApiError(400, `limit must be an integer from 1 to 2000; got '${limitText}'`);
+        if (!Number.isInteger(limit) || limit < 1 || limit > 2000)
+          throw new ApiError(400, `limit must be an integer from 1 to 2000; got '${limitText}'`);
         const type = query.get('type');
-        if (type !== null && !EVENT_TYPES.includes(type as EventType)) throw new ApiError(400, `type must be one of ${EVENT_TYPES.join(', ')}; got '${type}'`);
+        if (type !== null && !EVENT_TYPES.includes(type as EventType))
+          throw new ApiError(400, `type must be one of ${EVENT_TYPES.join(', ')}; got '${type}'`);
         const sinceText = query.get('since');
         const since = sinceText === null ? undefined : Date.parse(sinceText);
-        if (since !== undefined && Number.isNaN(since)) throw new ApiError(400, `since must be an ISO 8601 time; got '${sinceText}'`);
-        const list = events.recent(limit, { fingerprint: query.get('fingerprint') ?? undefined, types: type ? [type as EventType] : undefined, since });
+        if (since !== undefined && Number.isNaN(since))
+          throw new ApiError(400, `since must be an ISO 8601 time; got '${sinceText}'`);
+        const list = events.recent(limit, {
+          fingerprint: query.get('fingerprint') ?? undefined,
+          types: type ? [type as EventType] : undefined,
+          since,
+        });
         return { status: 200, body: list.map(eventJson) };
       },
     },
@@ -101,6 +127,7 @@ function integerParam(query: URLSearchParams, name: string, fallback: number, mi
   const text = query.get(name);
   if (text === null) return fallback;
   const value = Number(text);
-  if (!Number.isInteger(value) || value < min || value > max) throw new ApiError(400, `${name} must be an integer from ${min} to ${max}; got '${text}'`);
+  if (!Number.isInteger(value) || value < min || value > max)
+    throw new ApiError(400, `${name} must be an integer from ${min} to ${max}; got '${text}'`);
   return value;
 }

@@ -42,7 +42,8 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
   client.collectDefaultMetrics({ register: registry });
   // Gauges named like counters (promtool check metrics rejects them); each repeats
   // nodejs_active_handles / _requests / _resources, which stay.
-  for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(name);
+  for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'])
+    registry.removeSingleMetric(name);
   new client.Gauge({
     name: 'pgwarden_build_info',
     help: 'Build of this pgwarden (value 1): version, Node.js version, platform.',
@@ -93,8 +94,16 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
   });
   gauge('pgwarden_connections_active', 'Client sessions open now.', () => proxy.sessionCount);
   counter('pgwarden_cancel_requests_total', 'CancelRequests received and forwarded.', () => stats.cancelRequests);
-  counter('pgwarden_upstream_connect_failures_total', 'Upstream connections that could not be opened (client got 08006).', () => stats.upstreamConnectFailures);
-  counter('pgwarden_upstream_lost_total', 'Sessions whose upstream connection went away under them (client got 08006).', () => stats.upstreamLost);
+  counter(
+    'pgwarden_upstream_connect_failures_total',
+    'Upstream connections that could not be opened (client got 08006).',
+    () => stats.upstreamConnectFailures,
+  );
+  counter(
+    'pgwarden_upstream_lost_total',
+    'Sessions whose upstream connection went away under them (client got 08006).',
+    () => stats.upstreamLost,
+  );
   new client.Counter({
     name: 'pgwarden_bytes_total',
     help: 'Bytes relayed, by direction.',
@@ -121,7 +130,11 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
   if (collector !== null) registerShapeMetrics(registry, collector, options, counter, gauge);
   if (incidents) {
     // Incidents, not shapes: a root and its victims count once.
-    gauge('pgwarden_incidents_active', 'Regression incidents currently active (one per cause: a root shape and its victims count once).', () => incidents.activeCount);
+    gauge(
+      'pgwarden_incidents_active',
+      'Regression incidents currently active (one per cause: a root shape and its victims count once).',
+      () => incidents.activeCount,
+    );
     counter('pgwarden_incidents_opened_total', 'Regression incidents opened since start.', () => incidents.opened);
     gauge('pgwarden_incident_shapes_affected', 'Shapes in active incidents (roots and victims).', () =>
       incidents.list('active').reduce((sum, i) => sum + i.impact.shapes, 0),
@@ -146,8 +159,17 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
       registers: [registry],
       collect() {
         this.reset();
-        const shapes = new Set(incidents.list('active').flatMap((i) => [...(i.root ? [i.root] : []), ...i.victims.map((v) => v.fingerprint)]));
-        if (collector) for (const s of collector.registry.all().sort((a, b) => b.totalMs - a.totalMs).slice(0, options.topShapes)) shapes.add(s.fingerprint);
+        const shapes = new Set(
+          incidents
+            .list('active')
+            .flatMap((i) => [...(i.root ? [i.root] : []), ...i.victims.map((v) => v.fingerprint)]),
+        );
+        if (collector)
+          for (const s of collector.registry
+            .all()
+            .sort((a, b) => b.totalMs - a.totalMs)
+            .slice(0, options.topShapes))
+            shapes.add(s.fingerprint);
         for (const fp of shapes) {
           const ratio = incidents.regressionRatio(fp);
           if (ratio !== null) this.set({ fingerprint: fp }, ratio);
@@ -164,14 +186,27 @@ export function createMetrics(proxy: ProxyCounters, sources: MetricSources, opti
       registers: [registry],
       collect() {
         this.reset();
-        for (const rule of rules.store.list()) this.inc({ rule: rule.id, action: rule.action }, rules.gate.applied.get(rule.id) ?? 0);
+        for (const rule of rules.store.list())
+          this.inc({ rule: rule.id, action: rule.action }, rules.gate.applied.get(rule.id) ?? 0);
       },
     });
   }
   if (sampler) {
-    counter('pgwarden_plan_samples_total', 'EXPLAIN samples taken through the monitoring connection.', () => sampler.explained);
-    counter('pgwarden_plan_sample_failures_total', 'EXPLAIN samples that failed (timeouts, unusable parameters, monitor down).', () => sampler.failed);
-    counter('pgwarden_plan_samples_refused_total', 'Statements not explained because planning them could run code the monitor must not run.', () => sampler.refused);
+    counter(
+      'pgwarden_plan_samples_total',
+      'EXPLAIN samples taken through the monitoring connection.',
+      () => sampler.explained,
+    );
+    counter(
+      'pgwarden_plan_sample_failures_total',
+      'EXPLAIN samples that failed (timeouts, unusable parameters, monitor down).',
+      () => sampler.failed,
+    );
+    counter(
+      'pgwarden_plan_samples_refused_total',
+      'Statements not explained because planning them could run code the monitor must not run.',
+      () => sampler.refused,
+    );
   }
   return registry;
 }
@@ -195,7 +230,11 @@ function registerShapeMetrics(
     },
   });
   gauge('pgwarden_shapes_tracked', 'Distinct query shapes currently tracked.', () => collector.registry.size);
-  counter('pgwarden_shapes_evicted_total', 'Shapes folded into the overflow shape by the shape cap.', () => collector.registry.evicted);
+  counter(
+    'pgwarden_shapes_evicted_total',
+    'Shapes folded into the overflow shape by the shape cap.',
+    () => collector.registry.evicted,
+  );
 
   // Top-N selection is computed once per scrape and shared by the per-shape metrics.
   let scrape: { top: ShapeStats[]; rest: ShapeStats[] } | null = null;
@@ -221,10 +260,18 @@ function registerShapeMetrics(
         if (rest.length > 0) this.inc({ fingerprint: 'other' }, other);
       },
     });
-  perShape('pgwarden_shape_calls_total', 'Calls per shape (top shapes by total time; the rest as fingerprint="other").', (s) => s.calls);
+  perShape(
+    'pgwarden_shape_calls_total',
+    'Calls per shape (top shapes by total time; the rest as fingerprint="other").',
+    (s) => s.calls,
+  );
   perShape('pgwarden_shape_errors_total', 'Errors per shape (top shapes; the rest as "other").', (s) => s.errors);
   perShape('pgwarden_shape_rows_total', 'Rows per shape (top shapes; the rest as "other").', (s) => s.rows);
-  perShape('pgwarden_shape_time_seconds_total', 'Total execution time per shape (top shapes; the rest as "other").', (s) => s.totalMs / 1000);
+  perShape(
+    'pgwarden_shape_time_seconds_total',
+    'Total execution time per shape (top shapes; the rest as "other").',
+    (s) => s.totalMs / 1000,
+  );
   registry.registerMetric(
     bucketHistogram({
       name: 'pgwarden_shape_latency_seconds',
@@ -232,7 +279,12 @@ function registerShapeMetrics(
       labelName: 'fingerprint',
       read() {
         const { top, rest } = select();
-        const rows = top.map((s) => ({ label: s.fingerprint, buckets: s.latencyBuckets, sumMs: s.totalMs, count: s.timedCalls }));
+        const rows = top.map((s) => ({
+          label: s.fingerprint,
+          buckets: s.latencyBuckets,
+          sumMs: s.totalMs,
+          count: s.timedCalls,
+        }));
         if (rest.length > 0) {
           const buckets = new Float64Array(LATENCY_BUCKETS_MS.length + 1);
           let sumMs = 0;
@@ -255,7 +307,8 @@ function registerShapeMetrics(
     registers: [registry],
     collect() {
       this.reset();
-      for (const s of select().top) this.set({ fingerprint: s.fingerprint, command: s.command, query: s.query.slice(0, 200) }, 1);
+      for (const s of select().top)
+        this.set({ fingerprint: s.fingerprint, command: s.command, query: s.query.slice(0, 200) }, 1);
     },
   });
 }
@@ -287,9 +340,17 @@ function bucketHistogram(spec: { name: string; help: string; labelName: string; 
         let cumulative = 0;
         for (let b = 0; b < row.buckets.length; b++) {
           cumulative += row.buckets[b];
-          values.push({ metricName: `${spec.name}_bucket`, labels: { [spec.labelName]: row.label, le: b < bounds.length ? bounds[b] : '+Inf' }, value: cumulative });
+          values.push({
+            metricName: `${spec.name}_bucket`,
+            labels: { [spec.labelName]: row.label, le: b < bounds.length ? bounds[b] : '+Inf' },
+            value: cumulative,
+          });
         }
-        values.push({ metricName: `${spec.name}_sum`, labels: { [spec.labelName]: row.label }, value: row.sumMs / 1000 });
+        values.push({
+          metricName: `${spec.name}_sum`,
+          labels: { [spec.labelName]: row.label },
+          value: row.sumMs / 1000,
+        });
         values.push({ metricName: `${spec.name}_count`, labels: { [spec.labelName]: row.label }, value: row.count });
       }
       return { name: spec.name, help: spec.help, type: 'histogram', aggregator: 'sum', values };

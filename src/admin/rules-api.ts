@@ -10,7 +10,13 @@ import { ApiError, type Route } from './server.ts';
 /** Looks up a shape this instance has seen (null when shape statistics are off). */
 export type ShapeLookup = ((fingerprint: string) => ShapeFacts | undefined) | null;
 
-export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: readonly string[], clock: Clock, shapes: ShapeLookup = null): Route[] {
+export function ruleRoutes(
+  store: RuleStore,
+  gate: RulesGate,
+  replicaNames: readonly string[],
+  clock: Clock,
+  shapes: ShapeLookup = null,
+): Route[] {
   // seen: whether this instance has seen the rule's shape (null: it cannot tell).
   const withCounts = (rule: ReturnType<RuleStore['list']>[number]) => ({
     ...rule,
@@ -27,7 +33,8 @@ export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: read
       method: 'POST',
       path: '/api/rules',
       async handle({ body }) {
-        if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new ApiError(400, 'request body must be a JSON object with the rule fields');
+        if (typeof body !== 'object' || body === null || Array.isArray(body))
+          throw new ApiError(400, 'request body must be a JSON object with the rule fields');
         let rule;
         try {
           rule = createRule(body, clock.now(), 'api');
@@ -36,7 +43,10 @@ export function ruleRoutes(store: RuleStore, gate: RulesGate, replicaNames: read
           throw err;
         }
         if (rule.target !== null && !replicaNames.includes(rule.target)) {
-          throw new ApiError(400, `target: no replica named '${rule.target}' is configured${replicaNames.length ? ` (configured: ${replicaNames.join(', ')})` : ' (none are)'}`);
+          throw new ApiError(
+            400,
+            `target: no replica named '${rule.target}' is configured${replicaNames.length ? ` (configured: ${replicaNames.join(', ')})` : ' (none are)'}`,
+          );
         }
         let warnings = ['shape statistics are off (stats: false): this instance cannot check the fingerprint'];
         if (shapes !== null) {

@@ -58,7 +58,9 @@ export interface AdminOptions {
 }
 
 export interface StaticFiles {
-  get(pathname: string): { readonly body: Buffer; readonly headers: Readonly<Record<string, string>>; readonly etag: string } | undefined;
+  get(
+    pathname: string,
+  ): { readonly body: Buffer; readonly headers: Readonly<Record<string, string>>; readonly etag: string } | undefined;
 }
 
 const MAX_BODY_BYTES = 1024 * 1024;
@@ -197,7 +199,11 @@ export class AdminServer {
 
 function send(res: http.ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'Content-Type': 'application/json; charset=utf-8', 'Cache-Control': 'no-store', 'X-Content-Type-Options': 'nosniff' });
+  res.writeHead(status, {
+    'Content-Type': 'application/json; charset=utf-8',
+    'Cache-Control': 'no-store',
+    'X-Content-Type-Options': 'nosniff',
+  });
   res.end(text);
 }
 

@@ -53,7 +53,9 @@ export function sessionRoutes(proxy: ProxyServer, shapeOf: StatementShapeOf, ups
       path: '/api/sessions',
       handle() {
         const now = Date.now();
-        const sessions = [...proxy.liveSessions()].filter((s) => s.lifecycle !== 'closed').map((s) => sessionJson(s, shapeOf, upstream, now));
+        const sessions = [...proxy.liveSessions()]
+          .filter((s) => s.lifecycle !== 'closed')
+          .map((s) => sessionJson(s, shapeOf, upstream, now));
         return { status: 200, body: sessions.sort((a, b) => a.id - b.id) };
       },
     },
@@ -63,7 +65,8 @@ export function sessionRoutes(proxy: ProxyServer, shapeOf: StatementShapeOf, ups
       path: '/api/sessions/:id/query',
       async handle({ params }) {
         const session = find(params.id);
-        if (session.backendKey === null) throw new ApiError(409, `session ${params.id} has no backend key yet: nothing to cancel`);
+        if (session.backendKey === null)
+          throw new ApiError(409, `session ${params.id} has no backend key yet: nothing to cancel`);
         try {
           await session.cancel();
         } catch (err) {

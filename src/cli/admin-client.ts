@@ -22,7 +22,11 @@ export interface AdminClient {
  * The admin API of the flags or environment; null (after saying why on `err`)
  * when no token is given.
  */
-export function adminClient(values: { admin?: string; token?: string }, command: string, err: Output): AdminClient | null {
+export function adminClient(
+  values: { admin?: string; token?: string },
+  command: string,
+  err: Output,
+): AdminClient | null {
   const admin = values.admin ?? process.env.PGWARDEN_ADMIN ?? '127.0.0.1:6465';
   const token = values.token ?? process.env.PGWARDEN_ADMIN_TOKEN;
   if (!token) {
@@ -35,7 +39,10 @@ export function adminClient(values: { admin?: string; token?: string }, command:
     async request(method, path, body, timeoutMs = 10_000) {
       const response = await fetch(`${base}${path}`, {
         method,
-        headers: { Authorization: `Bearer ${token}`, ...(body !== undefined ? { 'Content-Type': 'application/json' } : {}) },
+        headers: {
+          Authorization: `Bearer ${token}`,
+          ...(body !== undefined ? { 'Content-Type': 'application/json' } : {}),
+        },
         body: body !== undefined ? JSON.stringify(body) : undefined,
         signal: AbortSignal.timeout(timeoutMs),
       });
@@ -53,6 +60,9 @@ export function adminClient(values: { admin?: string; token?: string }, command:
 export function refusal(response: AdminResponse): string {
   const { status, body } = response;
   if (status === 401) return `the admin token was refused (HTTP ${status})`;
-  const message = typeof body === 'object' && body !== null && 'error' in body ? String((body as { error: unknown }).error) : String(body);
+  const message =
+    typeof body === 'object' && body !== null && 'error' in body
+      ? String((body as { error: unknown }).error)
+      : String(body);
   return `${message} (HTTP ${status})`;
 }

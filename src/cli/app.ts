@@ -100,7 +100,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   const worker = options.cluster?.role === 'worker' ? options.cluster.link : null;
   const hub = options.cluster?.role === 'primary' ? options.cluster.hub : null;
   const events = new EventLog(clock);
-  const finder = await ShapeFinder.create({ cacheEntries: config.shape_cache_entries, cacheBytes: config.shape_cache_mb * 1024 * 1024, maxTextBytes: config.max_shape_text_bytes });
+  const finder = await ShapeFinder.create({
+    cacheEntries: config.shape_cache_entries,
+    cacheBytes: config.shape_cache_mb * 1024 * 1024,
+    maxTextBytes: config.max_shape_text_bytes,
+  });
   let current = config;
 
   const rules = await openRules(config, log, clock, events, finder, worker);
@@ -111,10 +115,14 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
 
   // A cluster worker only relays and reports; everything after a query completes runs where the statistics are.
   const monitor = config.monitor_url && !worker ? openMonitor(config, log) : null;
-  const webhook = config.alert_webhook_url && !worker ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) }) : null;
+  const webhook =
+    config.alert_webhook_url && !worker
+      ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) })
+      : null;
   let observers: Observers | null = null;
   if (worker) worker.start(proxy, rules.gate, config.stats ? finder : null);
-  else if (config.stats) observers = await startObservers({ config, log, clock, proxy, finder, events, rules, monitor, webhook, inflight });
+  else if (config.stats)
+    observers = await startObservers({ config, log, clock, proxy, finder, events, rules, monitor, webhook, inflight });
 
   hub?.attach({ collector: observers?.collector ?? null, rules: rules.store, gate: rules.gate });
   const proxyPort = hub ? 0 : (await proxy.listen()).port;
@@ -123,7 +131,19 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
   if (options.admin !== false && !worker) {
     if (config.admin_token === undefined) keepGeneratedToken(config, adminToken, log);
     const counters = hub ? hub.proxyCounters : proxy;
-    admin = await startAdmin({ config, log, clock, token: adminToken, proxy, counters, finder, events, rules, observers, monitor });
+    admin = await startAdmin({
+      config,
+      log,
+      clock,
+      token: adminToken,
+      proxy,
+      counters,
+      finder,
+      events,
+      rules,
+      observers,
+      monitor,
+    });
   }
 
   return {
@@ -143,16 +163,25 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
     policy: observers?.policy ?? null,
     async reload(next: Config) {
       // Everything that can fail is prepared first, so a bad config changes nothing.
-      const tls = next.tls_cert && next.tls_key ? { cert: fs.readFileSync(next.tls_cert), key: fs.readFileSync(next.tls_key) } : null;
+      const tls =
+        next.tls_cert && next.tls_key
+          ? { cert: fs.readFileSync(next.tls_cert), key: fs.readFileSync(next.tls_key) }
+          : null;
       const nextRules = configRules(next, clock.now());
       proxy.setTlsCertificate(tls?.cert, tls?.key);
       await rules.applyConfigRules(nextRules);
       observers?.reconfigure(next);
       setLogLevel(log, next.log_level);
-      const changed = (Object.keys(next) as (keyof Config)[]).filter((k) => JSON.stringify(next[k]) !== JSON.stringify(current[k]));
-      for (const k of Object.keys(current) as (keyof Config)[]) if (!(k in next) && !changed.includes(k)) changed.push(k);
+      const changed = (Object.keys(next) as (keyof Config)[]).filter(
+        (k) => JSON.stringify(next[k]) !== JSON.stringify(current[k]),
+      );
+      for (const k of Object.keys(current) as (keyof Config)[])
+        if (!(k in next) && !changed.includes(k)) changed.push(k);
       current = next;
-      return { applied: changed.filter((k) => RELOADABLE_KEYS.has(k)), needsRestart: changed.filter((k) => !RELOADABLE_KEYS.has(k)) };
+      return {
+        applied: changed.filter((k) => RELOADABLE_KEYS.has(k)),
+        needsRestart: changed.filter((k) => !RELOADABLE_KEYS.has(k)),
+      };
     },
     async stop(drainMs: number) {
       await proxy.drain(drainMs);

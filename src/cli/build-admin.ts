@@ -44,9 +44,15 @@ export function keepGeneratedToken(config: Config, token: string, log: Logger): 
   try {
     fs.writeFileSync(tokenFile, `${token}\n`, { mode: 0o600 });
     fs.chmodSync(tokenFile, 0o600);
-    log.warn({ token_file: tokenFile }, `no admin_token configured: generated one for this run, in ${tokenFile} (set PGWARDEN_ADMIN_TOKEN to choose it)`);
+    log.warn(
+      { token_file: tokenFile },
+      `no admin_token configured: generated one for this run, in ${tokenFile} (set PGWARDEN_ADMIN_TOKEN to choose it)`,
+    );
   } catch (err) {
-    log.warn({ err }, 'no admin_token configured and the generated one could not be written to a file: set PGWARDEN_ADMIN_TOKEN to use the admin API');
+    log.warn(
+      { err },
+      'no admin_token configured and the generated one could not be written to a file: set PGWARDEN_ADMIN_TOKEN to use the admin API',
+    );
   }
 }
 
@@ -70,15 +76,24 @@ export async function startAdmin(inputs: AdminInputs): Promise<{ server: AdminSe
       ? shapeRoutes(o.collector.registry, clock, statusOf, {
           plansOf: sampler ? (fp) => plansJson(sampler, fp) : undefined,
           eventsOf: (fp) => events.recent(50, { fingerprint: fp }).map(eventJson),
-          incidentsOf: (fp) => o.incidents.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)),
+          incidentsOf: (fp) =>
+            o.incidents.list().filter((i) => i.root === fp || i.victims.some((v) => v.fingerprint === fp)),
           rulesOf: (fp) => rules.store.forFingerprint(fp) ?? [],
           fleet: o.fleet ? () => o.fleet!.fleet() : undefined,
           newSinceOf: (fp) => o.newShapes.get(fp)?.new_since ?? null,
           detectorOf: (fp) => o.incidents.detectorView(fp),
         })
       : []),
-    ...(o ? workloadRoutes({ registry: o.collector.registry, sampler, clock, sampleParams: config.workload_sample_params }) : []),
-    ...ruleRoutes(rules.store, rules.gate, [...rules.replicas.keys()], clock, o ? (fp) => o.collector.registry.get(fp) : null),
+    ...(o
+      ? workloadRoutes({ registry: o.collector.registry, sampler, clock, sampleParams: config.workload_sample_params })
+      : []),
+    ...ruleRoutes(
+      rules.store,
+      rules.gate,
+      [...rules.replicas.keys()],
+      clock,
+      o ? (fp) => o.collector.registry.get(fp) : null,
+    ),
     ...(o ? mitigationRoutes(o.policy) : []),
     ...sessionRoutes(
       inputs.proxy,
@@ -94,7 +109,11 @@ export async function startAdmin(inputs: AdminInputs): Promise<{ server: AdminSe
       ? backendRoutes({ activity: o.activity, monitor: inputs.monitor, events, log: log.child({ component: 'admin' }) })
       : []),
     ...(o
-      ? incidentRoutes(o.incidents, events, persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined)
+      ? incidentRoutes(
+          o.incidents,
+          events,
+          persistence instanceof ControlDatabase ? () => persistence.sharedIncidents() : undefined,
+        )
       : []),
   ];
   const address = parseHostPort(config.admin);
@@ -106,7 +125,12 @@ export async function startAdmin(inputs: AdminInputs): Promise<{ server: AdminSe
     maxConnections: config.admin_max_connections,
     metrics: createMetrics(
       inputs.counters,
-      { collector: o?.collector ?? null, incidents: o?.incidents ?? null, sampler, rules: { store: rules.store, gate: rules.gate } },
+      {
+        collector: o?.collector ?? null,
+        incidents: o?.incidents ?? null,
+        sampler,
+        rules: { store: rules.store, gate: rules.gate },
+      },
       { topShapes: config.metrics_top_shapes },
     ),
     routes,

@@ -102,7 +102,8 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
     causeProviders: monitoring?.causeProviders ?? [],
     inflight: inputs.inflight,
     // Baselines and incident history go where the rules go.
-    store: rules.persistence instanceof ControlDatabase || rules.persistence instanceof StateFile ? rules.persistence : null,
+    store:
+      rules.persistence instanceof ControlDatabase || rules.persistence instanceof StateFile ? rules.persistence : null,
   });
   await incidents.restore();
   collector.onShape(incidents.observe, 'latencies');
@@ -137,7 +138,9 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
     incidents.onChange((incident) =>
       control
         .publishIncident(incident as unknown as { id: string } & Record<string, unknown>)
-        .catch((err: Error) => rules.log.warn({ err, incident: incident.id }, 'incident not shared: control database unreachable')),
+        .catch((err: Error) =>
+          rules.log.warn({ err, incident: incident.id }, 'incident not shared: control database unreachable'),
+        ),
     );
     fleet = new FleetPublisher({
       registry,
@@ -194,7 +197,12 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
   };
 }
 
-function startMonitoring(inputs: ObserverInputs, collector: ShapeCollector, registry: ShapeRegistry, bucketMs: number): Monitoring {
+function startMonitoring(
+  inputs: ObserverInputs,
+  collector: ShapeCollector,
+  registry: ShapeRegistry,
+  bucketMs: number,
+): Monitoring {
   const { config, log, clock, events } = inputs;
   const monitor = inputs.monitor!;
   const plansLog = log.child({ component: 'plans' });
@@ -211,7 +219,13 @@ function startMonitoring(inputs: ObserverInputs, collector: ShapeCollector, regi
   });
   collector.onShape(sampler.observe);
   const checkMs = config.schema_check_interval_s * 1000;
-  const schema = new SchemaWatcher({ monitor, events, clock, log: log.child({ component: 'schema' }), intervalMs: checkMs });
+  const schema = new SchemaWatcher({
+    monitor,
+    events,
+    clock,
+    log: log.child({ component: 'schema' }),
+    intervalMs: checkMs,
+  });
   schema.start();
   const roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
   roundTrip.start();
@@ -245,7 +259,11 @@ function startMonitoring(inputs: ObserverInputs, collector: ShapeCollector, regi
 }
 
 function collectorSettings(config: Config, log: Logger) {
-  return { slowQueryMs: config.slow_query_ms, logQueryValues: config.log_query_values, log: log.child({ component: 'shapes' }) };
+  return {
+    slowQueryMs: config.slow_query_ms,
+    logQueryValues: config.log_query_values,
+    log: log.child({ component: 'shapes' }),
+  };
 }
 
 export function detectorOptions(config: Config): DetectorOptions {

@@ -95,6 +95,7 @@ async function syncConfigRules(store: RuleStore, wanted: readonly Rule[]): Promi
   const ids = new Set(wanted.map((r) => r.id));
   for (const rule of wanted) if (!store.get(rule.id)) await store.add(rule);
   for (const rule of store.list()) {
-    if (rule.id.startsWith('cfg-') && !ids.has(rule.id)) await store.remove(rule.id, 'config', 'no longer in the configuration');
+    if (rule.id.startsWith('cfg-') && !ids.has(rule.id))
+      await store.remove(rule.id, 'config', 'no longer in the configuration');
   }
 }

@@ -97,7 +97,10 @@ export async function runCheckMigration(
   };
   try {
     settings = {
-      databaseUrl: required(values['database-url'] ?? process.env.PGWARDEN_CHECK_DATABASE_URL, '--database-url URL (or PGWARDEN_CHECK_DATABASE_URL) is required: the staging database to check on'),
+      databaseUrl: required(
+        values['database-url'] ?? process.env.PGWARDEN_CHECK_DATABASE_URL,
+        '--database-url URL (or PGWARDEN_CHECK_DATABASE_URL) is required: the staging database to check on',
+      ),
       workloadFile: required(values.workload, '--workload FILE is required: the output of pgwarden workload export'),
       migrationFile: migrationArgument(positionals),
       format: formatOf(values.format),
@@ -105,11 +108,15 @@ export async function runCheckMigration(
       timeoutMs: positiveNumber('timeout', values.timeout, 60) * 1000,
       lockTimeoutMs: positiveNumber('lock-timeout', values['lock-timeout'], 5) * 1000,
       failOn: failOnOf(values['fail-on'], values.strict === true),
-      explainRole: values['explain-role'] === undefined ? null : required(values['explain-role'], '--explain-role needs a role name'),
+      explainRole:
+        values['explain-role'] === undefined
+          ? null
+          : required(values['explain-role'], '--explain-role needs a role name'),
       allowUserFunctions: values['allow-user-functions'] === true,
       longLockMs: positiveNumber('long-lock', values['long-lock'], 1) * 1000,
     };
-    if (!/^postgres(ql)?:\/\//.test(settings.databaseUrl)) throw new UsageError('--database-url must be a postgres:// URL');
+    if (!/^postgres(ql)?:\/\//.test(settings.databaseUrl))
+      throw new UsageError('--database-url must be a postgres:// URL');
   } catch (e) {
     if (e instanceof UsageError) {
       err.write(`pgwarden check-migration: ${e.message}\n${CHECK_MIGRATION_USAGE}`);
@@ -122,7 +129,12 @@ export async function runCheckMigration(
   try {
     workload = parseWorkload(JSON.parse(fs.readFileSync(settings.workloadFile, 'utf8')));
   } catch (e) {
-    const reason = e instanceof WorkloadError ? e.message : e instanceof SyntaxError ? `not JSON: ${e.message}` : ((e as NodeJS.ErrnoException).code ?? (e as Error).message);
+    const reason =
+      e instanceof WorkloadError
+        ? e.message
+        : e instanceof SyntaxError
+          ? `not JSON: ${e.message}`
+          : ((e as NodeJS.ErrnoException).code ?? (e as Error).message);
     return fail(`cannot use the workload ${settings.workloadFile}: ${reason}`);
   }
 
@@ -131,14 +143,18 @@ export async function runCheckMigration(
   try {
     sql = settings.migrationFile === '-' ? fs.readFileSync(0, 'utf8') : fs.readFileSync(settings.migrationFile, 'utf8');
   } catch (e) {
-    return fail(`cannot read the migration ${settings.migrationFile}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    return fail(
+      `cannot read the migration ${settings.migrationFile}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`,
+    );
   }
   await loadParser();
   try {
     migration = parseMigration(sql);
   } catch (e) {
     if (!(e instanceof MigrationSyntaxError)) throw e;
-    return fail(`the migration ${settings.migrationFile} does not parse${e.line === null ? '' : ` (line ${e.line})`}: ${e.message}`);
+    return fail(
+      `the migration ${settings.migrationFile} does not parse${e.line === null ? '' : ` (line ${e.line})`}: ${e.message}`,
+    );
   }
   if (migration.length === 0) return fail(`the migration ${settings.migrationFile} holds no SQL statement`);
 
@@ -146,7 +162,11 @@ export async function runCheckMigration(
   const interrupt = signal === undefined ? onInterrupt() : null;
   try {
     const report = await checkMigration({ ...settings, workload, migration, signal: signal ?? interrupt!.signal });
-    out.write(settings.format === 'json' ? `${JSON.stringify(reportJson(report, name, settings.failOn), null, 2)}\n` : renderText(report, name, settings.failOn));
+    out.write(
+      settings.format === 'json'
+        ? `${JSON.stringify(reportJson(report, name, settings.failOn), null, 2)}\n`
+        : renderText(report, name, settings.failOn),
+    );
     return failures(report, settings.failOn).failed ? 1 : 0;
   } catch (e) {
     if (!(e instanceof CheckError)) throw e;
@@ -164,7 +184,8 @@ function required(value: string | undefined, message: string): string {
 
 function migrationArgument(positionals: string[]): string {
   if (positionals.length === 0) throw new UsageError('which migration? Give the MIGRATION.sql file (or - for stdin)');
-  if (positionals.length > 1) throw new UsageError(`one migration file at a time, got ${positionals.length}: ${positionals.join(' ')}`);
+  if (positionals.length > 1)
+    throw new UsageError(`one migration file at a time, got ${positionals.length}: ${positionals.join(' ')}`);
   return positionals[0];
 }
 
@@ -174,9 +195,16 @@ function formatOf(value: string | undefined): 'text' | 'json' {
 }
 
 function failOnOf(value: string | undefined, strict: boolean): FailOn[] {
-  const list = value === undefined ? ['regression'] : value.split(',').map((v) => v.trim()).filter((v) => v !== '');
+  const list =
+    value === undefined
+      ? ['regression']
+      : value
+          .split(',')
+          .map((v) => v.trim())
+          .filter((v) => v !== '');
   for (const item of list) {
-    if (!(FAIL_ON as readonly string[]).includes(item)) throw new UsageError(`--fail-on takes a comma list of ${FAIL_ON.join(', ')}; got '${item}'`);
+    if (!(FAIL_ON as readonly string[]).includes(item))
+      throw new UsageError(`--fail-on takes a comma list of ${FAIL_ON.join(', ')}; got '${item}'`);
   }
   if (list.length === 0) throw new UsageError(`--fail-on takes a comma list of ${FAIL_ON.join(', ')}`);
   if (strict && !list.includes('not-checked')) list.push('not-checked');
@@ -186,7 +214,8 @@ function failOnOf(value: string | undefined, strict: boolean): FailOn[] {
 function positiveNumber(flag: string, value: string | undefined, fallback: number): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n <= 0) throw new UsageError(`--${flag} must be a positive number, got '${value}'`);
+  if (value.trim() === '' || !Number.isFinite(n) || n <= 0)
+    throw new UsageError(`--${flag} must be a positive number, got '${value}'`);
   return n;
 }
 

@@ -24,7 +24,22 @@ const STEP_DEADLINE_MS = 60_000;
 
 type Incident = Pick<
   FullIncident,
-  'id' | 'fingerprint' | 'root' | 'status' | 'onset' | 'detected_at' | 'attributed' | 'summary' | 'baseline' | 'current' | 'peak' | 'causes' | 'ruled_out' | 'mitigation' | 'victims' | 'resolution'
+  | 'id'
+  | 'fingerprint'
+  | 'root'
+  | 'status'
+  | 'onset'
+  | 'detected_at'
+  | 'attributed'
+  | 'summary'
+  | 'baseline'
+  | 'current'
+  | 'peak'
+  | 'causes'
+  | 'ruled_out'
+  | 'mitigation'
+  | 'victims'
+  | 'resolution'
 >;
 
 export const DEMO_USAGE = `usage: pgwarden demo [--once] [--keep-running-s S]
@@ -37,7 +52,11 @@ of it, and narrates detection, attribution, mitigation and recovery.
 export async function runDemo(args: string[]): Promise<number> {
   let once = false;
   try {
-    const { values } = parseArgs({ args, options: { once: { type: 'boolean' }, help: { type: 'boolean' } }, strict: true });
+    const { values } = parseArgs({
+      args,
+      options: { once: { type: 'boolean' }, help: { type: 'boolean' } },
+      strict: true,
+    });
     if (values.help) {
       process.stdout.write(DEMO_USAGE);
       return 0;
@@ -97,7 +116,9 @@ class Demo {
     this.say('60% of users waited up to 10 s and responders spent 105 minutes on the wrong paths.');
     this.say('Starting an embedded PostgreSQL...');
     this.database = await startPostgres();
-    this.say(`PostgreSQL ${this.database.version} on 127.0.0.1:${this.database.port}. Creating the shop: ${USERS.toLocaleString('en')} users...`);
+    this.say(
+      `PostgreSQL ${this.database.version} on 127.0.0.1:${this.database.port}. Creating the shop: ${USERS.toLocaleString('en')} users...`,
+    );
     await this.seed();
     await this.startPgwarden();
     this.say(`pgwarden is in front of it on 127.0.0.1:${this.proxyPort} (policy: enforce).`);
@@ -105,14 +126,23 @@ class Demo {
     await this.startWorkload();
 
     const hot = await this.waitFor('a baseline for the hot lookup by email', async (progress) => {
-      const shapes = await this.api<{ fingerprint: string; query: string; calls: number; p95_ms: number }[]>('/api/shapes?sort=calls&limit=20');
+      const shapes = await this.api<{ fingerprint: string; query: string; calls: number; p95_ms: number }[]>(
+        '/api/shapes?sort=calls&limit=20',
+      );
       const shape = shapes.find((s) => s.query.startsWith('select id, name from users where email'));
       if (!shape) return undefined;
-      const detail = await this.api<{ plans?: { current: { nodes: string[] } | null }; detector?: { baseline: { p95_ms: number } | null; baseline_from: string | null } | null }>(`/api/shapes/${shape.fingerprint}`);
-      progress(`baseline: hot lookup ${shape.calls.toLocaleString('en')} calls, p95 ${shape.p95_ms} ms, plan ${detail.plans?.current?.nodes.join(' / ') ?? '(sampling)'}`);
+      const detail = await this.api<{
+        plans?: { current: { nodes: string[] } | null };
+        detector?: { baseline: { p95_ms: number } | null; baseline_from: string | null } | null;
+      }>(`/api/shapes/${shape.fingerprint}`);
+      progress(
+        `baseline: hot lookup ${shape.calls.toLocaleString('en')} calls, p95 ${shape.p95_ms} ms, plan ${detail.plans?.current?.nodes.join(' / ') ?? '(sampling)'}`,
+      );
       const baseline = detail.detector?.baseline;
       if (!detail.plans?.current || !baseline) return undefined;
-      this.say(`baseline: hot lookup p95 ${baseline.p95_ms} ms from ${shape.calls.toLocaleString('en')} calls (${(detail.detector!.baseline_from ?? '').replace('_', ' ')}), plan ${detail.plans.current.nodes.join(' / ')}`);
+      this.say(
+        `baseline: hot lookup p95 ${baseline.p95_ms} ms from ${shape.calls.toLocaleString('en')} calls (${(detail.detector!.baseline_from ?? '').replace('_', ' ')}), plan ${detail.plans.current.nodes.join(' / ')}`,
+      );
       return shape;
     });
 
@@ -128,7 +158,9 @@ class Demo {
       const found = list.find((i) => i.root === hot.fingerprint);
       if (found && detectedS === 0) {
         detectedS = (Date.parse(found.detected_at) - migratedAt) / 1000;
-        this.say(`DETECTED ${detectedS.toFixed(1)} s after the migration: p95 ${found.baseline.p95_ms} ms -> ${found.current.p95_ms} ms`);
+        this.say(
+          `DETECTED ${detectedS.toFixed(1)} s after the migration: p95 ${found.baseline.p95_ms} ms -> ${found.current.p95_ms} ms`,
+        );
       }
       if (!found) progress(`watching: hot lookup p95 now ${this.recentP95(0).toFixed(1)} ms`);
       return found?.attributed ? found : undefined;
@@ -136,18 +168,23 @@ class Demo {
     const attributedS = (Date.now() - migratedAt) / 1000;
     this.say(`ATTRIBUTED ${attributedS.toFixed(1)} s after the migration:`);
     this.say(`  ${incident.summary}`);
-    for (const cause of incident.causes.slice(0, 3)) this.say(`  cause: ${cause.type.replace('_', ' ')}: ${cause.kind === 'ddl' ? cause.statement : cause.summary}`);
+    for (const cause of incident.causes.slice(0, 3))
+      this.say(`  cause: ${cause.type.replace('_', ' ')}: ${cause.kind === 'ddl' ? cause.statement : cause.summary}`);
     for (const ruled of incident.ruled_out) this.say(`  ruled out: ${ruled.summary}`);
-    for (const victim of incident.victims) this.say(`  victim (slowed by it, no plan change of its own): ${victim.query.slice(0, 60)}`);
+    for (const victim of incident.victims)
+      this.say(`  victim (slowed by it, no plan change of its own): ${victim.query.slice(0, 60)}`);
     const others = (await this.api<Incident[]>('/api/incidents?status=active')).length - 1;
     this.say(`  one incident for one cause${others > 0 ? ` (and ${others} other)` : ''}: the hot lookup is its root.`);
 
     const rule = await this.waitFor('the mitigation policy to shed the shape', async () => {
-      const rules = await this.api<{ id: string; fingerprint: string; created_by: string; max_concurrent: number }[]>('/api/rules');
+      const rules =
+        await this.api<{ id: string; fingerprint: string; created_by: string; max_concurrent: number }[]>('/api/rules');
       return rules.find((r) => r.fingerprint === hot.fingerprint && r.created_by === 'policy');
     });
     const mitigatedS = (Date.now() - migratedAt) / 1000;
-    this.say(`MITIGATED ${mitigatedS.toFixed(1)} s after the migration: rule ${rule.id} sheds the shape to ${rule.max_concurrent} concurrent execution(s).`);
+    this.say(
+      `MITIGATED ${mitigatedS.toFixed(1)} s after the migration: rule ${rule.id} sheds the shape to ${rule.max_concurrent} concurrent execution(s).`,
+    );
     this.say(`  (by hand it would be one command: pgwarden rules shed ${hot.fingerprint} --max-concurrent 1)`);
     await this.pause(6000, () =>
       this.say(
@@ -156,7 +193,9 @@ class Demo {
       ),
     );
 
-    this.say('Reverting the migration: CREATE UNIQUE INDEX users_email_idx ON users (email); DROP INDEX users_name_idx;');
+    this.say(
+      'Reverting the migration: CREATE UNIQUE INDEX users_email_idx ON users (email); DROP INDEX users_name_idx;',
+    );
     const revertedAt = Date.now();
     await this.direct('create unique index users_email_idx on users (email); drop index users_name_idx');
     await this.waitFor('the shape to recover and the rule to be lifted', async (progress) => {
@@ -168,9 +207,13 @@ class Demo {
     const recoveredS = (Date.now() - revertedAt) / 1000;
     this.say(`RECOVERED ${recoveredS.toFixed(1)} s after the revert: incident resolved, rule ${rule.id} lifted.`);
     const resolved = await this.api<Incident>(`/api/incidents/${incident.id}`);
-    this.say(`  the record keeps the worst: p95 ${resolved.baseline.p95_ms} ms at baseline, ${resolved.peak.p95_ms} ms at its peak`);
+    this.say(
+      `  the record keeps the worst: p95 ${resolved.baseline.p95_ms} ms at baseline, ${resolved.peak.p95_ms} ms at its peak`,
+    );
     if (resolved.resolution) this.say(`  resolution: ${resolved.resolution.summary}`);
-    this.say(`  postmortem: pgwarden incidents postmortem ${incident.id} (or GET /api/incidents/${incident.id}/postmortem)`);
+    this.say(
+      `  postmortem: pgwarden incidents postmortem ${incident.id} (or GET /api/incidents/${incident.id}/postmortem)`,
+    );
     this.say('Summary:');
     this.say(`  migration -> detected:   ${detectedS.toFixed(1)} s`);
     this.say(`  migration -> attributed: ${attributedS.toFixed(1)} s`);
@@ -212,20 +255,38 @@ class Demo {
     // Default detector settings: a baseline forms from the hot lookup's calls within seconds.
     const args = [
       ...(fromSources ? ['--import', 'tsx'] : []),
-      entry, 'start',
-      '--listen', `127.0.0.1:${this.proxyPort}`,
-      '--upstream', `127.0.0.1:${db.port}`,
-      '--admin', `127.0.0.1:${this.adminPort}`,
-      '--monitor-url', db.url(),
-      '--mitigation', 'enforce',
-      '--mitigation-queue-timeout-ms', '20',
+      entry,
+      'start',
+      '--listen',
+      `127.0.0.1:${this.proxyPort}`,
+      '--upstream',
+      `127.0.0.1:${db.port}`,
+      '--admin',
+      `127.0.0.1:${this.adminPort}`,
+      '--monitor-url',
+      db.url(),
+      '--mitigation',
+      'enforce',
+      '--mitigation-queue-timeout-ms',
+      '20',
       // The hot lookup is most of this small shop's traffic: let the policy's budget cover it.
-      '--mitigation-max-traffic-share', '1',
-      '--state-file', path.join(this.dir, 'state.json'),
-      '--log-level', 'warn',
+      '--mitigation-max-traffic-share',
+      '1',
+      '--state-file',
+      path.join(this.dir, 'state.json'),
+      '--log-level',
+      'warn',
     ];
-    this.pgwarden = spawn(process.execPath, args, { stdio: ['ignore', log, log], env: { ...process.env, PGWARDEN_ADMIN_TOKEN: this.token } });
-    await this.waitFor('pgwarden to start', async () => ((await fetch(`http://127.0.0.1:${this.adminPort}/healthz`).catch(() => null))?.ok ? true : undefined), 20_000);
+    this.pgwarden = spawn(process.execPath, args, {
+      stdio: ['ignore', log, log],
+      env: { ...process.env, PGWARDEN_ADMIN_TOKEN: this.token },
+    });
+    await this.waitFor(
+      'pgwarden to start',
+      async () =>
+        (await fetch(`http://127.0.0.1:${this.adminPort}/healthz`).catch(() => null))?.ok ? true : undefined,
+      20_000,
+    );
   }
 
   private async startWorkload(): Promise<void> {
@@ -235,12 +296,33 @@ class Demo {
       { text: () => [HOT, [email()]], pauseMs: 0 },
       { text: () => [HOT, [email()]], pauseMs: 0 },
       { text: () => [HOT, [email()]], pauseMs: 0 },
-      { text: () => ['select email, created_at from users where id = $1', [1 + Math.floor(Math.random() * USERS)]], pauseMs: 2 },
-      { text: () => ['insert into orders (user_id, total) values ($1, $2)', [1 + Math.floor(Math.random() * USERS), (Math.random() * 100).toFixed(2)]], pauseMs: 20 },
-      { text: () => ["select date_trunc('minute', created_at) as m, count(*), sum(total) from orders group by 1 order by 1 desc limit 10", []], pauseMs: 500 },
+      {
+        text: () => ['select email, created_at from users where id = $1', [1 + Math.floor(Math.random() * USERS)]],
+        pauseMs: 2,
+      },
+      {
+        text: () => [
+          'insert into orders (user_id, total) values ($1, $2)',
+          [1 + Math.floor(Math.random() * USERS), (Math.random() * 100).toFixed(2)],
+        ],
+        pauseMs: 20,
+      },
+      {
+        text: () => [
+          "select date_trunc('minute', created_at) as m, count(*), sum(total) from orders group by 1 order by 1 desc limit 10",
+          [],
+        ],
+        pauseMs: 500,
+      },
     ];
     for (const [index, stream] of streams.entries()) {
-      const client = new pg.Client({ host: '127.0.0.1', port: this.proxyPort, user: 'postgres', database: 'postgres', application_name: 'shop-web' });
+      const client = new pg.Client({
+        host: '127.0.0.1',
+        port: this.proxyPort,
+        user: 'postgres',
+        database: 'postgres',
+        application_name: 'shop-web',
+      });
       client.on('error', () => undefined);
       await client.connect();
       this.clients.push(client);
@@ -270,7 +352,10 @@ class Demo {
   /** p95 of a stream's calls over the last 3 s, as its client saw them. */
   private recentP95(stream: number): number {
     const since = Date.now() - 3000;
-    const ms = this.samples[stream].filter((s) => s.at >= since).map((s) => s.ms).sort((a, b) => a - b);
+    const ms = this.samples[stream]
+      .filter((s) => s.at >= since)
+      .map((s) => s.ms)
+      .sort((a, b) => a - b);
     return ms.length ? ms[Math.min(ms.length - 1, Math.ceil(ms.length * 0.95) - 1)] : NaN;
   }
 
@@ -285,7 +370,9 @@ class Demo {
   }
 
   private async api<T>(route: string): Promise<T> {
-    const response = await fetch(`http://127.0.0.1:${this.adminPort}${route}`, { headers: { Authorization: `Bearer ${this.token}` } });
+    const response = await fetch(`http://127.0.0.1:${this.adminPort}${route}`, {
+      headers: { Authorization: `Bearer ${this.token}` },
+    });
     if (!response.ok) throw new Error(`${route}: HTTP ${response.status}`);
     return (await response.json()) as T;
   }
@@ -294,7 +381,11 @@ class Demo {
    * Polls `check` until it returns a value. Its progress lines are shown at most
    * every 3 s, so the terminal is never silent for long nor flooded.
    */
-  private async waitFor<T>(what: string, check: (progress: (line: string) => void) => Promise<T | undefined>, deadlineMs = STEP_DEADLINE_MS): Promise<T> {
+  private async waitFor<T>(
+    what: string,
+    check: (progress: (line: string) => void) => Promise<T | undefined>,
+    deadlineMs = STEP_DEADLINE_MS,
+  ): Promise<T> {
     const end = Date.now() + deadlineMs;
     let lastSaid = 0;
     const progress = (line: string) => {
@@ -305,7 +396,10 @@ class Demo {
     for (;;) {
       const value = await check(progress).catch(() => undefined);
       if (value !== undefined) return value;
-      if (Date.now() > end) throw new Error(`timed out after ${deadlineMs / 1000} s waiting for ${what} (pgwarden's log: ${path.join(this.dir, 'pgwarden.log')})`);
+      if (Date.now() > end)
+        throw new Error(
+          `timed out after ${deadlineMs / 1000} s waiting for ${what} (pgwarden's log: ${path.join(this.dir, 'pgwarden.log')})`,
+        );
       progress(`waiting for ${what}...`);
       await new Promise((r) => setTimeout(r, 250));
     }

@@ -52,7 +52,10 @@ export class FleetPublisher {
       this.failing = false;
     } catch (err) {
       // Once per outage at warn: the control database's own log says the rest.
-      this.options.log[this.failing ? 'debug' : 'warn']({ err }, 'shape summaries not published: control database unreachable');
+      this.options.log[this.failing ? 'debug' : 'warn'](
+        { err },
+        'shape summaries not published: control database unreachable',
+      );
       this.failing = true;
     }
   }
@@ -60,7 +63,8 @@ export class FleetPublisher {
   /** The merged shapes of every live instance. */
   async fleet(): Promise<FleetShape[]> {
     const { shapes, skipped } = mergeFleet(await this.options.control.fleetShapes(this.expireS));
-    if (skipped > 0) this.options.log.warn({ skipped }, 'control database: skipped shape summaries that could not be read');
+    if (skipped > 0)
+      this.options.log.warn({ skipped }, 'control database: skipped shape summaries that could not be read');
     return shapes;
   }
 }

@@ -26,7 +26,11 @@ const OPTIONS = {
 } as const;
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
-export async function runIncidents(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
+export async function runIncidents(
+  args: string[],
+  out: Output = process.stdout,
+  err: Output = process.stderr,
+): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
@@ -49,7 +53,11 @@ export async function runIncidents(args: string[], out: Output = process.stdout,
   try {
     switch (verb) {
       case 'list': {
-        const query = new URLSearchParams({ status: values.status ?? 'all', limit: values.limit ?? '20', offset: values.offset ?? '0' });
+        const query = new URLSearchParams({
+          status: values.status ?? 'all',
+          limit: values.limit ?? '20',
+          offset: values.offset ?? '0',
+        });
         const response = await api.request('GET', `/api/incidents?${query}`);
         if (response.status !== 200) return failed(err, response);
         const incidents = response.body as Incident[];
@@ -96,7 +104,10 @@ function showText(i: Incident): string {
     `  impact: ${i.impact.shapes} shape(s), ${Math.round(i.impact.share_of_calls * 100)}% of calls; applications ${i.impact.applications.join(', ') || '-'}; users ${i.impact.users.join(', ') || '-'}`,
     ...i.causes.map((c) => `  cause: ${c.kind}: ${c.summary}`),
     ...i.ruled_out.map((r) => `  ruled out: ${r.summary}`),
-    ...i.victims.map((v) => `  victim: ${v.fingerprint} (${Math.round(v.share_of_calls * 100)}% of calls) p95 ${v.baseline_p95_ms} -> ${v.peak_p95_ms} ms: ${v.query}`),
+    ...i.victims.map(
+      (v) =>
+        `  victim: ${v.fingerprint} (${Math.round(v.share_of_calls * 100)}% of calls) p95 ${v.baseline_p95_ms} -> ${v.peak_p95_ms} ms: ${v.query}`,
+    ),
     ...(i.mitigation ? [`  mitigation: ${i.mitigation.mode}: ${i.mitigation.note}`] : []),
     ...(i.resolution ? [`  resolution: ${i.resolution.summary}`] : []),
   ];

@@ -69,7 +69,10 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 async function start(args: string[]): Promise<number> {
-  const flagOptions: Record<string, { type: 'string' | 'boolean' }> = { config: { type: 'string' }, help: { type: 'boolean' } };
+  const flagOptions: Record<string, { type: 'string' | 'boolean' }> = {
+    config: { type: 'string' },
+    help: { type: 'boolean' },
+  };
   for (const key of optionKeys) flagOptions[flagName(key)] = { type: 'string' };
   let values: Record<string, string | boolean | undefined>;
   try {

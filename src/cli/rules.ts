@@ -54,7 +54,11 @@ interface RuleJson {
 }
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
-export async function runRules(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
+export async function runRules(
+  args: string[],
+  out: Output = process.stdout,
+  err: Output = process.stderr,
+): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
@@ -81,7 +85,11 @@ export async function runRules(args: string[], out: Output = process.stdout, err
         const rules = body as RuleJson[];
         if (values.json) out.write(`${JSON.stringify(rules, null, 2)}\n`);
         else if (rules.length === 0) out.write('no rules\n');
-        else for (const r of rules) out.write(`${r.id}  ${r.action.padEnd(7)}  ${r.fingerprint}  ${detail(r)}  by ${r.created_by}${r.expires_at ? ` until ${r.expires_at}` : ''}  applied ${r.applied ?? 0}${r.seen === false ? '  (shape never seen here)' : ''}  -- ${r.reason}\n`);
+        else
+          for (const r of rules)
+            out.write(
+              `${r.id}  ${r.action.padEnd(7)}  ${r.fingerprint}  ${detail(r)}  by ${r.created_by}${r.expires_at ? ` until ${r.expires_at}` : ''}  applied ${r.applied ?? 0}${r.seen === false ? '  (shape never seen here)' : ''}  -- ${r.reason}\n`,
+            );
         return 0;
       }
       case 'block':
@@ -94,7 +102,8 @@ export async function runRules(args: string[], out: Output = process.stdout, err
         const number = (flag: string, value: string | undefined) => {
           if (value === undefined) return undefined;
           const n = Number(value);
-          if (!Number.isInteger(n) || n < 0) throw new UsageError(`--${flag} must be a non-negative integer, got '${value}'`);
+          if (!Number.isInteger(n) || n < 0)
+            throw new UsageError(`--${flag} must be a non-negative integer, got '${value}'`);
           return n;
         };
         const rule = {
@@ -115,7 +124,9 @@ export async function runRules(args: string[], out: Output = process.stdout, err
         if (response.status !== 201) return failed(err, response);
         const body = response.body;
         const r = body as RuleJson;
-        out.write(`${r.id}  ${r.action} ${r.fingerprint} ${detail(r)}${r.expires_at ? ` until ${r.expires_at}` : ''}\nlift it with: pgwarden rules delete ${r.id}\n`);
+        out.write(
+          `${r.id}  ${r.action} ${r.fingerprint} ${detail(r)}${r.expires_at ? ` until ${r.expires_at}` : ''}\nlift it with: pgwarden rules delete ${r.id}\n`,
+        );
         for (const warning of r.warnings ?? []) err.write(`pgwarden rules: warning: ${warning}\n`);
         return 0;
       }
@@ -124,7 +135,10 @@ export async function runRules(args: string[], out: Output = process.stdout, err
           err.write('pgwarden rules delete: which rule? Give its RULE_ID (see pgwarden rules list)\n');
           return 2;
         }
-        const response = await call('DELETE', `/api/rules/${encodeURIComponent(target)}?by=${encodeURIComponent(os.userInfo().username)}`);
+        const response = await call(
+          'DELETE',
+          `/api/rules/${encodeURIComponent(target)}?by=${encodeURIComponent(os.userInfo().username)}`,
+        );
         if (response.status !== 200) return failed(err, response);
         out.write(`rule ${target} lifted\n`);
         return 0;

@@ -37,7 +37,11 @@ interface SessionJson {
 }
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
-export async function runSessions(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
+export async function runSessions(
+  args: string[],
+  out: Output = process.stdout,
+  err: Output = process.stderr,
+): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
@@ -51,8 +55,14 @@ export async function runSessions(args: string[], out: Output = process.stdout, 
     out.write(SESSIONS_USAGE);
     return 0;
   }
-  if (!['list', 'cancel', 'terminate'].includes(verb) || extra !== undefined || (verb === 'list') !== (id === undefined)) {
-    err.write(`pgwarden sessions: ${verb === 'list' || !['cancel', 'terminate'].includes(verb) ? `unexpected '${positionals.join(' ')}'` : `${verb} which session? Give its ID (see pgwarden sessions)`}\n${SESSIONS_USAGE}`);
+  if (
+    !['list', 'cancel', 'terminate'].includes(verb) ||
+    extra !== undefined ||
+    (verb === 'list') !== (id === undefined)
+  ) {
+    err.write(
+      `pgwarden sessions: ${verb === 'list' || !['cancel', 'terminate'].includes(verb) ? `unexpected '${positionals.join(' ')}'` : `${verb} which session? Give its ID (see pgwarden sessions)`}\n${SESSIONS_USAGE}`,
+    );
     return 2;
   }
   const api = adminClient(values, 'sessions', err);
@@ -69,7 +79,8 @@ export async function runSessions(args: string[], out: Output = process.stdout, 
       else out.write(table(sessions));
       return 0;
     }
-    const path = verb === 'cancel' ? `/api/sessions/${encodeURIComponent(id)}/query` : `/api/sessions/${encodeURIComponent(id)}`;
+    const path =
+      verb === 'cancel' ? `/api/sessions/${encodeURIComponent(id)}/query` : `/api/sessions/${encodeURIComponent(id)}`;
     const response = await api.request('DELETE', path);
     if (response.status !== 200) {
       err.write(`pgwarden sessions: ${refusal(response)}\n`);
@@ -85,7 +96,9 @@ export async function runSessions(args: string[], out: Output = process.stdout, 
 
 function table(sessions: SessionJson[]): string {
   if (sessions.length === 0) return 'no sessions\n';
-  const rows = [['ID', 'CLIENT', 'USER', 'DATABASE', 'APPLICATION', 'SINCE', 'STATE', 'FOR_MS', 'SHAPE', 'IN', 'OUT', 'QUERY']];
+  const rows = [
+    ['ID', 'CLIENT', 'USER', 'DATABASE', 'APPLICATION', 'SINCE', 'STATE', 'FOR_MS', 'SHAPE', 'IN', 'OUT', 'QUERY'],
+  ];
   for (const s of sessions) {
     const st = s.statement;
     rows.push([
@@ -104,5 +117,8 @@ function table(sessions: SessionJson[]): string {
     ]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-  return rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]))).join('  ')).join('\n') + '\n';
+  return (
+    rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]))).join('  ')).join('\n') +
+    '\n'
+  );
 }

@@ -19,7 +19,9 @@ export async function runStart(config: Config, sources: ConfigSources = {}): Pro
   const workers = config.workers === 0 ? os.availableParallelism() : config.workers;
   if (workers > 1 && cluster.isPrimary) return runPrimary(config, workers, sources, log);
   // A worker relays and reports to the primary, which owns statistics and the admin API.
-  const role = cluster.isWorker ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock, log }) } : undefined;
+  const role = cluster.isWorker
+    ? { role: 'worker' as const, link: new WorkerLink({ clock: systemClock, log }) }
+    : undefined;
   const cancelKeys = cluster.isWorker ? workerCancelKeys(() => app.proxy) : undefined;
   const app = await startApp(config, log, { cluster: role, cancelKeys });
   logReady(config, app, log);
@@ -39,11 +41,17 @@ function logReady(config: Config, app: App, log: Logger): void {
   const listen = `${hostForUrl(parseHostPort(config.listen).host)}:${app.proxyPort}`;
   const fields = { version: VERSION, listen, upstream: config.upstream, worker: cluster.worker?.id };
   if (app.adminPort === null) {
-    log.info(fields, `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the primary serves the admin API)`);
+    log.info(
+      fields,
+      `pgwarden proxy listening on ${listen} (worker ${cluster.worker?.id ?? 1}; the primary serves the admin API)`,
+    );
     return;
   }
   const dashboard = dashboardUrl(config, app);
-  log.info({ ...fields, admin: app.adminPort, dashboard }, `pgwarden proxy listening on ${listen}; dashboard at ${dashboard}`);
+  log.info(
+    { ...fields, admin: app.adminPort, dashboard },
+    `pgwarden proxy listening on ${listen}; dashboard at ${dashboard}`,
+  );
 }
 
 /** The dashboard's address; the token goes into it only when the operator opted in: logs are often shipped elsewhere. */
@@ -60,15 +68,25 @@ async function reload(app: App, sources: ConfigSources, log: Logger): Promise<vo
   try {
     next = loadConfig(sources);
   } catch (err) {
-    log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+    log.error(
+      { reason: (err as Error).message },
+      `configuration reload refused, the running configuration stays: ${(err as Error).message}`,
+    );
     return;
   }
   try {
     const { applied, needsRestart } = await app.reload(next);
-    log.info({ applied, needs_restart: needsRestart }, `configuration reloaded${applied.length ? `: ${applied.join(', ')} changed` : ': no change'}`);
-    if (needsRestart.length) log.warn({ keys: needsRestart }, `changed but only applied by a restart: ${needsRestart.join(', ')}`);
+    log.info(
+      { applied, needs_restart: needsRestart },
+      `configuration reloaded${applied.length ? `: ${applied.join(', ')} changed` : ': no change'}`,
+    );
+    if (needsRestart.length)
+      log.warn({ keys: needsRestart }, `changed but only applied by a restart: ${needsRestart.join(', ')}`);
   } catch (err) {
-    log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+    log.error(
+      { reason: (err as Error).message },
+      `configuration reload refused, the running configuration stays: ${(err as Error).message}`,
+    );
   }
 }
 
@@ -89,7 +107,8 @@ function workerCancelKeys(proxy: () => ProxyServer): CancelKeyDirectory {
     if (process.connected) process.send?.({ pgwarden: kind, pid, key: key.toString('hex') } satisfies CancelMessage);
   };
   process.on('message', (message: unknown) => {
-    if (isCancelMessage(message) && message.pgwarden === 'cancel') proxy().cancelLocal(message.pid, Buffer.from(message.key, 'hex'));
+    if (isCancelMessage(message) && message.pgwarden === 'cancel')
+      proxy().cancelLocal(message.pid, Buffer.from(message.key, 'hex'));
   });
   return {
     handedOut: (pid, key) => send('cancel-key', pid, key),
@@ -164,7 +183,10 @@ async function runPrimary(config: Config, count: number, sources: ConfigSources,
       try {
         loadConfig(sources);
       } catch (err) {
-        log.error({ reason: (err as Error).message }, `configuration reload refused, the running configuration stays: ${(err as Error).message}`);
+        log.error(
+          { reason: (err as Error).message },
+          `configuration reload refused, the running configuration stays: ${(err as Error).message}`,
+        );
         return;
       }
       await reload(app, sources, log);
@@ -190,7 +212,10 @@ function onSignals(log: Logger, handlers: SignalHandlers): void {
   let reloading: Promise<void> | null = null;
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     process.on(signal, () => {
-      log.info({ signal }, shuttingDown ? `received ${signal}: already shutting down` : `received ${signal}: shutting down`);
+      log.info(
+        { signal },
+        shuttingDown ? `received ${signal}: already shutting down` : `received ${signal}: shutting down`,
+      );
       if (shuttingDown) return;
       shuttingDown = true;
       void handlers.shutdown(signal);
@@ -200,7 +225,9 @@ function onSignals(log: Logger, handlers: SignalHandlers): void {
     log.info({ signal: 'SIGHUP' }, 'received SIGHUP: reloading the configuration');
     if (shuttingDown) return;
     // Reloads run one at a time; a SIGHUP during one runs after it.
-    reloading = (reloading ?? Promise.resolve()).then(() => handlers.reload()).catch((err: Error) => log.error({ err }, 'reload failed'));
+    reloading = (reloading ?? Promise.resolve())
+      .then(() => handlers.reload())
+      .catch((err: Error) => log.error({ err }, 'reload failed'));
   });
   process.on('SIGUSR2', () => log.info({ signal: 'SIGUSR2' }, 'received SIGUSR2: ignored'));
 }

@@ -73,7 +73,9 @@ interface RulesRequest {
   readonly type: 'pgwarden:rules-request';
 }
 
-export type ClusterRole = { readonly role: 'primary'; readonly hub: WorkerHub } | { readonly role: 'worker'; readonly link: WorkerLink };
+export type ClusterRole =
+  | { readonly role: 'primary'; readonly hub: WorkerHub }
+  | { readonly role: 'worker'; readonly link: WorkerLink };
 
 const COUNTERS = ['connectionsAccepted', 'cancelRequests', 'upstreamConnectFailures', 'upstreamLost'] as const;
 
@@ -96,9 +98,7 @@ export class WorkerHub {
   private readonly departed: ProxySnapshot = emptySnapshot();
   private readonly connectTimes: number[] = [];
 
-  constructor(
-    private readonly options: { readonly workers: number; readonly log: Logger },
-  ) {
+  constructor(private readonly options: { readonly workers: number; readonly log: Logger }) {
     cluster.on('message', (worker, message: unknown) => {
       if (!isMessage(message)) return;
       if (message.type !== 'pgwarden:stats' && message.type !== 'pgwarden:rules-request') return;
@@ -106,13 +106,16 @@ export class WorkerHub {
       else this.handle(worker, message as StatsMessage | RulesRequest);
     });
     // A worker that goes away mid-send: its exit is handled below, the pipe error is not news.
-    cluster.on('fork', (worker) => worker.on('error', (err: Error) => options.log.debug({ err, worker: worker.id }, 'worker IPC error')));
+    cluster.on('fork', (worker) =>
+      worker.on('error', (err: Error) => options.log.debug({ err, worker: worker.id }, 'worker IPC error')),
+    );
     cluster.on('exit', (worker) => {
       const last = this.snapshots.get(worker.id);
       if (last === undefined) return;
       this.snapshots.delete(worker.id);
       for (const key of [...COUNTERS, 'bytesFromClient', 'bytesFromServer'] as const) this.departed[key] += last[key];
-      for (const reason of REJECT_REASONS) this.departed.rejected[reason] = (this.departed.rejected[reason] ?? 0) + (last.rejected[reason] ?? 0);
+      for (const reason of REJECT_REASONS)
+        this.departed.rejected[reason] = (this.departed.rejected[reason] ?? 0) + (last.rejected[reason] ?? 0);
     });
   }
 
@@ -129,11 +132,16 @@ export class WorkerHub {
 
   /** Sums of the live workers' last reports and the departed ones'. */
   total(): ProxySnapshot {
-    const sum: ProxySnapshot = { ...this.departed, phases: { ...this.departed.phases }, rejected: { ...this.departed.rejected } };
+    const sum: ProxySnapshot = {
+      ...this.departed,
+      phases: { ...this.departed.phases },
+      rejected: { ...this.departed.rejected },
+    };
     for (const s of this.snapshots.values()) {
       for (const key of [...COUNTERS, 'sessions', 'bytesFromClient', 'bytesFromServer'] as const) sum[key] += s[key];
       for (const phase of CONNECTION_PHASES) sum.phases[phase] += s.phases?.[phase] ?? 0;
-      for (const reason of REJECT_REASONS) sum.rejected[reason] = (sum.rejected[reason] ?? 0) + (s.rejected?.[reason] ?? 0);
+      for (const reason of REJECT_REASONS)
+        sum.rejected[reason] = (sum.rejected[reason] ?? 0) + (s.rejected?.[reason] ?? 0);
     }
     return sum;
   }
@@ -151,21 +159,32 @@ export class WorkerHub {
     }
     this.snapshots.set(worker.id, message.proxy);
     for (const ms of message.connectTimes) if (this.connectTimes.length < 10_000) this.connectTimes.push(ms);
-    for (const [id, n] of Object.entries(message.applied)) targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
+    for (const [id, n] of Object.entries(message.applied))
+      targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
     if (targets.collector === null) return;
     for (const summary of message.shapes) {
       try {
         targets.collector.ingest(summary);
       } catch (err) {
         // A listener failing on one shape (or a malformed summary) must not cost the others their counts.
-        this.options.log.error({ err, worker: worker.id, fingerprint: summary.fingerprint }, 'worker shape summary could not be merged');
+        this.options.log.error(
+          { err, worker: worker.id, fingerprint: summary.fingerprint },
+          'worker shape summary could not be merged',
+        );
       }
     }
   }
 
   private sendRules(worker: Worker, rules: readonly Rule[]): void {
-    const message: RulesMessage = { type: 'pgwarden:rules', rules: rules.map((r) => perWorker(r, this.options.workers)) };
-    if (worker.isConnected()) worker.send(message, (err: Error | null) => err && this.options.log.debug({ err, worker: worker.id }, 'rules not sent: worker gone'));
+    const message: RulesMessage = {
+      type: 'pgwarden:rules',
+      rules: rules.map((r) => perWorker(r, this.options.workers)),
+    };
+    if (worker.isConnected())
+      worker.send(
+        message,
+        (err: Error | null) => err && this.options.log.debug({ err, worker: worker.id }, 'rules not sent: worker gone'),
+      );
   }
 }
 
@@ -253,7 +272,10 @@ export class WorkerLink {
   readonly rules: RulePersistence = {
     load: () =>
       new Promise<Rule[]>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no rules from the cluster primary within ${RULES_TIMEOUT_MS} ms`)), RULES_TIMEOUT_MS);
+        const timer = setTimeout(
+          () => reject(new Error(`no rules from the cluster primary within ${RULES_TIMEOUT_MS} ms`)),
+          RULES_TIMEOUT_MS,
+        );
         this.firstRules = (rules) => {
           clearTimeout(timer);
           resolve(rules);
@@ -277,7 +299,9 @@ export class WorkerLink {
       const batcher = new SummaryBatcher(finder, { clock: this.options.clock, everyExecutionOf: DDL_COMMANDS });
       this.batcher = batcher;
       // Summarized after the relay's writes of each turn, like the collector in one process.
-      this.queue = new CompletionQueue(batcher.observe, (err) => this.options.log?.error({ err }, 'summarizing a statement failed'));
+      this.queue = new CompletionQueue(batcher.observe, (err) =>
+        this.options.log?.error({ err }, 'summarizing a statement failed'),
+      );
       proxy.onQueryComplete(this.queue.observe);
     }
     this.timer = setInterval(() => this.report(), REPORT_MS);

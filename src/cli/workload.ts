@@ -24,7 +24,11 @@ const OPTIONS = {
 } as const;
 
 /** Runs the subcommand; returns the exit code (0 done, 1 refused by pgwarden, 2 usage or connection). */
-export async function runWorkload(args: string[], out: Output = process.stdout, err: Output = process.stderr): Promise<number> {
+export async function runWorkload(
+  args: string[],
+  out: Output = process.stdout,
+  err: Output = process.stderr,
+): Promise<number> {
   let parsed;
   try {
     parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
@@ -68,7 +72,9 @@ export async function runWorkload(args: string[], out: Output = process.stdout, 
     fs.renameSync(temporary, values.output);
   } catch (e) {
     fs.rmSync(temporary, { force: true });
-    err.write(`pgwarden workload: cannot write ${values.output}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}\n`);
+    err.write(
+      `pgwarden workload: cannot write ${values.output}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}\n`,
+    );
     return 2;
   }
   const shapes = (body as { shapes?: unknown[] }).shapes?.length ?? 0;

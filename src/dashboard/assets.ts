@@ -47,14 +47,27 @@ const CONTENT_SECURITY_POLICY = [
   "frame-ancestors 'none'",
 ].join('; ');
 
-const PUBLIC_FILES = ['index.html', 'app.js', 'api.js', 'dom.js', 'views.js', 'chart.js', 'modal.js', 'style.css', 'favicon.svg'];
+const PUBLIC_FILES = [
+  'index.html',
+  'app.js',
+  'api.js',
+  'dom.js',
+  'views.js',
+  'chart.js',
+  'modal.js',
+  'style.css',
+  'favicon.svg',
+];
 
 /** Where the browser app's files are: next to this module, else in the package's src/ (tsc run without the copy step). */
 function publicDir(): string {
   const here = path.dirname(fileURLToPath(import.meta.url));
   const candidates = [path.join(here, 'public'), path.resolve(here, '../../src/dashboard/public')];
   const found = candidates.find((dir) => fs.existsSync(path.join(dir, 'index.html')));
-  if (!found) throw new Error(`dashboard files not found (looked in ${candidates.join(', ')}); run \`npm run build\`, which copies src/dashboard/public`);
+  if (!found)
+    throw new Error(
+      `dashboard files not found (looked in ${candidates.join(', ')}); run \`npm run build\`, which copies src/dashboard/public`,
+    );
   return found;
 }
 
@@ -86,7 +99,8 @@ export function loadDashboard(): DashboardFiles {
   files.set('/', index);
   files.set('/index.html', index);
   const revalidate = { 'Cache-Control': 'no-cache' };
-  for (const name of PUBLIC_FILES.filter((n) => n !== 'index.html')) files.set(`/assets/${name}`, file(path.join(dir, name), revalidate));
+  for (const name of PUBLIC_FILES.filter((n) => n !== 'index.html'))
+    files.set(`/assets/${name}`, file(path.join(dir, name), revalidate));
   files.set('/assets/uPlot.iife.min.js', file(path.join(uplot, 'dist/uPlot.iife.min.js'), revalidate));
   files.set('/assets/uPlot.min.css', file(path.join(uplot, 'dist/uPlot.min.css'), revalidate));
   return { get: (pathname) => files.get(pathname) };

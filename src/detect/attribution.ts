@@ -49,20 +49,42 @@ export function causeOf(e: TimelineEvent, onset: number, relevant: boolean): Cau
     objects: [...(e.objects ?? [])],
   };
   if (e.type === 'plan_change') {
-    return { ...base, kind: 'plan_change', type: 'plan_change', diff: { headline: e.summary, ...e.details, removed: [...(e.details?.removed ?? [])], added: [...(e.details?.added ?? [])] } };
+    return {
+      ...base,
+      kind: 'plan_change',
+      type: 'plan_change',
+      diff: {
+        headline: e.summary,
+        ...e.details,
+        removed: [...(e.details?.removed ?? [])],
+        added: [...(e.details?.added ?? [])],
+      },
+    };
   }
   if (e.type === 'ddl') return { ...base, kind: 'ddl', type: 'ddl', statement: e.details?.statement ?? e.summary };
-  return { ...base, kind: 'schema_change', type: 'schema_change', between: { from: new Date(interval.from).toISOString(), to: new Date(interval.to).toISOString() } };
+  return {
+    ...base,
+    kind: 'schema_change',
+    type: 'schema_change',
+    between: { from: new Date(interval.from).toISOString(), to: new Date(interval.to).toISOString() },
+  };
 }
 
 /**
  * Plan and schema causes of an incident from the timeline, as known at `until`.
  * `root` null (database-wide): schema changes near the onset only, none relevant.
  */
-export function timelineCauses(events: EventLog, plans: PlanKnowledge | null, root: string | null, onset: number, until: number): Cause[] {
+export function timelineCauses(
+  events: EventLog,
+  plans: PlanKnowledge | null,
+  root: string | null,
+  onset: number,
+  until: number,
+): Cause[] {
   const from = onset - CAUSE_LOOKBACK_MS;
   const schemaEvents = events.between(from, until, ['ddl', 'schema_change']);
-  if (root === null) return schemaEvents.filter((e) => whenOf(e).to >= onset - NEARBY_MS).map((e) => causeOf(e, onset, false));
+  if (root === null)
+    return schemaEvents.filter((e) => whenOf(e).to >= onset - NEARBY_MS).map((e) => causeOf(e, onset, false));
   const planEvents = events.between(from, until, ['plan_change']).filter((e) => e.fingerprint === root);
   const objects = new Set<string>(plans?.objects(root) ?? []);
   for (const e of planEvents) for (const o of e.objects ?? []) objects.add(o);
@@ -130,7 +152,11 @@ export function summaryOf(incident: Incident): string {
   if (plan) summary += `, plan changed ${plan.summary}`;
   const lead = leadingCause(incident.causes);
   if (lead) summary += `; cause: ${lead.summary}`;
-  else if (other) summary += other.kind === 'schema_change' || Math.round(other.seconds_before_onset) < 0 ? `; ${causePhrase(other, onset)}` : `, ${causePhrase(other, onset)}`;
+  else if (other)
+    summary +=
+      other.kind === 'schema_change' || Math.round(other.seconds_before_onset) < 0
+        ? `; ${causePhrase(other, onset)}`
+        : `, ${causePhrase(other, onset)}`;
   if (incident.kind === 'shape' && incident.victims.length > 0) {
     summary += `; ${incident.victims.length} other shape${incident.victims.length === 1 ? '' : 's'} slowed with it (${pct(incident.impact.share_of_calls)} of calls affected)`;
   }

@@ -7,7 +7,7 @@
 // changes); locks.ts and saturation.ts hold those sampled from pg_stat_activity.
 
 import type { Cause, CauseContext, CauseProvider } from './record.ts';
-import type { EventLog, TimelineEvent } from '../events/timeline.ts';
+import type { EventLog } from '../events/timeline.ts';
 
 export type { CauseContext, CauseProvider } from './record.ts';
 
@@ -44,20 +44,25 @@ export class TimelineCauses implements CauseProvider {
     const complete = lastPlanChange <= this.watchedUntil();
     const touching = this.events
       .between(from, context.now, ['setting_change', 'statistics_change'])
-      .filter((e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())));
+      .filter(
+        (e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())),
+      );
     for (const e of this.events.between(from, context.now, ['setting_change', 'statistics_change'])) {
       const planAfter = context.planChanges.find((p) => p.at >= e.at);
       const touches = touching.includes(e);
       // The plan reacted to the latest change before it, not to every earlier one.
-      const superseded = planAfter !== undefined && touching.some((other) => other.at > e.at && other.at <= planAfter.at);
+      const superseded =
+        planAfter !== undefined && touching.some((other) => other.at > e.at && other.at <= planAfter.at);
       const decisive = planAfter !== undefined && touches && !superseded && complete;
       const nearby = e.at >= context.onset - NEARBY_MS && e.at <= context.onset + 30_000;
       if (!decisive && !(touches && nearby)) continue;
       let summary = e.type === 'setting_change' ? `setting changed: ${e.summary}` : `statistics changed: ${e.summary}`;
-      if (planAfter && decisive) summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later`;
+      if (planAfter && decisive)
+        summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later`;
       const details = planAfter?.type === 'plan_change' ? planAfter.details : undefined;
       // New statistics act through the planner's estimates: show them moving.
-      if (planAfter && e.type === 'statistics_change' && details?.estimates_before) summary += `; estimates: ${details.estimates_before} -> ${details.estimates_after}`;
+      if (planAfter && e.type === 'statistics_change' && details?.estimates_before)
+        summary += `; estimates: ${details.estimates_before} -> ${details.estimates_after}`;
       out.push({
         kind: e.type as 'setting_change' | 'statistics_change',
         type: e.type as 'setting_change' | 'statistics_change',
@@ -71,7 +76,13 @@ export class TimelineCauses implements CauseProvider {
         evidence: {
           ...(e.details ?? {}),
           ...(planAfter
-            ? { plan_change_event: planAfter.id, plan_before: details?.before, plan_after: details?.after, estimates_before: details?.estimates_before, estimates_after: details?.estimates_after }
+            ? {
+                plan_change_event: planAfter.id,
+                plan_before: details?.before,
+                plan_after: details?.after,
+                estimates_before: details?.estimates_before,
+                estimates_after: details?.estimates_after,
+              }
             : {}),
         },
       });
@@ -92,7 +103,9 @@ export function leadingCause(causes: readonly Cause[]): Cause | undefined {
     .sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
   if (changes.length > 0) {
     const latest = Date.parse(changes[0].at);
-    const ddlAfter = causes.some((c) => (c.type === 'ddl' || c.type === 'schema_change') && c.relevant && Date.parse(c.at) > latest);
+    const ddlAfter = causes.some(
+      (c) => (c.type === 'ddl' || c.type === 'schema_change') && c.relevant && Date.parse(c.at) > latest,
+    );
     return ddlAfter ? undefined : changes[0];
   }
   return causes.find((c) => c.conclusive && (c.type === 'lock_wait' || c.type === 'saturation'));

@@ -46,7 +46,8 @@ export function ddlChangesOf(text: string): DdlChange[] {
     const start = raw.stmt_location ?? 0;
     const piece = bytes.toString('utf8', start, raw.stmt_len ? start + raw.stmt_len : bytes.length).trim();
     const details = { ...found.details };
-    if (found.index !== undefined) details.columns = indexColumns(piece, found.index.relationLocation - start, found.index.fallback);
+    if (found.index !== undefined)
+      details.columns = indexColumns(piece, found.index.relationLocation - start, found.index.fallback);
     changes.push({ command: found.command, objects: unique(found.objects), statement: normalize(piece), details });
   }
   return changes;
@@ -77,7 +78,12 @@ function describe(node: Node): Described | null {
     const s = node.CreateTableAsStmt;
     const rel = s.into?.rel;
     if (isTemporary(rel)) return null;
-    const command = s.objtype === 'OBJECT_MATVIEW' ? 'CREATE MATERIALIZED VIEW' : s.is_select_into ? 'SELECT INTO' : 'CREATE TABLE AS';
+    const command =
+      s.objtype === 'OBJECT_MATVIEW'
+        ? 'CREATE MATERIALIZED VIEW'
+        : s.is_select_into
+          ? 'SELECT INTO'
+          : 'CREATE TABLE AS';
     return { command, objects: names([rel]), details: { relation: qualified(rel) } };
   }
   if ('SelectStmt' in node) {
@@ -88,7 +94,11 @@ function describe(node: Node): Described | null {
   if ('ViewStmt' in node) {
     const s = node.ViewStmt;
     if (isTemporary(s.view)) return null;
-    return { command: 'CREATE VIEW', objects: names([s.view]), details: { relation: qualified(s.view), replace: s.replace === true } };
+    return {
+      command: 'CREATE VIEW',
+      objects: names([s.view]),
+      details: { relation: qualified(s.view), replace: s.replace === true },
+    };
   }
   if ('IndexStmt' in node) {
     const s = node.IndexStmt;
@@ -117,21 +127,35 @@ function describe(node: Node): Described | null {
       subcommands.push(subcommandText(cmd.subtype ?? '', cmd.name, cmd.def));
       objects.push(...alterTouches(cmd.subtype ?? '', cmd.name, cmd.def));
     }
-    return { command: `ALTER ${objectWord(s.objtype ?? 'OBJECT_TABLE')}`, objects, details: { relation: qualified(s.relation), subcommands } };
+    return {
+      command: `ALTER ${objectWord(s.objtype ?? 'OBJECT_TABLE')}`,
+      objects,
+      details: { relation: qualified(s.relation), subcommands },
+    };
   }
   if ('RenameStmt' in node) {
     const s = node.RenameStmt;
     const type = s.renameType ?? 'OBJECT_TABLE';
-    const details: Record<string, unknown> = { rename: objectWord(type).toLowerCase(), from: s.subname ?? null, to: s.newname ?? null };
+    const details: Record<string, unknown> = {
+      rename: objectWord(type).toLowerCase(),
+      from: s.subname ?? null,
+      to: s.newname ?? null,
+    };
     if (s.relation) details.relation = qualified(s.relation);
     let objects: string[];
     let command: string;
     if (type === 'OBJECT_COLUMN' || type === 'OBJECT_TABCONSTRAINT') {
       // relationType is only filled in for columns (TABLE, VIEW...); elsewhere it reads as the enum's zero.
-      const owner = type === 'OBJECT_COLUMN' && s.relationType && RELATION_TYPES.has(s.relationType) ? s.relationType : 'OBJECT_TABLE';
+      const owner =
+        type === 'OBJECT_COLUMN' && s.relationType && RELATION_TYPES.has(s.relationType)
+          ? s.relationType
+          : 'OBJECT_TABLE';
       command = `ALTER ${objectWord(owner)}`;
       // A primary key or unique constraint shares its name with its index.
-      objects = [...names([s.relation]), ...(type === 'OBJECT_TABCONSTRAINT' ? [s.subname ?? '', s.newname ?? ''] : [])];
+      objects = [
+        ...names([s.relation]),
+        ...(type === 'OBJECT_TABCONSTRAINT' ? [s.subname ?? '', s.newname ?? ''] : []),
+      ];
     } else if (RELATION_TYPES.has(type)) {
       command = `ALTER ${objectWord(type)}`;
       details.from = s.relation?.relname ?? null;
@@ -161,7 +185,11 @@ function describe(node: Node): Described | null {
     return {
       command: `DROP ${objectWord(type)}`,
       objects,
-      details: { names: dropped.map((parts) => parts.join('.')), cascade: s.behavior === 'DROP_CASCADE', concurrent: s.concurrent === true },
+      details: {
+        names: dropped.map((parts) => parts.join('.')),
+        cascade: s.behavior === 'DROP_CASCADE',
+        concurrent: s.concurrent === true,
+      },
     };
   }
   if ('TruncateStmt' in node) {
@@ -188,24 +216,44 @@ function describe(node: Node): Described | null {
   }
   if ('CreateTrigStmt' in node) {
     const s = node.CreateTrigStmt;
-    return { command: 'CREATE TRIGGER', objects: names([s.relation]), details: { name: s.trigname ?? null, relation: qualified(s.relation) } };
+    return {
+      command: 'CREATE TRIGGER',
+      objects: names([s.relation]),
+      details: { name: s.trigname ?? null, relation: qualified(s.relation) },
+    };
   }
   if ('CreatePolicyStmt' in node) {
     const s = node.CreatePolicyStmt;
-    return { command: 'CREATE POLICY', objects: names([s.table]), details: { name: s.policy_name ?? null, relation: qualified(s.table) } };
+    return {
+      command: 'CREATE POLICY',
+      objects: names([s.table]),
+      details: { name: s.policy_name ?? null, relation: qualified(s.table) },
+    };
   }
   if ('AlterPolicyStmt' in node) {
     const s = node.AlterPolicyStmt;
-    return { command: 'ALTER POLICY', objects: names([s.table]), details: { name: s.policy_name ?? null, relation: qualified(s.table) } };
+    return {
+      command: 'ALTER POLICY',
+      objects: names([s.table]),
+      details: { name: s.policy_name ?? null, relation: qualified(s.table) },
+    };
   }
   if ('RuleStmt' in node) {
     const s = node.RuleStmt;
-    return { command: 'CREATE RULE', objects: names([s.relation]), details: { name: s.rulename ?? null, relation: qualified(s.relation) } };
+    return {
+      command: 'CREATE RULE',
+      objects: names([s.relation]),
+      details: { name: s.rulename ?? null, relation: qualified(s.relation) },
+    };
   }
   if ('CreateStatsStmt' in node) {
     const s = node.CreateStatsStmt;
     const rels = rangeVars(s.relations);
-    return { command: 'CREATE STATISTICS', objects: names(rels), details: { name: strings(s.defnames).join('.'), relations: rels.map(qualified) } };
+    return {
+      command: 'CREATE STATISTICS',
+      objects: names(rels),
+      details: { name: strings(s.defnames).join('.'), relations: rels.map(qualified) },
+    };
   }
   if ('CreateFunctionStmt' in node) {
     // SQL functions are inlined into the plans that call them.
@@ -271,11 +319,17 @@ const SUBCOMMAND_WORDS: Record<string, string> = {
 /** 'ADD COLUMN x', 'ALTER COLUMN TYPE y', 'ADD CONSTRAINT fk'... for an AlterTableCmd. */
 function subcommandText(subtype: string, name: string | undefined, def: Node | undefined): string {
   // AT_DropColumn -> DROP COLUMN: the enum names follow the SQL words closely enough.
-  const words = SUBCOMMAND_WORDS[subtype] ?? subtype.replace(/^AT_/, '').replace(/([a-z])([A-Z])/g, '$1 $2').toUpperCase();
+  const words =
+    SUBCOMMAND_WORDS[subtype] ??
+    subtype
+      .replace(/^AT_/, '')
+      .replace(/([a-z])([A-Z])/g, '$1 $2')
+      .toUpperCase();
   let target = name;
   if (def !== undefined && 'ColumnDef' in def) target ??= def.ColumnDef.colname;
   if (def !== undefined && 'Constraint' in def) {
-    if (!def.Constraint.conname && subtype === 'AT_AddConstraint') return `ADD ${constraintWord(def.Constraint.contype ?? '')}`;
+    if (!def.Constraint.conname && subtype === 'AT_AddConstraint')
+      return `ADD ${constraintWord(def.Constraint.contype ?? '')}`;
     target ??= def.Constraint.conname;
   }
   if (def !== undefined && 'PartitionCmd' in def) target ??= qualified(def.PartitionCmd.name) ?? undefined;
@@ -294,7 +348,11 @@ function alterTouches(subtype: string, name: string | undefined, def: Node | und
   if (def !== undefined && 'Constraint' in def) {
     const c = def.Constraint;
     // The referenced table of a foreign key; the index behind a key constraint.
-    return [...names([c.pktable]), ...(c.indexname ? [c.indexname] : []), ...(c.conname && HAS_INDEX.has(c.contype ?? '') ? [c.conname] : [])];
+    return [
+      ...names([c.pktable]),
+      ...(c.indexname ? [c.indexname] : []),
+      ...(c.conname && HAS_INDEX.has(c.contype ?? '') ? [c.conname] : []),
+    ];
   }
   // Dropping a primary key or unique constraint drops the index of the same name.
   if (subtype === 'AT_DropConstraint' && name) return [name];

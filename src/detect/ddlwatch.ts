@@ -34,7 +34,13 @@ export class DdlWatch {
         type: 'ddl',
         summary: statement,
         objects: change.objects,
-        details: { command: change.command, statement, user: c.session.user, database: c.session.database, application_name: c.session.applicationName },
+        details: {
+          command: change.command,
+          statement,
+          user: c.session.user,
+          database: c.session.database,
+          application_name: c.session.applicationName,
+        },
       });
       this.sampler?.resampleTouching(change.objects);
     }

@@ -101,7 +101,10 @@ function quantileOfSorted(sorted: number[], q: number): number {
 }
 
 function median(values: number[]): number {
-  return quantileOfSorted([...values].sort((a, b) => a - b), 0.5);
+  return quantileOfSorted(
+    [...values].sort((a, b) => a - b),
+    0.5,
+  );
 }
 
 /** Latency quantiles of a young shape's complete buckets merged (their sketches). */
@@ -117,7 +120,12 @@ export interface MergedLatency {
  * `merged` (the same buckets' latencies merged) stands in while there are fewer
  * than minBaselineBuckets usable buckets but at least minBaselineCalls calls.
  */
-export function baselineOf(points: readonly SeriesPoint[], bucketMs: number, options: DetectorOptions, merged?: MergedLatency | null): Percentiles | null {
+export function baselineOf(
+  points: readonly SeriesPoint[],
+  bucketMs: number,
+  options: DetectorOptions,
+  merged?: MergedLatency | null,
+): Percentiles | null {
   // Buckets are judged by the calls that ran: refused ones have no latency.
   const usable = points.filter((p) => p.timed >= options.minBucketCalls);
   if (usable.length < options.minBaselineBuckets) {
@@ -178,19 +186,29 @@ export function isJump(recent: Percentiles, baseline: Percentiles, options: Dete
 
 /** Slowed (a victim's test): p95 clearly above the baseline, short of a regression. */
 export function isSlowed(recent: Percentiles, baseline: Percentiles, options: DetectorOptions): boolean {
-  return recent.samples >= options.minRecentSamples && recent.p95_ms > Math.max(baseline.p95_ms * 1.5, baseline.p95_ms + options.absoluteMs / 2);
+  return (
+    recent.samples >= options.minRecentSamples &&
+    recent.p95_ms > Math.max(baseline.p95_ms * 1.5, baseline.p95_ms + options.absoluteMs / 2)
+  );
 }
 
 /** Whether recent latencies are back to normal against the baseline frozen at onset. */
 export function isRecovered(recent: Percentiles, baseline: Percentiles, options: DetectorOptions): boolean {
-  return recent.samples > 0 && recent.p95_ms < Math.max(baseline.p95_ms * options.resolveRatio, baseline.p95_ms + options.absoluteMs / 2);
+  return (
+    recent.samples > 0 &&
+    recent.p95_ms < Math.max(baseline.p95_ms * options.resolveRatio, baseline.p95_ms + options.absoluteMs / 2)
+  );
 }
 
 /**
  * When the regression began: the first slow call after the last run of three
  * normal ones (slow = over the midpoint between baseline p95 and the regression bar).
  */
-export function onsetOf(calls: { at: number[]; ms: number[] }, baseline: Percentiles, options: DetectorOptions): number | null {
+export function onsetOf(
+  calls: { at: number[]; ms: number[] },
+  baseline: Percentiles,
+  options: DetectorOptions,
+): number | null {
   const slowAbove = Math.max(baseline.p95_ms * options.p50Ratio, baseline.p95_ms + options.absoluteMs / 2);
   let onset: number | null = null;
   let normalRun = 0;

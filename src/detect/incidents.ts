@@ -19,7 +19,15 @@ import type { PlanSampler } from '../plans/sampler.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from '../shapes/fingerprint.ts';
 import type { ShapeRegistry, ShapeStats } from '../shapes/registry.ts';
-import { isAttributed, NEARBY_MS, round3, summaryOf, timelineCauses, whenOf, type PlanKnowledge } from './attribution.ts';
+import {
+  isAttributed,
+  NEARBY_MS,
+  round3,
+  summaryOf,
+  timelineCauses,
+  whenOf,
+  type PlanKnowledge,
+} from './attribution.ts';
 import {
   baselineOf,
   isJump,
@@ -188,21 +196,38 @@ export class IncidentManager {
     const now = this.options.clock.now();
     for (const saved of state.baselines ?? []) {
       // A hand-edited or older file may hold anything: keep only what reads as a baseline.
-      const valid = typeof saved?.fingerprint === 'string' && typeof saved.computed_at === 'number' && typeof saved.baseline?.p95_ms === 'number' && typeof saved.baseline.p50_ms === 'number';
+      const valid =
+        typeof saved?.fingerprint === 'string' &&
+        typeof saved.computed_at === 'number' &&
+        typeof saved.baseline?.p95_ms === 'number' &&
+        typeof saved.baseline.p50_ms === 'number';
       if (valid && now - saved.computed_at <= RESTORED_MAX_AGE_MS) this.restored.set(saved.fingerprint, saved);
     }
     for (const incident of state.incidents ?? []) {
-      if (typeof incident?.id !== 'string' || !Array.isArray(incident.timeline) || !Array.isArray(incident.victims) || this.incidents.has(incident.id)) continue;
+      if (
+        typeof incident?.id !== 'string' ||
+        !Array.isArray(incident.timeline) ||
+        !Array.isArray(incident.victims) ||
+        this.incidents.has(incident.id)
+      )
+        continue;
       if (incident.status === 'active') {
         // Nobody watched it while pgwarden was down: say so instead of guessing.
         incident.status = 'resolved';
         incident.resolved_at = iso(now);
-        incident.resolution ??= { reason: 'silent', summary: 'pgwarden restarted while the incident was active; not followed since', events: [] };
+        incident.resolution ??= {
+          reason: 'silent',
+          summary: 'pgwarden restarted while the incident was active; not followed since',
+          events: [],
+        };
         incident.timeline.push({ at: iso(now), what: 'resolved', summary: incident.resolution.summary });
       }
       this.incidents.set(incident.id, incident);
     }
-    this.options.log.info({ baselines: this.restored.size, incidents: state.incidents?.length ?? 0 }, 'baselines and incident history restored');
+    this.options.log.info(
+      { baselines: this.restored.size, incidents: state.incidents?.length ?? 0 },
+      'baselines and incident history restored',
+    );
   }
 
   start(): void {
@@ -227,14 +252,18 @@ export class IncidentManager {
     if (!store) return Promise.resolve();
     const state = this.snapshot();
     this.lastSave = this.lastSave.then(() =>
-      store.saveDetectorState(state).catch((err: Error) => this.options.log.warn({ err }, 'baselines and incidents could not be saved')),
+      store
+        .saveDetectorState(state)
+        .catch((err: Error) => this.options.log.warn({ err }, 'baselines and incidents could not be saved')),
     );
     return this.lastSave;
   }
 
   /** Incidents, newest first. */
   list(status?: 'active' | 'resolved'): Incident[] {
-    return [...this.incidents.values()].filter((i) => !status || i.status === status).sort((a, b) => Date.parse(b.detected_at) - Date.parse(a.detected_at));
+    return [...this.incidents.values()]
+      .filter((i) => !status || i.status === status)
+      .sort((a, b) => Date.parse(b.detected_at) - Date.parse(a.detected_at));
   }
 
   get(id: string): Incident | undefined {
@@ -254,12 +283,16 @@ export class IncidentManager {
   }
 
   /** A shape's baseline (and where it came from) and its recent-window figures, for the shape view. */
-  detectorView(fingerprint: string): { baseline: Percentiles | null; baseline_from: BaselineSource | null; recent: Percentiles | null } | null {
+  detectorView(
+    fingerprint: string,
+  ): { baseline: Percentiles | null; baseline_from: BaselineSource | null; recent: Percentiles | null } | null {
     const watch = this.watches.get(fingerprint);
     const stats = this.options.registry.get(fingerprint);
     if (!watch || !stats) return null;
     const now = this.options.clock.now();
-    const live = watch.frozenBaseline ? { baseline: watch.frozenBaseline, from: watch.baselineFrom } : this.baselineFor(stats, now);
+    const live = watch.frozenBaseline
+      ? { baseline: watch.frozenBaseline, from: watch.baselineFrom }
+      : this.baselineFor(stats, now);
     const calls = watch.recent.since(now - this.options.detector.recentWindowMs);
     return {
       baseline: live ? roundPercentiles(live.baseline) : null,
@@ -276,7 +309,11 @@ export class IncidentManager {
     const now = this.options.clock.now();
     const baseline = watch.frozenBaseline ?? this.baselineFor(stats, now)?.baseline;
     if (!baseline || baseline.p95_ms <= 0) return null;
-    const recent = recentOf(watch.recent.since(now - this.options.detector.recentWindowMs), now, this.options.detector.recentWindowMs);
+    const recent = recentOf(
+      watch.recent.since(now - this.options.detector.recentWindowMs),
+      now,
+      this.options.detector.recentWindowMs,
+    );
     return recent.samples === 0 ? null : recent.p95_ms / baseline.p95_ms;
   }
 
@@ -294,7 +331,9 @@ export class IncidentManager {
 
     // 1. Roots by plan change: a confirmed plan change and a p95 jump open at once
     //    (a victim of a database-wide incident turns it into its own).
-    const wideVictims = [...readings.values()].filter((r) => r.watch.incidentId !== null && this.incidents.get(r.watch.incidentId)?.kind === 'database_wide');
+    const wideVictims = [...readings.values()].filter(
+      (r) => r.watch.incidentId !== null && this.incidents.get(r.watch.incidentId)?.kind === 'database_wide',
+    );
     for (const r of wideVictims) if (r.jump && r.watch.onset === null) r.watch.onset = r.calls.at[0] ?? now;
     for (const r of [...free, ...wideVictims]) {
       const wide = r.watch.incidentId !== null && this.incidents.get(r.watch.incidentId)?.kind === 'database_wide';
@@ -317,19 +356,24 @@ export class IncidentManager {
 
     // 3. Most shapes slow together, no plan change: one database-wide incident.
     const unclaimed = free.filter((r) => r.watch.incidentId === null);
-    const compared = [...readings.values()].filter((r) => r.recent !== null && r.baseline !== null && r.recent.samples >= this.options.detector.minRecentSamples).length;
+    const compared = [...readings.values()].filter(
+      (r) => r.recent !== null && r.baseline !== null && r.recent.samples >= this.options.detector.minRecentSamples,
+    ).length;
     const slowed = unclaimed.filter((r) => r.slowed);
     const widespread = compared >= 2 && slowed.length >= Math.max(2, Math.ceil(compared / 2));
     if (widespread && slowed.some((r) => r.regressed) && !active.some((i) => i.kind === 'database_wide')) {
       this.databaseWideRun++;
-      if (this.databaseWideRun >= this.options.detector.openAfter) this.openDatabaseWide(slowed, compared, totalCalls, now);
+      if (this.databaseWideRun >= this.options.detector.openAfter)
+        this.openDatabaseWide(slowed, compared, totalCalls, now);
     } else {
       this.databaseWideRun = 0;
     }
 
     // 4. A shape regressed on its own for the usual run, the others and the round trip normal.
     if (!widespread) {
-      const candidates = unclaimed.filter((r) => r.watch.incidentId === null && r.watch.over >= this.options.detector.openAfter && r.baseline !== null);
+      const candidates = unclaimed.filter(
+        (r) => r.watch.incidentId === null && r.watch.over >= this.options.detector.openAfter && r.baseline !== null,
+      );
       if (candidates.length > 0) {
         candidates.sort((a, b) => dbTime(b) - dbTime(a));
         const root = candidates[0];
@@ -359,7 +403,9 @@ export class IncidentManager {
         continue;
       }
       const finished = watch.recent.since(now - d.recentWindowMs);
-      const live = watch.frozenBaseline ? { baseline: watch.frozenBaseline, from: watch.baselineFrom ?? 'series' } : this.baselineFor(stats, now);
+      const live = watch.frozenBaseline
+        ? { baseline: watch.frozenBaseline, from: watch.baselineFrom ?? 'series' }
+        : this.baselineFor(stats, now);
       // Statements stuck far beyond the baseline (every call of a shape waiting on a
       // lock) are a regression before any of them completes: they count as calls
       // lasting their age so far.
@@ -417,7 +463,9 @@ export class IncidentManager {
     const d = this.options.detector;
     const bucketMs = this.options.bucketMs;
     const recentStart = now - d.recentWindowMs;
-    const points = stats.series.points(now, recentStart - d.baselineWindowMs).filter((p) => p.t + bucketMs <= recentStart);
+    const points = stats.series
+      .points(now, recentStart - d.baselineWindowMs)
+      .filter((p) => p.t + bucketMs <= recentStart);
     const usable = points.filter((p) => p.timed >= d.minBucketCalls).length;
     if (usable >= d.minBaselineBuckets) {
       const baseline = baselineOf(points, bucketMs, d);
@@ -425,7 +473,9 @@ export class IncidentManager {
     }
     if (points.length > 0) {
       const sketch = stats.series.window(points[0].t, points[points.length - 1].t);
-      const merged = sketch ? { count: sketch.count, quantile: (q: number) => sketch.getValueAtQuantile(q), firstSeen: stats.firstSeen } : null;
+      const merged = sketch
+        ? { count: sketch.count, quantile: (q: number) => sketch.getValueAtQuantile(q), firstSeen: stats.firstSeen }
+        : null;
       const baseline = baselineOf(points, bucketMs, d, merged);
       if (baseline) return { baseline, from: 'recent_calls' };
     }
@@ -434,7 +484,9 @@ export class IncidentManager {
   }
 
   private planChangeSince(fingerprint: string, since: number): TimelineEvent | null {
-    const found = this.options.events.between(since, Number.MAX_SAFE_INTEGER, ['plan_change']).filter((e) => e.fingerprint === fingerprint);
+    const found = this.options.events
+      .between(since, Number.MAX_SAFE_INTEGER, ['plan_change'])
+      .filter((e) => e.fingerprint === fingerprint);
     return found.length > 0 ? found[found.length - 1] : null;
   }
 
@@ -478,13 +530,30 @@ export class IncidentManager {
       checks: [],
       resolution: null,
       timeline: [
-        { at: iso(onset), what: 'onset', summary: kind === 'shape' ? `shape ${primary.fingerprint} began to slow down` : 'shapes began to slow down together' },
+        {
+          at: iso(onset),
+          what: 'onset',
+          summary:
+            kind === 'shape' ? `shape ${primary.fingerprint} began to slow down` : 'shapes began to slow down together',
+        },
       ],
     };
   }
 
-  private register(incident: Incident, primary: Reading, members: Reading[], totalCalls: number, now: number): Incident {
-    const tracking: Tracking = { primary: primary.fingerprint, baseline: primary.baseline!, members: new Set(), under: 0, recoveringSince: null };
+  private register(
+    incident: Incident,
+    primary: Reading,
+    members: Reading[],
+    totalCalls: number,
+    now: number,
+  ): Incident {
+    const tracking: Tracking = {
+      primary: primary.fingerprint,
+      baseline: primary.baseline!,
+      members: new Set(),
+      under: 0,
+      recoveringSince: null,
+    };
     this.incidents.set(incident.id, incident);
     this.tracking.set(incident.id, tracking);
     if (incident.kind === 'shape') this.claim(incident.id, primary);
@@ -499,10 +568,23 @@ export class IncidentManager {
       type: 'incident_opened',
       fingerprint: incident.root ?? undefined,
       summary: incident.summary,
-      details: { incident: incident.id, kind: incident.kind, severity: incident.severity, victims: incident.victims.map((v) => v.fingerprint) },
+      details: {
+        incident: incident.id,
+        kind: incident.kind,
+        severity: incident.severity,
+        victims: incident.victims.map((v) => v.fingerprint),
+      },
     });
     this.options.log.warn(
-      { incident: incident.id, kind: incident.kind, root: incident.root, query: incident.query, baseline_p95_ms: incident.baseline.p95_ms, current_p95_ms: incident.current.p95_ms, causes: incident.causes.map((c) => c.summary) },
+      {
+        incident: incident.id,
+        kind: incident.kind,
+        root: incident.root,
+        query: incident.query,
+        baseline_p95_ms: incident.baseline.p95_ms,
+        current_p95_ms: incident.current.p95_ms,
+        causes: incident.causes.map((c) => c.summary),
+      },
       'regression incident opened',
     );
     this.notify(incident, 'opened');
@@ -513,7 +595,9 @@ export class IncidentManager {
 
   private openShape(root: Reading, onset: number, totalCalls: number, now: number): Incident {
     // A database-wide incident that turns out to have a root becomes that root's incident.
-    const wide = this.list('active').find((i) => i.kind === 'database_wide' && Math.abs(Date.parse(i.onset) - onset) <= NEARBY_MS);
+    const wide = this.list('active').find(
+      (i) => i.kind === 'database_wide' && Math.abs(Date.parse(i.onset) - onset) <= NEARBY_MS,
+    );
     if (wide) return this.convert(wide, root, totalCalls, now);
     return this.register(this.newIncident('shape', root, onset, now), root, [], totalCalls, now);
   }
@@ -547,7 +631,11 @@ export class IncidentManager {
     tracking.baseline = root.baseline!;
     tracking.members.delete(root.fingerprint);
     this.claim(incident.id, root);
-    incident.timeline.push({ at: iso(now), what: 'detected', summary: `root found: shape ${root.fingerprint}'s plan changed; the slowdown is its incident` });
+    incident.timeline.push({
+      at: iso(now),
+      what: 'detected',
+      summary: `root found: shape ${root.fingerprint}'s plan changed; the slowdown is its incident`,
+    });
     this.updateImpact(incident, totalCalls);
     this.explain(incident, now);
     this.notify(incident, 'opened');
@@ -579,7 +667,11 @@ export class IncidentManager {
     };
     incident.victims.push(victim);
     if (!announce) return;
-    incident.timeline.push({ at: iso(now), what: 'victim', summary: `shape ${r.fingerprint} slowed too: p95 ${victim.baseline_p95_ms} ms -> ${victim.current_p95_ms} ms` });
+    incident.timeline.push({
+      at: iso(now),
+      what: 'victim',
+      summary: `shape ${r.fingerprint} slowed too: p95 ${victim.baseline_p95_ms} ms -> ${victim.current_p95_ms} ms`,
+    });
     this.updateImpact(incident, totalCalls);
     if (!incident.attributed) this.explain(incident, now);
     else incident.summary = summaryOf(incident);
@@ -598,11 +690,16 @@ export class IncidentManager {
         for (const u of stats.users) users.add(u);
         for (const d of stats.databases) databases.add(d);
       }
-      calls += this.watches.get(fp)?.recent.since(this.options.clock.now() - this.options.detector.recentWindowMs).ms.length ?? 0;
+      calls +=
+        this.watches.get(fp)?.recent.since(this.options.clock.now() - this.options.detector.recentWindowMs).ms.length ??
+        0;
     }
     incident.impact = {
       shapes: fingerprints.length,
-      share_of_calls: Math.max(incident.impact.share_of_calls, round3(totalCalls > 0 ? Math.min(1, calls / totalCalls) : 0)),
+      share_of_calls: Math.max(
+        incident.impact.share_of_calls,
+        round3(totalCalls > 0 ? Math.min(1, calls / totalCalls) : 0),
+      ),
       applications: [...applications].sort(),
       users: [...users].sort(),
       databases: [...databases].sort(),
@@ -639,14 +736,18 @@ export class IncidentManager {
     if (!incident.attributed) {
       this.explain(incident, now);
       if (incident.attributed) {
-        this.options.log.warn({ incident: incident.id, root: incident.root, summary: incident.summary }, 'regression incident attributed');
+        this.options.log.warn(
+          { incident: incident.id, root: incident.root, summary: incident.summary },
+          'regression incident attributed',
+        );
         this.notify(incident, 'attributed');
       }
     } else {
       incident.summary = summaryOf(incident);
     }
     const stats = primary?.stats ?? this.options.registry.get(tracking.primary);
-    const silent = (recent === null || recent.samples === 0) && (stats === undefined || now - stats.lastSeen >= SILENT_RESOLVE_MS);
+    const silent =
+      (recent === null || recent.samples === 0) && (stats === undefined || now - stats.lastSeen >= SILENT_RESOLVE_MS);
     const recovered =
       incident.kind === 'shape'
         ? recent !== null && isRecovered(recent, tracking.baseline, d)
@@ -678,10 +779,20 @@ export class IncidentManager {
     // before the recovery showed. Not the rest of the migration that caused it.
     const after = Date.parse(incident.attributed_at ?? incident.detected_at);
     const recovering = (tracking.recoveringSince ?? now) - RESOLUTION_LEAD_MS;
-    const causeObjects = new Set(incident.causes.filter((c) => c.kind !== 'plan_change' && c.objects.length > 0).map((c) => c.objects[0].toLowerCase()));
+    const causeObjects = new Set(
+      incident.causes
+        .filter((c) => c.kind !== 'plan_change' && c.objects.length > 0)
+        .map((c) => c.objects[0].toLowerCase()),
+    );
     const events = this.options.events
       .between(after + 1, now, ['plan_change', 'ddl', 'schema_change'])
-      .filter((e) => this.concerns(incident, e) && (e.type === 'plan_change' || causeObjects.has((e.objects?.[0] ?? '').toLowerCase()) || whenOf(e).to >= recovering));
+      .filter(
+        (e) =>
+          this.concerns(incident, e) &&
+          (e.type === 'plan_change' ||
+            causeObjects.has((e.objects?.[0] ?? '').toLowerCase()) ||
+            whenOf(e).to >= recovering),
+      );
     incident.resolution = { reason, summary: '', events: [] };
     for (const e of events) this.addResolutionEvent(incident, e);
     incident.resolution.summary = resolutionSummary(incident);
@@ -722,10 +833,22 @@ export class IncidentManager {
   }
 
   private addResolutionEvent(incident: Incident, e: TimelineEvent): void {
-    const summary = e.type === 'plan_change' ? `plan changed ${e.summary}` : e.type === 'ddl' ? (e.details?.statement ?? e.summary) : e.summary;
+    const summary =
+      e.type === 'plan_change'
+        ? `plan changed ${e.summary}`
+        : e.type === 'ddl'
+          ? (e.details?.statement ?? e.summary)
+          : e.summary;
     const at = iso(whenOf(e).to);
     incident.resolution!.events.push({ at, type: e.type, summary });
-    incident.timeline.push({ at, what: 'change', summary: e.type === 'schema_change' ? `${summary} (between ${iso(whenOf(e).from).slice(11, 21)} and ${at.slice(11, 21)})` : summary });
+    incident.timeline.push({
+      at,
+      what: 'change',
+      summary:
+        e.type === 'schema_change'
+          ? `${summary} (between ${iso(whenOf(e).from).slice(11, 21)} and ${at.slice(11, 21)})`
+          : summary,
+    });
   }
 
   /** A change found just after an incident resolved, made before it did: part of its resolution. */
@@ -756,7 +879,9 @@ export class IncidentManager {
     if (providers.length > 0) {
       // The shape the providers judge: the root, or a database-wide incident's busiest victim.
       const fingerprint = incident.root ?? incident.victims[0]?.fingerprint ?? '';
-      const planChanges = this.options.events.between(onset - CAUSE_LOOKBACK_MS, until, ['plan_change']).filter((e) => e.fingerprint === fingerprint);
+      const planChanges = this.options.events
+        .between(onset - CAUSE_LOOKBACK_MS, until, ['plan_change'])
+        .filter((e) => e.fingerprint === fingerprint);
       const objects = new Set<string>(fingerprint ? (this.planKnowledge()?.objects(fingerprint) ?? []) : []);
       for (const e of planChanges) for (const o of e.objects ?? []) objects.add(o.toLowerCase());
       const context = { incident, fingerprint, onset, now: until, objects, planChanges };
@@ -814,13 +939,21 @@ export class IncidentManager {
       });
     } else {
       const e = incident.evidence;
-      checks.push({ check: 'other_shapes', ruled_out: false, summary: `${e?.slowed ?? incident.victims.length} of ${e?.compared ?? '?'} shapes slowed together, none with a plan change` });
+      checks.push({
+        check: 'other_shapes',
+        ruled_out: false,
+        summary: `${e?.slowed ?? incident.victims.length} of ${e?.compared ?? '?'} shapes slowed together, none with a plan change`,
+      });
     }
     const rtt = this.options.roundTrip;
     const before = rtt?.medianBetween(onset - 5 * 60_000, onset) ?? null;
     const after = rtt?.medianBetween(onset, now) ?? null;
     if (before === null || after === null) {
-      checks.push({ check: 'round_trip', ruled_out: false, summary: 'no round-trip measurements to the database around the onset' });
+      checks.push({
+        check: 'round_trip',
+        ruled_out: false,
+        summary: 'no round-trip measurements to the database around the onset',
+      });
     } else {
       const unchanged = after <= before * 2 + 0.5;
       checks.push({
@@ -844,7 +977,11 @@ export class IncidentManager {
       return;
     }
     // A plan or schema change: judge soon, so a confirmed flip opens without waiting a tick.
-    if ((e.type === 'plan_change' || e.type === 'ddl' || e.type === 'schema_change') && this.timer !== null && this.soonTimer === null) {
+    if (
+      (e.type === 'plan_change' || e.type === 'ddl' || e.type === 'schema_change') &&
+      this.timer !== null &&
+      this.soonTimer === null
+    ) {
       this.soonTimer = setTimeout(() => {
         this.soonTimer = null;
         this.evaluateSafely();
@@ -868,8 +1005,12 @@ export class IncidentManager {
       const stats = this.options.registry.get(fingerprint);
       if (!stats) continue;
       // A shape in an incident keeps the baseline from before it, not its slow present.
-      const live = watch.frozenBaseline && watch.baselineFrom !== 'restored' ? { baseline: watch.frozenBaseline, from: watch.baselineFrom } : this.baselineFor(stats, now);
-      if (live && live.from !== 'restored') baselines.set(fingerprint, { fingerprint, baseline: roundPercentiles(live.baseline), computed_at: now });
+      const live =
+        watch.frozenBaseline && watch.baselineFrom !== 'restored'
+          ? { baseline: watch.frozenBaseline, from: watch.baselineFrom }
+          : this.baselineFor(stats, now);
+      if (live && live.from !== 'restored')
+        baselines.set(fingerprint, { fingerprint, baseline: roundPercentiles(live.baseline), computed_at: now });
     }
     const kept = this.list().slice(0, MAX_RESOLVED + this.activeCount);
     return { version: 1, saved_at: iso(now), baselines: [...baselines.values()], incidents: kept };
@@ -897,7 +1038,8 @@ function resolutionSummary(incident: Incident): string {
   const events = incident.resolution?.events ?? [];
   const what = events.length > 0 ? `; after ${events.map((e) => e.summary).join('; ')}` : '';
   if (incident.resolution?.reason === 'silent') return `the shape stopped being called${what}`;
-  if (incident.kind === 'shape') return `p95 back to ${incident.current.p95_ms} ms (baseline ${incident.baseline.p95_ms} ms, peak ${incident.peak.p95_ms} ms)${what}`;
+  if (incident.kind === 'shape')
+    return `p95 back to ${incident.current.p95_ms} ms (baseline ${incident.baseline.p95_ms} ms, peak ${incident.peak.p95_ms} ms)${what}`;
   return `most shapes back within their baselines${what}`;
 }
 
@@ -911,5 +1053,11 @@ function round3OrNull(n: number | null): number | null {
 }
 
 function roundPercentiles(p: Percentiles): Percentiles {
-  return { p50_ms: round3(p.p50_ms), p95_ms: round3(p.p95_ms), p99_ms: round3(p.p99_ms), rate: round3(p.rate), samples: p.samples };
+  return {
+    p50_ms: round3(p.p50_ms),
+    p95_ms: round3(p.p95_ms),
+    p99_ms: round3(p.p99_ms),
+    rate: round3(p.rate),
+    samples: p.samples,
+  };
 }

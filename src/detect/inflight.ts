@@ -103,7 +103,12 @@ export class InFlightTracker implements QueryGate {
     return this.wrap(decision, session, text, statement);
   }
 
-  private wrap(decision: GateDecision, session: SessionInfo, text: string, statement: PreparedStatement | null): GateDecision {
+  private wrap(
+    decision: GateDecision,
+    session: SessionInfo,
+    text: string,
+    statement: PreparedStatement | null,
+  ): GateDecision {
     if (decision === FORWARD) return this.track(session, text, statement).decision;
     if (decision.action !== 'forward') return decision; // refused or rerouted: not running here
     const flight = this.track(session, text, statement);
@@ -140,9 +145,20 @@ export class InFlightTracker implements QueryGate {
         const since = flight.since[slot];
         if (now - since < minAgeMs) break; // younger ones follow
         const statement = flight.statements[slot];
-        const shape = statement !== null ? this.finder.shapeOfStatement(statement) : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
+        const shape =
+          statement !== null
+            ? this.finder.shapeOfStatement(statement)
+            : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
         if (shape === undefined) continue;
-        out.push({ session: flight.sessionId, user: flight.user, database: flight.database, fingerprint: shape.fingerprint, query: shape.query, since, ageMs: now - since });
+        out.push({
+          session: flight.sessionId,
+          user: flight.user,
+          database: flight.database,
+          fingerprint: shape.fingerprint,
+          query: shape.query,
+          since,
+          ageMs: now - since,
+        });
       }
     }
     return out.sort((a, b) => a.since - b.since);
@@ -174,7 +190,8 @@ export class InFlightTracker implements QueryGate {
   private sweep(now: number): void {
     if (now - this.sweptAt < 10_000) return;
     this.sweptAt = now;
-    for (const [id, flight] of this.sessions) if (flight.length === 0 && now - flight.lastActive > IDLE_FORGET_MS) this.sessions.delete(id);
+    for (const [id, flight] of this.sessions)
+      if (flight.length === 0 && now - flight.lastActive > IDLE_FORGET_MS) this.sessions.delete(id);
   }
 }
 
@@ -193,7 +210,11 @@ export function stuckThresholdMs(baseline: Percentiles, options: DetectorOptions
  * any of them completes), else null: at least STUCK_MIN_COUNT statements in flight
  * far longer than the baseline allows.
  */
-export function stuckRegression(stuck: StuckShape | undefined, baseline: Percentiles, options: DetectorOptions): StuckShape | null {
+export function stuckRegression(
+  stuck: StuckShape | undefined,
+  baseline: Percentiles,
+  options: DetectorOptions,
+): StuckShape | null {
   if (stuck === undefined) return null;
   const threshold = stuckThresholdMs(baseline, options);
   const ages = stuck.ages.filter((a) => a >= threshold);
@@ -202,7 +223,11 @@ export function stuckRegression(stuck: StuckShape | undefined, baseline: Percent
 }
 
 /** The recent calls with the stuck statements added as calls lasting (at least) their age so far. */
-export function withStuck(calls: { at: number[]; ms: number[] }, stuck: StuckShape, now: number): { at: number[]; ms: number[] } {
+export function withStuck(
+  calls: { at: number[]; ms: number[] },
+  stuck: StuckShape,
+  now: number,
+): { at: number[]; ms: number[] } {
   const pairs: [number, number][] = calls.at.map((t, i) => [t, calls.ms[i]]);
   for (const age of stuck.ages) pairs.push([now - age, age]);
   pairs.sort((a, b) => a[0] - b[0]);

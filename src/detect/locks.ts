@@ -35,15 +35,24 @@ export interface LockEvidence {
 }
 
 /** The lock wait of one shape in one sample, or null if none of its statements waits. */
-export function lockWaitOf(sample: ActivitySample, fingerprint: string, objects: ReadonlySet<string>): LockEvidence | null {
+export function lockWaitOf(
+  sample: ActivitySample,
+  fingerprint: string,
+  objects: ReadonlySet<string>,
+): LockEvidence | null {
   const byPid = new Map(sample.backends.map((b) => [b.pid, b]));
   const waitsOn = (pid: number) => sample.locks.filter((l) => l.pid === pid && !l.granted);
-  const unqualified = (relation: string) => relation.slice(relation.lastIndexOf('.') + 1).replace(/"/g, '').toLowerCase();
+  const unqualified = (relation: string) =>
+    relation
+      .slice(relation.lastIndexOf('.') + 1)
+      .replace(/"/g, '')
+      .toLowerCase();
   // Its own statements by fingerprint; only when none is recognisable (a text longer
   // than track_activity_query_size is truncated), those waiting on its relations.
   const waiting = sample.backends.filter((b) => b.blockedBy.length > 0);
   let waiters = waiting.filter((b) => b.fingerprint === fingerprint);
-  if (waiters.length === 0) waiters = waiting.filter((b) => waitsOn(b.pid).some((l) => objects.has(unqualified(l.relation))));
+  if (waiters.length === 0)
+    waiters = waiting.filter((b) => waitsOn(b.pid).some((l) => objects.has(unqualified(l.relation))));
   if (waiters.length === 0) return null;
   const relations = [...new Set(waiters.flatMap((w) => waitsOn(w.pid).map((l) => l.relation)))];
   // The head of each chain: follow blockers until one that waits for nobody.
@@ -71,8 +80,16 @@ export function lockWaitOf(sample: ActivitySample, fingerprint: string, objects:
   };
 }
 
-function describeBlocker(pid: number, b: Backend | undefined, locks: readonly RelationLock[], relations: string[], at: number): Blocker {
-  const holds = locks.filter((l) => l.pid === pid && l.granted && relations.includes(l.relation)).map((l) => ({ relation: l.relation, mode: l.mode }));
+function describeBlocker(
+  pid: number,
+  b: Backend | undefined,
+  locks: readonly RelationLock[],
+  relations: string[],
+  at: number,
+): Blocker {
+  const holds = locks
+    .filter((l) => l.pid === pid && l.granted && relations.includes(l.relation))
+    .map((l) => ({ relation: l.relation, mode: l.mode }));
   return {
     pid,
     user: b?.user ?? '?',
@@ -91,10 +108,14 @@ export function describeLockWait(e: LockEvidence): string {
   const head = e.blockers[0];
   const waiting = `${e.waiting} statement${e.waiting === 1 ? '' : 's'} of this shape wait${e.waiting === 1 ? 's' : ''} for a lock on ${e.relations.join(', ') || 'a relation'}`;
   if (head === undefined) return waiting;
-  const holds = head.holds.length > 0 ? `, holding ${head.holds.map((h) => `${h.mode} on ${h.relation}`).join(', ')}` : '';
+  const holds =
+    head.holds.length > 0 ? `, holding ${head.holds.map((h) => `${h.mode} on ${h.relation}`).join(', ')}` : '';
   const statement = head.query ? `, ${head.state === 'active' ? 'running' : 'last ran'} \`${head.query}\`` : '';
   const age = head.transaction_s !== null ? `, in its transaction for ${Math.round(head.transaction_s)} s` : '';
-  const more = e.blockers.length > 1 ? ` (and ${e.blockers.length - 1} other blocking session${e.blockers.length > 2 ? 's' : ''})` : '';
+  const more =
+    e.blockers.length > 1
+      ? ` (and ${e.blockers.length - 1} other blocking session${e.blockers.length > 2 ? 's' : ''})`
+      : '';
   return `${waiting}, held by pid ${head.pid} (user ${head.user}, application ${head.application || '(none)'}, ${head.state}${statement}${holds}${age})${more}`;
 }
 
@@ -115,7 +136,11 @@ export class LockCauses implements CauseProvider {
   causes(context: CauseContext): Cause[] {
     const sample = this.activity.latest();
     let current: LockEvidence | null = null;
-    if (sample !== null && context.now - sample.at <= this.maxSampleAgeMs && sample.at >= context.onset - this.maxSampleAgeMs) {
+    if (
+      sample !== null &&
+      context.now - sample.at <= this.maxSampleAgeMs &&
+      sample.at >= context.onset - this.maxSampleAgeMs
+    ) {
       current = lockWaitOf(sample, context.fingerprint, context.objects);
     }
     let remembered = this.seen.get(context.fingerprint);
@@ -124,7 +149,11 @@ export class LockCauses implements CauseProvider {
       remembered = undefined;
     }
     if (current !== null) {
-      remembered = { onset: context.onset, evidence: current, firstAt: remembered?.firstAt ?? Date.parse(current.sampled_at) };
+      remembered = {
+        onset: context.onset,
+        evidence: current,
+        firstAt: remembered?.firstAt ?? Date.parse(current.sampled_at),
+      };
       this.seen.set(context.fingerprint, remembered);
     }
     if (remembered === undefined) return [];

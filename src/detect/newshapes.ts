@@ -96,11 +96,21 @@ export class NewShapeWatch {
   check(): void {
     const o = this.options;
     const now = o.clock.now();
-    const candidates = o.registry.all().filter((s) => s.fingerprint !== OVERFLOW_FINGERPRINT && !s.fallback && s.firstSeen >= this.startedAt + o.graceMs && now - s.firstSeen <= o.windowMs);
+    const candidates = o.registry
+      .all()
+      .filter(
+        (s) =>
+          s.fingerprint !== OVERFLOW_FINGERPRINT &&
+          !s.fallback &&
+          s.firstSeen >= this.startedAt + o.graceMs &&
+          now - s.firstSeen <= o.windowMs,
+      );
     if (candidates.length === 0) return;
     // Database time of all shapes per bucket of the last minute, summed once per pass.
     const perBucket = new Map<number, number>();
-    for (const s of o.registry.all()) for (const p of s.series.points(now, now - SHARE_WINDOW_MS)) perBucket.set(p.t, (perBucket.get(p.t) ?? 0) + p.mean_ms * p.timed);
+    for (const s of o.registry.all())
+      for (const p of s.series.points(now, now - SHARE_WINDOW_MS))
+        perBucket.set(p.t, (perBucket.get(p.t) ?? 0) + p.mean_ms * p.timed);
     for (const stats of candidates) {
       if (this.flagged.has(stats.fingerprint) || stats.timedCalls < o.minCalls) continue;
       const p50 = stats.quantile(0.5);
@@ -128,9 +138,19 @@ export class NewShapeWatch {
     }
   }
 
-  private flag(stats: ShapeStats, reason: 'slow' | 'heavy', p50: number, share: number, plan: string | null, now: number): void {
+  private flag(
+    stats: ShapeStats,
+    reason: 'slow' | 'heavy',
+    p50: number,
+    share: number,
+    plan: string | null,
+    now: number,
+  ): void {
     const since = new Date(stats.firstSeen).toISOString();
-    const why = reason === 'slow' ? `slow from its first calls (p50 ${Math.round(p50 * 10) / 10} ms)` : `taking ${Math.round(share * 100)}% of the database time`;
+    const why =
+      reason === 'slow'
+        ? `slow from its first calls (p50 ${Math.round(p50 * 10) / 10} ms)`
+        : `taking ${Math.round(share * 100)}% of the database time`;
     const shape: NewShape = {
       fingerprint: stats.fingerprint,
       query: stats.query,
@@ -143,9 +163,24 @@ export class NewShapeWatch {
       plan,
     };
     this.flagged.set(stats.fingerprint, shape);
-    this.options.events.add({ type: 'new_shape', fingerprint: stats.fingerprint, summary: shape.summary, details: { ...shape } });
-    this.options.log.warn({ fingerprint: stats.fingerprint, query: stats.query, new_since: since, reason, p50_ms: shape.p50_ms, share: shape.share, plan }, 'new shape');
+    this.options.events.add({
+      type: 'new_shape',
+      fingerprint: stats.fingerprint,
+      summary: shape.summary,
+      details: { ...shape },
+    });
+    this.options.log.warn(
+      {
+        fingerprint: stats.fingerprint,
+        query: stats.query,
+        new_since: since,
+        reason,
+        p50_ms: shape.p50_ms,
+        share: shape.share,
+        plan,
+      },
+      'new shape',
+    );
     this.options.webhook?.send({ event: 'new_shape', shape });
   }
-
 }

@@ -15,8 +15,14 @@ const seconds = (s: number | null) => (s === null ? '–' : `${Math.round(s * 10
 const cell = (text: string) => text.replace(/\|/g, '\\|').replace(/\s+/g, ' ').trim();
 
 function causeWhen(c: Cause): string {
-  const relative = c.seconds_before_onset > 0 ? `${c.seconds_before_onset} s before the onset` : c.seconds_before_onset < 0 ? `${-c.seconds_before_onset} s after the onset` : 'around the onset';
-  if (c.kind === 'schema_change') return `between ${clockOf(c.between.from)} and ${clockOf(c.between.to)} (${relative}; found by the catalog watch)`;
+  const relative =
+    c.seconds_before_onset > 0
+      ? `${c.seconds_before_onset} s before the onset`
+      : c.seconds_before_onset < 0
+        ? `${-c.seconds_before_onset} s after the onset`
+        : 'around the onset';
+  if (c.kind === 'schema_change')
+    return `between ${clockOf(c.between.from)} and ${clockOf(c.between.to)} (${relative}; found by the catalog watch)`;
   return `${clockOf(c.at)} (${relative}${c.kind === 'ddl' ? '; seen through the proxy' : ''})`;
 }
 
@@ -53,18 +59,29 @@ export function postmortemMarkdown(incident: Incident): string {
     '',
   );
 
-  lines.push(`## Latency${incident.kind === 'database_wide' ? ' (the busiest slowed shape)' : ' of the root shape'}`, '');
+  lines.push(
+    `## Latency${incident.kind === 'database_wide' ? ' (the busiest slowed shape)' : ' of the root shape'}`,
+    '',
+  );
   lines.push('| | p50 | p95 | p99 | calls/s |', '|---|---|---|---|---|');
-  const row = (name: string, p: Incident['baseline']) => `| ${name} | ${ms(p.p50_ms)} | ${ms(p.p95_ms)} | ${ms(p.p99_ms)} | ${p.rate} |`;
-  lines.push(row(`baseline (${incident.baseline_from.replace('_', ' ')})`, incident.baseline), row(`peak (${clockOf(incident.peak.at)})`, incident.peak), row(incident.status === 'resolved' ? 'at resolution' : 'now', incident.current), '');
+  const row = (name: string, p: Incident['baseline']) =>
+    `| ${name} | ${ms(p.p50_ms)} | ${ms(p.p95_ms)} | ${ms(p.p99_ms)} | ${p.rate} |`;
+  lines.push(
+    row(`baseline (${incident.baseline_from.replace('_', ' ')})`, incident.baseline),
+    row(`peak (${clockOf(incident.peak.at)})`, incident.peak),
+    row(incident.status === 'resolved' ? 'at resolution' : 'now', incident.current),
+    '',
+  );
 
   lines.push('## Timeline', '', '| time (UTC) | what | |', '|---|---|---|');
-  for (const entry of incident.timeline) lines.push(`| ${clockOf(entry.at)} | ${entry.what} | ${cell(entry.summary)} |`);
+  for (const entry of incident.timeline)
+    lines.push(`| ${clockOf(entry.at)} | ${entry.what} | ${cell(entry.summary)} |`);
   lines.push('');
 
   lines.push('## Causes (as attributed)', '');
   if (incident.causes.length === 0) lines.push('No plan, schema or other change was found near the onset.');
-  for (const c of incident.causes) lines.push(`- ${causeText(c)}, ${causeWhen(c)}${c.relevant ? '' : ' (nearby; not used by the root\u2019s plans)'}`);
+  for (const c of incident.causes)
+    lines.push(`- ${causeText(c)}, ${causeWhen(c)}${c.relevant ? '' : ' (nearby; not used by the root\u2019s plans)'}`);
   lines.push('');
 
   lines.push('## Checked', '');
@@ -73,15 +90,28 @@ export function postmortemMarkdown(incident: Incident): string {
   lines.push('');
 
   if (incident.victims.length > 0) {
-    lines.push('## Victims', '', 'Shapes slowed with no plan change of their own.', '', '| shape | query | share of calls | baseline p95 | peak p95 | joined |', '|---|---|---|---|---|---|');
+    lines.push(
+      '## Victims',
+      '',
+      'Shapes slowed with no plan change of their own.',
+      '',
+      '| shape | query | share of calls | baseline p95 | peak p95 | joined |',
+      '|---|---|---|---|---|---|',
+    );
     for (const v of incident.victims) {
-      lines.push(`| \`${v.fingerprint}\` | \`${cell(v.query).slice(0, 120)}\` | ${pct(v.share_of_calls)} | ${ms(v.baseline_p95_ms)} | ${ms(v.peak_p95_ms)} | ${clockOf(v.joined_at)} |`);
+      lines.push(
+        `| \`${v.fingerprint}\` | \`${cell(v.query).slice(0, 120)}\` | ${pct(v.share_of_calls)} | ${ms(v.baseline_p95_ms)} | ${ms(v.peak_p95_ms)} | ${clockOf(v.joined_at)} |`,
+      );
     }
     lines.push('');
   }
 
   lines.push('## Mitigation', '');
-  lines.push(incident.mitigation ? `${incident.mitigation.mode}: ${incident.mitigation.note}${incident.mitigation.rule_id ? ` (rule ${incident.mitigation.rule_id})` : ''}` : 'None.');
+  lines.push(
+    incident.mitigation
+      ? `${incident.mitigation.mode}: ${incident.mitigation.note}${incident.mitigation.rule_id ? ` (rule ${incident.mitigation.rule_id})` : ''}`
+      : 'None.',
+  );
   lines.push('');
 
   lines.push('## Resolution', '');

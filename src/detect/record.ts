@@ -153,9 +153,20 @@ export interface Incident {
   ruled_out: { check: Check['check']; summary: string }[];
   checks: Check[];
   /** Database-wide: how many shapes slowed out of how many compared, and the round trip. */
-  evidence?: { slowed: number; compared: number; round_trip_before_ms: number | null; round_trip_after_ms: number | null };
+  evidence?: {
+    slowed: number;
+    compared: number;
+    round_trip_before_ms: number | null;
+    round_trip_after_ms: number | null;
+  };
   /** What the mitigation policy did about it (set by the policy, if one runs). */
-  mitigation?: { mode: string; action: string; rule_id: string | null; note: string; refused?: readonly { fingerprint: string | null; reason: string }[] };
+  mitigation?: {
+    mode: string;
+    action: string;
+    rule_id: string | null;
+    note: string;
+    refused?: readonly { fingerprint: string | null; reason: string }[];
+  };
   resolution: Resolution | null;
   timeline: TimelineEntry[];
 }

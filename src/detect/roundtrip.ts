@@ -15,9 +15,7 @@ export class RoundTripTracker {
   private count = 0;
   private timer: NodeJS.Timeout | null = null;
 
-  constructor(
-    private readonly options: { monitor: MonitorPool; clock: Clock; log: Logger; intervalMs: number },
-  ) {}
+  constructor(private readonly options: { monitor: MonitorPool; clock: Clock; log: Logger; intervalMs: number }) {}
 
   start(): void {
     const tick = async () => {

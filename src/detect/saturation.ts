@@ -53,7 +53,10 @@ export function loadOf(samples: readonly ActivitySample[]): Load {
         proxiedLeft.set(b.fingerprint!, left - 1);
       }
       const key = `${b.user}\u0000${b.application}\u0000${b.fingerprint}\u0000${proxied}`;
-      const entry = consumers.get(key) ?? { c: { user: b.user, application: b.application, fingerprint: b.fingerprint, query: b.query, proxied }, n: 0 };
+      const entry = consumers.get(key) ?? {
+        c: { user: b.user, application: b.application, fingerprint: b.fingerprint, query: b.query, proxied },
+        n: 0,
+      };
       entry.n++;
       consumers.set(key, entry);
     }
@@ -62,8 +65,12 @@ export function loadOf(samples: readonly ActivitySample[]): Load {
   return {
     samples: samples.length,
     active: active / n,
-    waits: [...waits].map(([wait, count]) => ({ wait, share: count / Math.max(active, 1) })).sort((a, b) => b.share - a.share),
-    consumers: [...consumers.values()].map(({ c, n: count }) => ({ ...c, sessions: count / n })).sort((a, b) => b.sessions - a.sessions),
+    waits: [...waits]
+      .map(([wait, count]) => ({ wait, share: count / Math.max(active, 1) }))
+      .sort((a, b) => b.share - a.share),
+    consumers: [...consumers.values()]
+      .map(({ c, n: count }) => ({ ...c, sessions: count / n }))
+      .sort((a, b) => b.sessions - a.sessions),
   };
 }
 
@@ -96,7 +103,10 @@ export class SaturationCauses implements CauseProvider {
     // A plan change of the shape since shortly before the onset explains it better.
     if (context.planChanges.some((p) => p.at >= context.onset - 30_000)) return [];
     const top = after.consumers[0];
-    const waits = after.waits.slice(0, 3).map((w) => `${w.wait} ${Math.round(w.share * 100)}%`).join(', ');
+    const waits = after.waits
+      .slice(0, 3)
+      .map((w) => `${w.wait} ${Math.round(w.share * 100)}%`)
+      .join(', ');
     const outside = after.consumers.filter((c) => !c.proxied).reduce((sum, c) => sum + c.sessions, 0);
     const growth = this.topGrowth(context.onset, context.now, beforeMs);
     const rtt = this.options.roundTrip;
@@ -105,10 +115,11 @@ export class SaturationCauses implements CauseProvider {
     const who = (c: Consumer) =>
       `${fmt(c.sessions)} session${c.sessions === 1 ? '' : 's'} of user ${c.user}, application ${c.application || '(none)'}${c.query ? `, running \`${c.query}\`` : ''}`;
     let summary = `the database is saturated: ${fmt(after.active)} active sessions on average since the onset vs ${fmt(before.active)} before (${waits})`;
-    const proxiedRoot = top !== undefined && top.proxied;
+    const proxiedRoot = top?.proxied;
     if (top === undefined) summary += '';
     else if (proxiedRoot) summary += `; the top consumer is a shape through the proxy (${who(top)}): it is the root`;
-    else summary += `; the top consumer bypasses the proxy (${who(top)}); the load is outside the proxy, so nothing is mitigated`;
+    else
+      summary += `; the top consumer bypasses the proxy (${who(top)}); the load is outside the proxy, so nothing is mitigated`;
     return [
       {
         kind: 'saturation',
@@ -128,7 +139,8 @@ export class SaturationCauses implements CauseProvider {
           top_consumers: after.consumers.slice(0, 5).map((c) => ({ ...c, sessions: fmt(c.sessions) })),
           sessions_outside_proxy: fmt(outside),
           root: proxiedRoot ? { fingerprint: top.fingerprint, query: top.query } : null,
-          round_trip_ms: rttBefore !== null && rttAfter !== null ? { before: fmt(rttBefore), after: fmt(rttAfter) } : null,
+          round_trip_ms:
+            rttBefore !== null && rttAfter !== null ? { before: fmt(rttBefore), after: fmt(rttAfter) } : null,
           top_growth_shape: growth,
         },
       },
@@ -136,7 +148,11 @@ export class SaturationCauses implements CauseProvider {
   }
 
   /** The proxied shape whose database time (ms per second) grew the most from before the onset to after it. */
-  private topGrowth(onset: number, now: number, beforeMs: number): { fingerprint: string; query: string; before_ms_per_s: number; after_ms_per_s: number } | null {
+  private topGrowth(
+    onset: number,
+    now: number,
+    beforeMs: number,
+  ): { fingerprint: string; query: string; before_ms_per_s: number; after_ms_per_s: number } | null {
     const bucket = this.options.bucketMs;
     let best: { fingerprint: string; query: string; before_ms_per_s: number; after_ms_per_s: number } | null = null;
     for (const stats of this.options.registry.all()) {
@@ -151,7 +167,12 @@ export class SaturationCauses implements CauseProvider {
       const beforeRate = beforeMs_ / (beforeMs / 1000);
       const afterRate = afterMs / (Math.max(now - onset + bucket, 1000) / 1000);
       if (best === null || afterRate - beforeRate > best.after_ms_per_s - best.before_ms_per_s) {
-        best = { fingerprint: stats.fingerprint, query: stats.query, before_ms_per_s: fmt(beforeRate), after_ms_per_s: fmt(afterRate) };
+        best = {
+          fingerprint: stats.fingerprint,
+          query: stats.query,
+          before_ms_per_s: fmt(beforeRate),
+          after_ms_per_s: fmt(afterRate),
+        };
       }
     }
     return best;

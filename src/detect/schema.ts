@@ -225,7 +225,10 @@ export class SchemaWatcher {
     const ms = Math.round(performance.now() - started);
     this.previous = { snapshot, version, at, takenAt: at };
     if (previous === null) {
-      this.options.log.debug({ database: this.database, ms, tables: snapshot.tables.length, indexes: snapshot.indexes.length }, 'catalog baseline taken');
+      this.options.log.debug(
+        { database: this.database, ms, tables: snapshot.tables.length, indexes: snapshot.indexes.length },
+        'catalog baseline taken',
+      );
       return [];
     }
     const changes = diffCatalog(previous.snapshot, snapshot);
@@ -243,7 +246,8 @@ export class SchemaWatcher {
         details: { ...change.details, kind: change.kind, database: this.database, since: previous.at },
       });
     }
-    if (changes.length > 0) this.options.log.info({ database: this.database, ms, changes: changes.length }, 'catalog changes found');
+    if (changes.length > 0)
+      this.options.log.info({ database: this.database, ms, changes: changes.length }, 'catalog changes found');
     return changes;
   }
 
@@ -260,7 +264,10 @@ export class SchemaWatcher {
             if (!this.running) return; // stopped mid-check: the pool may be closing under us
             // Warn once per outage, not every interval; the next tick retries.
             const level = this.failing ? 'debug' : 'warn';
-            this.options.log[level]({ err, database: this.database }, 'catalog snapshot failed; retrying next interval');
+            this.options.log[level](
+              { err, database: this.database },
+              'catalog snapshot failed; retrying next interval',
+            );
             this.failing = true;
           },
         )
@@ -363,16 +370,40 @@ export function diffCatalog(before: CatalogSnapshot, after: CatalogSnapshot): Sc
     // An index follows its table through RENAME and SET SCHEMA; only its own changes count.
     const tableMoved = renamedTables.has(now.tableOid);
     if (old.name !== now.name) {
-      changes.push(indexChange('index_renamed', `index ${old.name} on ${tableOf(now)} renamed to ${now.name}`, now, { previousName: old.name }, [old.name]));
+      changes.push(
+        indexChange(
+          'index_renamed',
+          `index ${old.name} on ${tableOf(now)} renamed to ${now.name}`,
+          now,
+          { previousName: old.name },
+          [old.name],
+        ),
+      );
     } else if (old.schema !== now.schema && !tableMoved) {
-      changes.push(indexChange('index_renamed', `index ${old.schema}.${old.name} moved to schema ${now.schema}`, now, { previousSchema: old.schema }));
+      changes.push(
+        indexChange('index_renamed', `index ${old.schema}.${old.name} moved to schema ${now.schema}`, now, {
+          previousSchema: old.schema,
+        }),
+      );
     }
-    if (old.definition !== now.definition && old.definition !== null && now.definition !== null && !tableMoved && old.name === now.name) {
-      changes.push(indexChange('index_changed', `index ${now.name} on ${tableOf(now)} changed: ${now.definition}`, now, { previousDefinition: old.definition }));
+    if (
+      old.definition !== now.definition &&
+      old.definition !== null &&
+      now.definition !== null &&
+      !tableMoved &&
+      old.name === now.name
+    ) {
+      changes.push(
+        indexChange('index_changed', `index ${now.name} on ${tableOf(now)} changed: ${now.definition}`, now, {
+          previousDefinition: old.definition,
+        }),
+      );
     }
     if (old.valid !== now.valid) {
       const kind = now.valid ? 'index_validated' : 'index_invalidated';
-      changes.push(indexChange(kind, `index ${now.name} on ${tableOf(now)} is now ${now.valid ? 'valid' : 'invalid'}`, now));
+      changes.push(
+        indexChange(kind, `index ${now.name} on ${tableOf(now)} is now ${now.valid ? 'valid' : 'invalid'}`, now),
+      );
     }
   }
 
@@ -381,7 +412,14 @@ export function diffCatalog(before: CatalogSnapshot, after: CatalogSnapshot): Sc
   for (const k of constraints.created) {
     const folded = tableEvents.get(k.tableOid);
     if (folded !== undefined) folded.addConstraint(k);
-    else changes.push(constraintChange('constraint_created', `constraint ${k.name} on ${tableOf(k)} created: ${k.definition ?? contypeOf(k)}`, k));
+    else
+      changes.push(
+        constraintChange(
+          'constraint_created',
+          `constraint ${k.name} on ${tableOf(k)} created: ${k.definition ?? contypeOf(k)}`,
+          k,
+        ),
+      );
   }
   for (const k of constraints.dropped) {
     const folded = tableEvents.get(k.tableOid);
@@ -403,13 +441,28 @@ export function diffCatalog(before: CatalogSnapshot, after: CatalogSnapshot): Sc
   }
   for (const [old, now] of constraints.same) {
     if (old.name !== now.name) {
-      changes.push(constraintChange('constraint_renamed', `constraint ${old.name} on ${tableOf(now)} renamed to ${now.name}`, now, { previousName: old.name }, [old.name]));
+      changes.push(
+        constraintChange(
+          'constraint_renamed',
+          `constraint ${old.name} on ${tableOf(now)} renamed to ${now.name}`,
+          now,
+          { previousName: old.name },
+          [old.name],
+        ),
+      );
       continue;
     }
     // A foreign key's definition names the table it references, so renaming that
     // table reads as a change here; VALIDATE CONSTRAINT drops a trailing NOT VALID.
     if (old.definition !== now.definition && old.definition !== null && now.definition !== null) {
-      changes.push(constraintChange('constraint_changed', `constraint ${now.name} on ${tableOf(now)} changed: ${now.definition}`, now, { previousDefinition: old.definition }));
+      changes.push(
+        constraintChange(
+          'constraint_changed',
+          `constraint ${now.name} on ${tableOf(now)} changed: ${now.definition}`,
+          now,
+          { previousDefinition: old.definition },
+        ),
+      );
     }
   }
 
@@ -441,7 +494,8 @@ class TableEvent {
   toChange(): SchemaChangeFound {
     const details = { ...this.details };
     if (this.indexes.length > 0) details.indexes = this.indexes.map((i) => i.definition ?? i.name);
-    if (this.constraints.length > 0) details.constraints = this.constraints.map((k) => `${k.name}: ${k.definition ?? contypeOf(k)}`);
+    if (this.constraints.length > 0)
+      details.constraints = this.constraints.map((k) => `${k.name}: ${k.definition ?? contypeOf(k)}`);
     // The table's own indexes go with it: a plan that used one names it.
     const objects = unique([this.table.name, ...this.indexes.map((i) => i.name)]);
     return { kind: this.kind, summary: this.summary, objects, details };
@@ -460,7 +514,11 @@ interface Paired<T> {
 }
 
 /** Matches two lists of catalog objects by OID, then pairs what is left by name. */
-function pairUp<T extends { readonly oid: number }>(before: readonly T[], after: readonly T[], nameOf: (item: T) => string): Paired<T> {
+function pairUp<T extends { readonly oid: number }>(
+  before: readonly T[],
+  after: readonly T[],
+  nameOf: (item: T) => string,
+): Paired<T> {
   const afterByOid = new Map(after.map((item) => [item.oid, item]));
   const beforeOids = new Set(before.map((item) => item.oid));
   const same: [T, T][] = [];
@@ -519,7 +577,14 @@ function constraintChange(
     kind,
     summary,
     objects: unique([...names, k.table]),
-    details: { schema: k.schema, table: k.table, constraint: k.name, type: contypeOf(k), definition: k.definition, ...extra },
+    details: {
+      schema: k.schema,
+      table: k.table,
+      constraint: k.name,
+      type: contypeOf(k),
+      definition: k.definition,
+      ...extra,
+    },
   };
 }
 

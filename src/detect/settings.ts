@@ -132,10 +132,17 @@ export class SettingsWatcher {
     if (previous === null) return [];
     const changes = diffSettings(previous, snapshot);
     // A server setting took effect at the reload, when that falls between the two reads.
-    const reloaded = snapshot.reloadedAt > since && snapshot.reloadedAt <= at && snapshot.reloadedAt !== previous.reloadedAt;
+    const reloaded =
+      snapshot.reloadedAt > since && snapshot.reloadedAt <= at && snapshot.reloadedAt !== previous.reloadedAt;
     for (const change of changes) {
       const when = reloaded && change.details.scope === 'server' ? snapshot.reloadedAt : at;
-      this.options.events.add({ type: 'setting_change', at: when, summary: change.summary, objects: [], details: { ...change.details, name: change.name, since } });
+      this.options.events.add({
+        type: 'setting_change',
+        at: when,
+        summary: change.summary,
+        objects: [],
+        details: { ...change.details, name: change.name, since },
+      });
     }
     if (changes.length > 0) this.options.log.info({ changes: changes.map((c) => c.summary) }, 'setting changes found');
     return changes;
@@ -146,17 +153,29 @@ export class SettingsWatcher {
 export function diffSettings(before: SettingsSnapshot, after: SettingsSnapshot): SettingChange[] {
   const changes: SettingChange[] = [];
   const old = new Map(before.server.map((s) => [s.name, s]));
-  const reload = after.reloadedAt !== before.reloadedAt ? `, reloaded at ${new Date(after.reloadedAt).toISOString()}` : '';
+  const reload =
+    after.reloadedAt !== before.reloadedAt ? `, reloaded at ${new Date(after.reloadedAt).toISOString()}` : '';
   for (const now of after.server) {
     const was = old.get(now.name);
     if (was === undefined) continue; // a setting appearing from a source we ignore
     const unit = now.unit ? ` ${now.unit}` : '';
     if (was.setting !== now.setting) {
-      const how = /postgresql\.auto\.conf$/.test(now.sourcefile ?? was.sourcefile ?? '') ? 'ALTER SYSTEM' : now.source === 'default' ? 'reset to default' : now.source;
+      const how = /postgresql\.auto\.conf$/.test(now.sourcefile ?? was.sourcefile ?? '')
+        ? 'ALTER SYSTEM'
+        : now.source === 'default'
+          ? 'reset to default'
+          : now.source;
       changes.push({
         name: now.name,
         summary: `${now.name} ${was.setting}${unit} -> ${now.setting}${unit} (${how}${reload})`,
-        details: { scope: 'server', before: was.setting, after: now.setting, unit: now.unit, source: now.source, reloaded_at: new Date(after.reloadedAt).toISOString() },
+        details: {
+          scope: 'server',
+          before: was.setting,
+          after: now.setting,
+          unit: now.unit,
+          source: now.source,
+          reloaded_at: new Date(after.reloadedAt).toISOString(),
+        },
       });
     } else if (!was.pendingRestart && now.pendingRestart) {
       changes.push({
@@ -175,7 +194,13 @@ export function diffSettings(before: SettingsSnapshot, after: SettingsSnapshot):
     changes.push({
       name: now.name,
       summary: `${scopedStatement(now)} = ${now.value}${was ? ` (was ${was.value})` : ''}`,
-      details: { scope: scopeOf(now), database: now.database || null, role: now.role || null, before: was?.value ?? null, after: now.value },
+      details: {
+        scope: scopeOf(now),
+        database: now.database || null,
+        role: now.role || null,
+        before: was?.value ?? null,
+        after: now.value,
+      },
     });
   }
   for (const [k, was] of oldScoped) {
@@ -183,7 +208,13 @@ export function diffSettings(before: SettingsSnapshot, after: SettingsSnapshot):
     changes.push({
       name: was.name,
       summary: `${scopedStatement(was).replace(' SET ', ' RESET ')} (was ${was.value})`,
-      details: { scope: scopeOf(was), database: was.database || null, role: was.role || null, before: was.value, after: null },
+      details: {
+        scope: scopeOf(was),
+        database: was.database || null,
+        role: was.role || null,
+        before: was.value,
+        after: null,
+      },
     });
   }
   return changes;

@@ -101,9 +101,16 @@ export class StatisticsWatcher {
       // The table's own analyze time is exact; the read only bounds it.
       const analyzedAt = typeof change.details.analyzed_at === 'string' ? Date.parse(change.details.analyzed_at) : NaN;
       const when = analyzedAt > since && analyzedAt <= at ? analyzedAt : at;
-      this.options.events.add({ type: 'statistics_change', at: when, summary: change.summary, objects: [change.table.toLowerCase()], details: { ...change.details, since } });
+      this.options.events.add({
+        type: 'statistics_change',
+        at: when,
+        summary: change.summary,
+        objects: [change.table.toLowerCase()],
+        details: { ...change.details, since },
+      });
     }
-    if (changes.length > 0) this.options.log.info({ changes: changes.map((c) => c.summary) }, 'statistics changes found');
+    if (changes.length > 0)
+      this.options.log.info({ changes: changes.map((c) => c.summary) }, 'statistics changes found');
     return changes;
   }
 }
@@ -123,7 +130,10 @@ function normalize(r: TableStatistics): TableStatistics {
 }
 
 /** Tables analyzed (by hand or by autovacuum) between two reads. Pure. */
-export function diffStatistics(before: ReadonlyMap<number, TableStatistics>, after: ReadonlyMap<number, TableStatistics>): StatisticsChange[] {
+export function diffStatistics(
+  before: ReadonlyMap<number, TableStatistics>,
+  after: ReadonlyMap<number, TableStatistics>,
+): StatisticsChange[] {
   const changes: StatisticsChange[] = [];
   for (const [oid, now] of after) {
     const was = before.get(oid);
@@ -134,7 +144,9 @@ export function diffStatistics(before: ReadonlyMap<number, TableStatistics>, aft
     const what = manual && auto ? 'ANALYZE and autoanalyze' : manual ? 'ANALYZE' : 'autoanalyze';
     const at = manual ? now.lastAnalyze : now.lastAutoanalyze;
     const estimate =
-      was.reltuples !== now.reltuples ? `row estimate ${fmt(was.reltuples)} -> ${fmt(now.reltuples)}` : `row estimate unchanged at ${fmt(now.reltuples)}`;
+      was.reltuples !== now.reltuples
+        ? `row estimate ${fmt(was.reltuples)} -> ${fmt(now.reltuples)}`
+        : `row estimate unchanged at ${fmt(now.reltuples)}`;
     changes.push({
       table: now.table,
       summary: `${what} of ${now.schema}.${now.table}${at ? ` at ${new Date(at).toISOString()}` : ''} (${estimate})`,

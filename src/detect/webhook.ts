@@ -69,7 +69,10 @@ export class WebhookSender {
           signal: AbortSignal.timeout(this.options.timeoutMs ?? 5000),
         });
         if (response.ok) return true;
-        this.options.log.warn({ webhook: this.target, status: response.status, attempt }, 'webhook answered with an error');
+        this.options.log.warn(
+          { webhook: this.target, status: response.status, attempt },
+          'webhook answered with an error',
+        );
       } catch (err) {
         // fetch's errors can quote the URL: log the cause's code, not its message.
         const error = err as Error & { cause?: { code?: string } };

@@ -515,7 +515,10 @@ function makeServer(args: {
     dataDir,
     pid,
     url(user = SUPERUSER, database = 'postgres', password?: string) {
-      const auth = password === undefined ? encodeURIComponent(user) : `${encodeURIComponent(user)}:${encodeURIComponent(password)}`;
+      const auth =
+        password === undefined
+          ? encodeURIComponent(user)
+          : `${encodeURIComponent(user)}:${encodeURIComponent(password)}`;
       return `postgres://${auth}@${HOST}:${port}/${encodeURIComponent(database)}`;
     },
     stop,

@@ -76,10 +76,14 @@ export interface EventDetails {
 }
 
 /** One entry of the timeline; narrowing on `type` gives its `details`. */
-export type TimelineEvent = { [T in EventType]: EventBase & { readonly type: T; readonly details?: EventDetails[T] } }[EventType];
+export type TimelineEvent = {
+  [T in EventType]: EventBase & { readonly type: T; readonly details?: EventDetails[T] };
+}[EventType];
 
 /** An event as added: the log gives it its id, and its time unless one is known. */
-export type NewEvent = { [T in EventType]: Omit<EventBase, 'id' | 'at'> & { at?: number; type: T; details?: EventDetails[T] } }[EventType];
+export type NewEvent = {
+  [T in EventType]: Omit<EventBase, 'id' | 'at'> & { at?: number; type: T; details?: EventDetails[T] };
+}[EventType];
 
 export type EventListener = (event: TimelineEvent) => void;
 
@@ -111,7 +115,10 @@ export class EventLog {
   }
 
   /** The newest `limit` events (oldest first), optionally for one shape or of some types. */
-  recent(limit: number, filter: { fingerprint?: string; types?: readonly EventType[]; since?: number } = {}): TimelineEvent[] {
+  recent(
+    limit: number,
+    filter: { fingerprint?: string; types?: readonly EventType[]; since?: number } = {},
+  ): TimelineEvent[] {
     const out: TimelineEvent[] = [];
     for (let i = this.events.length - 1; i >= 0 && out.length < limit; i--) {
       const e = this.events[i];

@@ -144,17 +144,21 @@ where s.name not in ('statement_timeout', 'lock_timeout', 'idle_in_transaction_s
 order by s.rank, s.ord`;
 
 /** Applies, for this transaction only, the settings the session's plans are made with. */
-async function applySessionSettings(client: pg.ClientBase, user: string, session: readonly (readonly [string, string])[]): Promise<void> {
+async function applySessionSettings(
+  client: pg.ClientBase,
+  user: string,
+  session: readonly (readonly [string, string])[],
+): Promise<void> {
   const { rows } = await client.query<{ name: string; value: string }>({
     name: 'pgwarden_session_settings',
     text: SESSION_SETTINGS_SQL,
     values: [user, session.map(([name]) => name), session.map(([, value]) => value)],
   });
   if (rows.length === 0) return;
-  await client.query('select set_config(s.name, s.value, true) from unnest($1::text[], $2::text[]) with ordinality s(name, value, ord)', [
-    rows.map((r) => r.name),
-    rows.map((r) => r.value),
-  ]);
+  await client.query(
+    'select set_config(s.name, s.value, true) from unnest($1::text[], $2::text[]) with ordinality s(name, value, ord)',
+    [rows.map((r) => r.name), rows.map((r) => r.value)],
+  );
 }
 
 /**

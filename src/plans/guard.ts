@@ -186,7 +186,11 @@ interface ReachedRow {
  * with `asSessionRole`, functions outside pg_catalog not owned by a superuser;
  * without, anything outside pg_catalog; in both, pg_catalog's SQL-running ones.
  */
-export async function assertPlanTimeCodeTrusted(client: pg.ClientBase, refs: PlanTimeReferences, asSessionRole: boolean): Promise<void> {
+export async function assertPlanTimeCodeTrusted(
+  client: pg.ClientBase,
+  refs: PlanTimeReferences,
+  asSessionRole: boolean,
+): Promise<void> {
   // Named: prepared once per monitoring connection (its planning is a third of its cost).
   const { rows } = await client.query<ReachedRow>({
     name: 'pgwarden_plan_time_code',
@@ -195,17 +199,21 @@ export async function assertPlanTimeCodeTrusted(client: pg.ClientBase, refs: Pla
   });
   for (const row of rows) {
     const name = `${row.schema}.${row.name}()`;
-    if (row.schema === 'pg_catalog') throw new NotSampled(`${row.via} can run ${name}, which runs SQL or reads whole tables`);
+    if (row.schema === 'pg_catalog')
+      throw new NotSampled(`${row.via} can run ${name}, which runs SQL or reads whole tables`);
     if (!asSessionRole) {
       throw new NotSampled(
         `${row.via} can run ${name}, outside pg_catalog, and the monitoring role cannot SET ROLE to the session's role (grant it membership)`,
       );
     }
-    if (!row.superuser) throw new NotSampled(`${row.via} can run ${name}, owned by ${row.owner}, which is not a superuser`);
+    if (!row.superuser)
+      throw new NotSampled(`${row.via} can run ${name}, owned by ${row.owner}, which is not a superuser`);
     if (!COMPILED.has(row.language)) {
       // SQL or PL code looks names up at run time through the session's
       // search_path, which the client chooses: its calls could land on the client's code.
-      throw new NotSampled(`${row.via} can run ${name}, written in ${row.language}, whose calls follow the session's search_path`);
+      throw new NotSampled(
+        `${row.via} can run ${name}, written in ${row.language}, whose calls follow the session's search_path`,
+      );
     }
   }
 }

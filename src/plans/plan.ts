@@ -75,8 +75,14 @@ export function summarizePlan(explainJson: unknown): PlanSummary {
 /** What disappeared and appeared between two plans of one shape, with a one-line headline. */
 export function diffPlans(before: PlanSummary, after: PlanSummary): PlanDiff {
   if (before.fingerprint === after.fingerprint) return { headline: '', removed: [], added: [] };
-  const removed = multisetMinus(before.nodes.map((n) => n.description), after.nodes.map((n) => n.description));
-  const added = multisetMinus(after.nodes.map((n) => n.description), before.nodes.map((n) => n.description));
+  const removed = multisetMinus(
+    before.nodes.map((n) => n.description),
+    after.nodes.map((n) => n.description),
+  );
+  const added = multisetMinus(
+    after.nodes.map((n) => n.description),
+    before.nodes.map((n) => n.description),
+  );
   return { headline: headline(before, after, removed, added), removed, added };
 }
 
@@ -88,7 +94,9 @@ export function describeEstimates(summary: PlanSummary): string {
   const out: string[] = [];
   for (const node of summary.nodes) {
     if (!node.nodeType.endsWith(' Scan')) continue;
-    out.push(node.planRows === undefined ? node.description : `${node.description} (est. ${Math.round(node.planRows)} rows)`);
+    out.push(
+      node.planRows === undefined ? node.description : `${node.description} (est. ${Math.round(node.planRows)} rows)`,
+    );
   }
   return out.join('; ');
 }
@@ -116,7 +124,9 @@ function rootPlan(input: unknown): JsonNode {
   if (isObject(value) && !('Plan' in value) && 'QUERY PLAN' in value) return rootPlan(value['QUERY PLAN']);
   if (Array.isArray(value)) {
     if (value.length !== 1) {
-      throw new Error(`summarizePlan: expected EXPLAIN (FORMAT JSON) output, an array of one plan, got ${value.length} elements`);
+      throw new Error(
+        `summarizePlan: expected EXPLAIN (FORMAT JSON) output, an array of one plan, got ${value.length} elements`,
+      );
     }
     value = value[0];
   }
@@ -150,7 +160,8 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
   out.push(planNode);
 
   const children = node.Plans;
-  if (children !== undefined && !Array.isArray(children)) throw new Error(`summarizePlan: ${where}.Plans is not an array`);
+  if (children !== undefined && !Array.isArray(children))
+    throw new Error(`summarizePlan: ${where}.Plans is not an array`);
   const childKeys = (children ?? []).map((child, i) => {
     const childWhere = `${where}.Plans[${i}]`;
     if (!isObject(child)) throw new Error(`summarizePlan: ${childWhere} is not a plan node, got ${preview(child)}`);
@@ -312,7 +323,10 @@ function headline(before: PlanSummary, after: PlanSummary, removed: string[], ad
 }
 
 function minusBy(a: readonly AccessPath[], b: readonly AccessPath[]): AccessPath[] {
-  const texts = multisetMinus(a.map((p) => p.text), b.map((p) => p.text));
+  const texts = multisetMinus(
+    a.map((p) => p.text),
+    b.map((p) => p.text),
+  );
   const out: AccessPath[] = [];
   for (const path of a) {
     const at = texts.indexOf(path.text);
@@ -352,7 +366,8 @@ function requiredString(node: JsonNode, key: string, where: string): string {
 function optionalString(node: JsonNode, key: string, where: string): string | undefined {
   const value = node[key];
   if (value === undefined) return undefined;
-  if (typeof value !== 'string') throw new Error(`summarizePlan: ${where}."${key}" is not a string, got ${preview(value)}`);
+  if (typeof value !== 'string')
+    throw new Error(`summarizePlan: ${where}."${key}" is not a string, got ${preview(value)}`);
   return value;
 }
 

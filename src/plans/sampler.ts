@@ -76,7 +76,8 @@ export class ShapePlans {
   /** Tables and indexes of every plan this shape has had. */
   objects(): Set<string> {
     const out = new Set<string>();
-    for (const record of this.history) for (const name of [...record.summary.relations, ...record.summary.indexes]) out.add(name.toLowerCase());
+    for (const record of this.history)
+      for (const name of [...record.summary.relations, ...record.summary.indexes]) out.add(name.toLowerCase());
     return out;
   }
 }
@@ -151,7 +152,8 @@ export class PlanSampler {
     plans.inFlight = true;
     plans.wanted = false;
     plans.lastSampledAt = now;
-    if (keep > 0 && (sample.params !== null || c.statement === null)) this.keepSample(plans, c, keep, now, sample.params ?? []);
+    if (keep > 0 && (sample.params !== null || c.statement === null))
+      this.keepSample(plans, c, keep, now, sample.params ?? []);
     this.queue.push(sample);
     this.pump();
   };
@@ -192,7 +194,13 @@ export class PlanSampler {
   }
 
   /** Keeps this execution's values (distinct from those kept, newest last). */
-  private keepSample(plans: ShapePlans, c: QueryCompletion, keep: number, now: number, rendered?: (string | null)[]): void {
+  private keepSample(
+    plans: ShapePlans,
+    c: QueryCompletion,
+    keep: number,
+    now: number,
+    rendered?: (string | null)[],
+  ): void {
     plans.lastKeptAt = now;
     let params = rendered ?? [];
     if (rendered === undefined && c.statement !== null && c.bind !== null) {
@@ -205,7 +213,9 @@ export class PlanSampler {
       }
     }
     const text = c.statement?.text ?? c.text;
-    const same = plans.samples.findIndex((s) => s.text === text && s.params.length === params.length && s.params.every((v, i) => v === params[i]));
+    const same = plans.samples.findIndex(
+      (s) => s.text === text && s.params.length === params.length && s.params.every((v, i) => v === params[i]),
+    );
     if (same !== -1) plans.samples.splice(same, 1);
     plans.samples.push({ text, params });
     if (plans.samples.length > keep) plans.samples.shift();
@@ -219,7 +229,9 @@ export class PlanSampler {
    * Query are not followed.
    */
   private trackSet(c: QueryCompletion): void {
-    const set = /^\s*set\s+(?:session\s+)?(search_path|plan_cache_mode)\s*(?:=|\bto\b)\s*([^;]*?)\s*;?\s*$/i.exec(c.text);
+    const set = /^\s*set\s+(?:session\s+)?(search_path|plan_cache_mode)\s*(?:=|\bto\b)\s*([^;]*?)\s*;?\s*$/i.exec(
+      c.text,
+    );
     const reset = /^\s*reset\s+(search_path|plan_cache_mode|all)\s*;?\s*$/i.exec(c.text);
     if (set === null && reset === null) return;
     let sets = this.sessionSets.get(c.session);
@@ -273,7 +285,10 @@ export class PlanSampler {
 
   private pump(): void {
     const now = this.options.clock.now();
-    this.tokens = Math.min(this.options.maxPerSecond, this.tokens + ((now - this.lastRefill) / 1000) * this.options.maxPerSecond);
+    this.tokens = Math.min(
+      this.options.maxPerSecond,
+      this.tokens + ((now - this.lastRefill) / 1000) * this.options.maxPerSecond,
+    );
     this.lastRefill = now;
     while (this.queue.length > 0 && this.running < this.options.concurrency && this.tokens >= 1) {
       this.tokens -= 1;
@@ -296,8 +311,12 @@ export class PlanSampler {
       this.serverVersion ??= this.options.monitor.serverMajorVersion();
       const version = await this.serverVersion;
       // From PostgreSQL 18 the server reports search_path itself: that beats a SET we parsed.
-      const reported = version >= SEARCH_PATH_REPORTED_SINCE && sample.settings.some(([name]) => name === 'search_path');
-      const settings = [...sample.settings, ...sample.changed.filter(([name]) => !(reported && name === 'search_path'))];
+      const reported =
+        version >= SEARCH_PATH_REPORTED_SINCE && sample.settings.some(([name]) => name === 'search_path');
+      const settings = [
+        ...sample.settings,
+        ...sample.changed.filter(([name]) => !(reported && name === 'search_path')),
+      ];
       const json = await explainSample(this.options.monitor, { ...sample, settings }, version);
       this.explained++;
       if (plans) {
@@ -346,14 +365,30 @@ export class PlanSampler {
     const change: PlanChange = { at: now, from: previous.summary.fingerprint, to: summary.fingerprint, diff };
     plans.changes.push(change);
     if (plans.changes.length > MAX_HISTORY) plans.changes.shift();
-    const objects = new Set([...previous.summary.relations, ...previous.summary.indexes, ...summary.relations, ...summary.indexes].map((o) => o.toLowerCase()));
+    const objects = new Set(
+      [...previous.summary.relations, ...previous.summary.indexes, ...summary.relations, ...summary.indexes].map((o) =>
+        o.toLowerCase(),
+      ),
+    );
     this.options.events.add({
       type: 'plan_change',
       fingerprint: shape,
       summary: diff.headline || `${describePlan(previous.summary)} -> ${describePlan(summary)}`,
       objects: [...objects],
-      details: { from: change.from, to: change.to, removed: diff.removed, added: diff.added, before: describePlan(previous.summary), after: describePlan(summary), estimates_before: describeEstimates(previous.summary), estimates_after: describeEstimates(summary) },
+      details: {
+        from: change.from,
+        to: change.to,
+        removed: diff.removed,
+        added: diff.added,
+        before: describePlan(previous.summary),
+        after: describePlan(summary),
+        estimates_before: describeEstimates(previous.summary),
+        estimates_after: describeEstimates(summary),
+      },
     });
-    this.options.log.info({ fingerprint: shape, from: change.from, to: change.to, diff: diff.headline }, 'plan changed');
+    this.options.log.info(
+      { fingerprint: shape, from: change.from, to: change.to, diff: diff.headline },
+      'plan changed',
+    );
   }
 }

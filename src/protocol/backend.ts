@@ -46,7 +46,8 @@ export function errorSqlState(buf: Buffer, start: number, end: number): string |
 
 /** Whether an ErrorResponse is FATAL or PANIC (the server closes the connection). */
 export function errorIsFatal(buf: Buffer, start: number, end: number): boolean {
-  const severity = errorField(buf, start, end, ErrorField.SeverityNonLocalized) ?? errorField(buf, start, end, ErrorField.Severity);
+  const severity =
+    errorField(buf, start, end, ErrorField.SeverityNonLocalized) ?? errorField(buf, start, end, ErrorField.Severity);
   return severity === 'FATAL' || severity === 'PANIC';
 }
 

@@ -2,7 +2,14 @@
 // substitute messages that make the server fail a refused statement, ReadyForQuery
 // after a rerouted statement, Terminate and CancelRequest (BackendKeyData for tests). None of these run per forwarded message.
 
-import { CANCEL_REQUEST_CODE, ErrorField, Frontend, Backend, SSL_REQUEST_CODE, type TransactionStatus } from './constants.ts';
+import {
+  CANCEL_REQUEST_CODE,
+  ErrorField,
+  Frontend,
+  Backend,
+  SSL_REQUEST_CODE,
+  type TransactionStatus,
+} from './constants.ts';
 
 export interface ErrorFields {
   severity: 'ERROR' | 'FATAL';

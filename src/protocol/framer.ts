@@ -205,7 +205,9 @@ export class Framer {
   private flushTo(position: number): void {
     if (position > this.runStart) {
       const chunk = this.chunk;
-      this.handler.onForward(this.runStart === 0 && position === chunk.length ? chunk : chunk.subarray(this.runStart, position));
+      this.handler.onForward(
+        this.runStart === 0 && position === chunk.length ? chunk : chunk.subarray(this.runStart, position),
+      );
     }
     this.runStart = position;
   }
@@ -220,7 +222,9 @@ export class Framer {
     this.flushTo(position);
     this.stopped = true;
     this.handler.onViolation(
-      length < 4 ? `invalid message length ${length}` : `message of ${length} bytes exceeds the limit of ${this.maxMessageLength}`,
+      length < 4
+        ? `invalid message length ${length}`
+        : `message of ${length} bytes exceeds the limit of ${this.maxMessageLength}`,
     );
     return false;
   }

@@ -17,10 +17,14 @@ export interface ReadBuffer {
  * read (to be handled first), or null when it must stay as it is. The new socket
  * starts paused: its owner resumes it when it can take input.
  */
-export function withReadBuffer(socket: net.Socket, onread: ReadBuffer): { socket: net.Socket; pending: Buffer | null } | null {
+export function withReadBuffer(
+  socket: net.Socket,
+  onread: ReadBuffer,
+): { socket: net.Socket; pending: Buffer | null } | null {
   const internals = socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean } | null };
   const handle = internals._handle;
-  if (socket instanceof tls.TLSSocket || !handle || typeof handle.readStop !== 'function' || socket.destroyed) return null;
+  if (socket instanceof tls.TLSSocket || !handle || typeof handle.readStop !== 'function' || socket.destroyed)
+    return null;
   if (handle.reading) {
     handle.readStop();
     handle.reading = false;
@@ -30,7 +34,16 @@ export function withReadBuffer(socket: net.Socket, onread: ReadBuffer): { socket
   internals._handle = null;
   // With no handle, destroy() only settles the old object (and the server's count).
   socket.destroy();
-  return { socket: new net.Socket({ handle, readable: true, writable: true, onread, pauseOnCreate: true } as net.SocketConstructorOpts), pending };
+  return {
+    socket: new net.Socket({
+      handle,
+      readable: true,
+      writable: true,
+      onread,
+      pauseOnCreate: true,
+    } as net.SocketConstructorOpts),
+    pending,
+  };
 }
 
 const READ_BUFFER_BYTES = 64 * 1024;

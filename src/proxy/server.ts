@@ -92,7 +92,9 @@ export class ProxyServer {
     this.gate = options.gate ?? OPEN_GATE;
     this.connections = new ClientConnections(options.maxClientConnections);
     this.secureContext =
-      options.tlsCert && options.tlsKey ? tls.createSecureContext({ cert: options.tlsCert, key: options.tlsKey }) : null;
+      options.tlsCert && options.tlsKey
+        ? tls.createSecureContext({ cert: options.tlsCert, key: options.tlsKey })
+        : null;
     this.servers.push(this.createListener());
   }
 
@@ -152,7 +154,9 @@ export class ProxyServer {
   async drain(timeoutMs: number): Promise<void> {
     this.accepting = false;
     const deadline = Date.now() + timeoutMs;
-    const closed = Promise.all(this.servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    const closed = Promise.all(
+      this.servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))),
+    );
     // Not yet sessions: nothing is in flight on them.
     for (const connection of this.connections.inPhase('startup')) connection.socket.destroy();
     for (const session of this.sessions) session.drain();
@@ -209,7 +213,10 @@ export class ProxyServer {
           if (connection.phase === 'closing') return; // timed out: counted then
           connection.closing();
           this.connections.reject(outcome.closedByPeer ? 'closed_during_startup' : 'invalid_startup');
-          this.options.log.debug({ client: socket.remoteAddress, reason: outcome.reason }, 'connection rejected during startup');
+          this.options.log.debug(
+            { client: socket.remoteAddress, reason: outcome.reason },
+            'connection rejected during startup',
+          );
           return;
         }
         if (outcome.kind === 'cancel') {
@@ -228,7 +235,13 @@ export class ProxyServer {
     );
   }
 
-  private openSession(connection: ClientConnection, socket: net.Socket, startupPacket: Buffer, params: Map<string, string>, leftover: Buffer | null): void {
+  private openSession(
+    connection: ClientConnection,
+    socket: net.Socket,
+    startupPacket: Buffer,
+    params: Map<string, string>,
+    leftover: Buffer | null,
+  ): void {
     connection.phase = 'authenticating';
     const session = new Session(
       { id: this.nextSessionId++, connection, socket, startupPacket, params, leftover },
@@ -246,7 +259,8 @@ export class ProxyServer {
     this.sessions.add(session);
     if (!this.accepting) session.drain();
     void session.start().then(() => {
-      if (session.upstreamConnectMs >= 0 && this.stats.connectTimes.length < 10_000) this.stats.connectTimes.push(session.upstreamConnectMs);
+      if (session.upstreamConnectMs >= 0 && this.stats.connectTimes.length < 10_000)
+        this.stats.connectTimes.push(session.upstreamConnectMs);
     });
   }
 

@@ -134,13 +134,7 @@ export interface SessionSnapshot {
   /** Epoch ms the session was created. */
   readonly connectedAt: number;
   /** From the last ReadyForQuery and what is in flight. */
-  readonly state:
-    | 'connecting'
-    | 'idle'
-    | 'active'
-    | 'idle in transaction'
-    | 'idle in transaction (aborted)'
-    | 'closed';
+  readonly state: 'connecting' | 'idle' | 'active' | 'idle in transaction' | 'idle in transaction (aborted)' | 'closed';
   /** The statement running now (the oldest one in flight), or the last one that finished. */
   readonly statement: {
     readonly text: string;
@@ -1076,7 +1070,8 @@ export class Session {
       this.cancel().catch(() => undefined);
     }
     if (!upstream.writableEnded) {
-      if (this.clientTerminated) upstream.end(); // the client's Terminate was forwarded already
+      if (this.clientTerminated)
+        upstream.end(); // the client's Terminate was forwarded already
       else upstream.end(TERMINATE);
     }
     this.closeTimer = setTimeout(() => upstream.destroy(), 5000);

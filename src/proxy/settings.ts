@@ -21,7 +21,8 @@ export function startupSettings(params: ReadonlyMap<string, string>): Map<string
       else if (words[i].startsWith('-c')) setting = words[i].slice(2);
       else if (words[i].startsWith('--')) setting = words[i].slice(2);
       const eq = setting?.indexOf('=') ?? -1;
-      if (setting !== undefined && eq > 0) settings.set(setting.slice(0, eq).toLowerCase().replace(/-/g, '_'), setting.slice(eq + 1));
+      if (setting !== undefined && eq > 0)
+        settings.set(setting.slice(0, eq).toLowerCase().replace(/-/g, '_'), setting.slice(eq + 1));
     }
   }
   return settings;

@@ -5,7 +5,7 @@
 // way PostgreSQL does: a FATAL for a packet it can read but not accept, silence
 // for bytes that are not a startup packet at all.
 
-import net from 'node:net';
+import type net from 'node:net';
 import tls from 'node:tls';
 import {
   CANCEL_REQUEST_CODE,
@@ -15,7 +15,12 @@ import {
   SSL_REQUEST_CODE,
 } from '../protocol/constants.ts';
 import { encodeErrorResponse, SSL_ACCEPTED, SSL_REFUSED } from '../protocol/encode.ts';
-import { decodeStartupParameters, ProtocolError, startupPacketLength, startupRequestCode } from '../protocol/frontend.ts';
+import {
+  decodeStartupParameters,
+  ProtocolError,
+  startupPacketLength,
+  startupRequestCode,
+} from '../protocol/frontend.ts';
 import { closeClient } from './closing.ts';
 
 export type StartupOutcome =
@@ -78,7 +83,14 @@ export async function negotiateStartup(socket: net.Socket, options: StartupOptio
 }
 
 function reject(socket: net.Socket, reason: string): StartupOutcome {
-  closeClient(socket, encodeErrorResponse({ severity: 'FATAL', code: SqlState.ProtocolViolation, message: `invalid startup packet: ${reason}` }));
+  closeClient(
+    socket,
+    encodeErrorResponse({
+      severity: 'FATAL',
+      code: SqlState.ProtocolViolation,
+      message: `invalid startup packet: ${reason}`,
+    }),
+  );
   return { kind: 'rejected', reason, closedByPeer: false };
 }
 

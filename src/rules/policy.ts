@@ -41,7 +41,9 @@ export interface PolicySettings {
 /** What the policy needs to know about shapes (the shape registry implements it in app.ts). */
 export interface PolicyShapes {
   /** A seen shape's statement kind, or undefined if this instance never saw it. */
-  lookup(fingerprint: string): { readonly kind: string; readonly command: string; readonly control: boolean } | undefined;
+  lookup(
+    fingerprint: string,
+  ): { readonly kind: string; readonly command: string; readonly control: boolean } | undefined;
   /** The share (0-1) of all recent calls that these shapes had together. */
   trafficShare(fingerprints: readonly string[]): number;
 }
@@ -110,7 +112,12 @@ export class MitigationPolicy {
   status() {
     this.prune();
     const s = this.settings;
-    const inForce = [...this.applied].map(([incident, a]) => ({ incident, fingerprint: a.fingerprint, rule_id: a.ruleId, expires_at: new Date(a.expiresAt).toISOString() }));
+    const inForce = [...this.applied].map(([incident, a]) => ({
+      incident,
+      fingerprint: a.fingerprint,
+      rule_id: a.ruleId,
+      expires_at: new Date(a.expiresAt).toISOString(),
+    }));
     return {
       mode: s.mode,
       budget: {
@@ -135,25 +142,42 @@ export class MitigationPolicy {
       refused.push({ fingerprint, reason });
       return { fingerprint: null, refused };
     };
-    if (incident.kind === 'database_wide') return none(null, 'database-wide incident: no single shape is its cause, so no shape is shed');
+    if (incident.kind === 'database_wide')
+      return none(null, 'database-wide incident: no single shape is its cause, so no shape is shed');
     // A lock held elsewhere or load from outside the proxy: shedding a shape would not help.
     const elsewhere = incident.causes.find((c) => c.conclusive && 'mitigable' in c && c.mitigable === false);
-    if (elsewhere !== undefined) return none(null, `the cause is not a shape through the proxy (${elsewhere.type}): shedding would not help`);
+    if (elsewhere !== undefined)
+      return none(null, `the cause is not a shape through the proxy (${elsewhere.type}): shedding would not help`);
     const root = incident.root !== undefined ? incident.root : incident.fingerprint;
     if (root === null) return none(null, 'the incident has no root shape');
-    if (root !== incident.fingerprint) refused.push({ fingerprint: incident.fingerprint, reason: `a victim of root shape ${root}: only the root is mitigated` });
+    if (root !== incident.fingerprint)
+      refused.push({
+        fingerprint: incident.fingerprint,
+        reason: `a victim of root shape ${root}: only the root is mitigated`,
+      });
     if (s.protect.has(root)) return none(root, 'the shape is on the protect list (mitigation_protect)');
     const shape = this.options.shapes.lookup(root);
     if (shape === undefined) return none(root, 'no shape with this fingerprint has been seen by this instance');
     if (shape.control) {
-      return none(root, `a transaction-control or session statement (${shape.kind || shape.command}): shedding it would fail the transactions and sessions around it`);
+      return none(
+        root,
+        `a transaction-control or session statement (${shape.kind || shape.command}): shedding it would fail the transactions and sessions around it`,
+      );
     }
     this.prune();
-    for (const a of this.applied.values()) if (a.fingerprint === root) return none(root, 'already mitigated by an automatic rule');
-    if (this.applied.size >= s.maxRules) return none(root, `budget: ${this.applied.size} automatic rule(s) in force already (mitigation_max_rules = ${s.maxRules})`);
+    for (const a of this.applied.values())
+      if (a.fingerprint === root) return none(root, 'already mitigated by an automatic rule');
+    if (this.applied.size >= s.maxRules)
+      return none(
+        root,
+        `budget: ${this.applied.size} automatic rule(s) in force already (mitigation_max_rules = ${s.maxRules})`,
+      );
     const share = this.options.shapes.trafficShare([...[...this.applied.values()].map((a) => a.fingerprint), root]);
     if (share > s.maxTrafficShare) {
-      return none(root, `budget: automatic rules would cover ${pct(share)} of recent calls (mitigation_max_traffic_share = ${pct(s.maxTrafficShare)})`);
+      return none(
+        root,
+        `budget: automatic rules would cover ${pct(share)} of recent calls (mitigation_max_traffic_share = ${pct(s.maxTrafficShare)})`,
+      );
     }
     return { fingerprint: root, refused };
   }
@@ -195,7 +219,13 @@ export class MitigationPolicy {
     const applied: Applied = { fingerprint, ruleId: rule.id, expiresAt, stored: false };
     this.applied.set(incident.id, applied);
     // Recorded now, as a dry-run records it: the decision is made; storing it may still fail.
-    this.record(incident, { action: 'shed', fingerprint, rule_id: rule.id, note: `enforce: ${plan} (rule ${rule.id})`, refused });
+    this.record(incident, {
+      action: 'shed',
+      fingerprint,
+      rule_id: rule.id,
+      note: `enforce: ${plan} (rule ${rule.id})`,
+      refused,
+    });
     this.options.store.add(rule).then(
       () => {
         applied.stored = true;
@@ -215,14 +245,28 @@ export class MitigationPolicy {
     this.applied.delete(incident.id);
     const { fingerprint, ruleId } = applied;
     if (ruleId === null) {
-      this.record(incident, { action: 'lift', fingerprint, rule_id: null, note: `dry-run: would lift the shed rule on shape ${fingerprint}: the incident resolved`, refused: [] });
+      this.record(incident, {
+        action: 'lift',
+        fingerprint,
+        rule_id: null,
+        note: `dry-run: would lift the shed rule on shape ${fingerprint}: the incident resolved`,
+        refused: [],
+      });
       return;
     }
     this.options.store.remove(ruleId, 'policy', 'lifted: the incident resolved').then(
       (removed) => {
-        if (removed) this.record(incident, { action: 'lift', fingerprint, rule_id: ruleId, note: `lifted rule ${ruleId}: shape ${fingerprint} recovered`, refused: [] });
+        if (removed)
+          this.record(incident, {
+            action: 'lift',
+            fingerprint,
+            rule_id: ruleId,
+            note: `lifted rule ${ruleId}: shape ${fingerprint} recovered`,
+            refused: [],
+          });
       },
-      (err: Error) => this.options.log.error({ err, rule: ruleId }, 'mitigation rule could not be lifted (its TTL will)'),
+      (err: Error) =>
+        this.options.log.error({ err, rule: ruleId }, 'mitigation rule could not be lifted (its TTL will)'),
     );
   }
 
@@ -236,17 +280,34 @@ export class MitigationPolicy {
 
   private record(incident: Incident, d: Omit<MitigationDecision, 'at' | 'incident' | 'mode'>): void {
     const o = this.options;
-    const decision: MitigationDecision = { at: new Date(o.clock.now()).toISOString(), incident: incident.id, mode: this.settings.mode, ...d };
+    const decision: MitigationDecision = {
+      at: new Date(o.clock.now()).toISOString(),
+      incident: incident.id,
+      mode: this.settings.mode,
+      ...d,
+    };
     this.decisions.push(decision);
     if (this.decisions.length > KEEP_DECISIONS) this.decisions.shift();
-    const refusals = d.refused.length ? ` (refused: ${d.refused.map((r) => `${r.fingerprint ?? 'incident'}: ${r.reason}`).join('; ')})` : '';
+    const refusals = d.refused.length
+      ? ` (refused: ${d.refused.map((r) => `${r.fingerprint ?? 'incident'}: ${r.reason}`).join('; ')})`
+      : '';
     o.events.add({
       type: 'mitigation',
       fingerprint: d.fingerprint ?? incident.fingerprint,
       summary: `${d.note}${d.action === 'none' ? '' : refusals}`,
       details: { incident: incident.id, mode: decision.mode, action: d.action, rule_id: d.rule_id, refused: d.refused },
     });
-    o.log.warn({ incident: incident.id, fingerprint: d.fingerprint, mode: decision.mode, action: d.action, rule: d.rule_id, refused: d.refused }, d.note);
+    o.log.warn(
+      {
+        incident: incident.id,
+        fingerprint: d.fingerprint,
+        mode: decision.mode,
+        action: d.action,
+        rule: d.rule_id,
+        refused: d.refused,
+      },
+      d.note,
+    );
     o.alert?.({ event: 'mitigation', decision });
   }
 }

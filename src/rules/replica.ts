@@ -84,7 +84,8 @@ export class ReplicaPool implements RerouteTarget {
     const user = decodeURIComponent(this.url.username);
     this.defaultDatabase = decodeURIComponent(this.url.pathname.slice(1)) || user;
     this.size = options.size ?? DEFAULT_SIZE;
-    if (!Number.isInteger(this.size) || this.size < 1) throw new Error(`replica ${options.name}: size must be a positive integer`);
+    if (!Number.isInteger(this.size) || this.size < 1)
+      throw new Error(`replica ${options.name}: size must be a positive integer`);
     this.connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     // The caller may already have bound the name (src/cli/app.ts does); pino would repeat the key.
     this.log = 'replica' in options.log.bindings() ? options.log : options.log.child({ replica: options.name });
@@ -179,7 +180,10 @@ class DatabasePool {
         // anything, try again, on a fresh connection once the idle ones are used
         // up. A fresh connection failing is the replica's answer.
         if (!(error instanceof ConnectionLost && connection.reused)) throw error;
-        this.log.info({ database: this.database, err: error }, 'replica connection was found dead; retrying on another');
+        this.log.info(
+          { database: this.database, err: error },
+          'replica connection was found dead; retrying on another',
+        );
       } finally {
         this.release(connection);
       }
@@ -335,9 +339,12 @@ class ReplicaConnection {
     try {
       await client.connect();
     } catch (error) {
-      throw new Error(`replica ${options.name}: cannot connect to database "${options.database}": ${(error as Error).message}`, {
-        cause: error,
-      });
+      throw new Error(
+        `replica ${options.name}: cannot connect to database "${options.database}": ${(error as Error).message}`,
+        {
+          cause: error,
+        },
+      );
     }
     // From here on the bytes are ours: pg's parser listens to 'data' only.
     const socket = client.connection.stream;
@@ -438,7 +445,7 @@ class ReplicaConnection {
     if (run !== null) run.sink.resumed = null;
     if (!this.paused) return;
     this.paused = false;
-    if (run !== null && run.sink.closed) this.clientGone();
+    if (run?.sink.closed) this.clientGone();
     else if (this.dead === null) this.socket.resume();
   }
 
@@ -479,12 +486,18 @@ class ReplicaConnection {
     const detail = run?.fatal ? `${reason} (${run.fatal})` : reason;
     const message = `replica ${this.options.name}: connection to database "${this.options.database}" lost: ${detail}`;
     const options = cause ? { cause } : undefined;
-    const error = run !== null && run.relayed > 0 ? new RerouteInterrupted(message, this.framer.midMessage, options) : new ConnectionLost(message, options);
+    const error =
+      run !== null && run.relayed > 0
+        ? new RerouteInterrupted(message, this.framer.midMessage, options)
+        : new ConnectionLost(message, options);
     this.dead = error;
     this.framer.stop();
     this.socket.destroy();
     if (run) {
-      this.options.log.warn({ database: this.options.database, reason: detail, relayed: run.relayed }, 'replica connection lost during a statement');
+      this.options.log.warn(
+        { database: this.options.database, reason: detail, relayed: run.relayed },
+        'replica connection lost during a statement',
+      );
       run.reject(error);
     } else {
       this.options.log.info({ database: this.options.database, reason }, 'idle replica connection lost');

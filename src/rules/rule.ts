@@ -54,7 +54,9 @@ const name = z.string().min(1).max(200);
 export const RuleInput = z
   .object({
     action: z.enum(['block', 'shed', 'reroute']),
-    fingerprint: z.string().regex(/^([0-9a-f]{16}|u[0-9a-f]{15}|overflow)$/, 'must be a shape fingerprint (16 hex digits)'),
+    fingerprint: z
+      .string()
+      .regex(/^([0-9a-f]{16}|u[0-9a-f]{15}|overflow)$/, 'must be a shape fingerprint (16 hex digits)'),
     user: name.nullish(),
     database: name.nullish(),
     application_name: name.nullish(),
@@ -62,7 +64,12 @@ export const RuleInput = z
     queue_timeout_ms: z.number().int().min(0).max(600_000).nullish(),
     target: name.nullish(),
     reason: z.string().min(1, 'a reason is required').max(1000),
-    ttl_s: z.number().int().positive().max(30 * 24 * 3600).nullish(),
+    ttl_s: z
+      .number()
+      .int()
+      .positive()
+      .max(30 * 24 * 3600)
+      .nullish(),
     created_by: name.nullish(),
     /** Needed for a rule on a transaction-control or session statement (see vetRule); not stored. */
     force: z.boolean().optional(),
@@ -72,9 +79,12 @@ export const RuleInput = z
     if (r.action === 'shed' && (r.max_concurrent === undefined || r.max_concurrent === null)) {
       ctx.addIssue({ code: 'custom', path: ['max_concurrent'], message: 'a shed rule needs max_concurrent' });
     }
-    if (r.action === 'reroute' && !r.target) ctx.addIssue({ code: 'custom', path: ['target'], message: 'a reroute rule needs a target' });
-    if (r.action !== 'shed' && r.max_concurrent != null) ctx.addIssue({ code: 'custom', path: ['max_concurrent'], message: 'only shed rules take max_concurrent' });
-    if (r.action !== 'reroute' && r.target != null) ctx.addIssue({ code: 'custom', path: ['target'], message: 'only reroute rules take a target' });
+    if (r.action === 'reroute' && !r.target)
+      ctx.addIssue({ code: 'custom', path: ['target'], message: 'a reroute rule needs a target' });
+    if (r.action !== 'shed' && r.max_concurrent != null)
+      ctx.addIssue({ code: 'custom', path: ['max_concurrent'], message: 'only shed rules take max_concurrent' });
+    if (r.action !== 'reroute' && r.target != null)
+      ctx.addIssue({ code: 'custom', path: ['target'], message: 'only reroute rules take a target' });
   });
 
 export type RuleInputValue = z.infer<typeof RuleInput>;
@@ -88,7 +98,13 @@ export const DEFAULT_QUEUE_TIMEOUT_MS = 1000;
 export function createRule(input: unknown, now: number, defaultCreator: string, id?: string): Rule {
   const parsed = RuleInput.safeParse(input);
   if (!parsed.success) {
-    throw new RuleError(parsed.error.issues.map((i) => `${i.path.join('.') || (i.code === 'unrecognized_keys' ? i.keys.join(', ') : 'body')}: ${i.message}`).join('; '));
+    throw new RuleError(
+      parsed.error.issues
+        .map(
+          (i) => `${i.path.join('.') || (i.code === 'unrecognized_keys' ? i.keys.join(', ') : 'body')}: ${i.message}`,
+        )
+        .join('; '),
+    );
   }
   const r = parsed.data;
   const base: RuleBase = {
@@ -157,7 +173,11 @@ export function vetRule(rule: Rule, shape: ShapeFacts | undefined, force: boolea
 }
 
 /** Whether a rule applies to a query of `fingerprint` run by this session. */
-export function ruleMatches(rule: Rule, fingerprint: string, session: { user: string; database: string; applicationName: string }): boolean {
+export function ruleMatches(
+  rule: Rule,
+  fingerprint: string,
+  session: { user: string; database: string; applicationName: string },
+): boolean {
   return (
     rule.fingerprint === fingerprint &&
     (rule.user === null || rule.user === session.user) &&
@@ -173,7 +193,8 @@ export function isExpired(rule: Rule, now: number): boolean {
 /** Check of a rule read back from a state file or the control database: its action's fields must fit. */
 export function isRule(value: unknown): value is Rule {
   const r = value as Rule;
-  if (typeof r !== 'object' || r === null || typeof r.id !== 'string' || typeof r.fingerprint !== 'string') return false;
+  if (typeof r !== 'object' || r === null || typeof r.id !== 'string' || typeof r.fingerprint !== 'string')
+    return false;
   if (typeof r.created_at !== 'string') return false;
   switch (r.action) {
     case 'block':

@@ -19,7 +19,12 @@ export class RuleStore {
   private timer: NodeJS.Timeout | null = null;
 
   constructor(
-    private readonly options: { clock: Clock; log: Logger; events: EventLog | null; persistence: RulePersistence | null },
+    private readonly options: {
+      clock: Clock;
+      log: Logger;
+      events: EventLog | null;
+      persistence: RulePersistence | null;
+    },
   ) {
     options.persistence?.onExternalChange((rules) => this.replaceAll(rules, 'another instance'));
   }

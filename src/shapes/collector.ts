@@ -40,7 +40,15 @@ export class ShapeCollector {
   private readonly latencyListeners: ShapeListener[] = [];
   /** Reused for the latencies replayed by ingest (listeners copy what they keep). */
   private readonly replayed = {
-    session: { id: -1, user: '', database: '', applicationName: '', clientAddress: '', replication: false, settings: new Map() },
+    session: {
+      id: -1,
+      user: '',
+      database: '',
+      applicationName: '',
+      clientAddress: '',
+      replication: false,
+      settings: new Map(),
+    },
     text: '',
     statement: null,
     statementIndex: 0,
@@ -53,7 +61,10 @@ export class ShapeCollector {
     refused: false,
   } satisfies QueryCompletion as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
 
-  private readonly queue = new CompletionQueue((c) => this.observe(c), (err) => this.options.log.error({ err }, 'recording a statement failed'));
+  private readonly queue = new CompletionQueue(
+    (c) => this.observe(c),
+    (err) => this.options.log.error({ err }, 'recording a statement failed'),
+  );
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -74,7 +85,8 @@ export class ShapeCollector {
   /** Records a summary of calls proxied elsewhere (a worker's window) and replays it to the listeners. */
   ingest(summary: ShapeSummary): ShapeStats {
     this.queries += summary.calls;
-    for (const [errorClass, n] of Object.entries(summary.errorsByClass)) this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + n);
+    for (const [errorClass, n] of Object.entries(summary.errorsByClass))
+      this.errorsByClass.set(errorClass, (this.errorsByClass.get(errorClass) ?? 0) + n);
     const stats = this.registry.ingest(summary, summary.sketch === null ? null : sketchFromJson(summary.sketch));
     // The overflow shape is a sum of many shapes: counted, never explained or judged.
     if (summary.fingerprint === OVERFLOW_FINGERPRINT) return stats;

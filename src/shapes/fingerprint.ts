@@ -52,8 +52,25 @@ export const CONTROL_KINDS: ReadonlySet<string> = new Set([
  * calling a statement control (PREPARE may be PREPARE TRANSACTION).
  */
 const CONTROL_WORDS: ReadonlySet<string> = new Set([
-  'BEGIN', 'START', 'COMMIT', 'END', 'ROLLBACK', 'ABORT', 'SAVEPOINT', 'RELEASE', 'PREPARE',
-  'SET', 'RESET', 'SHOW', 'DISCARD', 'LISTEN', 'UNLISTEN', 'DEALLOCATE', 'CLOSE', 'FETCH', 'MOVE',
+  'BEGIN',
+  'START',
+  'COMMIT',
+  'END',
+  'ROLLBACK',
+  'ABORT',
+  'SAVEPOINT',
+  'RELEASE',
+  'PREPARE',
+  'SET',
+  'RESET',
+  'SHOW',
+  'DISCARD',
+  'LISTEN',
+  'UNLISTEN',
+  'DEALLOCATE',
+  'CLOSE',
+  'FETCH',
+  'MOVE',
 ]);
 
 export interface ShapeFinderOptions {
@@ -88,7 +105,8 @@ const ENTRY_OVERHEAD_BYTES = 120;
  */
 function entryBytes(shapes: readonly StatementShape[], key: string): number {
   let bytes = ENTRY_OVERHEAD_BYTES + key.length * 2;
-  for (const shape of shapes) bytes += SHAPE_OVERHEAD_BYTES + (shape.query.length + shape.fingerprint.length + shape.command.length) * 2;
+  for (const shape of shapes)
+    bytes += SHAPE_OVERHEAD_BYTES + (shape.query.length + shape.fingerprint.length + shape.command.length) * 2;
   return bytes;
 }
 
@@ -176,7 +194,7 @@ export class ShapeFinder {
 }
 
 function computeShapes(text: string, scan: ScanResult | null): readonly StatementShape[] {
-  if (scan !== null && scan.multiStatement) {
+  if (scan?.multiStatement) {
     const statements = splitStatements(text);
     if (statements !== null && statements.length > 1) return statements.map((s) => shapeOfSingle(s, scanSql(s)));
   }
@@ -198,13 +216,25 @@ function shapeOfSingle(text: string, scan: ScanResult | null): StatementShape {
   // what the parser took for code may be inside a string: show nothing of it.
   if (scan?.backslashQuote) query = withheld(text, scan);
   const kind = statementKind(text, scan);
-  return { fingerprint, query: truncate(withoutComments(query)), fallback: false, command: scan?.firstWord ?? firstWordOf(query), kind, control: CONTROL_KINDS.has(kind) };
+  return {
+    fingerprint,
+    query: truncate(withoutComments(query)),
+    fallback: false,
+    command: scan?.firstWord ?? firstWordOf(query),
+    kind,
+    control: CONTROL_KINDS.has(kind),
+  };
 }
 
 /** Parse-tree kinds of the DML first words (WITH is parsed: its statement comes later). */
 const DML_KINDS: Readonly<Record<string, string>> = {
-  SELECT: 'SelectStmt', VALUES: 'SelectStmt', TABLE: 'SelectStmt', INSERT: 'InsertStmt',
-  UPDATE: 'UpdateStmt', DELETE: 'DeleteStmt', MERGE: 'MergeStmt',
+  SELECT: 'SelectStmt',
+  VALUES: 'SelectStmt',
+  TABLE: 'SelectStmt',
+  INSERT: 'InsertStmt',
+  UPDATE: 'UpdateStmt',
+  DELETE: 'DeleteStmt',
+  MERGE: 'MergeStmt',
 };
 
 /**
@@ -249,9 +279,19 @@ function fallbackShape(scan: ScanResult | null, text: string): StatementShape {
   const basis = scan?.key ?? text;
   const digest = createHash('sha256').update(basis).digest('hex');
   const shown = scan === null ? null : displayKey(scan);
-  const query = shown !== null ? truncate(shown) : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
+  const query =
+    shown !== null
+      ? truncate(shown)
+      : `${firstWordOf(text)} ... (unparsable statement of ${Buffer.byteLength(text)} bytes)`;
   const command = scan?.firstWord ?? firstWordOf(text);
-  return { fingerprint: `u${digest.slice(0, 15)}`, query, fallback: true, command, kind: '', control: CONTROL_WORDS.has(command) };
+  return {
+    fingerprint: `u${digest.slice(0, 15)}`,
+    query,
+    fallback: true,
+    command,
+    kind: '',
+    control: CONTROL_WORDS.has(command),
+  };
 }
 
 /**

@@ -85,7 +85,8 @@ export class FleetShape {
     this.calls += p.calls;
     this.timed += p.timed;
     this.errors += p.errors;
-    for (const [k, v] of Object.entries(p.errorsByClass)) this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
+    for (const [k, v] of Object.entries(p.errorsByClass))
+      this.errorsByClass.set(k, (this.errorsByClass.get(k) ?? 0) + v);
     this.rows += p.rows;
     this.totalMs += p.totalMs;
     const sketch = p.sketch === null ? null : sketchFromJson(p.sketch);
@@ -95,12 +96,19 @@ export class FleetShape {
     for (const n of p.users) this.users.add(n);
     for (const n of p.databases) this.databases.add(n);
     for (const n of p.applications) this.applications.add(n);
-    this.instances.push({ instance, calls: p.calls, p95_ms: sketch && sketch.count > 0 ? sketch.getValueAtQuantile(0.95) : 0 });
+    this.instances.push({
+      instance,
+      calls: p.calls,
+      p95_ms: sketch && sketch.count > 0 ? sketch.getValueAtQuantile(0.95) : 0,
+    });
   }
 }
 
 /** Merges the rows read from the control database; rows that are not summaries are skipped (and counted). */
-export function mergeFleet(rows: ReadonlyArray<{ instance: string; summary: unknown }>): { shapes: FleetShape[]; skipped: number } {
+export function mergeFleet(rows: ReadonlyArray<{ instance: string; summary: unknown }>): {
+  shapes: FleetShape[];
+  skipped: number;
+} {
   const byFingerprint = new Map<string, FleetShape>();
   let skipped = 0;
   for (const row of rows) {

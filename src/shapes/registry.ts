@@ -8,26 +8,12 @@ import type { Clock } from '../clock.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from './fingerprint.ts';
 import type { ShapeSummary } from './summary.ts';
+import { LATENCY_BUCKETS_MS, latencyBucket, OVERFLOW_FINGERPRINT, OVERFLOW_QUERY } from './buckets.ts';
 import { newSketch, ShapeSeries, type SeriesOptions, type SeriesPoint } from './series.ts';
 
-/** Fingerprint of the shape that absorbs evicted shapes. */
-export const OVERFLOW_FINGERPRINT = 'overflow';
-/**
- * Upper bounds (ms) of the per-shape latency histogram buckets, exported to
- * Prometheus as pgwarden_shape_latency_seconds (so rate() windows and fleet sums
- * work, which a lifetime quantile cannot). A last, implicit bucket is +Inf.
- */
-export const LATENCY_BUCKETS_MS: readonly number[] = [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000];
+export { LATENCY_BUCKETS_MS, latencyBucket, OVERFLOW_FINGERPRINT, OVERFLOW_QUERY } from './buckets.ts';
 const BUCKET_COUNT = LATENCY_BUCKETS_MS.length;
 
-/** Index into a latency bucket array (LATENCY_BUCKETS_MS, then +Inf) for a duration in ms. */
-export function latencyBucket(ms: number): number {
-  let b = 0;
-  while (b < BUCKET_COUNT && ms > LATENCY_BUCKETS_MS[b]) b++;
-  return b;
-}
-
-export const OVERFLOW_QUERY = '(shapes evicted by the shape cap)';
 /** How many distinct users, databases and application names are kept per shape. */
 const MAX_NAMES = 32;
 
@@ -130,7 +116,11 @@ export class ShapeStats {
     const session = c.session;
     if (session !== this.lastSession || session.applicationName !== this.lastApplication) {
       // Sessions of one application interleave (a pool): the same names, already listed.
-      const known = this.lastSession !== null && session.user === this.lastSession.user && session.database === this.lastSession.database && session.applicationName === this.lastApplication;
+      const known =
+        this.lastSession !== null &&
+        session.user === this.lastSession.user &&
+        session.database === this.lastSession.database &&
+        session.applicationName === this.lastApplication;
       this.lastSession = session;
       this.lastApplication = session.applicationName;
       if (!known) {
@@ -151,7 +141,8 @@ export class ShapeStats {
     this.totalMs += summary.totalMs;
     if (sketch !== null && sketch.count > 0) this.sketch.merge(sketch);
     if (summary.buckets !== undefined) {
-      for (let b = 0; b <= BUCKET_COUNT && b < summary.buckets.length; b++) this.latencyBuckets[b] += summary.buckets[b];
+      for (let b = 0; b <= BUCKET_COUNT && b < summary.buckets.length; b++)
+        this.latencyBuckets[b] += summary.buckets[b];
     }
     this.lastSeen = now;
     this.series.merge(now, summary.calls, summary.timed, summary.errors, summary.rows, summary.totalMs, sketch);
@@ -227,7 +218,14 @@ export class ShapeRegistry {
     // A worker's own overflow (its cap per report) joins this registry's overflow shape.
     let stats = summary.fingerprint === OVERFLOW_FINGERPRINT ? this.overflow : this.shapes.get(summary.fingerprint);
     if (stats === undefined) {
-      stats = new ShapeStats(summary.fingerprint, summary.query, summary.command, summary.fallback, now, this.options.series);
+      stats = new ShapeStats(
+        summary.fingerprint,
+        summary.query,
+        summary.command,
+        summary.fallback,
+        now,
+        this.options.series,
+      );
       stats.kind = summary.kind ?? '';
       stats.control = summary.control ?? false;
       this.shapes.set(summary.fingerprint, stats);

@@ -110,7 +110,15 @@ export class ShapeSeries {
    * Adds a batch of calls summarized elsewhere (a worker's window, see summary.ts)
    * to the bucket holding `at`; `sketch` holds the timed calls' latencies.
    */
-  merge(at: number, calls: number, timed: number, errors: number, rows: number, totalMs: number, sketch: DDSketch | null): void {
+  merge(
+    at: number,
+    calls: number,
+    timed: number,
+    errors: number,
+    rows: number,
+    totalMs: number,
+    sketch: DDSketch | null,
+  ): void {
     const bucket = Math.floor(at / this.options.bucketMs);
     const e = (bucket === this.lastBucket ? this.lastEntry : this.entryOf(bucket)) * FIELDS;
     const data = this.data;
@@ -147,7 +155,8 @@ export class ShapeSeries {
       const bucket = this.data[e + BUCKET];
       const sketch = this.sketches.get(bucket);
       const timed = this.data[e + TIMED];
-      const q = (k: number, quantile: number) => (timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.data[e + P50 + k]);
+      const q = (k: number, quantile: number) =>
+        timed === 0 ? 0 : sketch ? sketch.getValueAtQuantile(quantile) : this.data[e + P50 + k];
       return {
         t: bucket * bucketMs,
         calls: this.data[e + CALLS],

@@ -44,14 +44,43 @@ export interface ScanResult {
  * float(53) is not): numbers in their parentheses stay in the key.
  */
 /** A well-formed numeric literal (PostgreSQL 16+ forms included). */
-const NUMBER = /^(?:0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*|0[oO][0-7]+(?:_[0-7]+)*|0[bB][01]+(?:_[01]+)*|(?:\d+(?:_\d+)*)?(?:\.\d*)?(?:[eE][+-]?\d+)?)$/;
+const NUMBER =
+  /^(?:0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*|0[oO][0-7]+(?:_[0-7]+)*|0[bB][01]+(?:_[01]+)*|(?:\d+(?:_\d+)*)?(?:\.\d*)?(?:[eE][+-]?\d+)?)$/;
 
 /** Keywords that end an ORDER BY / GROUP BY list, whose numbers are column positions. */
-const END_OF_BY_LIST = new Set(['LIMIT', 'OFFSET', 'FETCH', 'FOR', 'HAVING', 'WINDOW', 'UNION', 'INTERSECT', 'EXCEPT', 'RETURNING', 'ON', 'ROWS', 'RANGE', 'GROUPS']);
+const END_OF_BY_LIST = new Set([
+  'LIMIT',
+  'OFFSET',
+  'FETCH',
+  'FOR',
+  'HAVING',
+  'WINDOW',
+  'UNION',
+  'INTERSECT',
+  'EXCEPT',
+  'RETURNING',
+  'ON',
+  'ROWS',
+  'RANGE',
+  'GROUPS',
+]);
 
 const TYPES_WITH_MODIFIERS = new Set([
-  'FLOAT', 'NUMERIC', 'DECIMAL', 'VARCHAR', 'CHAR', 'CHARACTER', 'BIT', 'VARBIT', 'VARYING',
-  'TIME', 'TIMESTAMP', 'TIMETZ', 'TIMESTAMPTZ', 'INTERVAL', 'PRECISION',
+  'FLOAT',
+  'NUMERIC',
+  'DECIMAL',
+  'VARCHAR',
+  'CHAR',
+  'CHARACTER',
+  'BIT',
+  'VARBIT',
+  'VARYING',
+  'TIME',
+  'TIMESTAMP',
+  'TIMETZ',
+  'TIMESTAMPTZ',
+  'INTERVAL',
+  'PRECISION',
 ]);
 
 /** By lower-cased first letter: 1 where a word may be one of TYPES_WITH_MODIFIERS. */
@@ -65,7 +94,12 @@ function allDigits(text: string, start: number, end: number): boolean {
 
 function isIdentChar(c: number): boolean {
   return (
-    (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c === 0x5f || c === DOLLAR || c >= 0x80
+    (c >= 0x61 && c <= 0x7a) ||
+    (c >= 0x41 && c <= 0x5a) ||
+    (c >= 0x30 && c <= 0x39) ||
+    c === 0x5f ||
+    c === DOLLAR ||
+    c >= 0x80
   );
 }
 
@@ -105,7 +139,12 @@ export function scanSql(text: string): ScanResult | null {
       i++;
       continue;
     }
-    if (sawSemicolon && c !== SEMICOLON && !(c === DASH && text.charCodeAt(i + 1) === DASH) && !(c === SLASH && text.charCodeAt(i + 1) === STAR)) {
+    if (
+      sawSemicolon &&
+      c !== SEMICOLON &&
+      !(c === DASH && text.charCodeAt(i + 1) === DASH) &&
+      !(c === SLASH && text.charCodeAt(i + 1) === STAR)
+    ) {
       multiStatement = true;
     }
     if (c === SEMICOLON || c === 0x29 /* ) */) inByList = false;
@@ -164,7 +203,9 @@ export function scanSql(text: string): ScanResult | null {
       // A malformed number (0xZZ, 1__0, 1_) does not parse while a well-formed one
       // does: it stays in the key as written, like a column position in ORDER BY.
       // Plain digits (most numbers) are well-formed without the regular expression.
-      const malformed = (end < n && isIdentChar(text.charCodeAt(end))) || (!allDigits(text, i, end) && !NUMBER.test(text.slice(i, end)));
+      const malformed =
+        (end < n && isIdentChar(text.charCodeAt(end))) ||
+        (!allDigits(text, i, end) && !NUMBER.test(text.slice(i, end)));
       if (!inByList && !malformed) replace(i, end, LITERAL_MARK);
       i = end;
       continue;
@@ -175,17 +216,20 @@ export function scanSql(text: string): ScanResult | null {
       // Upper-cased only when it may be a keyword that matters here: most words are
       // names, and a string per name was most of the scan's garbage.
       const len = i - start;
-      const word = len <= 11 && (firstWord === '' || len === 2 || inByList || MAY_BE_TYPE[c | 0x20] === 1) ? text.slice(start, i).toUpperCase() : '';
+      const word =
+        len <= 11 && (firstWord === '' || len === 2 || inByList || MAY_BE_TYPE[c | 0x20] === 1)
+          ? text.slice(start, i).toUpperCase()
+          : '';
       if (firstWord === '' && !sawSemicolon) firstWord = word || text.slice(start, i).toUpperCase();
       if (word === 'BY') inByList = true;
       else if (END_OF_BY_LIST.has(word)) inByList = false;
       // E'...' takes backslash escapes; B'..', X'..', N'..' are plain: the prefix stays.
       if (i - start === 1 && text.charCodeAt(i) === QUOTE) {
-        const escape = c === 0x45 || c === 0x65;
-        if (escape) literalsMatter = true;
-        const end = skipQuoted(text, i, escape);
+        const escapes = c === 0x45 || c === 0x65;
+        if (escapes) literalsMatter = true;
+        const end = skipQuoted(text, i, escapes);
         if (end < 0) return null;
-        if (!escape && text.charCodeAt(end - 2) === BACKSLASH) backslashQuote = true;
+        if (!escapes && text.charCodeAt(end - 2) === BACKSLASH) backslashQuote = true;
         replace(i, end, LITERAL_MARK);
         i = end;
       } else if (TYPES_WITH_MODIFIERS.has(word)) {
@@ -275,7 +319,7 @@ function skipNumber(text: string, start: number): number {
   if (text.charCodeAt(i) === 0x30 && (radix === 0x78 || radix === 0x6f || radix === 0x62)) {
     // 0x hexadecimal, 0o octal, 0b binary (PostgreSQL 16+)
     i += 2;
-    while (i < n && (isIdentChar(text.charCodeAt(i)) && text.charCodeAt(i) !== DOLLAR)) i++;
+    while (i < n && isIdentChar(text.charCodeAt(i)) && text.charCodeAt(i) !== DOLLAR) i++;
     return i;
   }
   while (i < n && (isDigit(text.charCodeAt(i)) || text.charCodeAt(i) === 0x5f)) i++;

@@ -10,12 +10,12 @@
 // shape lookup, a map access and counter updates, like the collector it replaces
 // there; exemplars are copied at most once a second per shape.
 
-import { DDSketch } from '@datadog/sketches-js';
+import type { DDSketch } from '@datadog/sketches-js';
 import { LRUCache } from 'lru-cache';
 import type { Clock } from '../clock.ts';
 import type { QueryCompletion, QueryObserver, SessionInfo } from '../proxy/seam.ts';
 import type { ShapeFinder, StatementShape } from './fingerprint.ts';
-import { LATENCY_BUCKETS_MS, latencyBucket, OVERFLOW_FINGERPRINT, OVERFLOW_QUERY } from './registry.ts';
+import { LATENCY_BUCKETS_MS, latencyBucket, OVERFLOW_FINGERPRINT, OVERFLOW_QUERY } from './buckets.ts';
 import { newSketch } from './series.ts';
 
 /**
@@ -181,7 +181,12 @@ export class SummaryBatcher {
   private readonly everyExecutionOf: ReadonlySet<string>;
   private readonly maxEveryExecution: number;
   private readonly maxShapes: number;
-  private static readonly overflowShape: StatementShape = { fingerprint: OVERFLOW_FINGERPRINT, query: OVERFLOW_QUERY, command: '', fallback: true };
+  private static readonly overflowShape: StatementShape = {
+    fingerprint: OVERFLOW_FINGERPRINT,
+    query: OVERFLOW_QUERY,
+    command: '',
+    fallback: true,
+  };
 
   constructor(
     private readonly finder: ShapeFinder,
@@ -248,7 +253,8 @@ export class SummaryBatcher {
     const out: ShapeSummary[] = [];
     for (const p of this.pending.values()) {
       const recent: number[] = [];
-      for (let i = 0; i < p.recentCount; i++) recent.push(p.recent[(p.recentNext - p.recentCount + i + p.recent.length) % p.recent.length]);
+      for (let i = 0; i < p.recentCount; i++)
+        recent.push(p.recent[(p.recentNext - p.recentCount + i + p.recent.length) % p.recent.length]);
       out.push({
         fingerprint: p.shape.fingerprint,
         query: p.shape.query,

@@ -145,7 +145,10 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
     const pollMs = options.pollMs ?? DEFAULT_POLL_MS;
     control.pollTimer = setInterval(() => control.poll(), pollMs);
     control.pollTimer.unref();
-    control.log.info({ where: control.where, rules: control.rules.size, incidents: control.incidents.length }, 'control database connected');
+    control.log.info(
+      { where: control.where, rules: control.rules.size, incidents: control.incidents.length },
+      'control database connected',
+    );
     return control;
   }
 
@@ -203,7 +206,13 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
            on conflict (id) do update set instance = excluded.instance, incident = excluded.incident, updated_at = now()
            returning id)
          select pg_notify($4, $5) from saved`,
-        [incident.id, this.options.instance, JSON.stringify(incident), INCIDENTS_CHANNEL, this.payload('publish', incident.id)],
+        [
+          incident.id,
+          this.options.instance,
+          JSON.stringify(incident),
+          INCIDENTS_CHANNEL,
+          this.payload('publish', incident.id),
+        ],
       ),
     );
   }
@@ -297,7 +306,9 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
 
   private async ensureDetectorTable(client: pg.PoolClient): Promise<void> {
     if (this.detectorTableReady) return;
-    const { rows } = await client.query<{ ready: boolean }>(`select to_regclass('pgwarden.detector_state') is not null as ready`);
+    const { rows } = await client.query<{ ready: boolean }>(
+      `select to_regclass('pgwarden.detector_state') is not null as ready`,
+    );
     if (!rows[0].ready) await client.query(DETECTOR_STATE_DDL);
     this.detectorTableReady = true;
   }
@@ -378,7 +389,10 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
       // Refused connections are the outage already reported; anything else (a
       // dropped schema, lost privileges) needs a person.
       const level = isConnectionError(error) ? 'debug' : 'warn';
-      this.log[level]({ err: error, where: this.where, nextAttemptMs: this.reconnectDelay }, 'control database: reconnecting failed');
+      this.log[level](
+        { err: error, where: this.where, nextAttemptMs: this.reconnectDelay },
+        'control database: reconnecting failed',
+      );
       this.scheduleReconnect();
       return;
     }
@@ -406,7 +420,10 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
       if (client !== undefined && isConnectionError(error)) {
         this.listenerLost(client, error);
       } else {
-        this.log.warn({ err: error, where: this.where }, `control database: cannot reload ${what}; keeping the last known ones`);
+        this.log.warn(
+          { err: error, where: this.where },
+          `control database: cannot reload ${what}; keeping the last known ones`,
+        );
       }
     });
   }
@@ -426,7 +443,11 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
     const rules = new Map<string, Rule>();
     for (const row of rows) {
       if (isRule(row.rule)) rules.set(row.rule.id, row.rule);
-      else this.log.warn({ entry: row.rule, where: this.where }, 'control database: skipping a stored entry that is not a rule');
+      else
+        this.log.warn(
+          { entry: row.rule, where: this.where },
+          'control database: skipping a stored entry that is not a rule',
+        );
     }
     const changed = !isDeepStrictEqual(rules, this.rules);
     this.rules = rules;
@@ -440,7 +461,11 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
       'select id, instance, incident from pgwarden.incidents order by updated_at desc, id limit $1',
       [MAX_INCIDENTS],
     );
-    this.incidents = rows.map((row) => ({ ...(row.incident as Record<string, unknown>), id: row.id, instance: row.instance }));
+    this.incidents = rows.map((row) => ({
+      ...(row.incident as Record<string, unknown>),
+      id: row.id,
+      instance: row.instance,
+    }));
   }
 
   private notifyListeners(): void {
@@ -456,7 +481,11 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
 
   // --- changes (on the pool) -------------------------------------------------
 
-  private async mutate(what: string, run: (client: pg.PoolClient) => Promise<unknown>, apply: () => void): Promise<void> {
+  private async mutate(
+    what: string,
+    run: (client: pg.PoolClient) => Promise<unknown>,
+    apply: () => void,
+  ): Promise<void> {
     this.assertReachable(what);
     this.mutationsInFlight++;
     try {
@@ -504,9 +533,12 @@ export class ControlDatabase implements RulePersistence, IncidentSharing, Detect
   }
 
   private unreachable(what: string, error: unknown): ControlDatabaseUnreachableError {
-    return new ControlDatabaseUnreachableError(`control database ${this.where} is unreachable: cannot ${what}: ${describeError(error)}`, {
-      cause: error,
-    });
+    return new ControlDatabaseUnreachableError(
+      `control database ${this.where} is unreachable: cannot ${what}: ${describeError(error)}`,
+      {
+        cause: error,
+      },
+    );
   }
 
   private payload(op: string, id: string): string {
@@ -593,7 +625,8 @@ function isConnectionError(error: unknown): boolean {
 function describeError(error: unknown): string {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
-    const message = error.message || (error instanceof AggregateError ? error.errors.map(describeError).join('; ') : error.name);
+    const message =
+      error.message || (error instanceof AggregateError ? error.errors.map(describeError).join('; ') : error.name);
     return code === undefined ? message : `${message} (${String(code)})`;
   }
   return String(error);

@@ -63,7 +63,12 @@ export class StateFile implements RulePersistence, DetectorStateStore {
   loadDetectorState(): Promise<DetectorState | null> {
     return this.serialized(async () => {
       const detector = (await this.readContents()).detector;
-      return typeof detector === 'object' && detector !== null && Array.isArray(detector.baselines) && Array.isArray(detector.incidents) ? detector : null;
+      return typeof detector === 'object' &&
+        detector !== null &&
+        Array.isArray(detector.baselines) &&
+        Array.isArray(detector.incidents)
+        ? detector
+        : null;
     });
   }
 
@@ -112,7 +117,9 @@ export class StateFile implements RulePersistence, DetectorStateStore {
     }
     const contents = parsed as Partial<StateFileContents> | null;
     if (typeof contents !== 'object' || contents === null || Array.isArray(contents)) {
-      throw new Error(`state file ${this.path}: expected an object { "version": ${VERSION}, "rules": [...] }, got ${describe(parsed)}`);
+      throw new Error(
+        `state file ${this.path}: expected an object { "version": ${VERSION}, "rules": [...] }, got ${describe(parsed)}`,
+      );
     }
     if (contents.version !== VERSION) {
       throw new Error(
@@ -150,7 +157,10 @@ export class StateFile implements RulePersistence, DetectorStateStore {
       // Entries that failed validation are written back untouched, for the operator to repair.
       const { detector, ...rest } = { ...contents, rules: [...contents.rules, ...this.invalid] };
       const text = JSON.stringify(rest, null, 2);
-      await handle.writeFile(detector === undefined ? `${text}\n` : `${text.slice(0, -2)},\n  "detector": ${JSON.stringify(detector)}\n}\n`, 'utf8');
+      await handle.writeFile(
+        detector === undefined ? `${text}\n` : `${text.slice(0, -2)},\n  "detector": ${JSON.stringify(detector)}\n}\n`,
+        'utf8',
+      );
       await handle.sync();
       await handle.close();
       handle = undefined;

@@ -25,7 +25,16 @@ import { statsVariants } from './representative.ts';
 import { analyzeStatement, type LockMode, type StatementAnalysis } from './statement.ts';
 
 /** Commands EXPLAIN describes; other shapes (DDL, SET...) are not checked. */
-export const EXPLAINABLE_COMMANDS = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
+export const EXPLAINABLE_COMMANDS = new Set([
+  'SELECT',
+  'INSERT',
+  'UPDATE',
+  'DELETE',
+  'WITH',
+  'VALUES',
+  'TABLE',
+  'MERGE',
+]);
 /** PostgreSQL 16 added EXPLAIN (GENERIC_PLAN). */
 const GENERIC_PLAN_SINCE = 16;
 const SAVEPOINT = 'pgw_check';
@@ -156,7 +165,8 @@ export async function checkMigration(options: CheckOptions): Promise<CheckReport
   client.on('error', () => undefined); // reported by the query that was running
   let notices: string[] | null = null;
   client.on('notice', (n) => {
-    if (notices !== null && typeof n.message === 'string' && n.message.startsWith('rewritten parse tree')) notices.push(n.detail ?? '');
+    if (notices !== null && typeof n.message === 'string' && n.message.startsWith('rewritten parse tree'))
+      notices.push(n.detail ?? '');
   });
   const guard = new Guard(client, options);
   try {
@@ -165,14 +175,19 @@ export async function checkMigration(options: CheckOptions): Promise<CheckReport
     } catch (error) {
       throw guard.reason ?? new CheckError(`cannot connect to ${database}: ${messageOf(error)}`, 'connection');
     }
-    const run: Run = async <R extends pg.QueryResultRow>(sql: string, values?: unknown[]): Promise<pg.QueryResult<R>> => {
+    const run: Run = async <R extends pg.QueryResultRow>(
+      sql: string,
+      values?: unknown[],
+    ): Promise<pg.QueryResult<R>> => {
       try {
         return await client.query<R>(sql, values);
       } catch (error) {
         throw guard.reason ?? error;
       }
     };
-    const { rows } = await run<{ server_version: string; num: string }>("select current_setting('server_version') as server_version, current_setting('server_version_num') as num");
+    const { rows } = await run<{ server_version: string; num: string }>(
+      "select current_setting('server_version') as server_version, current_setting('server_version_num') as num",
+    );
     const major = Math.floor(Number(rows[0].num) / 10_000);
     const explainer = new Explainer(run, major);
     const setRole = async () => {
@@ -181,7 +196,10 @@ export async function checkMigration(options: CheckOptions): Promise<CheckReport
         await run(`SET LOCAL ROLE ${quoteIdent(role)}`);
       } catch (error) {
         if (error instanceof CheckError) throw error;
-        throw new CheckError(`cannot plan as --explain-role ${role}: ${messageOf(error)} (the check's role must be a member of it)`, 'connection');
+        throw new CheckError(
+          `cannot plan as --explain-role ${role}: ${messageOf(error)} (the check's role must be a member of it)`,
+          'connection',
+        );
       }
     };
 
@@ -232,7 +250,10 @@ export async function checkMigration(options: CheckOptions): Promise<CheckReport
               await run(statement.run!);
             } catch (error) {
               if (error instanceof CheckError) throw error;
-              throw new CheckError(`the migration failed at statement ${statement.index} (line ${statement.line}): ${messageOf(error)}${hintFor(error)}; nothing was changed`, 'migration');
+              throw new CheckError(
+                `the migration failed at statement ${statement.index} (line ${statement.line}): ${messageOf(error)}${hintFor(error)}; nothing was changed`,
+                'migration',
+              );
             }
           }),
         );
@@ -256,7 +277,9 @@ export async function checkMigration(options: CheckOptions): Promise<CheckReport
     const results = planned.map((p, i) => judge(p, before[i], after[i], options.costRatio, dropped));
     const locks = lockImpact(observed, planned.map(touchOf), options.longLockMs ?? 1000);
     if (!trusted && results.some((r) => r.verdict === 'not_checked' && r.error?.startsWith(NOT_PLANNED))) {
-      notes.push('shapes that call functions or operators outside pg_catalog were not planned: planning can run them, and they would run as the check\'s role (give --explain-role ROLE to plan them as that role)');
+      notes.push(
+        "shapes that call functions or operators outside pg_catalog were not planned: planning can run them, and they would run as the check's role (give --explain-role ROLE to plan them as that role)",
+      );
     }
     return {
       database,
@@ -287,13 +310,22 @@ function plan(shape: WorkloadShape): Planned {
   try {
     analysis = analyzeStatement(explainableStatement(shape.query));
   } catch (error) {
-    return { shape, analysis: null, statement: { error: messageOf(error) }, paramCount: 0, variants: [], blocked: null, productionIndexes };
+    return {
+      shape,
+      analysis: null,
+      statement: { error: messageOf(error) },
+      paramCount: 0,
+      variants: [],
+      blocked: null,
+      productionIndexes,
+    };
   }
   const paramCount = analysis.paramCount;
   const samples = (shape.samples ?? []).filter((s) => s.length === paramCount);
   let variants: Variant[];
   if (paramCount === 0) variants = [{ mode: 'exact', values: null, sample: null, detail: null }];
-  else if (samples.length > 0) variants = samples.map((values, i) => ({ mode: 'sample' as const, values, sample: i, detail: null }));
+  else if (samples.length > 0)
+    variants = samples.map((values, i) => ({ mode: 'sample' as const, values, sample: i, detail: null }));
   else variants = [{ mode: 'generic', values: null, sample: null, detail: null }];
   return { shape, analysis, statement: analysis.text, paramCount, variants, blocked: null, productionIndexes };
 }
@@ -324,9 +356,16 @@ async function firstPhase(p: Planned, ctx: PhaseContext): Promise<Outcome[]> {
     const declared = await ctx.explainer.parameterTypes(p.shape.param_types ?? [], p.paramCount);
     const prepare = `PREPARE ${PREPARED}${p.paramCount > 0 ? ` (${declared.join(', ')})` : ''} AS ${statement}`;
     trees = await ctx.collect(async () => {
-      await ctx.run(ctx.trusted ? prepare : `SET LOCAL debug_print_rewritten = on; SET LOCAL debug_pretty_print = off; SET LOCAL client_min_messages = log; ${prepare}; SET LOCAL debug_print_rewritten = off; SET LOCAL client_min_messages TO DEFAULT`);
+      await ctx.run(
+        ctx.trusted
+          ? prepare
+          : `SET LOCAL debug_print_rewritten = on; SET LOCAL debug_pretty_print = off; SET LOCAL client_min_messages = log; ${prepare}; SET LOCAL debug_print_rewritten = off; SET LOCAL client_min_messages TO DEFAULT`,
+      );
     });
-    const { rows } = await ctx.run<{ types: string[] }>('select parameter_types::text[] as types from pg_prepared_statements where name = $1', [PREPARED]);
+    const { rows } = await ctx.run<{ types: string[] }>(
+      'select parameter_types::text[] as types from pg_prepared_statements where name = $1',
+      [PREPARED],
+    );
     types = rows[0]?.types ?? [];
     await ctx.run(`DEALLOCATE ${PREPARED}`);
   } catch (error) {
@@ -384,7 +423,10 @@ function indexesOf(plan: readonly string[]): string[] {
 async function existingIndexes(run: Run, planned: readonly Planned[]): Promise<string[]> {
   const names = [...new Set(planned.flatMap((p) => p.productionIndexes))];
   if (names.length === 0) return [];
-  const { rows } = await run<{ name: string }>("select n as name from unnest($1::text[]) n where exists (select 1 from pg_class c where c.relname = n and c.relkind in ('i', 'I'))", [names]);
+  const { rows } = await run<{ name: string }>(
+    "select n as name from unnest($1::text[]) n where exists (select 1 from pg_class c where c.relname = n and c.relkind in ('i', 'I'))",
+    [names],
+  );
   return rows.map((r) => r.name);
 }
 
@@ -393,7 +435,13 @@ function touchOf(p: Planned): ShapeTouch {
   const relations = new Map<string, LockMode>();
   for (const r of p.analysis?.relations ?? []) relations.set(r.name, r.lock);
   for (const name of p.shape.relations ?? []) if (!relations.has(name)) relations.set(name, 'AccessShareLock');
-  return { fingerprint: p.shape.fingerprint, query: p.shape.query, callsPerS: p.shape.calls_per_s, calls: p.shape.calls, relations };
+  return {
+    fingerprint: p.shape.fingerprint,
+    query: p.shape.query,
+    callsPerS: p.shape.calls_per_s,
+    calls: p.shape.calls,
+    relations,
+  };
 }
 
 type Run = <R extends pg.QueryResultRow>(sql: string, values?: unknown[]) => Promise<pg.QueryResult<R>>;
@@ -439,7 +487,9 @@ class Explainer {
         const candidate = `pgw_check_${++this.prepared}`;
         await this.run(`PREPARE ${candidate} (${types.join(', ')}) AS ${statement}`);
         name = candidate;
-        result = await this.run(`EXPLAIN (FORMAT JSON) EXECUTE ${name} (${new Array(p.paramCount).fill('NULL').join(', ')})`);
+        result = await this.run(
+          `EXPLAIN (FORMAT JSON) EXECUTE ${name} (${new Array(p.paramCount).fill('NULL').join(', ')})`,
+        );
       }
       const plan = result.rows[0]?.['QUERY PLAN'];
       if (plan === undefined) throw new Error('EXPLAIN returned no QUERY PLAN row');
@@ -448,7 +498,11 @@ class Explainer {
       if (error instanceof CheckError) throw error;
       // A busy database, not the shape: the check cannot vouch for anything then.
       const code = (error as { code?: unknown }).code;
-      if (code === '55P03' || code === '57014') throw new CheckError(`explaining shape ${p.shape.fingerprint}: ${messageOf(error)}${hintFor(error)}`, 'timeout');
+      if (code === '55P03' || code === '57014')
+        throw new CheckError(
+          `explaining shape ${p.shape.fingerprint}: ${messageOf(error)}${hintFor(error)}`,
+          'timeout',
+        );
       await this.recover();
       return { error: messageOf(error), ...(typeof code === 'string' ? { code } : {}) };
     } finally {
@@ -460,22 +514,50 @@ class Explainer {
   async parameterTypes(declared: readonly number[], count: number): Promise<string[]> {
     const missing = [...new Set(declared.filter((oid) => oid !== 0 && !this.typeNames.has(oid)))];
     if (missing.length > 0) {
-      const { rows } = await this.run<{ oid: number; name: string }>('select oid::int as oid, format_type(oid, null) as name from pg_type where oid = any($1::oid[])', [missing]);
+      const { rows } = await this.run<{ oid: number; name: string }>(
+        'select oid::int as oid, format_type(oid, null) as name from pg_type where oid = any($1::oid[])',
+        [missing],
+      );
       for (const row of rows) this.typeNames.set(row.oid, row.name);
     }
     return Array.from({ length: count }, (_, i) => this.typeNames.get(declared[i] ?? 0) ?? 'unknown');
   }
 }
 
-function judge(p: Planned, before: Outcome[], after: Outcome[], threshold: number, dropped: ReadonlySet<string>): ShapeResult {
+function judge(
+  p: Planned,
+  before: Outcome[],
+  after: Outcome[],
+  threshold: number,
+  dropped: ReadonlySet<string>,
+): ShapeResult {
   const typedLiterals = p.analysis?.typedLiterals ?? 0;
-  const base = { shape: p.shape, before: null, after: null, diff: null, costRatio: null, error: null, sample: null, mode: null, modeDetail: null, reproduced: null, warning: null, typedLiterals };
+  const base = {
+    shape: p.shape,
+    before: null,
+    after: null,
+    diff: null,
+    costRatio: null,
+    error: null,
+    sample: null,
+    mode: null,
+    modeDetail: null,
+    reproduced: null,
+    warning: null,
+    typedLiterals,
+  };
   if (p.blocked !== null) return { ...base, verdict: 'not_checked', error: p.blocked };
   const production = p.shape.plan_fingerprint;
-  const planned = before.map((b, i) => ({ b, i })).filter((x): x is { b: { summary: PlanSummary }; i: number } => 'summary' in x.b);
+  const planned = before
+    .map((b, i) => ({ b, i }))
+    .filter((x): x is { b: { summary: PlanSummary }; i: number } => 'summary' in x.b);
   if (planned.length === 0) {
     const first = before.find((o) => 'error' in o) as { error: string } | undefined;
-    return { ...base, verdict: 'not_checked', error: `does not plan before the migration: ${first?.error ?? 'nothing to explain'}` };
+    return {
+      ...base,
+      verdict: 'not_checked',
+      error: `does not plan before the migration: ${first?.error ?? 'nothing to explain'}`,
+    };
   }
   const reproducing = production === null ? [] : planned.filter((x) => x.b.summary.fingerprint === production);
   const reproduced = production === null ? null : reproducing.length > 0;
@@ -484,12 +566,23 @@ function judge(p: Planned, before: Outcome[], after: Outcome[], threshold: numbe
   const candidates: ShapeResult[] = [];
   for (const { b, i } of considered) {
     const variant = p.variants[i];
-    const common = { ...base, before: b.summary, sample: variant.sample, mode: variant.mode, modeDetail: variant.detail, reproduced };
+    const common = {
+      ...base,
+      before: b.summary,
+      sample: variant.sample,
+      mode: variant.mode,
+      modeDetail: variant.detail,
+      reproduced,
+    };
     const a = after[i];
     if (a === undefined) continue;
     if (!('summary' in a)) {
       if (a.code === '42501') {
-        candidates.push({ ...common, verdict: 'not_checked', error: `cannot be planned after the migration as the explain role: ${a.error}` });
+        candidates.push({
+          ...common,
+          verdict: 'not_checked',
+          error: `cannot be planned after the migration as the explain role: ${a.error}`,
+        });
         continue;
       }
       candidates.push({ ...common, verdict: 'regression', error: a.error });
@@ -498,11 +591,18 @@ function judge(p: Planned, before: Outcome[], after: Outcome[], threshold: numbe
     const ratio = costRatio(b.summary.totalCost, a.summary.totalCost);
     const changed = b.summary.fingerprint !== a.summary.fingerprint;
     const verdict: Verdict = changed && ratio >= threshold ? 'regression' : changed ? 'changed' : 'unchanged';
-    candidates.push({ ...common, verdict, after: a.summary, diff: changed ? diffPlans(b.summary, a.summary) : null, costRatio: ratio });
+    candidates.push({
+      ...common,
+      verdict,
+      after: a.summary,
+      diff: changed ? diffPlans(b.summary, a.summary) : null,
+      costRatio: ratio,
+    });
   }
   if (candidates.length === 0) return { ...base, verdict: 'not_checked', error: 'no plan after the migration' };
   // The worst variant speaks for the shape: failing to plan, then the largest cost growth.
-  const rank = (r: ShapeResult) => (r.verdict === 'regression' ? 3 : r.verdict === 'changed' ? 2 : r.verdict === 'unchanged' ? 1 : 0);
+  const rank = (r: ShapeResult) =>
+    r.verdict === 'regression' ? 3 : r.verdict === 'changed' ? 2 : r.verdict === 'unchanged' ? 1 : 0;
   let worst = candidates.reduce((w, r) => {
     if (rank(r) !== rank(w)) return rank(r) > rank(w) ? r : w;
     if (w.after === null) return w;
@@ -545,7 +645,8 @@ async function unusableIndexes(run: Run): Promise<string[]> {
       where i.indcheckxmin and i.xmin::text = (txid_current() % 4294967296)::text`,
   );
   return rows.map(
-    (r) => `index ${r.name} is not usable by the planner inside the check's transaction (indcheckxmin: its table has HOT-updated rows); shapes that would use it may be reported worse than they will be`,
+    (r) =>
+      `index ${r.name} is not usable by the planner inside the check's transaction (indcheckxmin: its table has HOT-updated rows); shapes that would use it may be reported worse than they will be`,
   );
 }
 
@@ -562,14 +663,21 @@ async function rollback(run: Run): Promise<void> {
 class Guard {
   reason: CheckError | null = null;
   private readonly timer: NodeJS.Timeout;
-  private readonly onAbort = () => this.stop(new CheckError('interrupted; the transaction was rolled back, nothing was changed', 'interrupted'));
+  private readonly onAbort = () =>
+    this.stop(new CheckError('interrupted; the transaction was rolled back, nothing was changed', 'interrupted'));
 
   constructor(
     private readonly client: pg.Client,
     private readonly options: CheckOptions,
   ) {
     this.timer = setTimeout(
-      () => this.stop(new CheckError(`the check did not finish within ${options.timeoutMs / 1000} s (--timeout); it was stopped and rolled back, nothing was changed`, 'timeout')),
+      () =>
+        this.stop(
+          new CheckError(
+            `the check did not finish within ${options.timeoutMs / 1000} s (--timeout); it was stopped and rolled back, nothing was changed`,
+            'timeout',
+          ),
+        ),
       options.timeoutMs,
     );
     if (options.signal?.aborted) this.onAbort();
@@ -590,7 +698,12 @@ class Guard {
   private async terminate(): Promise<void> {
     const pid = (this.client as unknown as { processID: number | null }).processID;
     if (pid !== null) {
-      const killer = new pg.Client({ connectionString: this.options.databaseUrl, application_name: 'pgwarden-check-migration', connectionTimeoutMillis: 3000, statement_timeout: 3000 });
+      const killer = new pg.Client({
+        connectionString: this.options.databaseUrl,
+        application_name: 'pgwarden-check-migration',
+        connectionTimeoutMillis: 3000,
+        statement_timeout: 3000,
+      });
       killer.on('error', () => undefined);
       try {
         await killer.connect();

@@ -71,7 +71,10 @@ function callsPerSecond(s: ShapeStats, now: number): number {
 const RATE_WINDOW_MS = 3_600_000;
 
 /** The kept executions as values for $1..$n of the shape's query; those that do not fit are left out. */
-function samplesOf(query: string, kept: readonly { text: string; params: readonly (string | null)[] }[]): (string | null)[][] {
+function samplesOf(
+  query: string,
+  kept: readonly { text: string; params: readonly (string | null)[] }[],
+): (string | null)[][] {
   let count: number;
   try {
     count = parameterCount(query);

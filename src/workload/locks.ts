@@ -70,13 +70,17 @@ export class LockObserver {
     const rewrote: string[] = [];
     for (const [relation, file] of files) {
       const before = this.files.get(relation);
-      if (before !== undefined && before.fn !== file.fn && (file.kind === 'r' || file.kind === 'm')) rewrote.push(relation);
+      if (before !== undefined && before.fn !== file.fn && (file.kind === 'r' || file.kind === 'm'))
+        rewrote.push(relation);
     }
     this.held = now;
     this.files = files;
     if (statement.concurrently) {
       // The plain form ran; production runs the CONCURRENTLY one, which takes SHARE UPDATE EXCLUSIVE.
-      const documented = taken.map((l) => ({ ...l, mode: l.kind === 'table' || l.kind === 'index' ? ('ShareUpdateExclusiveLock' as const) : l.mode }));
+      const documented = taken.map((l) => ({
+        ...l,
+        mode: l.kind === 'table' || l.kind === 'index' ? ('ShareUpdateExclusiveLock' as const) : l.mode,
+      }));
       return { statement, durationMs, source: 'documented', locks: documented, rewrote: [] };
     }
     return { statement, durationMs, source: 'observed', locks: taken.sort(byStrength), rewrote };
@@ -93,8 +97,18 @@ export class LockObserver {
     const out = new Map<string, RelationLock>();
     for (const row of rows) {
       if (!(LOCK_MODES as readonly string[]).includes(row.mode)) continue;
-      const kind = row.relkind === 'r' || row.relkind === 'p' || row.relkind === 'm' ? 'table' : row.relkind === 'i' || row.relkind === 'I' ? 'index' : 'other';
-      out.set(`${row.relation}\u0000${row.mode}`, { relation: row.relation, name: row.name ?? row.relation, kind, mode: row.mode as LockMode });
+      const kind =
+        row.relkind === 'r' || row.relkind === 'p' || row.relkind === 'm'
+          ? 'table'
+          : row.relkind === 'i' || row.relkind === 'I'
+            ? 'index'
+            : 'other';
+      out.set(`${row.relation}\u0000${row.mode}`, {
+        relation: row.relation,
+        name: row.name ?? row.relation,
+        kind,
+        mode: row.mode as LockMode,
+      });
     }
     return out;
   }
@@ -117,10 +131,37 @@ const CONFLICTS: Record<LockMode, readonly LockMode[]> = {
   AccessShareLock: ['AccessExclusiveLock'],
   RowShareLock: ['ExclusiveLock', 'AccessExclusiveLock'],
   RowExclusiveLock: ['ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'],
-  ShareUpdateExclusiveLock: ['ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'],
-  ShareLock: ['RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'],
-  ShareRowExclusiveLock: ['RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'],
-  ExclusiveLock: ['RowShareLock', 'RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'],
+  ShareUpdateExclusiveLock: [
+    'ShareUpdateExclusiveLock',
+    'ShareLock',
+    'ShareRowExclusiveLock',
+    'ExclusiveLock',
+    'AccessExclusiveLock',
+  ],
+  ShareLock: [
+    'RowExclusiveLock',
+    'ShareUpdateExclusiveLock',
+    'ShareRowExclusiveLock',
+    'ExclusiveLock',
+    'AccessExclusiveLock',
+  ],
+  ShareRowExclusiveLock: [
+    'RowExclusiveLock',
+    'ShareUpdateExclusiveLock',
+    'ShareLock',
+    'ShareRowExclusiveLock',
+    'ExclusiveLock',
+    'AccessExclusiveLock',
+  ],
+  ExclusiveLock: [
+    'RowShareLock',
+    'RowExclusiveLock',
+    'ShareUpdateExclusiveLock',
+    'ShareLock',
+    'ShareRowExclusiveLock',
+    'ExclusiveLock',
+    'AccessExclusiveLock',
+  ],
   AccessExclusiveLock: LOCK_MODES,
 };
 
@@ -151,14 +192,22 @@ export interface BlockedShapes {
   readonly table: string;
   readonly mode: LockMode;
   /** Shapes whose lock on the table conflicts with `mode`: they would queue behind the statement. */
-  readonly shapes: readonly { readonly fingerprint: string; readonly callsPerS: number | null; readonly calls: number }[];
+  readonly shapes: readonly {
+    readonly fingerprint: string;
+    readonly callsPerS: number | null;
+    readonly calls: number;
+  }[];
   /** Their summed rate; null when any rate is unknown. */
   readonly callsPerS: number | null;
   /** Shapes touching the table at all (with any lock): is it a hot table. */
   readonly touching: number;
 }
 
-export type LockPattern = 'long_exclusive_lock' | 'table_rewrite' | 'create_index_without_concurrently' | 'missing_lock_timeout';
+export type LockPattern =
+  | 'long_exclusive_lock'
+  | 'table_rewrite'
+  | 'create_index_without_concurrently'
+  | 'missing_lock_timeout';
 
 export interface LockFinding {
   readonly statement: number;
@@ -179,7 +228,11 @@ export interface LockImpact {
  * Crosses the observed locks with the workload and flags the outage patterns.
  * `longMs`: an ACCESS EXCLUSIVE held at least this long on a hot table is flagged.
  */
-export function lockImpact(observed: readonly StatementLocks[], shapes: readonly ShapeTouch[], longMs: number): LockImpact {
+export function lockImpact(
+  observed: readonly StatementLocks[],
+  shapes: readonly ShapeTouch[],
+  longMs: number,
+): LockImpact {
   const findings: LockFinding[] = [];
   let lockTimeoutSet = false;
   const statements = observed.map((o) => {
@@ -189,7 +242,9 @@ export function lockImpact(observed: readonly StatementLocks[], shapes: readonly
       if (lock.kind !== 'table') continue;
       const touching = shapes.filter((s) => s.relations.has(lock.name) && s.calls > 0);
       const queued = touching.filter((s) => conflicts(lock.mode, s.relations.get(lock.name)!));
-      const rate = queued.some((s) => s.callsPerS === null) ? null : queued.reduce((sum, s) => sum + (s.callsPerS ?? 0), 0);
+      const rate = queued.some((s) => s.callsPerS === null)
+        ? null
+        : queued.reduce((sum, s) => sum + (s.callsPerS ?? 0), 0);
       blocked.push({
         table: lock.relation,
         mode: lock.mode,
@@ -203,19 +258,35 @@ export function lockImpact(observed: readonly StatementLocks[], shapes: readonly
       const queue = queued.length > 0 ? `; ${describeQueue(queued.length, rate)} would queue behind it` : '';
       const duration = o.durationMs === null ? '' : ` for ${seconds(o.durationMs)}`;
       if (lock.mode === 'AccessExclusiveLock' && o.rewrote.includes(lock.relation)) {
-        findings.push({ ...at, pattern: 'table_rewrite', message: `rewrites ${lock.relation} under ACCESS EXCLUSIVE${duration} on staging (longer on a bigger table)${queue}`, safer: saferForm(o.statement) });
+        findings.push({
+          ...at,
+          pattern: 'table_rewrite',
+          message: `rewrites ${lock.relation} under ACCESS EXCLUSIVE${duration} on staging (longer on a bigger table)${queue}`,
+          safer: saferForm(o.statement),
+        });
       } else if (lock.mode === 'AccessExclusiveLock' && o.durationMs !== null && o.durationMs >= longMs) {
-        findings.push({ ...at, pattern: 'long_exclusive_lock', message: `holds ACCESS EXCLUSIVE on ${lock.relation}${duration}${queue}`, safer: saferForm(o.statement) });
+        findings.push({
+          ...at,
+          pattern: 'long_exclusive_lock',
+          message: `holds ACCESS EXCLUSIVE on ${lock.relation}${duration}${queue}`,
+          safer: saferForm(o.statement),
+        });
       }
       if (o.statement.type === 'IndexStmt' && !o.statement.concurrently && lock.mode === 'ShareLock') {
         findings.push({
           ...at,
           pattern: 'create_index_without_concurrently',
           message: `CREATE INDEX without CONCURRENTLY blocks every write to ${lock.relation} while it builds${duration}${queue}`,
-          safer: 'CREATE INDEX CONCURRENTLY (outside a transaction block; SHARE UPDATE EXCLUSIVE, reads and writes go on)',
+          safer:
+            'CREATE INDEX CONCURRENTLY (outside a transaction block; SHARE UPDATE EXCLUSIVE, reads and writes go on)',
         });
       }
-      if (!lockTimeoutSet && queued.length > 0 && rank(lock.mode) >= rank('ShareLock') && !findings.some((f) => f.pattern === 'missing_lock_timeout' && f.statement === o.statement.index)) {
+      if (
+        !lockTimeoutSet &&
+        queued.length > 0 &&
+        rank(lock.mode) >= rank('ShareLock') &&
+        !findings.some((f) => f.pattern === 'missing_lock_timeout' && f.statement === o.statement.index)
+      ) {
         findings.push({
           ...at,
           pattern: 'missing_lock_timeout',
@@ -234,10 +305,14 @@ function saferForm(statement: MigrationStatement): string {
   if (subtypes.includes('AT_AddColumn')) {
     return 'add the column without the volatile DEFAULT (a constant default needs no rewrite), backfill it in batches, then SET DEFAULT';
   }
-  if (subtypes.includes('AT_AlterColumnType')) return 'add a column of the new type, backfill it in batches, switch the application to it, then drop the old one';
-  if (subtypes.includes('AT_AddConstraint')) return 'ADD CONSTRAINT ... NOT VALID (brief lock), then VALIDATE CONSTRAINT in its own transaction (SHARE UPDATE EXCLUSIVE)';
-  if (subtypes.includes('AT_SetNotNull')) return 'ADD CONSTRAINT ... CHECK (col IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT, then SET NOT NULL (no scan since PostgreSQL 12)';
-  if (statement.type === 'ClusterStmt' || statement.type === 'VacuumStmt') return 'an online tool (pg_repack) instead of CLUSTER / VACUUM FULL';
+  if (subtypes.includes('AT_AlterColumnType'))
+    return 'add a column of the new type, backfill it in batches, switch the application to it, then drop the old one';
+  if (subtypes.includes('AT_AddConstraint'))
+    return 'ADD CONSTRAINT ... NOT VALID (brief lock), then VALIDATE CONSTRAINT in its own transaction (SHARE UPDATE EXCLUSIVE)';
+  if (subtypes.includes('AT_SetNotNull'))
+    return 'ADD CONSTRAINT ... CHECK (col IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT, then SET NOT NULL (no scan since PostgreSQL 12)';
+  if (statement.type === 'ClusterStmt' || statement.type === 'VacuumStmt')
+    return 'an online tool (pg_repack) instead of CLUSTER / VACUUM FULL';
   return 'split the change so the ACCESS EXCLUSIVE part is short, and run the long part online';
 }
 

@@ -63,9 +63,25 @@ export function parseMigration(sql: string): MigrationStatement[] {
     const { run, note } = transactional(type, node as Node, text, textStart);
     const line = lineAt(bytes, textStart);
     const n = node as Node;
-    const concurrently = n.concurrent === true || (type === 'ReindexStmt' && ((n.params as { DefElem?: Node }[] | undefined) ?? []).some((p) => p.DefElem?.defname === 'concurrently'));
-    const alterations = type === 'AlterTableStmt' ? ((n.cmds as { AlterTableCmd?: Node }[] | undefined) ?? []).map((c) => String(c.AlterTableCmd?.subtype ?? '')) : [];
-    return { index: i + 1, line, text, run, note, type, concurrently, alterations, setsLockTimeout: setsLockTimeout(type, n) };
+    const concurrently =
+      n.concurrent === true ||
+      (type === 'ReindexStmt' &&
+        ((n.params as { DefElem?: Node }[] | undefined) ?? []).some((p) => p.DefElem?.defname === 'concurrently'));
+    const alterations =
+      type === 'AlterTableStmt'
+        ? ((n.cmds as { AlterTableCmd?: Node }[] | undefined) ?? []).map((c) => String(c.AlterTableCmd?.subtype ?? ''))
+        : [];
+    return {
+      index: i + 1,
+      line,
+      text,
+      run,
+      note,
+      type,
+      concurrently,
+      alterations,
+      setsLockTimeout: setsLockTimeout(type, n),
+    };
   });
 }
 
@@ -103,37 +119,61 @@ const NEVER_IN_TRANSACTION: Record<string, string> = {
 };
 
 /** `textStart`: the statement's byte offset in the file, which parse tree locations count from. */
-function transactional(type: string, node: Node, text: string, textStart: number): { run: string | null; note: string | null } {
+function transactional(
+  type: string,
+  node: Node,
+  text: string,
+  textStart: number,
+): { run: string | null; note: string | null } {
   switch (type) {
     case 'TransactionStmt':
       if (TRANSACTION_CONTROL.has(String(node.kind))) {
-        return { run: null, note: `skipped ${firstWords(text)}: the check runs the whole migration in one transaction of its own and rolls it back` };
+        return {
+          run: null,
+          note: `skipped ${firstWords(text)}: the check runs the whole migration in one transaction of its own and rolls it back`,
+        };
       }
       break;
     case 'IndexStmt':
-      if (node.concurrent === true) return { run: withoutConcurrently(text), note: 'CREATE INDEX CONCURRENTLY runs as CREATE INDEX inside the check\'s transaction' };
+      if (node.concurrent === true)
+        return {
+          run: withoutConcurrently(text),
+          note: "CREATE INDEX CONCURRENTLY runs as CREATE INDEX inside the check's transaction",
+        };
       break;
     case 'DropStmt':
-      if (node.concurrent === true) return { run: withoutConcurrently(text), note: 'DROP INDEX CONCURRENTLY runs as DROP INDEX inside the check\'s transaction' };
+      if (node.concurrent === true)
+        return {
+          run: withoutConcurrently(text),
+          note: "DROP INDEX CONCURRENTLY runs as DROP INDEX inside the check's transaction",
+        };
       break;
     case 'ReindexStmt': {
       const kind = String(node.kind);
       if (kind === 'REINDEX_OBJECT_SCHEMA' || kind === 'REINDEX_OBJECT_SYSTEM' || kind === 'REINDEX_OBJECT_DATABASE') {
-        return { run: null, note: `skipped ${firstWords(text)}: it cannot run inside a transaction block (and rebuilding indexes does not change plans)` };
+        return {
+          run: null,
+          note: `skipped ${firstWords(text)}: it cannot run inside a transaction block (and rebuilding indexes does not change plans)`,
+        };
       }
       const params = (node.params as { DefElem?: Node }[] | undefined) ?? [];
       if (params.some((p) => p.DefElem?.defname === 'concurrently')) {
-        return { run: reindexWithoutConcurrently(text), note: 'REINDEX ... CONCURRENTLY runs as REINDEX inside the check\'s transaction' };
+        return {
+          run: reindexWithoutConcurrently(text),
+          note: "REINDEX ... CONCURRENTLY runs as REINDEX inside the check's transaction",
+        };
       }
       break;
     }
     case 'VacuumStmt':
       return vacuum(node, text, textStart);
     case 'ClusterStmt':
-      if (node.relation === undefined) return { run: null, note: 'skipped CLUSTER without a table: it cannot run inside a transaction block' };
+      if (node.relation === undefined)
+        return { run: null, note: 'skipped CLUSTER without a table: it cannot run inside a transaction block' };
       break;
     default:
-      if (type in NEVER_IN_TRANSACTION) return { run: null, note: `skipped ${NEVER_IN_TRANSACTION[type]}: it cannot run inside a transaction block` };
+      if (type in NEVER_IN_TRANSACTION)
+        return { run: null, note: `skipped ${NEVER_IN_TRANSACTION[type]}: it cannot run inside a transaction block` };
   }
   return { run: text, note: null };
 }
@@ -145,17 +185,30 @@ function transactional(type: string, node: Node, text: string, textStart: number
  */
 function vacuum(node: Node, text: string, textStart: number): { run: string | null; note: string | null } {
   if (node.is_vacuumcmd !== true) return { run: text, note: null };
-  const options = ((node.options as { DefElem?: Node }[] | undefined) ?? []).map((o) => o.DefElem).filter((d): d is Node => d !== undefined);
+  const options = ((node.options as { DefElem?: Node }[] | undefined) ?? [])
+    .map((o) => o.DefElem)
+    .filter((d): d is Node => d !== undefined);
   const analyze = options.find((d) => d.defname === 'analyze');
   const off = analyze !== undefined && /^(false|off|0|no)$/i.test(defElemValue(analyze));
   if (analyze === undefined || off) {
-    return { run: null, note: 'skipped VACUUM: it cannot run inside a transaction block; its effect on the visibility map and page counts is not simulated' };
+    return {
+      run: null,
+      note: 'skipped VACUUM: it cannot run inside a transaction block; its effect on the visibility map and page counts is not simulated',
+    };
   }
   const rels = (node.rels as { VacuumRelation?: { relation?: { location?: number } } }[] | undefined) ?? [];
   const first = rels[0]?.VacuumRelation?.relation?.location;
   // The relation list is the statement's tail: "users (email), orders".
-  const tables = first === undefined ? '' : ` ${Buffer.from(text).toString('utf8', first - textStart).trim()}`;
-  return { run: `ANALYZE${tables}`, note: `VACUUM ANALYZE runs as ANALYZE${tables} inside the check's transaction (VACUUM cannot)` };
+  const tables =
+    first === undefined
+      ? ''
+      : ` ${Buffer.from(text)
+          .toString('utf8', first - textStart)
+          .trim()}`;
+  return {
+    run: `ANALYZE${tables}`,
+    note: `VACUUM ANALYZE runs as ANALYZE${tables} inside the check's transaction (VACUUM cannot)`,
+  };
 }
 
 function defElemValue(d: Node): string {
@@ -163,7 +216,10 @@ function defElemValue(d: Node): string {
   if (arg === undefined) return 'true';
   const constant = arg.A_Const ?? arg;
   for (const key of ['boolval', 'sval', 'ival']) {
-    if (key in constant) return String((constant[key] as Record<string, unknown>)?.[key] ?? (key === 'ival' ? 0 : key === 'boolval' ? false : ''));
+    if (key in constant)
+      return String(
+        (constant[key] as Record<string, unknown>)?.[key] ?? (key === 'ival' ? 0 : key === 'boolval' ? false : ''),
+      );
   }
   if ('String' in arg) return String(arg.String.sval ?? '');
   return 'true';
@@ -190,7 +246,8 @@ function reindexWithoutConcurrently(text: string): string {
   let start = 2;
   for (let i = 2; i <= close; i++) {
     if (tokens[i].text === ',' || i === close) {
-      if (i > start && !isConcurrently(tokens[start])) options.push(bytes.toString('utf8', tokens[start].start, tokens[i - 1].end));
+      if (i > start && !isConcurrently(tokens[start]))
+        options.push(bytes.toString('utf8', tokens[start].start, tokens[i - 1].end));
       start = i + 1;
     }
   }

@@ -33,14 +33,19 @@ const OPERATOR_LISTS = /:opnos\s+\(o((?:\s+\d+)*)\)/g;
 const RELATIONS = /:relid\s+(\d+)/g;
 
 /** The OIDs a rewritten query tree (nodeToString's text) refers to. */
-export function treeReferences(trees: readonly string[]): { functions: string[]; operators: string[]; relations: string[] } {
+export function treeReferences(trees: readonly string[]): {
+  functions: string[];
+  operators: string[];
+  relations: string[];
+} {
   const functions = new Set<string>();
   const operators = new Set<string>();
   const relations = new Set<string>();
   for (const tree of trees) {
     for (const m of tree.matchAll(FUNCTION_FIELDS)) if (m[1] !== '0') functions.add(m[1]);
     for (const m of tree.matchAll(OPERATOR_FIELDS)) if (m[1] !== '0') operators.add(m[1]);
-    for (const m of tree.matchAll(OPERATOR_LISTS)) for (const oid of m[1].trim().split(/\s+/)) if (oid !== '' && oid !== '0') operators.add(oid);
+    for (const m of tree.matchAll(OPERATOR_LISTS))
+      for (const oid of m[1].trim().split(/\s+/)) if (oid !== '' && oid !== '0') operators.add(oid);
     for (const m of tree.matchAll(RELATIONS)) if (m[1] !== '0') relations.add(m[1]);
   }
   return { functions: [...functions], operators: [...operators], relations: [...relations] };

@@ -34,7 +34,11 @@ interface ColumnStats {
  * compared with a column that has statistics. `types`: the parameters' types
  * as PostgreSQL inferred them (format_type names).
  */
-export async function statsVariants(client: pg.ClientBase, analysis: StatementAnalysis, types: readonly string[]): Promise<StatsVariant[]> {
+export async function statsVariants(
+  client: pg.ClientBase,
+  analysis: StatementAnalysis,
+  types: readonly string[],
+): Promise<StatsVariant[]> {
   const compared = analysis.params.filter((p) => p.context === 'compare' && p.column !== null);
   if (compared.length === 0 || analysis.relations.length === 0) return [];
   const stats = await columnStats(client, analysis.relations, [...new Set(compared.map((p) => p.column!.name))]);
@@ -57,7 +61,12 @@ export async function statsVariants(client: pg.ClientBase, analysis: StatementAn
         values.push(pick.value);
         labels.push(pick.label);
       } else {
-        values.push(neutralValue(analysis.params.find((p) => p.number === n), types[n - 1]));
+        values.push(
+          neutralValue(
+            analysis.params.find((p) => p.number === n),
+            types[n - 1],
+          ),
+        );
       }
     }
     variants.push({ values, label: [...new Set(labels)].join(', ') });
@@ -65,8 +74,18 @@ export async function statsVariants(client: pg.ClientBase, analysis: StatementAn
   return variants;
 }
 
-async function columnStats(client: pg.ClientBase, relations: readonly RelationName[], columns: readonly string[]): Promise<ColumnStats[]> {
-  const { rows } = await client.query<{ relation: string; schema: string; column: string; mcv: string[] | null; histogram: string[] | null }>(
+async function columnStats(
+  client: pg.ClientBase,
+  relations: readonly RelationName[],
+  columns: readonly string[],
+): Promise<ColumnStats[]> {
+  const { rows } = await client.query<{
+    relation: string;
+    schema: string;
+    column: string;
+    mcv: string[] | null;
+    histogram: string[] | null;
+  }>(
     `select c.relname as relation, n.nspname as schema, a.attname as column,
             (s.most_common_vals::text)::text[] as mcv, (s.histogram_bounds::text)::text[] as histogram
        from unnest($1::text[], $2::text[]) as r(schema, name)
@@ -84,7 +103,11 @@ function statsFor(stats: readonly ColumnStats[], p: ParameterUse): ColumnStats |
   const column = p.column!;
   const matching = stats.filter((s) => s.column === column.name);
   if (column.relation === null) return matching[0];
-  return matching.find((s) => s.relation === column.relation!.name && (column.relation!.schema === null || s.schema === column.relation!.schema));
+  return matching.find(
+    (s) =>
+      s.relation === column.relation!.name &&
+      (column.relation!.schema === null || s.schema === column.relation!.schema),
+  );
 }
 
 function representatives(s: ColumnStats): { value: string; label: string }[] {

@@ -108,7 +108,11 @@ export function rewriteTypedLiterals(query: string): { text: string; count: numb
     const typeText = bytes.toString('utf8', span.typeStart, span.paramStart).trim();
     if (/^interval\b/i.test(typeText)) {
       // interval $1 day, interval $1 hour to minute, interval $1 second(3)
-      while (end + 1 < tokens.length && (INTERVAL_FIELDS.has(tokens[end + 1].text.toUpperCase()) || (tokens[end + 1].text === '(' && tokens[end + 3]?.text === ')'))) {
+      while (
+        end + 1 < tokens.length &&
+        (INTERVAL_FIELDS.has(tokens[end + 1].text.toUpperCase()) ||
+          (tokens[end + 1].text === '(' && tokens[end + 3]?.text === ')'))
+      ) {
         end += tokens[end + 1].text === '(' ? 3 : 1;
       }
     }
@@ -139,7 +143,18 @@ function visit(node: unknown, fn: (key: string, value: unknown) => void): void {
   }
 }
 
-const COMPARISONS = new Set(['AEXPR_OP', 'AEXPR_OP_ANY', 'AEXPR_OP_ALL', 'AEXPR_IN', 'AEXPR_LIKE', 'AEXPR_ILIKE', 'AEXPR_BETWEEN', 'AEXPR_NOT_BETWEEN', 'AEXPR_DISTINCT', 'AEXPR_NOT_DISTINCT']);
+const COMPARISONS = new Set([
+  'AEXPR_OP',
+  'AEXPR_OP_ANY',
+  'AEXPR_OP_ALL',
+  'AEXPR_IN',
+  'AEXPR_LIKE',
+  'AEXPR_ILIKE',
+  'AEXPR_BETWEEN',
+  'AEXPR_NOT_BETWEEN',
+  'AEXPR_DISTINCT',
+  'AEXPR_NOT_DISTINCT',
+]);
 
 const COMPARISON_OPERATORS = new Set(['=', '<', '>', '<=', '>=', '<>', '!=']);
 
@@ -156,7 +171,10 @@ class Walker {
     const [type, body] = Object.entries(stmt)[0] ?? ['', {}];
     const node = body as Node;
     const target = node.relation as Node | undefined;
-    if (target !== undefined && (type === 'InsertStmt' || type === 'UpdateStmt' || type === 'DeleteStmt' || type === 'MergeStmt')) {
+    if (
+      target !== undefined &&
+      (type === 'InsertStmt' || type === 'UpdateStmt' || type === 'DeleteStmt' || type === 'MergeStmt')
+    ) {
       this.addRelation(target, 'RowExclusiveLock');
     }
     this.walk(stmt);
@@ -169,7 +187,8 @@ class Walker {
       if (r.schema === null && this.cteNames.has(r.name)) continue;
       const key = `${r.schema ?? ''}.${r.name}`;
       const known = out.get(key);
-      if (known === undefined || LOCK_MODES.indexOf(r.lock) > LOCK_MODES.indexOf(known.lock)) out.set(key, { schema: r.schema, name: r.name, lock: r.lock });
+      if (known === undefined || LOCK_MODES.indexOf(r.lock) > LOCK_MODES.indexOf(known.lock))
+        out.set(key, { schema: r.schema, name: r.name, lock: r.lock });
     }
     return [...out.values()];
   }
@@ -201,7 +220,10 @@ class Walker {
   }
 
   private select(node: Node): void {
-    for (const [field, context] of [['limitCount', 'limit'], ['limitOffset', 'offset']] as const) {
+    for (const [field, context] of [
+      ['limitCount', 'limit'],
+      ['limitOffset', 'offset'],
+    ] as const) {
       const param = unwrapParam(stripCast(node[field] as Node | undefined));
       if (param !== null) this.setParam(param.number, context, null);
     }
@@ -216,12 +238,16 @@ class Walker {
   private comparison(node: Node): void {
     if (!COMPARISONS.has(String(node.kind))) return;
     if (node.kind === 'AEXPR_OP' || node.kind === 'AEXPR_OP_ANY' || node.kind === 'AEXPR_OP_ALL') {
-      const op = ((node.name as Node[] | undefined) ?? []).map((n) => (n.String as { sval?: string } | undefined)?.sval).pop();
+      const op = ((node.name as Node[] | undefined) ?? [])
+        .map((n) => (n.String as { sval?: string } | undefined)?.sval)
+        .pop();
       if (op === undefined || !COMPARISON_OPERATORS.has(op)) return;
     }
     const left = stripCast(node.lexpr as Node | undefined);
     const right = node.rexpr as Node | Node[] | undefined;
-    const rights = Array.isArray(right) ? right : (right as { List?: { items?: Node[] } } | undefined)?.List?.items ?? (right === undefined ? [] : [right]);
+    const rights = Array.isArray(right)
+      ? right
+      : ((right as { List?: { items?: Node[] } } | undefined)?.List?.items ?? (right === undefined ? [] : [right]));
     const column = columnOf(left);
     if (column !== null) {
       for (const r of rights) {
@@ -236,11 +262,19 @@ class Walker {
     if (param !== null && other !== null) this.setParam(param.number, 'compare', other);
   }
 
-  private setParam(number: number, context: ParameterUse['context'], column: { qualifier: string | null; name: string } | null): void {
+  private setParam(
+    number: number,
+    context: ParameterUse['context'],
+    column: { qualifier: string | null; name: string } | null,
+  ): void {
     if (number > this.maxParam) this.maxParam = number;
     const known = this.params.get(number);
     if (known !== undefined && known.context !== 'other') return; // the first use found speaks for it
-    this.params.set(number, { number, context, column: column === null ? null : { relation: null, name: column.name } });
+    this.params.set(number, {
+      number,
+      context,
+      column: column === null ? null : { relation: null, name: column.name },
+    });
     if (column?.qualifier != null) this.qualifiers.set(number, column.qualifier);
   }
 
@@ -256,8 +290,14 @@ class Walker {
   resolveQualifiers(): void {
     for (const [number, qualifier] of this.qualifiers) {
       const use = this.params.get(number)!;
-      const match = this.relations.find((r) => r.alias === qualifier) ?? this.relations.find((r) => r.alias === null && r.name === qualifier);
-      this.params.set(number, { ...use, column: match === undefined ? null : { relation: { schema: match.schema, name: match.name }, name: use.column!.name } });
+      const match =
+        this.relations.find((r) => r.alias === qualifier) ??
+        this.relations.find((r) => r.alias === null && r.name === qualifier);
+      this.params.set(number, {
+        ...use,
+        column:
+          match === undefined ? null : { relation: { schema: match.schema, name: match.name }, name: use.column!.name },
+      });
     }
   }
 }

@@ -43,7 +43,12 @@ export function parameterCount(query: string): number {
 }
 
 /** The literal values, indexed by their placeholder number minus `firstNew`. */
-function literalsByNumber(text: string, normalized: string, constants: Map<number, Value>, own: number): Value[] | null {
+function literalsByNumber(
+  text: string,
+  normalized: string,
+  constants: Map<number, Value>,
+  own: number,
+): Value[] | null {
   const original = scanSync(text).tokens;
   const replaced = scanSync(normalized).tokens;
   const out: Value[] = [];

@@ -38,7 +38,13 @@ describe('/metrics scraped from a running pgwarden', () => {
   });
 
   test('process and runtime metrics are exported, open file descriptors and event-loop lag among them', () => {
-    for (const name of ['process_cpu_seconds_total', 'process_resident_memory_bytes', 'process_open_fds', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) {
+    for (const name of [
+      'process_cpu_seconds_total',
+      'process_resident_memory_bytes',
+      'process_open_fds',
+      'nodejs_heap_size_used_bytes',
+      'nodejs_eventloop_lag_seconds',
+    ]) {
       assert.match(text, new RegExp(`^${name}(\\{[^}]*\\})? [0-9.e+-]+$`, 'm'), `${name} is exported`);
     }
   });
@@ -54,14 +60,25 @@ describe('/metrics scraped from a running pgwarden', () => {
   test('per-shape latency is a histogram over the top shapes plus "other", with counts that add up', () => {
     assert.match(text, /^# TYPE pgwarden_shape_latency_seconds histogram$/m);
     const counts = new Map<string, number>();
-    for (const m of text.matchAll(/^pgwarden_shape_latency_seconds_count\{fingerprint="([^"]+)"\} (\d+)$/gm)) counts.set(m[1], Number(m[2]));
+    for (const m of text.matchAll(/^pgwarden_shape_latency_seconds_count\{fingerprint="([^"]+)"\} (\d+)$/gm))
+      counts.set(m[1], Number(m[2]));
     assert.equal(counts.size, 3, `two top shapes and "other": ${[...counts.keys()].join(', ')}`);
     assert.ok(counts.has('other'));
     for (const [fp, count] of counts) {
-      const inf = new RegExp(`^pgwarden_shape_latency_seconds_bucket\\{fingerprint="${fp}",le="\\+Inf"\\} (\\d+)$`, 'm').exec(text);
+      const inf = new RegExp(
+        `^pgwarden_shape_latency_seconds_bucket\\{fingerprint="${fp}",le="\\+Inf"\\} (\\d+)$`,
+        'm',
+      ).exec(text);
       assert.equal(Number(inf?.[1]), count, `${fp}: the +Inf bucket equals the count`);
-      const buckets = [...text.matchAll(new RegExp(`^pgwarden_shape_latency_seconds_bucket\\{fingerprint="${fp}",le="[^"]+"\\} (\\d+)$`, 'gm'))].map((m) => Number(m[1]));
-      assert.ok(buckets.every((v, i) => i === 0 || v >= buckets[i - 1]), `${fp}: buckets are cumulative`);
+      const buckets = [
+        ...text.matchAll(
+          new RegExp(`^pgwarden_shape_latency_seconds_bucket\\{fingerprint="${fp}",le="[^"]+"\\} (\\d+)$`, 'gm'),
+        ),
+      ].map((m) => Number(m[1]));
+      assert.ok(
+        buckets.every((v, i) => i === 0 || v >= buckets[i - 1]),
+        `${fp}: buckets are cumulative`,
+      );
     }
     const total = [...counts.values()].reduce((a, b) => a + b, 0);
     assert.equal(total, 20 + 20 + 5 + 4, 'every statement run is counted once, in its shape or in "other"');

@@ -23,7 +23,9 @@ describe('AdminServer', () => {
       port: 0,
       token: TOKEN,
       metrics: new client.Registry(),
-      routes: [{ method: 'GET', path: '/api/things/:id', handle: ({ params }) => ({ status: 200, body: { id: params.id } }) }],
+      routes: [
+        { method: 'GET', path: '/api/things/:id', handle: ({ params }) => ({ status: 200, body: { id: params.id } }) },
+      ],
       upstreamReady: async () => true,
       log: pino({ level: 'silent' }),
       maxConnections: 4,

@@ -36,7 +36,11 @@ describe('live sessions', () => {
   const cli = async (args: string[]) => {
     let out = '';
     let err = '';
-    const code = await runSessions([...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!], { write: (t: string) => (out += t) }, { write: (t: string) => (err += t) });
+    const code = await runSessions(
+      [...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!],
+      { write: (t: string) => (out += t) },
+      { write: (t: string) => (err += t) },
+    );
     return { code, out, err };
   };
 
@@ -49,13 +53,17 @@ describe('live sessions', () => {
     await pgw?.stop();
   });
 
-  test('a session idle in a transaction is listed with its last statement\'s shape, never its values', async () => {
+  test("a session idle in a transaction is listed with its last statement's shape, never its values", async () => {
     const c = await connect('idle-in-tx');
     await c.query('begin');
     await c.query("select 'secret-value' as s, $1::int as n", [42]);
-    const s = await waitFor(async () => (await sessions()).find((x) => x.application_name === 'idle-in-tx' && x.state === 'idle in transaction'), {
-      what: 'the session to be idle in transaction',
-    });
+    const s = await waitFor(
+      async () =>
+        (await sessions()).find((x) => x.application_name === 'idle-in-tx' && x.state === 'idle in transaction'),
+      {
+        what: 'the session to be idle in transaction',
+      },
+    );
     assert.equal(s.user, c.user);
     assert.equal(s.database, c.database);
     assert.match(s.client_address, /^127\.0\.0\.1:\d+$/);
@@ -67,14 +75,19 @@ describe('live sessions', () => {
     assert.match(s.statement?.query ?? '', /^select \$\d as s, \$\d::int as n$/);
     assert.ok(!JSON.stringify(s).includes('secret-value'), 'literal values stay out of the API');
     await c.query('commit');
-    await waitFor(async () => (await sessions()).find((x) => x.id === s.id)?.state === 'idle', { what: 'idle after commit' });
+    await waitFor(async () => (await sessions()).find((x) => x.id === s.id)?.state === 'idle', {
+      what: 'idle after commit',
+    });
   });
 
   test('a running statement shows as active with how long it has run, and cancel stops it with 57014', async () => {
     const c = await connect('runner');
     const running = c.query('select pg_sleep(30)').catch((err: pg.DatabaseError) => err);
     const s = await waitFor(
-      async () => (await sessions()).find((x) => x.application_name === 'runner' && x.state === 'active' && (x.statement?.duration_ms ?? 0) > 200),
+      async () =>
+        (await sessions()).find(
+          (x) => x.application_name === 'runner' && x.state === 'active' && (x.statement?.duration_ms ?? 0) > 200,
+        ),
       { what: 'the sleep to show as active' },
     );
     assert.equal(s.statement?.running, true);
@@ -100,7 +113,9 @@ describe('live sessions', () => {
     assert.equal(status, 200);
     await waitFor(() => told.length > 0, { what: 'the client to be told' });
     assert.equal((told[0] as pg.DatabaseError).code, '57P01');
-    await waitFor(async () => !(await sessions()).some((x) => x.id === s.id), { what: 'the session to leave the list' });
+    await waitFor(async () => !(await sessions()).some((x) => x.id === s.id), {
+      what: 'the session to leave the list',
+    });
     assert.equal((await bystander.query('select 2 as two')).rows[0].two, 2);
     assert.equal((await pgw.api('/api/sessions/999999', { method: 'DELETE' })).status, 404);
     assert.equal((await cli(['terminate', '999999'])).code, 1);

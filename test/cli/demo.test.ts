@@ -6,7 +6,9 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
 
-test('pgwarden demo --once detects, attributes, mitigates and recovers, and exits 0', { timeout: 240_000 }, async () => {
+test('pgwarden demo --once detects, attributes, mitigates and recovers, and exits 0', {
+  timeout: 240_000,
+}, async () => {
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'demo', '--once'], {
     cwd: new URL('../..', import.meta.url),
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -15,7 +17,8 @@ test('pgwarden demo --once detects, attributes, mitigates and recovers, and exit
   child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
   const [code] = await once(child, 'exit');
-  for (const line of output.split('\n').filter((l) => /DETECTED|ATTRIBUTED|MITIGATED|RECOVERED|->/.test(l))) console.log(`# ${line}`);
+  for (const line of output.split('\n').filter((l) => /DETECTED|ATTRIBUTED|MITIGATED|RECOVERED|->/.test(l)))
+    console.log(`# ${line}`);
   assert.equal(code, 0, output);
   assert.match(output, /DETECTED [\d.]+ s after the migration/);
   assert.match(output, /plan changed Index Scan using users_email_idx on users -> Seq Scan on users/);

@@ -30,7 +30,10 @@ describe('logging', () => {
   });
 
   test('elsewhere (auto) and with json, lines are JSON', async () => {
-    for (const [format, tty] of [['auto', false], ['json', true]] as const) {
+    for (const [format, tty] of [
+      ['auto', false],
+      ['json', true],
+    ] as const) {
       const out = capture(tty);
       createLogger('info', format, out).info('hello');
       await flush();
@@ -57,6 +60,13 @@ describe('logging', () => {
     setLogLevel(log, 'warn');
     child.info('hidden again');
     await flush();
-    assert.deepEqual(out.text().trim().split('\n').map((l) => JSON.parse(l).msg), ['shown']);
+    assert.deepEqual(
+      out
+        .text()
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l).msg),
+      ['shown'],
+    );
   });
 });

@@ -47,7 +47,10 @@ async function start(values: Record<string, unknown>, extra: string[] = []): Pro
   dirs.push(dir);
   const file = path.join(dir, 'pgwarden.yaml');
   writeConfig(file, values);
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'start', '--config', file, ...extra], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'start', '--config', file, ...extra], {
+    cwd: root,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   const exit = once(child, 'exit').then(([code]) => code as number | null);
   let output = '';
   child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
@@ -59,10 +62,16 @@ async function start(values: Record<string, unknown>, extra: string[] = []): Pro
       .map((l) => JSON.parse(l) as Record<string, any>);
   // The ready line with the dashboard: the proxy's, or with --workers the primary's.
   // A start that never gets ready must not leave its process behind (it would hold the test run open).
-  const ready = await waitFor(() => lines().find((l) => /^pgwarden (proxy listening|supervising proxy workers)/.test(String(l.msg)) && l.dashboard !== undefined), {
-    timeoutMs: 30_000,
-    what: `the ready line (output so far: ${output})`,
-  }).catch((err: Error) => {
+  const ready = await waitFor(
+    () =>
+      lines().find(
+        (l) => /^pgwarden (proxy listening|supervising proxy workers)/.test(String(l.msg)) && l.dashboard !== undefined,
+      ),
+    {
+      timeoutMs: 30_000,
+      what: `the ready line (output so far: ${output})`,
+    },
+  ).catch((err: Error) => {
     child.kill('SIGTERM');
     throw err;
   });
@@ -81,17 +90,25 @@ const client = (port: number) => {
 
 describe('pgwarden start: day one', () => {
   test('--version prints the version and exits 0', () => {
-    const result = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', '--version'], { cwd: root, encoding: 'utf8' });
+    const result = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', '--version'], {
+      cwd: root,
+      encoding: 'utf8',
+    });
     assert.equal(result.status, 0, result.stderr);
     const pkg = JSON.parse(fs.readFileSync(new URL('package.json', root), 'utf8'));
     assert.equal(result.stdout, `pgwarden ${pkg.version}\n`);
   });
 
-  test('the ready line names the listen address and the dashboard URL, without the token by default', { timeout: 60_000 }, async () => {
+  test('the ready line names the listen address and the dashboard URL, without the token by default', {
+    timeout: 60_000,
+  }, async () => {
     const r = await start({});
     try {
       const ready = r.lines().find((l) => l.dashboard !== undefined)!;
-      assert.match(ready.msg, new RegExp(`listening on 127\\.0\\.0\\.1:${r.port}; dashboard at http://127\\.0\\.0\\.1:\\d+/$`));
+      assert.match(
+        ready.msg,
+        new RegExp(`listening on 127\\.0\\.0\\.1:${r.port}; dashboard at http://127\\.0\\.0\\.1:\\d+/$`),
+      );
       assert.match(ready.dashboard, /^http:\/\/127\.0\.0\.1:\d+\/$/);
       assert.ok(!r.output().includes(TOKEN), 'the admin token is never printed by default');
       const response = await fetch(ready.dashboard);
@@ -112,13 +129,17 @@ describe('pgwarden start: day one', () => {
 });
 
 describe('SIGHUP', () => {
-  test('reloads the config under load without dropping a query or a session, and applies a changed threshold', { timeout: 90_000 }, async () => {
+  test('reloads the config under load without dropping a query or a session, and applies a changed threshold', {
+    timeout: 90_000,
+  }, async () => {
     const r = await start({ slow_query_ms: 100_000 });
-    const clients = await Promise.all(Array.from({ length: 4 }, async () => {
-      const c = client(r.port);
-      await c.connect();
-      return c;
-    }));
+    const clients = await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        const c = client(r.port);
+        await c.connect();
+        return c;
+      }),
+    );
     const errors: Error[] = [];
     for (const c of clients) c.on('error', (err) => errors.push(err));
     let running = true;
@@ -143,7 +164,9 @@ describe('SIGHUP', () => {
 
       writeConfig(r.file, { slow_query_ms: 0, log_level: 'info' });
       r.child.kill('SIGHUP');
-      await waitFor(() => r.lines().some((l) => String(l.msg).startsWith('configuration reloaded')), { what: 'the reload' });
+      await waitFor(() => r.lines().some((l) => String(l.msg).startsWith('configuration reloaded')), {
+        what: 'the reload',
+      });
       const reloaded = r.lines().find((l) => String(l.msg).startsWith('configuration reloaded'))!;
       assert.deepEqual(reloaded.applied, ['slow_query_ms']);
       await waitFor(() => slowLines() > 10, { what: 'the new slow-query threshold to apply' });
@@ -151,7 +174,9 @@ describe('SIGHUP', () => {
       // A bad file: refused in one line, the running configuration stays.
       writeConfig(r.file, { slow_query_ms: 'soon' });
       r.child.kill('SIGHUP');
-      await waitFor(() => r.lines().some((l) => String(l.msg).startsWith('configuration reload refused')), { what: 'the refusal' });
+      await waitFor(() => r.lines().some((l) => String(l.msg).startsWith('configuration reload refused')), {
+        what: 'the refusal',
+      });
       const refusals = r.lines().filter((l) => l.level >= 50);
       assert.equal(refusals.length, 1, `one error line: ${JSON.stringify(refusals)}`);
       assert.match(refusals[0].msg, /slow_query_ms .*: .*number/);
@@ -161,7 +186,10 @@ describe('SIGHUP', () => {
       // A key only a restart applies is named as such.
       writeConfig(r.file, { slow_query_ms: 0, max_shapes: 10 });
       r.child.kill('SIGHUP');
-      await waitFor(() => r.lines().some((l) => String(l.msg).startsWith('changed but only applied by a restart: max_shapes')), { what: 'the restart-only warning' });
+      await waitFor(
+        () => r.lines().some((l) => String(l.msg).startsWith('changed but only applied by a restart: max_shapes')),
+        { what: 'the restart-only warning' },
+      );
 
       const { rows } = await long;
       assert.equal(rows[0].answer, 7, 'the statement in flight across the reloads completed');
@@ -181,14 +209,26 @@ describe('SIGHUP', () => {
   test('with several workers the primary forwards the reload to each of them', { timeout: 60_000 }, async () => {
     const r = await start({ workers: 2, slow_query_ms: 100_000 });
     try {
-      await waitFor(() => r.lines().filter((l) => String(l.msg).startsWith('pgwarden proxy listening')).length === 2, { timeoutMs: 30_000, what: 'both workers' });
+      await waitFor(() => r.lines().filter((l) => String(l.msg).startsWith('pgwarden proxy listening')).length === 2, {
+        timeoutMs: 30_000,
+        what: 'both workers',
+      });
       writeConfig(r.file, { workers: 2, slow_query_ms: 0 });
       r.child.kill('SIGHUP');
       // The primary (detection, policy, rules) and both workers (relay, TLS, log level).
-      await waitFor(() => new Set(r.lines().filter((l) => String(l.msg).startsWith('configuration reloaded')).map((l) => l.pid)).size === 3, {
-        timeoutMs: 20_000,
-        what: 'the primary and both workers to reload',
-      });
+      await waitFor(
+        () =>
+          new Set(
+            r
+              .lines()
+              .filter((l) => String(l.msg).startsWith('configuration reloaded'))
+              .map((l) => l.pid),
+          ).size === 3,
+        {
+          timeoutMs: 20_000,
+          what: 'the primary and both workers to reload',
+        },
+      );
       assert.ok(r.lines().some((l) => l.msg === 'forwarding the reload to the workers'));
     } finally {
       await stop(r);
@@ -196,22 +236,45 @@ describe('SIGHUP', () => {
   });
 });
 
-describe('a reload and TLS toward clients', { skip: spawnSync('openssl', ['version']).status !== 0 ? 'the openssl CLI is not installed' : false }, () => {
-  test('a renewed certificate at the same path serves new connections; established sessions keep theirs; a bad one is refused', { timeout: 60_000 }, async () => {
+describe('a reload and TLS toward clients', {
+  skip: spawnSync('openssl', ['version']).status !== 0 ? 'the openssl CLI is not installed' : false,
+}, () => {
+  test('a renewed certificate at the same path serves new connections; established sessions keep theirs; a bad one is refused', {
+    timeout: 60_000,
+  }, async () => {
     const { startTestApp } = await import('../harness/app.ts');
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-reload-tls-'));
     dirs.push(dir);
     const makeCert = (cn: string) => {
       const made = spawnSync(
         'openssl',
-        ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', 'key.pem', '-out', 'cert.pem', '-days', '1', '-subj', `/CN=${cn}`],
+        [
+          'req',
+          '-x509',
+          '-newkey',
+          'ec',
+          '-pkeyopt',
+          'ec_paramgen_curve:prime256v1',
+          '-nodes',
+          '-keyout',
+          'key.pem',
+          '-out',
+          'cert.pem',
+          '-days',
+          '1',
+          '-subj',
+          `/CN=${cn}`,
+        ],
         { cwd: dir, encoding: 'utf8', timeout: 30_000 },
       );
       assert.equal(made.status, 0, made.stderr);
     };
     makeCert('first');
     const pgw = await startTestApp({ tls_cert: path.join(dir, 'cert.pem'), tls_key: path.join(dir, 'key.pem') });
-    const peerCn = (c: pg.Client) => ((c as unknown as { connection: { stream: { getPeerCertificate(): { subject: { CN: string } } } } }).connection.stream.getPeerCertificate().subject.CN);
+    const peerCn = (c: pg.Client) =>
+      (
+        c as unknown as { connection: { stream: { getPeerCertificate(): { subject: { CN: string } } } } }
+      ).connection.stream.getPeerCertificate().subject.CN;
     const tlsClient = async () => {
       const c = new pg.Client({ connectionString: pgw.url(), ssl: { rejectUnauthorized: false } });
       await c.connect();

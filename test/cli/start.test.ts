@@ -21,7 +21,19 @@ async function startCli(extra: string[] = []): Promise<Started> {
   const db = testDatabase();
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', 'src/cli/main.ts', 'start', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--upstream', `${db.host}:${db.port}`, ...extra],
+    [
+      '--import',
+      'tsx',
+      'src/cli/main.ts',
+      'start',
+      '--listen',
+      '127.0.0.1:0',
+      '--admin',
+      '127.0.0.1:0',
+      '--upstream',
+      `${db.host}:${db.port}`,
+      ...extra,
+    ],
     { cwd: new URL('../..', import.meta.url), stdio: ['ignore', 'pipe', 'pipe'] },
   );
   const exit = once(child, 'exit').then(([code]) => code as number | null);
@@ -44,7 +56,9 @@ function clientFor(port: number): pg.Client {
 }
 
 describe('pgwarden start', () => {
-  test('SIGTERM lets an in-flight query finish, refuses new connections, then exits 0', { timeout: 30_000 }, async () => {
+  test('SIGTERM lets an in-flight query finish, refuses new connections, then exits 0', {
+    timeout: 30_000,
+  }, async () => {
     const proxy = await startCli(['--drain-timeout-ms', '10000']);
     const client = clientFor(proxy.port);
     const told: pg.DatabaseError[] = [];
@@ -54,7 +68,9 @@ describe('pgwarden start', () => {
     await waitFor(
       () =>
         withClient(async (direct) => {
-          const { rowCount } = await direct.query("select 1 from pg_stat_activity where query like 'select pg_sleep(0.8)%' and state = 'active'");
+          const { rowCount } = await direct.query(
+            "select 1 from pg_stat_activity where query like 'select pg_sleep(0.8)%' and state = 'active'",
+          );
           return rowCount === 1;
         }),
       { what: 'the query to run on the server' },
@@ -62,10 +78,13 @@ describe('pgwarden start', () => {
     proxy.child.kill('SIGTERM');
     const late = clientFor(proxy.port);
     await assert.rejects(
-      waitFor(async () => {
-        await late.connect();
-        return true;
-      }, { timeoutMs: 300 }).finally(() => late.end().catch(() => undefined)),
+      waitFor(
+        async () => {
+          await late.connect();
+          return true;
+        },
+        { timeoutMs: 300 },
+      ).finally(() => late.end().catch(() => undefined)),
     );
     const { rows } = await running;
     assert.equal(rows[0].answer, 42);
@@ -91,12 +110,15 @@ describe('pgwarden start', () => {
     const proxy = await startCli(['--workers', '2']);
     try {
       const clients = Array.from({ length: 6 }, () => clientFor(proxy.port));
-      await waitFor(async () => {
-        const c = clientFor(proxy.port);
-        await c.connect();
-        await c.end();
-        return true;
-      }, { what: 'workers ready' });
+      await waitFor(
+        async () => {
+          const c = clientFor(proxy.port);
+          await c.connect();
+          await c.end();
+          return true;
+        },
+        { what: 'workers ready' },
+      );
       await Promise.all(clients.map((c) => c.connect()));
       const results = await Promise.all(clients.map((c) => c.query('select 1 as one')));
       assert.ok(results.every((r) => r.rows[0].one === 1));
@@ -107,7 +129,9 @@ describe('pgwarden start', () => {
     }
   });
 
-  test('2,000 malformed pre-auth connections that never close leave the fd count unchanged, and SIGTERM still exits within the drain deadline', { timeout: 120_000 }, async (t) => {
+  test('2,000 malformed pre-auth connections that never close leave the fd count unchanged, and SIGTERM still exits within the drain deadline', {
+    timeout: 120_000,
+  }, async (t) => {
     const role = `pgw_cli_scram_${process.pid}`;
     await withClient(async (c) => {
       await c.query("set password_encryption = 'scram-sha-256'");
@@ -122,7 +146,10 @@ describe('pgwarden start', () => {
       oversized.writeInt32BE(10_005, 0);
       oversized.writeInt32BE(196608, 4);
       const attacks = [
-        Buffer.concat([serialize.startup({ user: role, database: testDatabase().database }), Buffer.from([0x43, 0, 0, 0, 4, 0x53, 0, 0, 0, 4])]),
+        Buffer.concat([
+          serialize.startup({ user: role, database: testDatabase().database }),
+          Buffer.from([0x43, 0, 0, 0, 4, 0x53, 0, 0, 0, 4]),
+        ]),
         oversized,
         Buffer.from([0x58, 0, 0, 0, 4]), // Terminate before the startup packet
       ];
@@ -141,7 +168,9 @@ describe('pgwarden start', () => {
       }
       const during = fds();
       await waitFor(() => fds() <= baseline, { timeoutMs: 60_000, what: `pgwarden's open fds back to ${baseline}` });
-      t.diagnostic(`pgwarden open fds: ${baseline} before, ${during} right after 2,000 attacks, ${fds()} once settled (attackers still connected)`);
+      t.diagnostic(
+        `pgwarden open fds: ${baseline} before, ${during} right after 2,000 attacks, ${fds()} once settled (attackers still connected)`,
+      );
       const client = clientFor(proxy.port);
       await client.connect();
       assert.equal((await client.query('select 1 as n')).rows[0].n, 1);
@@ -158,7 +187,9 @@ describe('pgwarden start', () => {
     }
   });
 
-  test('SIGTERM exits within the drain deadline even with a client that never reads or closes', { timeout: 60_000 }, async () => {
+  test('SIGTERM exits within the drain deadline even with a client that never reads or closes', {
+    timeout: 60_000,
+  }, async () => {
     const proxy = await startCli(['--drain-timeout-ms', '1500']);
     const stalled = net.connect({ host: '127.0.0.1', port: proxy.port, allowHalfOpen: true });
     stalled.on('error', () => undefined);
@@ -170,7 +201,15 @@ describe('pgwarden start', () => {
     await busy.connect();
     busy.query('select pg_sleep(30)').catch(() => undefined);
     await waitFor(
-      () => withClient(async (direct) => (await direct.query("select 1 from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")).rowCount === 1),
+      () =>
+        withClient(
+          async (direct) =>
+            (
+              await direct.query(
+                "select 1 from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+              )
+            ).rowCount === 1,
+        ),
       { what: 'the long query to run' },
     );
     const signalled = Date.now();
@@ -181,15 +220,20 @@ describe('pgwarden start', () => {
     stalled.destroy();
   });
 
-  test('with several workers, a CancelRequest reaches the session on whichever worker holds it', { timeout: 60_000 }, async () => {
+  test('with several workers, a CancelRequest reaches the session on whichever worker holds it', {
+    timeout: 60_000,
+  }, async () => {
     const proxy = await startCli(['--workers', '2']);
     try {
-      await waitFor(async () => {
-        const c = clientFor(proxy.port);
-        await c.connect();
-        await c.end();
-        return true;
-      }, { what: 'workers ready' });
+      await waitFor(
+        async () => {
+          const c = clientFor(proxy.port);
+          await c.connect();
+          await c.end();
+          return true;
+        },
+        { what: 'workers ready' },
+      );
       const clients = Array.from({ length: 6 }, () => clientFor(proxy.port));
       await Promise.all(clients.map((c) => c.connect()));
       for (const client of clients) {
@@ -199,7 +243,12 @@ describe('pgwarden start', () => {
         );
         const { processID, secretKey } = client as unknown as { processID: number; secretKey: number };
         await waitFor(
-          () => withClient(async (direct) => (await direct.query("select 1 from pg_stat_activity where pid = $1 and state = 'active'", [processID])).rowCount === 1),
+          () =>
+            withClient(
+              async (direct) =>
+                (await direct.query("select 1 from pg_stat_activity where pid = $1 and state = 'active'", [processID]))
+                  .rowCount === 1,
+            ),
           { what: 'pg_sleep to run' },
         );
         // One cancel each, on a connection the kernel gives to either worker: without

@@ -65,29 +65,50 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     child = spawn(
       process.execPath,
       [
-        '--import', 'tsx', 'src/cli/main.ts', 'start',
-        '--workers', '2',
-        '--listen', '127.0.0.1:0',
-        '--admin', '127.0.0.1:0',
-        '--admin-token', TOKEN,
+        '--import',
+        'tsx',
+        'src/cli/main.ts',
+        'start',
+        '--workers',
+        '2',
+        '--listen',
+        '127.0.0.1:0',
+        '--admin',
+        '127.0.0.1:0',
+        '--admin-token',
+        TOKEN,
         // Its own state file: rules and saved incidents must not leak into the checkout or the next run.
-        '--state-file', path.join(stateDir, 'state.json'),
-        '--upstream', `${db.host}:${db.port}`,
-        '--monitor-url', db.url,
-        '--alert-webhook-url', hookUrl,
-        '--mitigation', 'off',
-        '--plan-sample-period-s', '3600',
-        '--schema-check-interval-s', '3600',
-        '--series-bucket-s', '1',
-        '--detect-evaluate-ms', '500',
-        '--slow-query-ms', '100000',
+        '--state-file',
+        path.join(stateDir, 'state.json'),
+        '--upstream',
+        `${db.host}:${db.port}`,
+        '--monitor-url',
+        db.url,
+        '--alert-webhook-url',
+        hookUrl,
+        '--mitigation',
+        'off',
+        '--plan-sample-period-s',
+        '3600',
+        '--schema-check-interval-s',
+        '3600',
+        '--series-bucket-s',
+        '1',
+        '--detect-evaluate-ms',
+        '500',
+        '--slow-query-ms',
+        '100000',
       ],
       { cwd: new URL('../..', import.meta.url), stdio: ['ignore', 'pipe', 'pipe'] },
     );
     exit = once(child, 'exit').then(([code]) => code as number | null);
     child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
-    const lines = () => output.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const lines = () =>
+      output
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .map((l) => JSON.parse(l) as Record<string, unknown>);
     [proxyPort, adminPort] = await waitFor(
       () => {
         const workers = lines().filter((l) => String(l.msg).startsWith('pgwarden proxy listening'));
@@ -122,7 +143,10 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
 
   async function clients(n: number): Promise<pg.Client[]> {
     const db = testDatabase();
-    const list = Array.from({ length: n }, () => new pg.Client({ host: '127.0.0.1', port: proxyPort, user: db.user, database: db.database }));
+    const list = Array.from(
+      { length: n },
+      () => new pg.Client({ host: '127.0.0.1', port: proxyPort, user: db.user, database: db.database }),
+    );
     await Promise.all(list.map((c) => c.connect()));
     return list;
   }
@@ -188,11 +212,23 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
 
     const metrics = await api('/metrics');
     for (const s of shapes) {
-      assert.match(metrics, new RegExp(`pgwarden_shape_calls_total\\{fingerprint="${s.fingerprint}"\\} ${expected}\\n`), `metrics count ${s.query}`);
+      assert.match(
+        metrics,
+        new RegExp(`pgwarden_shape_calls_total\\{fingerprint="${s.fingerprint}"\\} ${expected}\\n`),
+        `metrics count ${s.query}`,
+      );
     }
     assert.match(metrics, new RegExp(`pgwarden_connections_total ${CLIENTS}\\n`));
-    assert.match(metrics, new RegExp(`pgwarden_queries_total ${3 * expected + CLIENTS}\\n`), 'every statement, the workerOf ones included');
-    assert.match(metrics, new RegExp(`pgwarden_connections_active ${CLIENTS}\\n`), 'the gauge sums the workers\' sessions');
+    assert.match(
+      metrics,
+      new RegExp(`pgwarden_queries_total ${3 * expected + CLIENTS}\\n`),
+      'every statement, the workerOf ones included',
+    );
+    assert.match(
+      metrics,
+      new RegExp(`pgwarden_connections_active ${CLIENTS}\\n`),
+      "the gauge sums the workers' sessions",
+    );
 
     // One EXPLAIN per shape, though both workers saw each shape (and see it again).
     await waitFor(
@@ -206,7 +242,11 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     const explained = async () => Number(/^pgwarden_plan_samples_total (\d+)$/m.exec(await api('/metrics'))?.[1]);
     await waitFor(async () => (await explained()) >= 4, { timeoutMs: 15_000, intervalMs: 200, what: 'four EXPLAINs' });
     await runRound(list);
-    await waitFor(async () => (await ours()).every((s) => s.calls === 2 * expected), { timeoutMs: 15_000, intervalMs: 100, what: 'the second round counted' });
+    await waitFor(async () => (await ours()).every((s) => s.calls === 2 * expected), {
+      timeoutMs: 15_000,
+      intervalMs: 100,
+      what: 'the second round counted',
+    });
     for (const s of shapes) {
       const detail = await api(`/api/shapes/${s.fingerprint}`);
       assert.equal(detail.plans.current.samples, 1, `${s.query} explained once`);
@@ -225,7 +265,11 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       async () => ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) => s.query.includes('pgw_wk_rule')),
       { timeoutMs: 10_000, intervalMs: 100, what: 'the shape to be reported' },
     );
-    const rule = await api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: shape.fingerprint, reason: 'workers test' }, status: 201 });
+    const rule = await api('/api/rules', {
+      method: 'POST',
+      body: { action: 'block', fingerprint: shape.fingerprint, reason: 'workers test' },
+      status: 201,
+    });
     const refused = async (c: pg.Client) => {
       try {
         await c.query(text, ['y']);
@@ -234,7 +278,11 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
         return (err as { code?: string }).code === '42501';
       }
     };
-    await waitFor(async () => (await Promise.all(list.map(refused))).every(Boolean), { timeoutMs: 5000, intervalMs: 50, what: 'every worker to refuse the blocked shape' });
+    await waitFor(async () => (await Promise.all(list.map(refused))).every(Boolean), {
+      timeoutMs: 5000,
+      intervalMs: 50,
+      what: 'every worker to refuse the blocked shape',
+    });
     await waitFor(
       async () => {
         const rules = (await api('/api/rules')) as { id: string; applied: number }[];
@@ -242,9 +290,16 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       },
       { timeoutMs: 5000, intervalMs: 100, what: "the workers' refusals to be counted on the primary" },
     );
-    assert.match(await api('/metrics'), new RegExp(`pgwarden_rule_applied_total\\{rule="${rule.id}",action="block"\\} [1-9]`));
+    assert.match(
+      await api('/metrics'),
+      new RegExp(`pgwarden_rule_applied_total\\{rule="${rule.id}",action="block"\\} [1-9]`),
+    );
     await api(`/api/rules/${rule.id}`, { method: 'DELETE' });
-    await waitFor(async () => (await Promise.all(list.map(refused))).every((r) => !r), { timeoutMs: 5000, intervalMs: 50, what: 'every worker to lift the rule' });
+    await waitFor(async () => (await Promise.all(list.map(refused))).every((r) => !r), {
+      timeoutMs: 5000,
+      intervalMs: 50,
+      what: 'every worker to lift the rule',
+    });
   });
 
   test('a regression through both workers opens one incident and sends one webhook', async () => {
@@ -258,16 +313,23 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     try {
       const fingerprint = await waitFor(
         async () => {
-          const shape = ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) => s.query.includes('pgw_wk_sleep'));
+          const shape = ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) =>
+            s.query.includes('pgw_wk_sleep'),
+          );
           if (!shape) return undefined;
           const detail = await api(`/api/shapes/${shape.fingerprint}`);
-          return detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 12 ? shape.fingerprint : undefined;
+          return detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 12
+            ? shape.fingerprint
+            : undefined;
         },
         { timeoutMs: 60_000, intervalMs: 500, what: 'a baseline for the sleep shape' },
       );
       delay = 0.04;
       const incident = await waitFor(
-        async () => ((await api('/api/incidents')) as { id: string; fingerprint: string }[]).find((i) => i.fingerprint === fingerprint),
+        async () =>
+          ((await api('/api/incidents')) as { id: string; fingerprint: string }[]).find(
+            (i) => i.fingerprint === fingerprint,
+          ),
         { timeoutMs: 60_000, intervalMs: 250, what: 'an incident for the sleep shape' },
       );
       await waitFor(() => hooks.some((h) => h.event === 'incident_opened' && h.incident.id === incident.id), {
@@ -277,10 +339,16 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       // Keep the regression going for a few evaluations: a second detector would open its own.
       const settled = Date.now() + 4000;
       await waitFor(() => Date.now() >= settled, { timeoutMs: 10_000, intervalMs: 200 });
-      const incidents = ((await api('/api/incidents')) as { fingerprint: string }[]).filter((i) => i.fingerprint === fingerprint);
+      const incidents = ((await api('/api/incidents')) as { fingerprint: string }[]).filter(
+        (i) => i.fingerprint === fingerprint,
+      );
       assert.equal(incidents.length, 1, 'one incident');
       const opened = hooks.filter((h) => h.event === 'incident_opened');
-      assert.equal(opened.length, 1, `one incident_opened webhook; got ${JSON.stringify(opened.map((h) => h.incident.id))}`);
+      assert.equal(
+        opened.length,
+        1,
+        `one incident_opened webhook; got ${JSON.stringify(opened.map((h) => h.incident.id))}`,
+      );
       assert.equal(opened[0].incident.fingerprint, fingerprint);
     } finally {
       stop = true;

@@ -71,7 +71,16 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
     browser = await chromium.launch({
       executablePath: CHROMIUM,
       chromiumSandbox: false,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
     });
     page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
     page.on('pageerror', (err) => pageErrors.push(`pageerror: ${err.message}`));
@@ -124,7 +133,9 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
     const first = await waitFor(
       async () => {
         const list = await rows();
-        return list.length >= 4 && list.some((r) => r.query === HOT_QUERY) && list.some((r) => r.query === SLOW_SHAPE) ? list : undefined;
+        return list.length >= 4 && list.some((r) => r.query === HOT_QUERY) && list.some((r) => r.query === SLOW_SHAPE)
+          ? list
+          : undefined;
       },
       { timeoutMs: 20_000, intervalMs: 250, what: 'the shapes table to list the workload' },
     );
@@ -149,7 +160,11 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
       return waitFor(
         async () => {
           const sortedHeader = await page.getAttribute(`th:has(button[data-sort="${sort}"])`, 'aria-sort');
-          if (sortedHeader !== 'descending' || !((await page.textContent('#shapes-hint')) ?? '').includes(`by ${label}`)) return undefined;
+          if (
+            sortedHeader !== 'descending' ||
+            !((await page.textContent('#shapes-hint')) ?? '').includes(`by ${label}`)
+          )
+            return undefined;
           const list = await rows();
           return list.length >= 4 && descending(list.map((r) => r[key])) ? list : undefined;
         },
@@ -180,7 +195,10 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
       what: 'the detail to show the index plan',
     });
     const chartBox = await page.locator('#latency-chart canvas').first().boundingBox();
-    assert.ok(chartBox && chartBox.width > 300 && chartBox.height > 150, `chart drawn at a readable size: ${JSON.stringify(chartBox)}`);
+    assert.ok(
+      chartBox && chartBox.width > 300 && chartBox.height > 150,
+      `chart drawn at a readable size: ${JSON.stringify(chartBox)}`,
+    );
     await screenshot('detail-before.png', page.locator('#detail'));
   });
 
@@ -196,7 +214,11 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
       await page.click('#modal button[data-action="confirm"]');
       await page.locator('#modal').waitFor({ state: 'detached' });
       await page.locator('#detail .detail-rules [data-rule]').waitFor({ state: 'visible', timeout: 10_000 });
-      await waitFor(async () => (await rows()).find((r) => r.fingerprint === hot)?.status === 'blocked', { timeoutMs: 10_000, intervalMs: 200, what: 'the shape to show as blocked' });
+      await waitFor(async () => (await rows()).find((r) => r.fingerprint === hot)?.status === 'blocked', {
+        timeoutMs: 10_000,
+        intervalMs: 200,
+        what: 'the shape to show as blocked',
+      });
 
       await assert.rejects(client.query(HOT_QUERY, ['user1@example.com']), (err: Error & { code?: string }) => {
         assert.equal(err.code, '42501');
@@ -209,7 +231,11 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
       assert.match((await page.textContent('#modal')) ?? '', /Unblock this shape/);
       await page.click('#modal button[data-action="confirm"]');
       await page.locator('#modal').waitFor({ state: 'detached' });
-      await waitFor(async () => ((await page.textContent('#detail .detail-rules')) ?? '').includes('No rules'), { timeoutMs: 10_000, intervalMs: 200, what: 'the rule to be gone' });
+      await waitFor(async () => ((await page.textContent('#detail .detail-rules')) ?? '').includes('No rules'), {
+        timeoutMs: 10_000,
+        intervalMs: 200,
+        what: 'the rule to be gone',
+      });
       const { rows: found } = await client.query(HOT_QUERY, ['user1@example.com']);
       assert.equal(found.length, 1);
       assert.deepEqual((await pgw.api('/api/rules')).body, []);
@@ -247,7 +273,10 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
     assert.match(text, /× slower/);
     assert.match(text, /before the onset|after the onset|at the onset/);
     assert.match(text, /Ruled out/);
-    assert.equal(await page.locator(`#shapes-table tr[data-fingerprint="${hot}"] [data-status]`).getAttribute('data-status'), 'regressed');
+    assert.equal(
+      await page.locator(`#shapes-table tr[data-fingerprint="${hot}"] [data-status]`).getAttribute('data-status'),
+      'regressed',
+    );
 
     // The overview as someone arriving at the incident sees it: no shape opened yet.
     await page.click('#detail button[aria-label="Close shape detail"]');
@@ -279,11 +308,18 @@ describe('the dashboard in a browser', { timeout: 300_000 }, () => {
       await other.locator('#login').waitFor({ state: 'visible', timeout: 10_000 });
       assert.match((await other.textContent('#login-error')) ?? '', /rejected/);
       assert.equal(await other.isVisible('#app'), false);
-      assert.equal(await other.evaluate(() => sessionStorage.getItem('pgwarden.admin_token')), null, 'a rejected token is not kept');
+      assert.equal(
+        await other.evaluate(() => sessionStorage.getItem('pgwarden.admin_token')),
+        null,
+        'a rejected token is not kept',
+      );
       await other.screenshot({ path: path.join(OUTPUT, 'login.png') });
       await other.fill('#login-token', pgw.config.admin_token!);
       await other.click('#login-form button[type="submit"]');
-      await other.locator('#shapes-table tbody tr[data-fingerprint]').first().waitFor({ state: 'visible', timeout: 10_000 });
+      await other
+        .locator('#shapes-table tbody tr[data-fingerprint]')
+        .first()
+        .waitFor({ state: 'visible', timeout: 10_000 });
       assert.equal(await other.isVisible('#login'), false);
     } finally {
       await context.close();

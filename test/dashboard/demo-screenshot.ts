@@ -14,7 +14,10 @@ import { chromium } from 'playwright-core';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const OUT = path.join(root, 'docs/screenshots/demo-incident.png');
 
-const demo = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'demo'], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+const demo = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'demo'], {
+  cwd: root,
+  stdio: ['ignore', 'pipe', 'inherit'],
+});
 let output = '';
 demo.stdout!.on('data', (d: Buffer) => {
   output += d.toString();
@@ -34,7 +37,12 @@ async function until<T>(check: () => T | undefined, what: string, timeoutMs = 18
 
 try {
   const url = await until(() => /Dashboard: (http:\/\/\S+)/.exec(output)?.[1], 'the dashboard URL');
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, chromiumSandbox: false, args: ['--disable-gpu', '--disable-dev-shm-usage'] });
+  const browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    chromiumSandbox: false,
+    args: ['--disable-gpu', '--disable-dev-shm-usage'],
+  });
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 1000 }, deviceScaleFactor: 1 });
     await page.goto(url);

@@ -65,7 +65,9 @@ describe('Dockerfile', () => {
   test('is multi-stage: built in a build stage, run from a separate one', () => {
     assert.ok(build, 'a stage named build');
     assert.notEqual(runtime, build);
-    const run = of(build, 'RUN').map((i) => i.args).join(' && ');
+    const run = of(build, 'RUN')
+      .map((i) => i.args)
+      .join(' && ');
     assert.match(run, /npm ci\b/, 'dependencies installed with npm ci (exactly the lock file)');
     assert.match(run, /npm run build\b/, 'compiled with npm run build');
     assert.match(run, /npm prune --omit=dev\b/, 'dev dependencies pruned before they are copied');
@@ -91,9 +93,13 @@ describe('Dockerfile', () => {
       const { from, sources } = copyParts(args);
       return from === 'build' ? sources.map((s) => path.posix.relative('/app', s)) : [];
     });
-    for (const needed of ['package.json', 'node_modules', 'dist', 'bin']) assert.ok(copied.includes(needed), `runtime stage lacks ${needed}`);
+    for (const needed of ['package.json', 'node_modules', 'dist', 'bin'])
+      assert.ok(copied.includes(needed), `runtime stage lacks ${needed}`);
     // The dashboard is served from src/dashboard/ at run time.
-    assert.ok(copied.includes('src') || (!exists('src/dashboard') || copied.includes('src/dashboard')), 'runtime stage lacks src/dashboard');
+    assert.ok(
+      copied.includes('src') || !exists('src/dashboard') || copied.includes('src/dashboard'),
+      'runtime stage lacks src/dashboard',
+    );
     // What the build stage copies from the build stage was put there: copied in, installed or compiled.
     const builtThere = new Set(['node_modules', 'dist']);
     for (const { args } of of(build!, 'COPY')) {
@@ -101,7 +107,8 @@ describe('Dockerfile', () => {
       if (dest === './') for (const s of sources) builtThere.add(s);
       else builtThere.add(path.posix.normalize(dest));
     }
-    for (const c of copied) assert.ok(builtThere.has(c), `COPY --from=build /app/${c}: the build stage never creates it`);
+    for (const c of copied)
+      assert.ok(builtThere.has(c), `COPY --from=build /app/${c}: the build stage never creates it`);
     const entry = of(runtime, 'ENTRYPOINT').at(-1)?.args ?? '';
     assert.deepEqual(JSON.parse(entry), ['node', 'bin/pgwarden.js']);
     assert.ok(exists('bin/pgwarden.js'));
@@ -116,18 +123,32 @@ describe('Dockerfile', () => {
   });
 
   test('EXPOSE matches the ports the baked-in config and the defaults listen on', () => {
-    const exposed = of(runtime, 'EXPOSE').flatMap((i) => i.args.split(/\s+/)).map((p) => Number(p.split('/')[0])).sort();
-    const env = of(runtime, 'ENV').map((i) => i.args).join(' ');
+    const exposed = of(runtime, 'EXPOSE')
+      .flatMap((i) => i.args.split(/\s+/))
+      .map((p) => Number(p.split('/')[0]))
+      .sort();
+    const env = of(runtime, 'ENV')
+      .map((i) => i.args)
+      .join(' ');
     const configFile = /PGWARDEN_CONFIG=(\S+)/.exec(env)?.[1];
     assert.ok(configFile, 'the image names its config file in PGWARDEN_CONFIG');
-    const baked = of(runtime, 'COPY').map((i) => copyParts(i.args)).find((c) => c.from === null && c.dest === configFile);
+    const baked = of(runtime, 'COPY')
+      .map((i) => copyParts(i.args))
+      .find((c) => c.from === null && c.dest === configFile);
     assert.ok(baked, `${configFile} is copied into the image`);
     const config = loadConfig({ file: path.join(root, baked.sources[0]) });
     const ports = [parseHostPort(config.listen).port, parseHostPort(config.admin).port].sort();
     assert.deepEqual(exposed, ports, 'EXPOSE = listen and admin ports of the baked-in config');
     const defaults = loadConfig();
-    assert.deepEqual(ports, [parseHostPort(defaults.listen).port, parseHostPort(defaults.admin).port].sort(), 'and those are the default ports');
-    assert.ok(config.state_file.startsWith('/var/lib/pgwarden/'), 'the state file is in the directory the image makes writable');
+    assert.deepEqual(
+      ports,
+      [parseHostPort(defaults.listen).port, parseHostPort(defaults.admin).port].sort(),
+      'and those are the default ports',
+    );
+    assert.ok(
+      config.state_file.startsWith('/var/lib/pgwarden/'),
+      'the state file is in the directory the image makes writable',
+    );
     assert.ok(of(runtime, 'RUN').some((i) => i.args.includes('/var/lib/pgwarden') && i.args.includes('chown')));
   });
 
@@ -149,7 +170,11 @@ describe('Dockerfile', () => {
       const { port } = await admin;
       ready = false;
       assert.equal(await runNodeScript(command[2], { PGWARDEN_ADMIN: `127.0.0.1:${port}` }), 0);
-      assert.equal(await runNodeScript(command[2], { PGWARDEN_ADMIN: `0.0.0.0:${port}` }), 0, 'a wildcard admin address is checked on loopback');
+      assert.equal(
+        await runNodeScript(command[2], { PGWARDEN_ADMIN: `0.0.0.0:${port}` }),
+        0,
+        'a wildcard admin address is checked on loopback',
+      );
       ready = true;
     });
 

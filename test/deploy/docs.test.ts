@@ -8,11 +8,24 @@ import YAML from 'yaml';
 import { createMetrics } from '../../src/admin/metrics.ts';
 import { loadConfig } from '../../src/config.ts';
 import { RULES_USAGE } from '../../src/cli/rules.ts';
-import { adminPaths, exists, isPgwardenSeries, metricCatalog, pgwardenNamesInText, read, readYaml, root } from './support.ts';
+import {
+  adminPaths,
+  exists,
+  isPgwardenSeries,
+  metricCatalog,
+  pgwardenNamesInText,
+  read,
+  readYaml,
+  root,
+} from './support.ts';
 
 /** The metrics createMetrics registers when every source is there (stubs: nothing is read before a scrape). */
 function registeredMetrics(): Map<string, string> {
-  const registry = createMetrics({ stats: {} } as never, { collector: {}, incidents: {}, sampler: {}, rules: {} } as never, { topShapes: 5 });
+  const registry = createMetrics(
+    { stats: {} } as never,
+    { collector: {}, incidents: {}, sampler: {}, rules: {} } as never,
+    { topShapes: 5 },
+  );
   const kinds = new Map<string, string>();
   for (const metric of registry.getMetricsAsArray()) {
     const name = (metric as unknown as { name: string }).name;
@@ -71,7 +84,8 @@ function routes(): string[] {
   for (const file of sourceFiles('src')) {
     for (const m of read(file).matchAll(/method:\s*'(\w+)',\s*path:\s*'(\/[^']*)'/g)) declared.push(`${m[1]} ${m[2]}`);
   }
-  const dashboard = exists('src/dashboard/assets.ts') && /files\.set\('\/',/.test(read('src/dashboard/assets.ts')) ? ['GET /'] : [];
+  const dashboard =
+    exists('src/dashboard/assets.ts') && /files\.set\('\/',/.test(read('src/dashboard/assets.ts')) ? ['GET /'] : [];
   return [...new Set([...fixed.map((p) => `GET ${p}`), ...declared, ...dashboard])];
 }
 
@@ -97,7 +111,13 @@ describe('docs/metrics.md', () => {
     const registered = registeredMetrics();
     const catalog = metricCatalog();
     assert.deepEqual([...catalog.families].sort(), [...registered.keys()].sort());
-    assert.deepEqual([...catalog.histograms].sort(), [...registered].filter(([, kind]) => kind === 'histogram').map(([name]) => name).sort());
+    assert.deepEqual(
+      [...catalog.histograms].sort(),
+      [...registered]
+        .filter(([, kind]) => kind === 'histogram')
+        .map(([name]) => name)
+        .sort(),
+    );
   });
 
   test('every metric of src/admin/metrics.ts is documented, with its type', () => {
@@ -111,7 +131,13 @@ describe('docs/metrics.md', () => {
   test('the process and runtime metrics an SRE looks for first are named', () => {
     const registry = createMetrics({ stats: {} } as never, { collector: null } as never, { topShapes: 5 });
     const names = registry.getMetricsAsArray().map((m) => (m as unknown as { name: string }).name);
-    for (const name of ['process_cpu_seconds_total', 'process_resident_memory_bytes', 'process_open_fds', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) {
+    for (const name of [
+      'process_cpu_seconds_total',
+      'process_resident_memory_bytes',
+      'process_open_fds',
+      'nodejs_heap_size_used_bytes',
+      'nodejs_eventloop_lag_seconds',
+    ]) {
       assert.ok(names.includes(name), `${name} is registered`);
       assert.ok(doc.includes(`\`${name}\``), `docs/metrics.md names ${name}`);
     }
@@ -119,7 +145,11 @@ describe('docs/metrics.md', () => {
 
   test('every pgwarden_ name in docs/metrics.md is a metric of src/admin/metrics.ts', () => {
     const catalog = metricCatalog();
-    for (const name of pgwardenNamesInText(doc)) assert.ok(isPgwardenSeries(name, catalog), `docs/metrics.md mentions ${name}, which src/admin/metrics.ts does not register`);
+    for (const name of pgwardenNamesInText(doc))
+      assert.ok(
+        isPgwardenSeries(name, catalog),
+        `docs/metrics.md mentions ${name}, which src/admin/metrics.ts does not register`,
+      );
   });
 });
 
@@ -135,7 +165,8 @@ describe('docs/api.md', () => {
 
   test('every documented route is served', () => {
     const all = routes();
-    for (const heading of headings) assert.ok(all.includes(heading), `docs/api.md documents ${heading}, which src/admin does not serve`);
+    for (const heading of headings)
+      assert.ok(all.includes(heading), `docs/api.md documents ${heading}, which src/admin does not serve`);
   });
 
   test('the JSON fields of shapes, rules and incidents are documented by their names in the code', () => {
@@ -156,7 +187,8 @@ describe('docs/api.md', () => {
       ...workloadShapeFields(),
     ];
     assert.ok(fields.length > 40, `found the fields: ${fields.join(', ')}`);
-    for (const field of new Set(fields)) assert.ok(doc.includes(`\`${field}\``), `docs/api.md does not mention \`${field}\``);
+    for (const field of new Set(fields))
+      assert.ok(doc.includes(`\`${field}\``), `docs/api.md does not mention \`${field}\``);
   });
 });
 
@@ -165,7 +197,9 @@ describe('docs/operations.md', () => {
 
   test('has the section each alert links to, and names every alert', () => {
     const anchors = new Set([...doc.matchAll(/^#{2,4} (.+)$/gm)].map((m) => headingAnchor(m[1])));
-    const rules = readYaml<{ groups: { rules: { alert: string; annotations: Record<string, string> }[] }[] }>('deploy/prometheus/pgwarden-rules.yaml').groups.flatMap((g) => g.rules);
+    const rules = readYaml<{ groups: { rules: { alert: string; annotations: Record<string, string> }[] }[] }>(
+      'deploy/prometheus/pgwarden-rules.yaml',
+    ).groups.flatMap((g) => g.rules);
     for (const rule of rules) {
       const anchor = /#([\w-]+)$/.exec(rule.annotations.runbook_url ?? '')?.[1];
       assert.ok(anchor, `${rule.alert} has a runbook_url with an anchor`);
@@ -178,7 +212,14 @@ describe('docs/operations.md', () => {
     const blocks = [...doc.matchAll(/```yaml\n([\s\S]*?)```/g)].map((m) => m[1]);
     const configs = blocks.filter((b) => {
       const parsed = YAML.parse(b) as Record<string, unknown> | null;
-      return parsed !== null && typeof parsed === 'object' && !('apiVersion' in parsed) && !('services' in parsed) && !('scrape_configs' in parsed) && !('jobs' in parsed);
+      return (
+        parsed !== null &&
+        typeof parsed === 'object' &&
+        !('apiVersion' in parsed) &&
+        !('services' in parsed) &&
+        !('scrape_configs' in parsed) &&
+        !('jobs' in parsed)
+      );
     });
     assert.ok(configs.length >= 3, 'docs/operations.md shows pgwarden configurations');
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-docs-'));
@@ -186,7 +227,10 @@ describe('docs/operations.md', () => {
       configs.forEach((text, i) => {
         const file = path.join(dir, `example-${i}.yaml`);
         fs.writeFileSync(file, text);
-        assert.doesNotThrow(() => loadConfig({ file, env: { PGWARDEN_ADMIN_TOKEN: 'a-token-of-at-least-16-chars' } }), `example ${i + 1}:\n${text}`);
+        assert.doesNotThrow(
+          () => loadConfig({ file, env: { PGWARDEN_ADMIN_TOKEN: 'a-token-of-at-least-16-chars' } }),
+          `example ${i + 1}:\n${text}`,
+        );
       });
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
@@ -194,8 +238,13 @@ describe('docs/operations.md', () => {
   });
 
   test('the commands it tells responders to run exist', () => {
-    for (const m of doc.matchAll(/pgwarden rules (\w+)/g)) assert.ok(RULES_USAGE.includes(`pgwarden rules ${m[1]}`), `pgwarden rules ${m[1]} is not a command`);
-    const known = new Set(read('src/cli/main.ts').match(/case '(\w[\w-]*)'/g)?.map((c) => c.slice(6, -1)));
+    for (const m of doc.matchAll(/pgwarden rules (\w+)/g))
+      assert.ok(RULES_USAGE.includes(`pgwarden rules ${m[1]}`), `pgwarden rules ${m[1]} is not a command`);
+    const known = new Set(
+      read('src/cli/main.ts')
+        .match(/case '(\w[\w-]*)'/g)
+        ?.map((c) => c.slice(6, -1)),
+    );
     for (const m of doc.matchAll(/(?:^|[\s`])pgwarden (start|demo|rules|incidents|workload|check-migration|help)\b/g)) {
       assert.ok(known.has(m[1]), `pgwarden ${m[1]} is not a command of src/cli/main.ts`);
     }

@@ -41,7 +41,8 @@ function allPanels(panels: Panel[]): Panel[] {
 function expressions(d: Dashboard): { where: string; expr: string }[] {
   const found: { where: string; expr: string }[] = [];
   for (const panel of allPanels(d.panels)) {
-    for (const t of panel.targets ?? []) if (t.expr) found.push({ where: `panel "${panel.title}" ${t.refId}`, expr: t.expr });
+    for (const t of panel.targets ?? [])
+      if (t.expr) found.push({ where: `panel "${panel.title}" ${t.refId}`, expr: t.expr });
   }
   for (const a of d.annotations.list) if (a.expr) found.push({ where: `annotation "${a.name}"`, expr: a.expr });
   for (const v of d.templating.list) {
@@ -56,9 +57,7 @@ function expressions(d: Dashboard): { where: string; expr: string }[] {
 
 /** Grafana's variables replaced by values Prometheus accepts, to check the syntax. */
 const asPromQL = (expr: string) =>
-  expr
-    .replace(/\$__rate_interval|\$__interval|\$__range/g, '5m')
-    .replace(/\$\{?(job|instance)\}?/g, '.*');
+  expr.replace(/\$__rate_interval|\$__interval|\$__range/g, '5m').replace(/\$\{?(job|instance)\}?/g, '.*');
 
 describe('Grafana dashboard', () => {
   test('parses as JSON with a Prometheus data source variable every panel uses', () => {
@@ -92,7 +91,9 @@ describe('Grafana dashboard', () => {
   });
 
   test('covers what an operator looks at first', () => {
-    const exprs = expressions(dashboard()).map((e) => e.expr).join('\n');
+    const exprs = expressions(dashboard())
+      .map((e) => e.expr)
+      .join('\n');
     for (const metric of [
       'pgwarden_queries_total',
       'pgwarden_query_errors_total',
@@ -118,13 +119,17 @@ describe('Grafana dashboard', () => {
   test('every expression uses only metric names that exist in src/admin/metrics.ts', () => {
     const catalog = metricCatalog();
     for (const { where, expr } of expressions(dashboard())) {
-      for (const name of pgwardenNamesIn(expr)) assert.ok(isPgwardenSeries(name, catalog), `${where}: ${name} is not a metric of src/admin/metrics.ts`);
+      for (const name of pgwardenNamesIn(expr))
+        assert.ok(isPgwardenSeries(name, catalog), `${where}: ${name} is not a metric of src/admin/metrics.ts`);
     }
   });
 
   const promtool = findPromtool();
   test('every expression is valid PromQL (promtool check rules)', { skip: promtool ? false : PROMTOOL_MISSING }, () => {
-    const rules = expressions(dashboard()).map((e, i) => ({ record: `pgwarden_dashboard:expr_${i}`, expr: asPromQL(e.expr) }));
+    const rules = expressions(dashboard()).map((e, i) => ({
+      record: `pgwarden_dashboard:expr_${i}`,
+      expr: asPromQL(e.expr),
+    }));
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-grafana-'));
     try {
       const file = path.join(dir, 'dashboard-exprs.yaml');

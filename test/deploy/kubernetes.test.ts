@@ -4,12 +4,25 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ConfigError, loadConfig, parseHostPort, type Config } from '../../src/config.ts';
-import { isServedPath, knownEnvNames, readYaml, readYamlDocuments, root, runNodeScript, startAdminServer } from './support.ts';
+import {
+  isServedPath,
+  knownEnvNames,
+  readYaml,
+  readYamlDocuments,
+  root,
+  runNodeScript,
+  startAdminServer,
+} from './support.ts';
 
 const DIR = 'deploy/kubernetes';
 
 /** A manifest, checked field by field. */
-type Manifest = { apiVersion: string; kind: string; metadata: { name: string; namespace?: string; labels?: Record<string, string> }; [key: string]: any };
+type Manifest = {
+  apiVersion: string;
+  kind: string;
+  metadata: { name: string; namespace?: string; labels?: Record<string, string> };
+  [key: string]: any;
+};
 
 const manifestFiles = () =>
   fs
@@ -74,11 +87,18 @@ describe('Kubernetes manifests', () => {
     const all = manifests();
     assert.ok(all.length >= 6);
     for (const m of all) {
-      assert.ok(m.apiVersion && m.kind && m.metadata?.name, `${m.kind ?? '?'} ${m.metadata?.name ?? '?'}: apiVersion, kind, metadata.name`);
+      assert.ok(
+        m.apiVersion && m.kind && m.metadata?.name,
+        `${m.kind ?? '?'} ${m.metadata?.name ?? '?'}: apiVersion, kind, metadata.name`,
+      );
       assert.equal(m.metadata.namespace, undefined, `${m.kind} ${m.metadata.name} is namespace-agnostic`);
     }
     const kustomization = readYaml<{ resources: string[] }>(`${DIR}/kustomization.yaml`);
-    assert.deepEqual([...kustomization.resources].sort(), manifestFiles(), 'kustomization.yaml lists every manifest, and only those');
+    assert.deepEqual(
+      [...kustomization.resources].sort(),
+      manifestFiles(),
+      'kustomization.yaml lists every manifest, and only those',
+    );
   });
 
   test('the ConfigMap is a valid pgwarden configuration with the Secret and the Deployment environment', () => {
@@ -87,24 +107,32 @@ describe('Kubernetes manifests', () => {
     assert.equal(config.admin, '0.0.0.0:6465');
     assert.equal(config.mitigation, 'dry-run');
     assert.equal(config.workers, 1);
-    assert.match(configMap().data['pgwarden.yaml'], /only be reachable inside the cluster/, 'the admin binding carries its warning');
+    assert.match(
+      configMap().data['pgwarden.yaml'],
+      /only be reachable inside the cluster/,
+      'the admin binding carries its warning',
+    );
     assert.ok(config.monitor_url?.startsWith('postgres://'), 'monitor_url from the Secret');
     assert.ok(config.control_url?.startsWith('postgres://'), 'control_url from the Secret');
     assert.equal(config.admin_token, TOKEN);
   });
 
   test("the Secret's placeholder token is refused, so nothing runs with it", () => {
-    assert.throws(() => podConfig({ PGWARDEN_ADMIN_TOKEN: secret().stringData['admin-token'] }), (err: unknown) => {
-      assert.ok(err instanceof ConfigError);
-      assert.match(err.message, /admin_token .*PGWARDEN_ADMIN_TOKEN/);
-      return true;
-    });
+    assert.throws(
+      () => podConfig({ PGWARDEN_ADMIN_TOKEN: secret().stringData['admin-token'] }),
+      (err: unknown) => {
+        assert.ok(err instanceof ConfigError);
+        assert.match(err.message, /admin_token .*PGWARDEN_ADMIN_TOKEN/);
+        return true;
+      },
+    );
   });
 
   test('every PGWARDEN_* variable the Deployment sets is an option of src/config.ts, from a Secret key that exists', () => {
     const known = knownEnvNames();
     const names = container().env.map((e: { name: string }) => e.name);
-    for (const name of names.filter((n: string) => n.startsWith('PGWARDEN_'))) assert.ok(known.has(name), `${name} is not read by pgwarden`);
+    for (const name of names.filter((n: string) => n.startsWith('PGWARDEN_')))
+      assert.ok(known.has(name), `${name} is not read by pgwarden`);
     for (const name of ['PGWARDEN_ADMIN_TOKEN', 'PGWARDEN_MONITOR_URL', 'PGWARDEN_CONTROL_URL']) {
       const ref = container().env.find((e: { name: string }) => e.name === name)?.valueFrom?.secretKeyRef;
       assert.ok(ref, `${name} comes from a Secret`);
@@ -134,24 +162,35 @@ describe('Kubernetes manifests', () => {
       assert.equal(p.port, containerPort(p.targetPort), `Service port ${p.name}`);
     }
     const endpoint = only('ServiceMonitor').spec.endpoints[0];
-    assert.ok(service.spec.ports.some((p: { name: string }) => p.name === endpoint.port), 'the ServiceMonitor scrapes a Service port');
+    assert.ok(
+      service.spec.ports.some((p: { name: string }) => p.name === endpoint.port),
+      'the ServiceMonitor scrapes a Service port',
+    );
     assert.equal(service.spec.ports.find((p: { name: string }) => p.name === endpoint.port).targetPort, 'admin');
     const policy = only('NetworkPolicy');
     const rules: { from?: unknown[]; ports: { port: number }[] }[] = policy.spec.ingress;
     const adminRules = rules.filter((r) => r.ports.some((p) => p.port === containerPort('admin')));
     assert.equal(adminRules.length, 1, 'one rule admits the admin port');
-    assert.deepEqual(adminRules[0].from, [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } }]);
-    assert.ok(rules.some((r) => r.ports.some((p) => p.port === containerPort('proxy'))), 'the proxy port is admitted');
+    assert.deepEqual(adminRules[0].from, [
+      { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } },
+    ]);
+    assert.ok(
+      rules.some((r) => r.ports.some((p) => p.port === containerPort('proxy'))),
+      'the proxy port is admitted',
+    );
   });
 
   test('labels select the pods: Deployment, Service, ServiceMonitor, NetworkPolicy', () => {
     const podLabels = deployment().spec.template.metadata.labels;
-    const matches = (selector: Record<string, string>) => Object.entries(selector).every(([k, v]) => podLabels[k] === v);
+    const matches = (selector: Record<string, string>) =>
+      Object.entries(selector).every(([k, v]) => podLabels[k] === v);
     assert.ok(matches(deployment().spec.selector.matchLabels));
     assert.ok(matches(only('Service').spec.selector));
     assert.ok(matches(only('NetworkPolicy').spec.podSelector.matchLabels));
     const serviceLabels = only('Service').metadata.labels ?? {};
-    assert.ok(Object.entries(only('ServiceMonitor').spec.selector.matchLabels).every(([k, v]) => serviceLabels[k] === v));
+    assert.ok(
+      Object.entries(only('ServiceMonitor').spec.selector.matchLabels).every(([k, v]) => serviceLabels[k] === v),
+    );
   });
 
   test('the ServiceMonitor scrapes /metrics with the admin token from the Secret', () => {
@@ -168,7 +207,11 @@ describe('Kubernetes manifests', () => {
       const get = container()[probe].httpGet;
       assert.equal(get.path, '/healthz', `${probe}: the only path served without the token`);
       assert.ok(isServedPath(get.path));
-      assert.equal(typeof get.port === 'string' ? containerPort(get.port) : get.port, containerPort('admin'), `${probe} port`);
+      assert.equal(
+        typeof get.port === 'string' ? containerPort(get.port) : get.port,
+        containerPort('admin'),
+        `${probe} port`,
+      );
     }
     const { script, url } = readinessScript();
     assert.equal(url.pathname, '/readyz');
@@ -176,7 +219,10 @@ describe('Kubernetes manifests', () => {
     assert.equal(Number(url.port), containerPort('admin'));
     assert.equal(url.hostname, '127.0.0.1', 'the probe runs inside the pod');
     for (const m of script.matchAll(/process\.env\.(\w+)/g)) {
-      assert.ok(container().env.some((e: { name: string }) => e.name === m[1]), `the probe reads ${m[1]}, which the container sets`);
+      assert.ok(
+        container().env.some((e: { name: string }) => e.name === m[1]),
+        `the probe reads ${m[1]}, which the container sets`,
+      );
     }
   });
 
@@ -211,7 +257,10 @@ describe('Kubernetes manifests', () => {
     const preStop: string[] = container().lifecycle?.preStop?.exec?.command ?? [];
     const pause = preStop[0] === 'sleep' ? Number(preStop[1]) : 0;
     const drainS = podConfig().drain_timeout_ms / 1000;
-    assert.ok(spec.terminationGracePeriodSeconds > pause + drainS, `terminationGracePeriodSeconds ${spec.terminationGracePeriodSeconds} > ${pause} + ${drainS}`);
+    assert.ok(
+      spec.terminationGracePeriodSeconds > pause + drainS,
+      `terminationGracePeriodSeconds ${spec.terminationGracePeriodSeconds} > ${pause} + ${drainS}`,
+    );
   });
 
   test('runs as non-root on a read-only root filesystem, with the state file on a writable volume', () => {
@@ -227,6 +276,9 @@ describe('Kubernetes manifests', () => {
     assert.ok(mount && !mount.readOnly, `${stateDir} is a writable mount`);
     const volume = spec.volumes.find((v: { name: string }) => v.name === mount.name);
     assert.ok(volume.emptyDir, 'an emptyDir');
-    assert.ok(container().resources?.requests?.memory && container().resources?.limits?.memory, 'memory request and limit');
+    assert.ok(
+      container().resources?.requests?.memory && container().resources?.limits?.memory,
+      'memory request and limit',
+    );
   });
 });

@@ -47,7 +47,10 @@ export function metricCatalog(): MetricCatalog {
   const families = new Set<string>();
   for (const m of source.matchAll(/(['"`])(pgwarden_[a-z0-9_]+)\1/g)) families.add(m[2]);
   const histograms = new Set<string>();
-  for (const m of source.matchAll(/(?:new\s+client\.Histogram|bucketHistogram)\(\s*\{\s*name:\s*(['"`])(pgwarden_[a-z0-9_]+)\1/g)) histograms.add(m[2]);
+  for (const m of source.matchAll(
+    /(?:new\s+client\.Histogram|bucketHistogram)\(\s*\{\s*name:\s*(['"`])(pgwarden_[a-z0-9_]+)\1/g,
+  ))
+    histograms.add(m[2]);
   return { families, histograms };
 }
 
@@ -74,7 +77,10 @@ export function pgwardenNamesInText(text: string): string[] {
 export function adminPaths(): { fixed: string[]; routes: string[] } {
   const fixed = [...read('src/admin/server.ts').matchAll(/pathname\s*===\s*'(\/[^']*)'/g)].map((m) => m[1]);
   const routes: string[] = [];
-  for (const file of fs.readdirSync(path.join(root, 'src/admin')).filter((f) => f.endsWith('.ts')).sort()) {
+  for (const file of fs
+    .readdirSync(path.join(root, 'src/admin'))
+    .filter((f) => f.endsWith('.ts'))
+    .sort()) {
     for (const m of read(`src/admin/${file}`).matchAll(/path:\s*'(\/[^']*)'/g)) routes.push(m[1]);
   }
   return { fixed: [...new Set(fixed)], routes: [...new Set(routes)] };
@@ -116,7 +122,10 @@ export const PROMTOOL_MISSING =
  * the health checks and probes of the image and manifests against. Its readiness
  * answer is whatever `ready` says.
  */
-export async function startAdminServer(token: string, ready: () => boolean): Promise<{ port: number; close(): Promise<void> }> {
+export async function startAdminServer(
+  token: string,
+  ready: () => boolean,
+): Promise<{ port: number; close(): Promise<void> }> {
   const { AdminServer } = await import('../../src/admin/server.ts');
   const { createLogger } = await import('../../src/log.ts');
   const client = (await import('prom-client')).default;

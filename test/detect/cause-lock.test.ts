@@ -28,7 +28,10 @@ describe('a lock held outside the proxy', { timeout: 90_000 }, () => {
     await createUsersTable(TABLE, `${TABLE}_email_idx`, ROWS);
     await createUsersTable(OTHER, `${OTHER}_email_idx`, 1000);
     pgw = await startTestApp(causeDetection());
-    const lookup = (i: number) => ({ text: `select id, name from ${TABLE} where email = $1`, values: [`user${1 + ((i * 7919) % ROWS)}@example.com`] });
+    const lookup = (i: number) => ({
+      text: `select id, name from ${TABLE} where email = $1`,
+      values: [`user${1 + ((i * 7919) % ROWS)}@example.com`],
+    });
     workload = await startWorkload(pgw.url(), [
       { next: lookup, pauseMs: 2 },
       { next: lookup, pauseMs: 2 },
@@ -75,20 +78,41 @@ describe('a lock held outside the proxy', { timeout: 90_000 }, () => {
     console.log(`# lock -> attributed incident: ${attributedS.toFixed(1)} s`);
     console.log(`# ${incident.summary}`);
     const cause = incident.causes.find((c) => c.type === 'lock_wait')!;
-    assert.match(incident.summary, new RegExp(`held by pid ${pid} \\(user ${testDatabase().user}, application forgotten-migration, idle in transaction`));
+    assert.match(
+      incident.summary,
+      new RegExp(
+        `held by pid ${pid} \\(user ${testDatabase().user}, application forgotten-migration, idle in transaction`,
+      ),
+    );
     assert.match(cause.summary, new RegExp(`last ran \`lock table ${TABLE} in access exclusive mode\``, 'i'));
     assert.match(cause.summary, /AccessExclusiveLock on pgw_lock_users/);
     assert.match(cause.summary, /in its transaction for \d+ s/);
     assert.equal(cause.mitigable, false);
-    assert.match(incident.mitigation?.note ?? '', /no mitigation: the cause is not a shape through the proxy \(lock_wait\)/);
+    assert.match(
+      incident.mitigation?.note ?? '',
+      /no mitigation: the cause is not a shape through the proxy \(lock_wait\)/,
+    );
     assert.ok(!JSON.stringify(incident).includes('@example.com'), 'no literal value in the incident');
-    assert.equal((await pgw.api('/api/incidents')).body.filter((i: { fingerprint: string }) => i.fingerprint !== fingerprint).length, 0, 'the other shape opened nothing');
+    assert.equal(
+      (await pgw.api('/api/incidents')).body.filter((i: { fingerprint: string }) => i.fingerprint !== fingerprint)
+        .length,
+      0,
+      'the other shape opened nothing',
+    );
 
     // The admin action: refused without the token and for a backend that blocks no one.
-    assert.equal((await pgw.api(`/api/backends/${pid}/terminate`, { method: 'POST', body: {}, token: null })).status, 401);
-    const ownPid = await withClient(async (c) => (await c.query<{ pid: number }>('select pg_backend_pid() as pid')).rows[0].pid);
+    assert.equal(
+      (await pgw.api(`/api/backends/${pid}/terminate`, { method: 'POST', body: {}, token: null })).status,
+      401,
+    );
+    const ownPid = await withClient(
+      async (c) => (await c.query<{ pid: number }>('select pg_backend_pid() as pid')).rows[0].pid,
+    );
     assert.equal((await pgw.api(`/api/backends/${ownPid}/cancel`, { method: 'POST', body: {} })).status, 409);
-    const terminated = await pgw.api(`/api/backends/${pid}/terminate`, { method: 'POST', body: { reason: 'forgotten LOCK TABLE' } });
+    const terminated = await pgw.api(`/api/backends/${pid}/terminate`, {
+      method: 'POST',
+      body: { reason: 'forgotten LOCK TABLE' },
+    });
     assert.equal(terminated.status, 200, JSON.stringify(terminated.body));
     assert.ok(Date.now() - lockedAt < 40_000);
     const { body: events } = await pgw.api('/api/events?type=admin_action');
@@ -98,8 +122,15 @@ describe('a lock held outside the proxy', { timeout: 90_000 }, () => {
     // With the blocker gone the shape runs again and the incident resolves.
     const calls = workload.calls[0];
     await waitFor(() => workload.calls[0] > calls + 50, { timeoutMs: 10_000, what: 'the hot shape to run again' });
-    await waitFor(async () => (await pgw.api(`/api/incidents/${incident.id}`)).body.status === 'resolved', { timeoutMs: 30_000, intervalMs: 500, what: 'the incident to resolve' });
+    await waitFor(async () => (await pgw.api(`/api/incidents/${incident.id}`)).body.status === 'resolved', {
+      timeoutMs: 30_000,
+      intervalMs: 500,
+      what: 'the incident to resolve',
+    });
     const resolved = (await pgw.api(`/api/incidents/${incident.id}`)).body;
-    assert.ok(resolved.causes.some((c: { type: string }) => c.type === 'lock_wait'), 'the lock stays on the record after release');
+    assert.ok(
+      resolved.causes.some((c: { type: string }) => c.type === 'lock_wait'),
+      'the lock stays on the record after release',
+    );
   });
 });

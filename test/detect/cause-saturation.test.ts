@@ -29,8 +29,14 @@ describe('saturation from outside the proxy', { timeout: 90_000 }, () => {
   before(async () => {
     pgw = await startTestApp(causeDetection());
     workload = await startWorkload(pgw.url(), [
-      { next: () => ({ text: 'select count(*) from generate_series(1, $1::int) as cpu_bound', values: [100_000] }), pauseMs: 5 },
-      { next: () => ({ text: 'select count(*) from generate_series(1, $1::int) as cpu_bound', values: [100_000] }), pauseMs: 5 },
+      {
+        next: () => ({ text: 'select count(*) from generate_series(1, $1::int) as cpu_bound', values: [100_000] }),
+        pauseMs: 5,
+      },
+      {
+        next: () => ({ text: 'select count(*) from generate_series(1, $1::int) as cpu_bound', values: [100_000] }),
+        pauseMs: 5,
+      },
       { next: () => ({ text: 'select sum(g) from generate_series(1, $1::int) as g', values: [50_000] }), pauseMs: 10 },
     ]);
   });
@@ -38,7 +44,9 @@ describe('saturation from outside the proxy', { timeout: 90_000 }, () => {
   after(async () => {
     hogging = false;
     // From a connection of its own: the hogs' connections are busy with their queries.
-    await withClient((c) => c.query('select pg_cancel_backend(pid) from pg_stat_activity where application_name = $1', ['nightly-report']));
+    await withClient((c) =>
+      c.query('select pg_cancel_backend(pid) from pg_stat_activity where application_name = $1', ['nightly-report']),
+    );
     await Promise.all(loops);
     await Promise.all(hogs.map((c) => c.end().catch(() => undefined)));
     await workload?.stop();
@@ -57,26 +65,50 @@ describe('saturation from outside the proxy', { timeout: 90_000 }, () => {
       hogs.push(client);
       loops.push(
         (async () => {
-          while (hogging) await client.query('select count(*) from generate_series(1, 2000) a, generate_series(1, 10000) b').catch(() => undefined);
+          while (hogging)
+            await client
+              .query('select count(*) from generate_series(1, 2000) a, generate_series(1, 10000) b')
+              .catch(() => undefined);
         })(),
       );
     }
-    const incident = await waitForIncident(pgw, null, (i) => i.attributed && i.causes.some((c) => c.type === 'saturation' && c.conclusive === true), 45_000, 'an incident attributed to saturation').catch(async (err) => {
-      console.log(`# incidents: ${JSON.stringify((await pgw.api('/api/incidents')).body.map((i: { summary: string }) => i.summary))}`);
+    const incident = await waitForIncident(
+      pgw,
+      null,
+      (i) => i.attributed && i.causes.some((c) => c.type === 'saturation' && c.conclusive === true),
+      45_000,
+      'an incident attributed to saturation',
+    ).catch(async (err) => {
+      console.log(
+        `# incidents: ${JSON.stringify((await pgw.api('/api/incidents')).body.map((i: { summary: string }) => i.summary))}`,
+      );
       for (const s of (await pgw.api('/api/shapes?sort=calls&limit=5')).body) {
         const { body } = await pgw.api(`/api/shapes/${s.fingerprint}?since_s=120`);
-        console.log(`# ${s.query}: ${body.series.map((p: { p50_ms: number; p95_ms: number; timed: number }) => `${p.timed}:${Math.round(p.p50_ms)}/${Math.round(p.p95_ms)}`).join(' ')}`);
+        console.log(
+          `# ${s.query}: ${body.series.map((p: { p50_ms: number; p95_ms: number; timed: number }) => `${p.timed}:${Math.round(p.p50_ms)}/${Math.round(p.p95_ms)}`).join(' ')}`,
+        );
       }
       throw err;
     });
-    console.log(`# ${HOGS} CPU hogs outside the proxy -> attributed incident: ${((Date.now() - startedAt) / 1000).toFixed(1)} s`);
+    console.log(
+      `# ${HOGS} CPU hogs outside the proxy -> attributed incident: ${((Date.now() - startedAt) / 1000).toFixed(1)} s`,
+    );
     console.log(`# ${incident.summary}`);
     const cause = incident.causes.find((c) => c.type === 'saturation')!;
-    assert.match(cause.summary, /the database is saturated: [\d.]+ active sessions on average since the onset vs [\d.]+ before \(CPU \d+%/);
-    assert.match(cause.summary, /the top consumer bypasses the proxy \([\d.]+ sessions of user \w+, application nightly-report, running `select count\(\*\) from generate_series\(\$1, \$2\) a, generate_series\(\$3, \$4\) b`\); the load is outside the proxy, so nothing is mitigated/);
+    assert.match(
+      cause.summary,
+      /the database is saturated: [\d.]+ active sessions on average since the onset vs [\d.]+ before \(CPU \d+%/,
+    );
+    assert.match(
+      cause.summary,
+      /the top consumer bypasses the proxy \([\d.]+ sessions of user \w+, application nightly-report, running `select count\(\*\) from generate_series\(\$1, \$2\) a, generate_series\(\$3, \$4\) b`\); the load is outside the proxy, so nothing is mitigated/,
+    );
     assert.equal(cause.mitigable, false);
     assert.ok(cause.evidence!.sessions_outside_proxy >= 2, JSON.stringify(cause.evidence));
-    assert.match(incident.mitigation?.note ?? '', /no mitigation: .*(nothing is mitigated|database-wide|not a shape through the proxy)/);
+    assert.match(
+      incident.mitigation?.note ?? '',
+      /no mitigation: .*(nothing is mitigated|database-wide|not a shape through the proxy)/,
+    );
     assert.ok(!incident.causes.some((c) => c.type === 'plan_change'), 'no plan changed');
   });
 });

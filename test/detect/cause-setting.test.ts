@@ -28,7 +28,10 @@ describe('a setting changed on the database', { timeout: 90_000 }, () => {
       await c.query(`create role ${ROLE}`);
     });
     pgw = await startTestApp(causeDetection());
-    const lookup = (i: number) => ({ text: `select id, name from ${TABLE} where email = $1`, values: [`user${1 + ((i * 7919) % ROWS)}@example.com`] });
+    const lookup = (i: number) => ({
+      text: `select id, name from ${TABLE} where email = $1`,
+      values: [`user${1 + ((i * 7919) % ROWS)}@example.com`],
+    });
     workload = await startWorkload(pgw.url(), [
       { next: lookup, pauseMs: 2 },
       { next: lookup, pauseMs: 2 },
@@ -48,11 +51,19 @@ describe('a setting changed on the database', { timeout: 90_000 }, () => {
   });
 
   test('ALTER SYSTEM SET random_page_cost and a reload is the named cause of the plan flip', async () => {
-    const fingerprint = await warmShape(pgw, `from ${TABLE} where email`, 45_000, /Index Scan using pgw_setting_users_email_idx/);
+    const fingerprint = await warmShape(
+      pgw,
+      `from ${TABLE} where email`,
+      45_000,
+      /Index Scan using pgw_setting_users_email_idx/,
+    );
     await withClient((c) => c.query(`alter role ${ROLE} set work_mem = '64MB'`));
     await expectNoIncidentFor(pgw, 10_000);
     const roleEvent = (await pgw.api('/api/events?type=setting_change')).body as { summary: string }[];
-    assert.ok(roleEvent.some((e) => e.summary === `ALTER ROLE ${ROLE} SET work_mem = 64MB`), JSON.stringify(roleEvent));
+    assert.ok(
+      roleEvent.some((e) => e.summary === `ALTER ROLE ${ROLE} SET work_mem = 64MB`),
+      JSON.stringify(roleEvent),
+    );
 
     const changedAt = Date.now();
     await withClient(async (c) => {
@@ -69,8 +80,14 @@ describe('a setting changed on the database', { timeout: 90_000 }, () => {
     console.log(`# ALTER SYSTEM + reload -> attributed incident: ${((Date.now() - changedAt) / 1000).toFixed(1)} s`);
     console.log(`# ${incident.summary}`);
     assert.match(incident.summary, /plan changed .*Seq Scan on pgw_setting_users/);
-    assert.match(incident.summary, /cause: setting changed: random_page_cost 4 -> 100000 \(ALTER SYSTEM, reloaded at \d{4}-/);
-    assert.ok(!incident.causes.some((c) => c.type === 'setting_change' && c.summary.includes('work_mem') && c.conclusive), 'the earlier role setting is not the cause');
+    assert.match(
+      incident.summary,
+      /cause: setting changed: random_page_cost 4 -> 100000 \(ALTER SYSTEM, reloaded at \d{4}-/,
+    );
+    assert.ok(
+      !incident.causes.some((c) => c.type === 'setting_change' && c.summary.includes('work_mem') && c.conclusive),
+      'the earlier role setting is not the cause',
+    );
     await waitFor(async () => (await pgw.api('/api/incidents')).body.length >= 1, { what: 'incident listed' });
   });
 });

@@ -23,7 +23,9 @@ describe('statistics changed on the database', { timeout: 90_000 }, () => {
   before(async () => {
     await withClient(async (c) => {
       await c.query(`drop table if exists ${TABLE}`);
-      await c.query(`create table ${TABLE} (id bigserial primary key, kind text not null, pad text not null) with (autovacuum_enabled = false, parallel_workers = 0)`);
+      await c.query(
+        `create table ${TABLE} (id bigserial primary key, kind text not null, pad text not null) with (autovacuum_enabled = false, parallel_workers = 0)`,
+      );
       await c.query(`insert into ${TABLE} (kind, pad) select 'a', repeat('p', 50) from generate_series(1, ${ROWS})`);
       await c.query(`create index ${TABLE}_kind_idx on ${TABLE} (kind)`);
       await c.query(`analyze ${TABLE}`);
@@ -32,8 +34,14 @@ describe('statistics changed on the database', { timeout: 90_000 }, () => {
     });
     pgw = await startTestApp(causeDetection());
     workload = await startWorkload(pgw.url(), [
-      { next: () => ({ text: `select id from ${TABLE} where kind = $1 order by id limit 5`, values: ['x'] }), pauseMs: 2 },
-      { next: () => ({ text: `select id from ${TABLE} where kind = $1 order by id limit 5`, values: ['x'] }), pauseMs: 2 },
+      {
+        next: () => ({ text: `select id from ${TABLE} where kind = $1 order by id limit 5`, values: ['x'] }),
+        pauseMs: 2,
+      },
+      {
+        next: () => ({ text: `select id from ${TABLE} where kind = $1 order by id limit 5`, values: ['x'] }),
+        pauseMs: 2,
+      },
       { next: (i) => ({ text: `select kind from ${TABLE} where id = $1`, values: [1 + (i % ROWS)] }), pauseMs: 5 },
     ]);
   });
@@ -59,7 +67,10 @@ describe('statistics changed on the database', { timeout: 90_000 }, () => {
     console.log(`# ANALYZE -> attributed incident: ${((Date.now() - analyzedAt) / 1000).toFixed(1)} s`);
     console.log(`# ${incident.summary}`);
     assert.match(incident.summary, /cause: statistics changed: ANALYZE of public\.pgw_stats_orders at \d{4}-/);
-    assert.match(incident.summary, /estimates: .*pgw_stats_orders_kind_idx.*\(est\. \d+ rows\).* -> .*pgw_stats_orders_pkey/);
+    assert.match(
+      incident.summary,
+      /estimates: .*pgw_stats_orders_kind_idx.*\(est\. \d+ rows\).* -> .*pgw_stats_orders_pkey/,
+    );
     assert.ok(!incident.causes.some((c) => c.type === 'ddl' || c.type === 'schema_change'), 'no DDL involved');
   });
 });

@@ -37,7 +37,9 @@ describe('ddlChangesOf', () => {
   });
 
   test('index columns keep expressions and ordering as written', () => {
-    const change = only(`CREATE UNIQUE INDEX ON orders USING btree (lower(email), created_at DESC, (note || ')')) WHERE deleted_at IS NULL`);
+    const change = only(
+      `CREATE UNIQUE INDEX ON orders USING btree (lower(email), created_at DESC, (note || ')')) WHERE deleted_at IS NULL`,
+    );
     assert.deepEqual(change.objects, ['orders']);
     assert.deepEqual(change.details.columns, ['lower(email)', 'created_at DESC', `(note || ')')`]);
     assert.equal(change.details.unique, true);
@@ -99,7 +101,10 @@ describe('ddlChangesOf', () => {
   });
 
   test('views and materialized views are created, altered and dropped', () => {
-    assert.equal(only('CREATE OR REPLACE VIEW active_users AS SELECT * FROM users WHERE active').command, 'CREATE VIEW');
+    assert.equal(
+      only('CREATE OR REPLACE VIEW active_users AS SELECT * FROM users WHERE active').command,
+      'CREATE VIEW',
+    );
     const matview = only('CREATE MATERIALIZED VIEW daily AS SELECT count(*) FROM orders');
     assert.equal(matview.command, 'CREATE MATERIALIZED VIEW');
     assert.deepEqual(matview.objects, ['daily']);
@@ -133,7 +138,11 @@ describe('ddlChangesOf', () => {
       changes.map((c) => [c.command, c.objects, c.statement]),
       [
         ['DROP INDEX', ['users_email_idx'], 'DROP INDEX users_email_idx'],
-        ['CREATE INDEX', ['users_email_lower_idx', 'users'], 'CREATE INDEX users_email_lower_idx ON users (lower(email))'],
+        [
+          'CREATE INDEX',
+          ['users_email_lower_idx', 'users'],
+          'CREATE INDEX users_email_lower_idx ON users (lower(email))',
+        ],
       ],
     );
     assert.deepEqual(changes[1].details.columns, ['lower(email)']);
@@ -162,7 +171,12 @@ describe('ddlChangesOf', () => {
   });
 
   test('statements that change no schema give nothing', () => {
-    for (const text of ['COMMENT ON TABLE users IS $$x$$', 'GRANT SELECT ON users TO reader', 'VACUUM ANALYZE users', 'INSERT INTO users VALUES (1)']) {
+    for (const text of [
+      'COMMENT ON TABLE users IS $$x$$',
+      'GRANT SELECT ON users TO reader',
+      'VACUUM ANALYZE users',
+      'INSERT INTO users VALUES (1)',
+    ]) {
       assert.deepEqual(ddlChangesOf(text), [], text);
     }
   });

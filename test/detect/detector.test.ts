@@ -14,7 +14,15 @@ import type { StatementShape } from '../../src/shapes/fingerprint.ts';
 import { ShapeRegistry } from '../../src/shapes/registry.ts';
 
 const BUCKET_MS = 10_000;
-const session: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1:1', replication: false, settings: new Map() };
+const session: SessionInfo = {
+  id: 1,
+  user: 'app',
+  database: 'shop',
+  applicationName: 'web',
+  clientAddress: '127.0.0.1:1',
+  replication: false,
+  settings: new Map(),
+};
 
 /** A deterministic PRNG (mulberry32), so a failing seed can be replayed. */
 function rng(seed: number): () => number {
@@ -34,12 +42,16 @@ function shape(fingerprint: string): StatementShape {
 
 class Simulation {
   readonly clock = new ClockAt();
-  readonly registry = new ShapeRegistry({ maxShapes: 100, clock: this.clock, series: { bucketMs: BUCKET_MS, buckets: 360, sketchBuckets: 6 } });
+  readonly registry = new ShapeRegistry({
+    maxShapes: 100,
+    clock: this.clock,
+    series: { bucketMs: BUCKET_MS, buckets: 360, sketchBuckets: 6 },
+  });
   readonly events = new EventLog(this.clock);
   readonly incidents: IncidentManager;
   private nextEvaluation = this.clock.now() + 2000;
 
-  constructor(private readonly store: DetectorStateStore | null = null) {
+  constructor(readonly store: DetectorStateStore | null = null) {
     this.incidents = new IncidentManager({
       registry: this.registry,
       events: this.events,
@@ -90,7 +102,13 @@ class ClockAt extends ManualClock {
 }
 
 /** Drives `seconds` of traffic: `rate` calls/s per shape with latencies from `latency`. */
-function drive(sim: Simulation, shapes: string[], seconds: number, rate: number, latency: (fp: string, t: number) => number): void {
+function drive(
+  sim: Simulation,
+  shapes: string[],
+  seconds: number,
+  rate: number,
+  latency: (fp: string, t: number) => number,
+): void {
   const step = 1000 / rate;
   for (let t = 0; t < seconds * 1000; t += step) {
     for (const fp of shapes) sim.call(fp, latency(fp, t));
@@ -99,7 +117,13 @@ function drive(sim: Simulation, shapes: string[], seconds: number, rate: number,
 }
 
 /** The details of a DDL event seen through the proxy (only the statement matters here). */
-const ddlDetails = (statement: string) => ({ command: statement.split(' ').slice(0, 2).join(' '), statement, user: 'app', database: 'app', application_name: '' });
+const ddlDetails = (statement: string) => ({
+  command: statement.split(' ').slice(0, 2).join(' '),
+  statement,
+  user: 'app',
+  database: 'app',
+  application_name: '',
+});
 
 describe('the regression detector', () => {
   test('two minutes of noisy but healthy load open no incident (50 seeds, after a warm-up)', () => {
@@ -117,7 +141,11 @@ describe('the regression detector', () => {
         return base[fp] * Math.exp((random() - 0.5) * 1.2) * burst * outlier;
       };
       drive(sim, shapes, 240, 50, noisy); // 2 minutes of warm-up, then 2 minutes judged
-      assert.equal(sim.incidents.list().length, 0, `seed ${seed} opened ${JSON.stringify(sim.incidents.list()[0]?.summary)}`);
+      assert.equal(
+        sim.incidents.list().length,
+        0,
+        `seed ${seed} opened ${JSON.stringify(sim.incidents.list()[0]?.summary)}`,
+      );
     }
   });
 
@@ -171,8 +199,18 @@ describe('the regression detector', () => {
   test('an incident names plan and schema changes near the onset, the relevant ones first', () => {
     const sim = new Simulation();
     drive(sim, ['hot'], 180, 50, () => 0.3);
-    sim.events.add({ type: 'ddl', summary: 'CREATE TABLE audit (id int)', objects: ['audit'], details: ddlDetails('CREATE TABLE audit (id int)') });
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX users_email_idx', objects: ['users_email_idx'], details: ddlDetails('DROP INDEX users_email_idx') });
+    sim.events.add({
+      type: 'ddl',
+      summary: 'CREATE TABLE audit (id int)',
+      objects: ['audit'],
+      details: ddlDetails('CREATE TABLE audit (id int)'),
+    });
+    sim.events.add({
+      type: 'ddl',
+      summary: 'DROP INDEX users_email_idx',
+      objects: ['users_email_idx'],
+      details: ddlDetails('DROP INDEX users_email_idx'),
+    });
     drive(sim, ['hot'], 2, 50, () => 40);
     sim.events.add({
       type: 'plan_change',
@@ -187,14 +225,25 @@ describe('the regression detector', () => {
     assert.equal(incident.causes[0].type, 'plan_change');
     assert.equal((incident.causes[1] as DdlCause).statement, 'DROP INDEX users_email_idx');
     assert.equal(incident.causes[1].relevant, true);
-    assert.ok(!incident.causes.some((c) => c.summary.includes('audit')), 'an unrelated DDL is left out when a relevant one exists');
-    assert.match(incident.summary, /plan changed Index Scan using users_email_idx on users -> Seq Scan on users, \d+ s after `DROP INDEX users_email_idx` was seen/);
+    assert.ok(
+      !incident.causes.some((c) => c.summary.includes('audit')),
+      'an unrelated DDL is left out when a relevant one exists',
+    );
+    assert.match(
+      incident.summary,
+      /plan changed Index Scan using users_email_idx on users -> Seq Scan on users, \d+ s after `DROP INDEX users_email_idx` was seen/,
+    );
   });
 
   test('a confirmed plan change and a p95 jump open the incident at the first evaluation', () => {
     const sim = new Simulation();
     drive(sim, ['hot'], 60, 50, () => 0.3);
-    sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'hot',
+      summary: 'Index Scan using t_idx on t -> Seq Scan on t',
+      objects: ['t', 't_idx'],
+    });
     const flipAt = sim.clock.now();
     drive(sim, ['hot'], 2.5, 50, () => 40);
     const opened = sim.incidents.list('active');
@@ -206,8 +255,18 @@ describe('the regression detector', () => {
     const sim = new Simulation();
     const shapes = ['hot', 'v1', 'v2', 'v3', 'calm'];
     drive(sim, shapes, 60, 50, () => 1);
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx'], details: ddlDetails('DROP INDEX t_idx') });
-    sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'ddl',
+      summary: 'DROP INDEX t_idx',
+      objects: ['t_idx'],
+      details: ddlDetails('DROP INDEX t_idx'),
+    });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'hot',
+      summary: 'Index Scan using t_idx on t -> Seq Scan on t',
+      objects: ['t', 't_idx'],
+    });
     drive(sim, shapes, 20, 50, (fp) => (fp === 'hot' ? 60 : fp === 'calm' ? 1 : 30));
     const all = sim.incidents.list();
     assert.equal(all.length, 1, all.map((i) => i.summary).join(' | '));
@@ -243,22 +302,48 @@ describe('the regression detector', () => {
   test('a resolved incident keeps its peak, its causes as attributed, and the fix as its resolution', () => {
     const sim = new Simulation();
     drive(sim, ['hot'], 60, 50, () => 0.3);
-    sim.events.add({ type: 'ddl', summary: 'DROP INDEX t_idx', objects: ['t_idx', 't'], details: ddlDetails('DROP INDEX t_idx') });
-    sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'ddl',
+      summary: 'DROP INDEX t_idx',
+      objects: ['t_idx', 't'],
+      details: ddlDetails('DROP INDEX t_idx'),
+    });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'hot',
+      summary: 'Index Scan using t_idx on t -> Seq Scan on t',
+      objects: ['t', 't_idx'],
+    });
     drive(sim, ['hot'], 10, 50, (_fp, t) => (t < 5000 ? 400 : 40));
     const incident = sim.incidents.list('active')[0];
     assert.ok(incident?.attributed, 'attributed');
     const causes = JSON.stringify(incident.causes);
-    sim.events.add({ type: 'ddl', summary: 'CREATE INDEX t_idx ON t (email)', objects: ['t_idx', 't'], details: ddlDetails('CREATE INDEX t_idx ON t (email)') });
-    sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Seq Scan on t -> Index Scan using t_idx on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'ddl',
+      summary: 'CREATE INDEX t_idx ON t (email)',
+      objects: ['t_idx', 't'],
+      details: ddlDetails('CREATE INDEX t_idx ON t (email)'),
+    });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'hot',
+      summary: 'Seq Scan on t -> Index Scan using t_idx on t',
+      objects: ['t', 't_idx'],
+    });
     drive(sim, ['hot'], 20, 50, () => 0.3);
     const resolved = sim.incidents.get(incident.id)!;
     assert.equal(resolved.status, 'resolved');
     assert.ok(resolved.peak.p95_ms >= 300, `peak ${resolved.peak.p95_ms}`);
     assert.equal(JSON.stringify(resolved.causes), causes, 'causes frozen at attribution');
-    assert.ok(resolved.causes.every((c) => c.seconds_before_onset >= 0 || c.kind === 'plan_change'), 'no cause after the onset but the plan change');
+    assert.ok(
+      resolved.causes.every((c) => c.seconds_before_onset >= 0 || c.kind === 'plan_change'),
+      'no cause after the onset but the plan change',
+    );
     assert.equal(resolved.resolution?.reason, 'recovered');
-    assert.deepEqual(resolved.resolution?.events.map((e) => e.type), ['ddl', 'plan_change']);
+    assert.deepEqual(
+      resolved.resolution?.events.map((e) => e.type),
+      ['ddl', 'plan_change'],
+    );
     assert.match(resolved.resolution!.summary, /CREATE INDEX t_idx/);
     assert.deepEqual(
       resolved.timeline.map((t) => t.what).filter((w) => w !== 'peak'),
@@ -272,8 +357,18 @@ describe('the regression detector', () => {
     const before = sim.clock.now() - 1000;
     drive(sim, ['hot'], 3, 50, () => 40);
     // The watch saw it 3 s after the slowdown began; its previous check was 1 s before.
-    sim.events.add({ type: 'schema_change', summary: 'index t_idx on public.t dropped', objects: ['t_idx', 't'], details: { since: before, kind: 'index_dropped', database: 'app' } });
-    sim.events.add({ type: 'plan_change', fingerprint: 'hot', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'schema_change',
+      summary: 'index t_idx on public.t dropped',
+      objects: ['t_idx', 't'],
+      details: { since: before, kind: 'index_dropped', database: 'app' },
+    });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'hot',
+      summary: 'Index Scan using t_idx on t -> Seq Scan on t',
+      objects: ['t', 't_idx'],
+    });
     drive(sim, ['hot'], 4, 50, () => 40);
     const incident = sim.incidents.list('active')[0];
     assert.ok(incident?.attributed, 'attributed');
@@ -281,13 +376,19 @@ describe('the regression detector', () => {
     assert.ok(schema && schema.kind === 'schema_change');
     assert.equal(schema.seconds_before_onset, 0, 'the window holds the onset');
     assert.equal(Date.parse(schema.between.from), before);
-    assert.match(incident.summary, /the catalog showed: index t_idx on public.t dropped, between [\d:.]+ and [\d:.]+ UTC \(around the onset/);
+    assert.match(
+      incident.summary,
+      /the catalog showed: index t_idx on public.t dropped, between [\d:.]+ and [\d:.]+ UTC \(around the onset/,
+    );
     assert.doesNotMatch(incident.summary, /after the onset/);
   });
 
   test('baselines saved at stop are used after a restart, before any new history', async () => {
     let saved: DetectorState | null = null;
-    const store: DetectorStateStore = { loadDetectorState: async () => saved, saveDetectorState: async (s) => void (saved = s) };
+    const store: DetectorStateStore = {
+      loadDetectorState: async () => saved,
+      saveDetectorState: async (s) => void (saved = s),
+    };
     const first = new Simulation(store);
     drive(first, ['hot'], 90, 50, () => 0.3);
     await first.incidents.save();
@@ -302,7 +403,7 @@ describe('the regression detector', () => {
     assert.equal(incident.baseline_from, 'restored');
   });
 
-  test('a database-wide incident whose busiest shape turns out to have changed plan becomes that root\'s incident', () => {
+  test("a database-wide incident whose busiest shape turns out to have changed plan becomes that root's incident", () => {
     const sim = new Simulation();
     const shapes = ['a', 'b', 'c', 'd'];
     drive(sim, shapes, 60, 50, () => 1);
@@ -310,7 +411,12 @@ describe('the regression detector', () => {
     const wide = sim.incidents.list('active');
     assert.equal(wide.length, 1);
     assert.equal(wide[0].kind, 'database_wide');
-    sim.events.add({ type: 'plan_change', fingerprint: 'a', summary: 'Index Scan using t_idx on t -> Seq Scan on t', objects: ['t', 't_idx'] });
+    sim.events.add({
+      type: 'plan_change',
+      fingerprint: 'a',
+      summary: 'Index Scan using t_idx on t -> Seq Scan on t',
+      objects: ['t', 't_idx'],
+    });
     drive(sim, shapes, 4, 50, (fp) => (fp === 'a' ? 60 : 30));
     const all = sim.incidents.list();
     assert.equal(all.length, 1, 'still one incident');

@@ -30,7 +30,9 @@ describe('diffSettings', () => {
   test('an ALTER SYSTEM change applied by a reload names both values and the reload', () => {
     const before: SettingsSnapshot = { server: [server('random_page_cost', '4')], scoped: [], reloadedAt: 1000 };
     const after: SettingsSnapshot = {
-      server: [server('random_page_cost', '1000', { source: 'configuration file', sourcefile: '/data/postgresql.auto.conf' })],
+      server: [
+        server('random_page_cost', '1000', { source: 'configuration file', sourcefile: '/data/postgresql.auto.conf' }),
+      ],
       scoped: [],
       reloadedAt: Date.parse('2025-01-14T10:00:00Z'),
     };
@@ -39,7 +41,11 @@ describe('diffSettings', () => {
   });
 
   test('per-database and per-role settings read like the statements that made them', () => {
-    const before: SettingsSnapshot = { server: [], scoped: [{ database: 'app', role: '', name: 'enable_indexscan', value: 'on' }], reloadedAt: 1 };
+    const before: SettingsSnapshot = {
+      server: [],
+      scoped: [{ database: 'app', role: '', name: 'enable_indexscan', value: 'on' }],
+      reloadedAt: 1,
+    };
     const after: SettingsSnapshot = {
       server: [],
       scoped: [
@@ -51,18 +57,37 @@ describe('diffSettings', () => {
     };
     assert.deepEqual(
       diffSettings(before, after).map((c) => c.summary),
-      ['ALTER DATABASE app SET enable_indexscan = off (was on)', 'ALTER ROLE report SET work_mem = 1GB', 'ALTER ROLE report IN DATABASE app SET jit = off'],
+      [
+        'ALTER DATABASE app SET enable_indexscan = off (was on)',
+        'ALTER ROLE report SET work_mem = 1GB',
+        'ALTER ROLE report IN DATABASE app SET jit = off',
+      ],
     );
     assert.deepEqual(
       diffSettings(after, before).map((c) => c.summary),
-      ['ALTER DATABASE app SET enable_indexscan = on (was off)', 'ALTER ROLE report RESET work_mem (was 1GB)', 'ALTER ROLE report IN DATABASE app RESET jit (was off)'],
+      [
+        'ALTER DATABASE app SET enable_indexscan = on (was off)',
+        'ALTER ROLE report RESET work_mem (was 1GB)',
+        'ALTER ROLE report IN DATABASE app RESET jit (was off)',
+      ],
     );
   });
 
   test('a change waiting for a restart is reported as pending', () => {
-    const before: SettingsSnapshot = { server: [server('shared_buffers', '16384', { unit: '8kB' })], scoped: [], reloadedAt: 1 };
-    const after: SettingsSnapshot = { server: [server('shared_buffers', '16384', { unit: '8kB', pendingRestart: true })], scoped: [], reloadedAt: 1 };
-    assert.match(diffSettings(before, after)[0].summary, /shared_buffers changed in the configuration, pending a restart \(still 16384 8kB\)/);
+    const before: SettingsSnapshot = {
+      server: [server('shared_buffers', '16384', { unit: '8kB' })],
+      scoped: [],
+      reloadedAt: 1,
+    };
+    const after: SettingsSnapshot = {
+      server: [server('shared_buffers', '16384', { unit: '8kB', pendingRestart: true })],
+      scoped: [],
+      reloadedAt: 1,
+    };
+    assert.match(
+      diffSettings(before, after)[0].summary,
+      /shared_buffers changed in the configuration, pending a restart \(still 16384 8kB\)/,
+    );
   });
 });
 
@@ -84,7 +109,10 @@ describe('diffStatistics', () => {
     const before = new Map([[1, table()]]);
     assert.deepEqual(diffStatistics(before, new Map([[1, table({ liveTuples: 5000 })]])), []);
     const at = Date.parse('2025-01-14T10:00:00Z');
-    const [change] = diffStatistics(before, new Map([[1, table({ analyzeCount: 2, lastAnalyze: at, reltuples: 100_000 })]]));
+    const [change] = diffStatistics(
+      before,
+      new Map([[1, table({ analyzeCount: 2, lastAnalyze: at, reltuples: 100_000 })]]),
+    );
     assert.equal(change.summary, 'ANALYZE of public.orders at 2025-01-14T10:00:00.000Z (row estimate 1000 -> 100000)');
     const [auto] = diffStatistics(before, new Map([[1, table({ autoanalyzeCount: 1, lastAutoanalyze: at })]]));
     assert.match(auto.summary, /^autoanalyze of public\.orders .*row estimate unchanged at 1000/);
@@ -120,8 +148,22 @@ describe('lockWaitOf', () => {
         backend(10, { waitEventType: 'Lock', waitEvent: 'relation', blockedBy: [20] }),
         backend(11, { waitEventType: 'Lock', waitEvent: 'relation', blockedBy: [20] }),
         // 20 waits for 30 itself (an ALTER TABLE queued behind a long transaction)
-        backend(20, { user: 'deploy', application: 'migrate', fingerprint: 'f2', query: 'alter table users add column x int', waitEventType: 'Lock', blockedBy: [30] }),
-        backend(30, { user: 'etl', application: 'nightly', state: 'idle in transaction', fingerprint: 'f3', query: 'select count(*) from users', xactStart: at - 25_000 }),
+        backend(20, {
+          user: 'deploy',
+          application: 'migrate',
+          fingerprint: 'f2',
+          query: 'alter table users add column x int',
+          waitEventType: 'Lock',
+          blockedBy: [30],
+        }),
+        backend(30, {
+          user: 'etl',
+          application: 'nightly',
+          state: 'idle in transaction',
+          fingerprint: 'f3',
+          query: 'select count(*) from users',
+          xactStart: at - 25_000,
+        }),
       ],
       locks: [
         { pid: 10, relation: 'users', mode: 'AccessShareLock', granted: false },
@@ -131,29 +173,70 @@ describe('lockWaitOf', () => {
     };
     const evidence = lockWaitOf(sample, 'f1', new Set(['users']))!;
     assert.equal(evidence.waiting, 2);
-    assert.deepEqual(evidence.blockers.map((b) => b.pid), [30]);
+    assert.deepEqual(
+      evidence.blockers.map((b) => b.pid),
+      [30],
+    );
     assert.equal(
       describeLockWait(evidence),
       '2 statements of this shape wait for a lock on users, held by pid 30 (user etl, application nightly, idle in transaction, last ran `select count(*) from users`, holding AccessShareLock on users, in its transaction for 25 s)',
     );
-    assert.equal(lockWaitOf(sample, 'other', new Set(['orders'])), null, 'a shape that waits for nothing has no lock evidence');
+    assert.equal(
+      lockWaitOf(sample, 'other', new Set(['orders'])),
+      null,
+      'a shape that waits for nothing has no lock evidence',
+    );
   });
 });
 
 describe('loadOf and isSaturated', () => {
-  const sample = (at: number, backends: Backend[], proxied: [string, number][] = []): ActivitySample => ({ at, backends, locks: [], proxied: new Map(proxied) });
+  const sample = (at: number, backends: Backend[], proxied: [string, number][] = []): ActivitySample => ({
+    at,
+    backends,
+    locks: [],
+    proxied: new Map(proxied),
+  });
 
   test('consumers outside the proxy are told from proxied ones by the statements the proxy has in flight', () => {
-    const hog = (pid: number) => backend(pid, { user: 'etl', application: 'report', fingerprint: 'hog', query: 'select count(*) from big' });
+    const hog = (pid: number) =>
+      backend(pid, { user: 'etl', application: 'report', fingerprint: 'hog', query: 'select count(*) from big' });
     const app = (pid: number) => backend(pid, { fingerprint: 'f1' });
     const before = loadOf([sample(1, [app(1)], [['f1', 1]]), sample(2, [], [])]);
-    const after = loadOf([sample(3, [app(1), hog(2), hog(3), hog(4)], [['f1', 1]]), sample(4, [app(1), hog(2), hog(3), backend(5, { waitEventType: 'IO', waitEvent: 'DataFileRead', fingerprint: 'hog', user: 'etl', application: 'report' })], [['f1', 1]])]);
+    const after = loadOf([
+      sample(3, [app(1), hog(2), hog(3), hog(4)], [['f1', 1]]),
+      sample(
+        4,
+        [
+          app(1),
+          hog(2),
+          hog(3),
+          backend(5, {
+            waitEventType: 'IO',
+            waitEvent: 'DataFileRead',
+            fingerprint: 'hog',
+            user: 'etl',
+            application: 'report',
+          }),
+        ],
+        [['f1', 1]],
+      ),
+    ]);
     assert.equal(before.active, 0.5);
     assert.equal(after.active, 4);
     assert.ok(isSaturated(before, after));
-    assert.deepEqual(after.consumers[0], { user: 'etl', application: 'report', fingerprint: 'hog', query: 'select count(*) from big', proxied: false, sessions: 3 });
+    assert.deepEqual(after.consumers[0], {
+      user: 'etl',
+      application: 'report',
+      fingerprint: 'hog',
+      query: 'select count(*) from big',
+      proxied: false,
+      sessions: 3,
+    });
     assert.equal(after.consumers.find((c) => c.fingerprint === 'f1')!.proxied, true);
-    assert.deepEqual(after.waits.map((w) => w.wait), ['CPU', 'IO:DataFileRead']);
+    assert.deepEqual(
+      after.waits.map((w) => w.wait),
+      ['CPU', 'IO:DataFileRead'],
+    );
     assert.ok(!isSaturated(after, after), 'the same load is no saturation');
   });
 });
@@ -162,14 +245,46 @@ describe('setting and statistics causes', () => {
   test('only the latest change before the plan flipped is decisive, and it leads unless a DDL came after it', () => {
     let now = 1_000_000;
     const events = new EventLog({ now: () => now });
-    events.add({ type: 'setting_change', at: now - 60_000, summary: 'ALTER ROLE report SET work_mem = 64MB', objects: [] });
-    events.add({ type: 'setting_change', at: now - 20_000, summary: 'random_page_cost 4 -> 1000 (ALTER SYSTEM)', objects: [] });
-    events.add({ type: 'statistics_change', at: now - 30_000, summary: 'ANALYZE of public.orders', objects: ['orders'] });
-    const plan = events.add({ type: 'plan_change', at: now - 15_000, fingerprint: 'f1', summary: 'Index Scan -> Seq Scan on users', objects: ['users'] });
-    const causes = new TimelineCauses(events).causes({ fingerprint: 'f1', onset: now - 14_000, now, objects: new Set(['users']), planChanges: [plan] });
+    events.add({
+      type: 'setting_change',
+      at: now - 60_000,
+      summary: 'ALTER ROLE report SET work_mem = 64MB',
+      objects: [],
+    });
+    events.add({
+      type: 'setting_change',
+      at: now - 20_000,
+      summary: 'random_page_cost 4 -> 1000 (ALTER SYSTEM)',
+      objects: [],
+    });
+    events.add({
+      type: 'statistics_change',
+      at: now - 30_000,
+      summary: 'ANALYZE of public.orders',
+      objects: ['orders'],
+    });
+    const plan = events.add({
+      type: 'plan_change',
+      at: now - 15_000,
+      fingerprint: 'f1',
+      summary: 'Index Scan -> Seq Scan on users',
+      objects: ['users'],
+    });
+    const causes = new TimelineCauses(events).causes({
+      fingerprint: 'f1',
+      onset: now - 14_000,
+      now,
+      objects: new Set(['users']),
+      planChanges: [plan],
+    });
     const decisive = causes.filter((c) => c.conclusive).map((c) => c.summary);
-    assert.deepEqual(decisive, ['setting changed: random_page_cost 4 -> 1000 (ALTER SYSTEM); the plan changed 5 s later']);
-    assert.ok(!causes.some((c) => c.type === 'statistics_change'), 'statistics of a table the shape does not use are no cause');
+    assert.deepEqual(decisive, [
+      'setting changed: random_page_cost 4 -> 1000 (ALTER SYSTEM); the plan changed 5 s later',
+    ]);
+    assert.ok(
+      !causes.some((c) => c.type === 'statistics_change'),
+      'statistics of a table the shape does not use are no cause',
+    );
     assert.match(leadingCause(causes)!.summary, /random_page_cost/);
     const ddl = {
       kind: 'schema_change' as const,
@@ -189,8 +304,23 @@ describe('setting and statistics causes', () => {
 
 describe('InFlightTracker', async () => {
   const finder = await ShapeFinder.create({ cacheEntries: 100, maxTextBytes: 65_536 });
-  const session: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map() };
-  const request = (text: string, phase: QueryRequest['phase'] = 'query'): QueryRequest => ({ session, phase, text, statement: null, transactionStatus: 'I', pipelineBusy: false });
+  const session: SessionInfo = {
+    id: 1,
+    user: 'app',
+    database: 'shop',
+    applicationName: 'web',
+    clientAddress: '127.0.0.1',
+    replication: false,
+    settings: new Map(),
+  };
+  const request = (text: string, phase: QueryRequest['phase'] = 'query'): QueryRequest => ({
+    session,
+    phase,
+    text,
+    statement: null,
+    transactionStatus: 'I',
+    pipelineBusy: false,
+  });
 
   test('tracks forwarded statements until their done, never parses or refused ones', () => {
     let now = 10_000;
@@ -215,9 +345,13 @@ describe('InFlightTracker', async () => {
     assert.equal(tracker.inFlight().length, 0);
   });
 
-  test('a statement admitted after queueing (a shed rule) is tracked from then, with the rule\'s own done still called', async () => {
+  test("a statement admitted after queueing (a shed rule) is tracked from then, with the rule's own done still called", async () => {
     let released = 0;
-    const tracker = new InFlightTracker({ decide: () => Promise.resolve({ action: 'forward', done: () => released++ } as GateDecision) }, finder, () => 1000);
+    const tracker = new InFlightTracker(
+      { decide: () => Promise.resolve({ action: 'forward', done: () => released++ } as GateDecision) },
+      finder,
+      () => 1000,
+    );
     const req = request('select * from orders where id = 7');
     const pending = tracker.decide(req) as Promise<GateDecision & { done?: () => void }>;
     (req as { text: string }).text = 'select 1'; // the session reuses its request object
@@ -233,6 +367,9 @@ describe('InFlightTracker', async () => {
     const d = DEFAULT_DETECTOR_OPTIONS;
     assert.equal(stuckRegression({ fingerprint: 'f', count: 1, oldestSince: 0, ages: [30_000] }, baseline, d), null);
     assert.equal(stuckRegression({ fingerprint: 'f', count: 2, oldestSince: 0, ages: [900, 950] }, baseline, d), null);
-    assert.equal(stuckRegression({ fingerprint: 'f', count: 3, oldestSince: 0, ages: [5000, 4000, 500] }, baseline, d)!.count, 2);
+    assert.equal(
+      stuckRegression({ fingerprint: 'f', count: 3, oldestSince: 0, ages: [5000, 4000, 500] }, baseline, d)!.count,
+      2,
+    );
   });
 });

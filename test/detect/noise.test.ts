@@ -47,7 +47,10 @@ describe('noisy but healthy load, then a noisy neighbour', { timeout: (SECONDS +
       { next: jitteredSleep(1) },
       { next: jitteredSleep(3), pauseMs: 5 },
       { next: jitteredSleep(8), pauseMs: 10 },
-      { next: (i) => ({ text: 'select count(*) from generate_series(1, $1::int)', values: [1000 + (i % 5000)] }), pauseMs: 2 },
+      {
+        next: (i) => ({ text: 'select count(*) from generate_series(1, $1::int)', values: [1000 + (i % 5000)] }),
+        pauseMs: 2,
+      },
     ];
     const started = Date.now();
     workloads.push(await startWorkload(pgw.url(), steady));
@@ -72,7 +75,9 @@ describe('noisy but healthy load, then a noisy neighbour', { timeout: (SECONDS +
     const incidents = body as Incident[];
     const { body: shapes } = await pgw.api('/api/shapes?sort=calls&limit=10');
     const calls = (shapes as { calls: number }[]).reduce((sum, s) => sum + s.calls, 0);
-    console.log(`# ${SECONDS} s, ${bursts} bursts, CPU hog for ${hogSeconds.toFixed(0)} s, ${calls} calls, incidents: ${incidents.map((i) => `${i.kind}: ${i.summary}`).join(' | ') || 'none'}`);
+    console.log(
+      `# ${SECONDS} s, ${bursts} bursts, CPU hog for ${hogSeconds.toFixed(0)} s, ${calls} calls, incidents: ${incidents.map((i) => `${i.kind}: ${i.summary}`).join(' | ') || 'none'}`,
+    );
     assert.ok(bursts >= 2, 'bursts happened');
     assert.deepEqual(
       incidents.filter((i) => i.kind === 'shape').map((i) => i.summary),
@@ -80,6 +85,10 @@ describe('noisy but healthy load, then a noisy neighbour', { timeout: (SECONDS +
       'no per-shape incident',
     );
     assert.ok(incidents.length <= 1, 'host contention is at most one database-wide incident');
-    for (const i of incidents) assert.ok(i.evidence && i.evidence.slowed >= 2, `a database-wide incident carries its evidence: ${JSON.stringify(i.evidence)}`);
+    for (const i of incidents)
+      assert.ok(
+        i.evidence && i.evidence.slowed >= 2,
+        `a database-wide incident carries its evidence: ${JSON.stringify(i.evidence)}`,
+      );
   });
 });

@@ -51,7 +51,8 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
 
   async function hotFingerprint(): Promise<string | undefined> {
     const { body } = await pgw.api('/api/shapes?sort=calls&limit=50');
-    return (body as { fingerprint: string; query: string }[]).find((s) => s.query.includes(`from ${TABLE} where email`))?.fingerprint;
+    return (body as { fingerprint: string; query: string }[]).find((s) => s.query.includes(`from ${TABLE} where email`))
+      ?.fingerprint;
   }
 
   test('an index dropped 20 s after start is one attributed incident naming the root and listing its victims', async () => {
@@ -64,7 +65,11 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
       },
       { timeoutMs: 20_000, intervalMs: 250, what: 'the hot shape to have its index plan' },
     );
-    await waitFor(() => Date.now() >= startedAt + 20_000, { timeoutMs: 25_000, intervalMs: 100, what: '20 s after start' });
+    await waitFor(() => Date.now() >= startedAt + 20_000, {
+      timeoutMs: 25_000,
+      intervalMs: 100,
+      what: '20 s after start',
+    });
     assert.deepEqual((await pgw.api('/api/incidents')).body, [], 'no incident before the migration');
 
     const migratedAt = Date.now();
@@ -80,13 +85,17 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
       { timeoutMs: 40_000, intervalMs: 100, what: 'an attributed incident rooted at the hot shape' },
     );
     const attributedS = (Date.now() - migratedAt) / 1000;
-    console.log(`# 20 s after start, default settings: migration -> attributed incident ${attributedS.toFixed(1)} s (detected ${((Date.parse(incident.detected_at) - migratedAt) / 1000).toFixed(1)} s)`);
+    console.log(
+      `# 20 s after start, default settings: migration -> attributed incident ${attributedS.toFixed(1)} s (detected ${((Date.parse(incident.detected_at) - migratedAt) / 1000).toFixed(1)} s)`,
+    );
     console.log(`# ${incident.summary}`);
     assert.equal(incident.kind, 'shape');
     assert.equal(incident.fingerprint, fingerprint, 'fingerprint stays the root for old consumers');
     assert.match(incident.summary, new RegExp(`plan changed .*-> .*Seq Scan on ${TABLE}`));
     assert.ok(
-      incident.causes.some((c) => c.kind !== 'plan_change' && c.objects.includes(INDEX) && /dropped|DROP/.test(c.summary)),
+      incident.causes.some(
+        (c) => c.kind !== 'plan_change' && c.objects.includes(INDEX) && /dropped|DROP/.test(c.summary),
+      ),
       'the dropped index is a named cause',
     );
     assert.ok(incident.attributed_at && incident.attribution_s !== null);
@@ -99,7 +108,9 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
       },
       { timeoutMs: 20_000, intervalMs: 250, what: 'victims listed on the incident' },
     );
-    console.log(`# victims: ${withVictims.victims.map((v) => `${v.query.slice(0, 40)} p95 ${v.baseline_p95_ms} -> ${v.peak_p95_ms} ms`).join('; ')}`);
+    console.log(
+      `# victims: ${withVictims.victims.map((v) => `${v.query.slice(0, 40)} p95 ${v.baseline_p95_ms} -> ${v.peak_p95_ms} ms`).join('; ')}`,
+    );
     assert.ok(withVictims.victims.every((v) => v.fingerprint !== fingerprint));
     assert.ok(withVictims.impact.shapes >= 2 && withVictims.impact.share_of_calls > 0);
     assert.deepEqual(withVictims.impact.applications, ['pgwarden-test-workload']);
@@ -121,24 +132,44 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
     );
     console.log(`# resolution: ${resolved.resolution?.summary}`);
     assert.equal(resolved.resolution?.reason, 'recovered');
-    assert.ok(resolved.peak.p95_ms >= resolved.baseline.p95_ms * 3, `peak ${resolved.peak.p95_ms} ms vs baseline ${resolved.baseline.p95_ms} ms`);
+    assert.ok(
+      resolved.peak.p95_ms >= resolved.baseline.p95_ms * 3,
+      `peak ${resolved.peak.p95_ms} ms vs baseline ${resolved.baseline.p95_ms} ms`,
+    );
     assert.ok(resolved.peak.p95_ms > resolved.current.p95_ms, 'the peak outlives the recovery');
     assert.ok(
       resolved.resolution!.events.some((e) => e.summary.includes(INDEX) && e.type !== 'plan_change'),
       `the re-created index is the resolution: ${JSON.stringify(resolved.resolution)}`,
     );
     const attributedAt = Date.parse(resolved.attributed_at!);
-    assert.ok(resolved.causes.every((c) => Date.parse(c.at) <= attributedAt), 'no cause newer than the attribution');
-    assert.ok(!resolved.causes.some((c) => c.kind !== 'plan_change' && /created/.test(c.summary) && c.objects.includes(INDEX)), 'the fix is not a cause');
+    assert.ok(
+      resolved.causes.every((c) => Date.parse(c.at) <= attributedAt),
+      'no cause newer than the attribution',
+    );
+    assert.ok(
+      !resolved.causes.some((c) => c.kind !== 'plan_change' && /created/.test(c.summary) && c.objects.includes(INDEX)),
+      'the fix is not a cause',
+    );
 
     const { body: page } = await pgw.api('/api/incidents?status=resolved&limit=1&offset=0');
-    assert.deepEqual((page as Incident[]).map((i) => i.id), [incident.id]);
+    assert.deepEqual(
+      (page as Incident[]).map((i) => i.id),
+      [incident.id],
+    );
     assert.equal((await pgw.api('/api/incidents?status=bogus')).status, 400);
     assert.equal((await pgw.api('/api/incidents?limit=0')).status, 400);
     const { status, body: markdown } = await pgw.api(`/api/incidents/${incident.id}/postmortem`);
     assert.equal(status, 200);
     assert.match(markdown as string, new RegExp(`^# Incident ${incident.id}: shape ${incident.root} regressed`, 'm'));
-    for (const section of ['## Impact', '## Timeline', '## Causes (as attributed)', '## Checked', '## Victims', '## Mitigation', '## Resolution']) {
+    for (const section of [
+      '## Impact',
+      '## Timeline',
+      '## Causes (as attributed)',
+      '## Checked',
+      '## Victims',
+      '## Mitigation',
+      '## Resolution',
+    ]) {
       assert.ok((markdown as string).includes(section), `postmortem has ${section}`);
     }
     assert.match(markdown as string, /\| [\d:.]+ \| attributed \|/);
@@ -148,12 +179,19 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
     const cli = async (...args: string[]) => {
       let out = '';
       let err = '';
-      const code = await runIncidents([...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!], { write: (t: string) => (out += t) }, { write: (t: string) => (err += t) });
+      const code = await runIncidents(
+        [...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!],
+        { write: (t: string) => (out += t) },
+        { write: (t: string) => (err += t) },
+      );
       return { code, out, err };
     };
     const list = await cli('list', '--status', 'resolved');
     assert.equal(list.code, 0, list.err);
-    assert.match(list.out, new RegExp(`^${incident.id}  resolved .* root ${incident.root} \\+\\d+ victims? .* attributed$`, 'm'));
+    assert.match(
+      list.out,
+      new RegExp(`^${incident.id}  resolved .* root ${incident.root} \\+\\d+ victims? .* attributed$`, 'm'),
+    );
     const postmortem = await cli('postmortem', incident.id);
     assert.equal(postmortem.code, 0, postmortem.err);
     assert.equal(postmortem.out, markdown);

@@ -36,19 +36,27 @@ describe('a restart', { timeout: 120_000 }, () => {
     pgw = await startTestApp({ state_file: stateFile, slow_query_ms: 60_000 });
     const stream = { next: () => ({ text: 'select pg_sleep($1::float8 / 1000)', values: [sleepMs] }), pauseMs: 1 };
     workload = await startWorkload(pgw.url(), [stream, stream]);
-    await waitFor(async () => (await shape())?.detector?.baseline_from ?? undefined, { timeoutMs: 30_000, intervalMs: 250, what: 'a baseline from the first run' });
-    // A regression of its own (no plan, no other shape): a per-shape incident after the usual run.
-    sleepMs = 40;
-    const incident = await waitFor(
-      async () => ((await pgw!.api('/api/incidents')).body as Incident[])[0],
-      { timeoutMs: 30_000, intervalMs: 250, what: 'an incident in the first run' },
-    );
-    sleepMs = 0.5;
-    await waitFor(async () => ((await pgw!.api(`/api/incidents/${incident.id}`)).body as Incident).status === 'resolved', {
+    await waitFor(async () => (await shape())?.detector?.baseline_from ?? undefined, {
       timeoutMs: 30_000,
       intervalMs: 250,
-      what: 'the incident to resolve',
+      what: 'a baseline from the first run',
     });
+    // A regression of its own (no plan, no other shape): a per-shape incident after the usual run.
+    sleepMs = 40;
+    const incident = await waitFor(async () => ((await pgw!.api('/api/incidents')).body as Incident[])[0], {
+      timeoutMs: 30_000,
+      intervalMs: 250,
+      what: 'an incident in the first run',
+    });
+    sleepMs = 0.5;
+    await waitFor(
+      async () => ((await pgw!.api(`/api/incidents/${incident.id}`)).body as Incident).status === 'resolved',
+      {
+        timeoutMs: 30_000,
+        intervalMs: 250,
+        what: 'the incident to resolve',
+      },
+    );
     await workload.stop();
     await pgw.stop();
     const saved = JSON.parse(fs.readFileSync(stateFile, 'utf8'));
@@ -57,7 +65,11 @@ describe('a restart', { timeout: 120_000 }, () => {
 
     pgw = await startTestApp({ state_file: stateFile, slow_query_ms: 60_000 });
     workload = await startWorkload(pgw.url(), [stream, stream]);
-    const restored = await waitFor(async () => (await shape())?.detector?.baseline_from ?? undefined, { timeoutMs: 10_000, intervalMs: 100, what: 'a baseline after the restart' });
+    const restored = await waitFor(async () => (await shape())?.detector?.baseline_from ?? undefined, {
+      timeoutMs: 10_000,
+      intervalMs: 100,
+      what: 'a baseline after the restart',
+    });
     assert.equal(restored, 'restored', 'the first baseline after a restart is the saved one');
     const { body: history } = await pgw.api('/api/incidents?status=resolved');
     const kept = (history as Incident[]).find((i) => i.id === incident.id);

@@ -32,11 +32,20 @@ function index(oid: number, table: CatalogTable, name: string, columns: string, 
   };
 }
 
-function constraint(oid: number, table: CatalogTable, name: string, type: string, definition: string): CatalogConstraint {
+function constraint(
+  oid: number,
+  table: CatalogTable,
+  name: string,
+  type: string,
+  definition: string,
+): CatalogConstraint {
   return { oid, tableOid: table.oid, schema: table.schema, table: table.name, name, type, definition };
 }
 
-const usersPkey: CatalogIndex = { ...index(101, users, 'users_pkey', 'id'), definition: 'CREATE UNIQUE INDEX users_pkey ON public.users USING btree (id)' };
+const usersPkey: CatalogIndex = {
+  ...index(101, users, 'users_pkey', 'id'),
+  definition: 'CREATE UNIQUE INDEX users_pkey ON public.users USING btree (id)',
+};
 const usersEmailIdx = index(102, users, 'users_email_idx', 'email');
 const usersPkeyConstraint = constraint(111, users, 'users_pkey', 'p', 'PRIMARY KEY (id)');
 
@@ -62,7 +71,13 @@ describe('diffCatalog', () => {
         kind: 'index_dropped',
         summary: 'index users_email_idx on public.users dropped',
         objects: ['users_email_idx', 'users'],
-        details: { schema: 'public', table: 'users', index: 'users_email_idx', definition: usersEmailIdx.definition, valid: true },
+        details: {
+          schema: 'public',
+          table: 'users',
+          index: 'users_email_idx',
+          definition: usersEmailIdx.definition,
+          valid: true,
+        },
       },
     ]);
   });
@@ -71,7 +86,10 @@ describe('diffCatalog', () => {
     const created = index(103, users, 'users_created_idx', 'created_at');
     const [change] = diffCatalog(base, { ...base, indexes: [...base.indexes, created] });
     assert.equal(change.kind, 'index_created');
-    assert.equal(change.summary, 'index users_created_idx created: CREATE INDEX users_created_idx ON public.users USING btree (created_at)');
+    assert.equal(
+      change.summary,
+      'index users_created_idx created: CREATE INDEX users_created_idx ON public.users USING btree (created_at)',
+    );
     assert.deepEqual(change.objects, ['users_created_idx', 'users']);
   });
 
@@ -79,7 +97,10 @@ describe('diffCatalog', () => {
     const building = index(103, users, 'users_created_idx', 'created_at', false);
     const during = { ...base, indexes: [...base.indexes, building] };
     const [created] = diffCatalog(base, during);
-    assert.match(created.summary, /^index users_created_idx created: CREATE INDEX .* \(not valid yet: being built concurrently, or the build failed\)$/);
+    assert.match(
+      created.summary,
+      /^index users_created_idx created: CREATE INDEX .* \(not valid yet: being built concurrently, or the build failed\)$/,
+    );
     const done = { ...base, indexes: [...base.indexes, { ...building, valid: true }] };
     assert.deepEqual(summaries(during, done), ['index users_created_idx on public.users is now valid']);
     assert.equal(diffCatalog(during, done)[0].kind, 'index_validated');
@@ -116,17 +137,31 @@ describe('diffCatalog', () => {
   });
 
   test('a renamed index is one event naming both names', () => {
-    const renamed = { ...usersEmailIdx, name: 'users_mail_idx', definition: 'CREATE INDEX users_mail_idx ON public.users USING btree (email)' };
+    const renamed = {
+      ...usersEmailIdx,
+      name: 'users_mail_idx',
+      definition: 'CREATE INDEX users_mail_idx ON public.users USING btree (email)',
+    };
     const changes = diffCatalog(base, { ...base, indexes: [usersPkey, renamed] });
     assert.deepEqual(
       changes.map((c) => [c.kind, c.summary, c.objects]),
-      [['index_renamed', 'index users_email_idx on public.users renamed to users_mail_idx', ['users_mail_idx', 'users_email_idx', 'users']]],
+      [
+        [
+          'index_renamed',
+          'index users_email_idx on public.users renamed to users_mail_idx',
+          ['users_mail_idx', 'users_email_idx', 'users'],
+        ],
+      ],
     );
   });
 
   test('a renamed table is one event; its indexes and constraints follow silently', () => {
     const accounts = { ...users, name: 'accounts' };
-    const moved = (i: CatalogIndex): CatalogIndex => ({ ...i, table: 'accounts', definition: i.definition!.replace('public.users', 'public.accounts') });
+    const moved = (i: CatalogIndex): CatalogIndex => ({
+      ...i,
+      table: 'accounts',
+      definition: i.definition!.replace('public.users', 'public.accounts'),
+    });
     const changes = diffCatalog(base, {
       tables: [accounts],
       indexes: base.indexes.map(moved),
@@ -140,20 +175,29 @@ describe('diffCatalog', () => {
 
   test('an index dropped and re-created under the same name between two snapshots is one event', () => {
     const same = { ...usersEmailIdx, oid: 999 };
-    assert.deepEqual(summaries(base, { ...base, indexes: [usersPkey, same] }), ['index users_email_idx on public.users dropped and re-created']);
+    assert.deepEqual(summaries(base, { ...base, indexes: [usersPkey, same] }), [
+      'index users_email_idx on public.users dropped and re-created',
+    ]);
     const different = { ...index(999, users, 'users_email_idx', 'lower(email)') };
     const [change] = diffCatalog(base, { ...base, indexes: [usersPkey, different] });
     assert.equal(change.kind, 'index_recreated');
-    assert.equal(change.summary, 'index users_email_idx on public.users re-created differently: CREATE INDEX users_email_idx ON public.users USING btree (lower(email))');
+    assert.equal(
+      change.summary,
+      'index users_email_idx on public.users re-created differently: CREATE INDEX users_email_idx ON public.users USING btree (lower(email))',
+    );
     assert.equal(change.details.previousDefinition, usersEmailIdx.definition);
   });
 
   test('constraints added, dropped and validated are reported with their definitions', () => {
     const check = constraint(120, users, 'users_age_check', 'c', 'CHECK ((age > 0)) NOT VALID');
     const withCheck = { ...base, constraints: [...base.constraints, check] };
-    assert.deepEqual(summaries(base, withCheck), ['constraint users_age_check on public.users created: CHECK ((age > 0)) NOT VALID']);
+    assert.deepEqual(summaries(base, withCheck), [
+      'constraint users_age_check on public.users created: CHECK ((age > 0)) NOT VALID',
+    ]);
     const validated = { ...base, constraints: [...base.constraints, { ...check, definition: 'CHECK ((age > 0))' }] };
-    assert.deepEqual(summaries(withCheck, validated), ['constraint users_age_check on public.users changed: CHECK ((age > 0))']);
+    assert.deepEqual(summaries(withCheck, validated), [
+      'constraint users_age_check on public.users changed: CHECK ((age > 0))',
+    ]);
     const dropped = diffCatalog(withCheck, base);
     assert.deepEqual(
       dropped.map((c) => [c.summary, c.objects]),
@@ -185,12 +229,19 @@ describe('SchemaWatcher', () => {
 
   before(async () => {
     monitor = new MonitorPool({ url: testDatabase().url, concurrency: 2, statementTimeoutMs: 5000, log: silent });
-    await sql(`create table ${table} (id bigint primary key, email text, created_at timestamptz)`, `create index ${emailIdx} on ${table} (email)`);
+    await sql(
+      `create table ${table} (id bigint primary key, email text, created_at timestamptz)`,
+      `create index ${emailIdx} on ${table} (email)`,
+    );
   });
 
   after(async () => {
     try {
-      await sql(`drop table if exists ${table}_orders`, `drop table if exists ${table}_ren`, `drop table if exists ${table}`);
+      await sql(
+        `drop table if exists ${table}_orders`,
+        `drop table if exists ${table}_ren`,
+        `drop table if exists ${table}`,
+      );
     } finally {
       await monitor.close();
     }
@@ -219,7 +270,11 @@ describe('SchemaWatcher', () => {
     assert.equal(idx?.valid, true);
     const pkey = snapshot.constraints.find((k) => k.table === table && k.type === 'p');
     assert.equal(pkey?.definition, 'PRIMARY KEY (id)');
-    assert.ok(!snapshot.tables.some((t) => t.schema === 'pg_catalog' || t.schema === 'information_schema' || t.schema.startsWith('pg_')));
+    assert.ok(
+      !snapshot.tables.some(
+        (t) => t.schema === 'pg_catalog' || t.schema === 'information_schema' || t.schema.startsWith('pg_'),
+      ),
+    );
   });
 
   test('a dropped index and a created one are both reported, and added to the timeline', async () => {
@@ -234,12 +289,19 @@ describe('SchemaWatcher', () => {
     assert.deepEqual(
       changes.map((c) => [c.kind, c.summary, c.objects]),
       [
-        ['index_created', `index ${createdIdx} created: CREATE INDEX ${createdIdx} ON public.${table} USING btree (created_at)`, [createdIdx, table]],
+        [
+          'index_created',
+          `index ${createdIdx} created: CREATE INDEX ${createdIdx} ON public.${table} USING btree (created_at)`,
+          [createdIdx, table],
+        ],
         ['index_dropped', `index ${emailIdx} on public.${table} dropped`, [emailIdx, table]],
       ],
     );
     const timeline = ours(events.recent(10, { types: ['schema_change'] }));
-    assert.deepEqual(timeline.map((e) => e.summary), changes.map((c) => c.summary));
+    assert.deepEqual(
+      timeline.map((e) => e.summary),
+      changes.map((c) => c.summary),
+    );
     assert.equal(timeline[0].at, clock.now());
     const first = timeline[0];
     assert.ok(first.type === 'schema_change');
@@ -256,9 +318,12 @@ describe('SchemaWatcher', () => {
     // Checks run one at a time, so once this one is done the baseline is in.
     await watcher.checkNow();
     await sql(`create table ${table}_orders (id int primary key, user_id bigint references ${table} (id))`);
-    const event = await waitFor(() => ours(events.recent(50)).find((e) => e.summary === `table public.${table}_orders created`), {
-      what: 'the table_created event from the timer',
-    });
+    const event = await waitFor(
+      () => ours(events.recent(50)).find((e) => e.summary === `table public.${table}_orders created`),
+      {
+        what: 'the table_created event from the timer',
+      },
+    );
     assert.deepEqual(event.objects, [`${table}_orders`, `${table}_orders_pkey`]);
     assert.ok(event.type === 'schema_change');
     assert.equal(event.details?.kind, 'table_created');
@@ -273,8 +338,17 @@ describe('SchemaWatcher', () => {
       if (sql.includes('pg_get_indexdef')) snapshots.push(clock.now());
       return monitor.query(sql, values, database);
     }) as MonitorPool['query'];
-    const watcher = new SchemaWatcher({ monitor: counting, events: new EventLog(clock), clock, log: silent, intervalMs: 60_000 });
-    await sql(`create table ${table}_ren (id int, created_at date)`, `create index ${table}_ren_idx on ${table}_ren (created_at)`);
+    const watcher = new SchemaWatcher({
+      monitor: counting,
+      events: new EventLog(clock),
+      clock,
+      log: silent,
+      intervalMs: 60_000,
+    });
+    await sql(
+      `create table ${table}_ren (id int, created_at date)`,
+      `create index ${table}_ren_idx on ${table}_ren (created_at)`,
+    );
     await watcher.checkNow();
     clock.advance(5000);
     assert.deepEqual(ours(await watcher.checkNow()), []);
@@ -289,7 +363,12 @@ describe('SchemaWatcher', () => {
     assert.equal(snapshots.length, 2);
     assert.deepEqual(
       changes.map((c) => [c.kind, c.summary]),
-      [['index_changed', `index ${table}_ren_idx on public.${table}_ren changed: CREATE INDEX ${table}_ren_idx ON public.${table}_ren USING btree (created)`]],
+      [
+        [
+          'index_changed',
+          `index ${table}_ren_idx on public.${table}_ren changed: CREATE INDEX ${table}_ren_idx ON public.${table}_ren USING btree (created)`,
+        ],
+      ],
     );
   });
 
@@ -303,14 +382,30 @@ describe('SchemaWatcher', () => {
     });
     const log = pino({ level: 'debug' }, sink);
     // Port 1 on localhost refuses connections at once.
-    const unreachable = new MonitorPool({ url: 'postgres://nobody@127.0.0.1:1/nowhere', concurrency: 1, statementTimeoutMs: 1000, log: silent });
-    const watcher = new SchemaWatcher({ monitor: unreachable, events: new EventLog(new ManualClock()), clock: new ManualClock(), log, intervalMs: 20 });
+    const unreachable = new MonitorPool({
+      url: 'postgres://nobody@127.0.0.1:1/nowhere',
+      concurrency: 1,
+      statementTimeoutMs: 1000,
+      log: silent,
+    });
+    const watcher = new SchemaWatcher({
+      monitor: unreachable,
+      events: new EventLog(new ManualClock()),
+      clock: new ManualClock(),
+      log,
+      intervalMs: 20,
+    });
     try {
       watcher.start();
-      await waitFor(() => lines.filter((l) => l.msg.startsWith('catalog snapshot failed')).length >= 3, { what: 'three failed attempts' });
+      await waitFor(() => lines.filter((l) => l.msg.startsWith('catalog snapshot failed')).length >= 3, {
+        what: 'three failed attempts',
+      });
       const failures = lines.filter((l) => l.msg.startsWith('catalog snapshot failed'));
       assert.equal(failures[0].level, 40, 'the first failure is a warning');
-      assert.ok(failures.slice(1).every((l) => l.level === 20), 'repeats are debug lines');
+      assert.ok(
+        failures.slice(1).every((l) => l.level === 20),
+        'repeats are debug lines',
+      );
       await assert.rejects(watcher.checkNow(), 'an on-demand check reports the failure to its caller');
     } finally {
       await watcher.stop();

@@ -16,7 +16,11 @@ test('failed deliveries are logged without the webhook path, query or credential
   const log = pino({ level: 'warn' }, { write: (line: string) => lines.push(line) });
   try {
     // One answering with an error, one refusing the connection.
-    const answering = new WebhookSender({ url: `http://user:pw@127.0.0.1:${port}/hooks/T000/SECRET-TOKEN?key=SECRET-KEY`, log, maxAttempts: 1 });
+    const answering = new WebhookSender({
+      url: `http://user:pw@127.0.0.1:${port}/hooks/T000/SECRET-TOKEN?key=SECRET-KEY`,
+      log,
+      maxAttempts: 1,
+    });
     const refusing = new WebhookSender({ url: 'http://127.0.0.1:1/hooks/SECRET-TOKEN', log, maxAttempts: 1 });
     answering.send({ a: 1 });
     refusing.send({ a: 2 });

@@ -16,7 +16,10 @@ export interface TestApp {
   /** A postgres:// URL through the proxy. */
   url(user?: string, database?: string): string;
   /** GET (or another method) on the admin API with the token; returns status and parsed JSON (or text). */
-  api(path: string, init?: { method?: string; body?: unknown; token?: string | null }): Promise<{ status: number; body: any }>;
+  api(
+    path: string,
+    init?: { method?: string; body?: unknown; token?: string | null },
+  ): Promise<{ status: number; body: any }>;
   readonly logLines: Record<string, unknown>[];
   stop(): Promise<void>;
 }
@@ -43,7 +46,8 @@ export async function startTestApp(overrides: Partial<Config> = {}, clock?: Cloc
     app,
     config,
     logLines,
-    url: (user = db.user, database = db.database) => `postgres://${encodeURIComponent(user)}@127.0.0.1:${app.proxyPort}/${encodeURIComponent(database)}`,
+    url: (user = db.user, database = db.database) =>
+      `postgres://${encodeURIComponent(user)}@127.0.0.1:${app.proxyPort}/${encodeURIComponent(database)}`,
     async api(path, init = {}) {
       const token = init.token === undefined ? config.admin_token : init.token;
       const response = await fetch(`${adminBase}${path}`, {
@@ -52,7 +56,8 @@ export async function startTestApp(overrides: Partial<Config> = {}, clock?: Cloc
           ...(token ? { Authorization: `Bearer ${token}` } : {}),
           ...(init.body !== undefined ? { 'Content-Type': 'application/json' } : {}),
         },
-        body: init.body === undefined ? undefined : typeof init.body === 'string' ? init.body : JSON.stringify(init.body),
+        body:
+          init.body === undefined ? undefined : typeof init.body === 'string' ? init.body : JSON.stringify(init.body),
       });
       const text = await response.text();
       let body: unknown = text;

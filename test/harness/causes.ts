@@ -32,16 +32,24 @@ export interface ApiIncident {
 }
 
 /** The fingerprint of the shape whose normalized text contains `fragment`, once it has a plan and a baseline. */
-export async function warmShape(pgw: TestApp, fragment: string, timeoutMs = 45_000, planPattern?: RegExp): Promise<string> {
+export async function warmShape(
+  pgw: TestApp,
+  fragment: string,
+  timeoutMs = 45_000,
+  planPattern?: RegExp,
+): Promise<string> {
   return waitFor(
     async () => {
       const { body } = await pgw.api('/api/shapes?sort=calls&limit=100');
       const shape = (body as { fingerprint: string; query: string }[]).find((s) => s.query.includes(fragment));
       if (!shape) return undefined;
       const { body: detail } = await pgw.api(`/api/shapes/${shape.fingerprint}`);
-      const planned = detail.plans?.current && (!planPattern || detail.plans.current.nodes.some((n: string) => planPattern.test(n)));
+      const planned =
+        detail.plans?.current && (!planPattern || detail.plans.current.nodes.some((n: string) => planPattern.test(n)));
       // 6 buckets of history before the 5 s recent window, plus margin.
-      return planned && detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 10 ? shape.fingerprint : undefined;
+      return planned && detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 10
+        ? shape.fingerprint
+        : undefined;
     },
     { timeoutMs, intervalMs: 500, what: `the shape "${fragment}" to have a plan and a baseline` },
   );
@@ -52,13 +60,22 @@ export async function expectNoIncidentFor(pgw: TestApp, ms: number): Promise<voi
   const end = Date.now() + ms;
   while (Date.now() < end) {
     const { body } = await pgw.api('/api/incidents');
-    if ((body as ApiIncident[]).length > 0) throw new Error(`control: an incident opened with no fault: ${(body as ApiIncident[]).map((i) => i.summary).join(' | ')}`);
+    if ((body as ApiIncident[]).length > 0)
+      throw new Error(
+        `control: an incident opened with no fault: ${(body as ApiIncident[]).map((i) => i.summary).join(' | ')}`,
+      );
     await new Promise((resolve) => setTimeout(resolve, 500));
   }
 }
 
 /** The first incident of `fingerprint` (any, if null) whose causes satisfy `ok`. */
-export async function waitForIncident(pgw: TestApp, fingerprint: string | null, ok: (i: ApiIncident) => boolean, timeoutMs: number, what: string): Promise<ApiIncident> {
+export async function waitForIncident(
+  pgw: TestApp,
+  fingerprint: string | null,
+  ok: (i: ApiIncident) => boolean,
+  timeoutMs: number,
+  what: string,
+): Promise<ApiIncident> {
   return waitFor(
     async () => {
       const { body } = await pgw.api('/api/incidents');

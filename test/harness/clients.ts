@@ -64,7 +64,11 @@ export function conninfo(params: Record<string, string | number>): string {
 }
 
 /** Runs `psql -X -A -t` with the given connection string and commands (`-c` each). */
-export function psql(connection: string, commands: string[], options: { password?: string; timeoutMs?: number } = {}): RunningProcess {
+export function psql(
+  connection: string,
+  commands: string[],
+  options: { password?: string; timeoutMs?: number } = {},
+): RunningProcess {
   const args = ['-X', '-A', '-t', '-d', connection];
   for (const command of commands) args.push('-c', command);
   return startProcess(PSQL, args, libpqEnv(options.password), options.timeoutMs);

@@ -132,7 +132,10 @@ describe('waitFor', () => {
         { timeoutMs: 50, intervalMs: 10, what: 'the proxy to listen' },
       ),
       (error: Error) => {
-        assert.match(error.message, /waiting for the proxy to listen .*last attempt threw: connect ECONNREFUSED 127\.0\.0\.1:1 \(ECONNREFUSED\)/);
+        assert.match(
+          error.message,
+          /waiting for the proxy to listen .*last attempt threw: connect ECONNREFUSED 127\.0\.0\.1:1 \(ECONNREFUSED\)/,
+        );
         assert.equal((error.cause as Error).message, 'connect ECONNREFUSED 127.0.0.1:1');
         return true;
       },

@@ -13,7 +13,11 @@ export interface CpuHog {
 export function startCpuHog(processes = os.availableParallelism(), maxSeconds = 120): CpuHog {
   const children: ChildProcess[] = [];
   for (let i = 0; i < processes; i++) {
-    children.push(spawn(process.execPath, ['-e', `const end = Date.now() + ${maxSeconds * 1000}; while (Date.now() < end) {}`], { stdio: 'ignore' }));
+    children.push(
+      spawn(process.execPath, ['-e', `const end = Date.now() + ${maxSeconds * 1000}; while (Date.now() < end) {}`], {
+        stdio: 'ignore',
+      }),
+    );
   }
   return {
     async stop() {

@@ -10,10 +10,17 @@ import { testDatabase, withClient } from './database.ts';
  * `<table>_events`. With `parallel`, scans may use parallel workers as on any
  * default PostgreSQL (the seq scan then starves the other shapes too).
  */
-export async function createUsersTable(table: string, index: string, rows: number, options: { events?: boolean; parallel?: boolean } = {}): Promise<void> {
+export async function createUsersTable(
+  table: string,
+  index: string,
+  rows: number,
+  options: { events?: boolean; parallel?: boolean } = {},
+): Promise<void> {
   await withClient(async (c) => {
     await c.query(`drop table if exists ${table}, ${table}_events`);
-    await c.query(`create table ${table} (id bigserial primary key, email text not null, name text not null, bio text not null)`);
+    await c.query(
+      `create table ${table} (id bigserial primary key, email text not null, name text not null, bio text not null)`,
+    );
     await c.query(
       `insert into ${table} (email, name, bio) select 'user' || g || '@example.com', 'name ' || (g % 1000), repeat('x', 200) from generate_series(1, ${rows}) g`,
     );
@@ -21,7 +28,10 @@ export async function createUsersTable(table: string, index: string, rows: numbe
     // One core per scan: on a 2-core test machine parallel scans would starve every
     // other shape too, which is a different incident from the one replayed here.
     if (!options.parallel) await c.query(`alter table ${table} set (parallel_workers = 0)`);
-    if (options.events) await c.query(`create table ${table}_events (id bigserial primary key, user_id bigint, at timestamptz default now())`);
+    if (options.events)
+      await c.query(
+        `create table ${table}_events (id bigserial primary key, user_id bigint, at timestamptz default now())`,
+      );
     await c.query(`analyze ${table}`);
   });
 }

@@ -89,7 +89,10 @@ export async function startProxy(options: TestProxyOptions = {}): Promise<TestPr
     server,
     completions,
     url(user = db.user, database = db.database, password?: string) {
-      const auth = password === undefined ? encodeURIComponent(user) : `${encodeURIComponent(user)}:${encodeURIComponent(password)}`;
+      const auth =
+        password === undefined
+          ? encodeURIComponent(user)
+          : `${encodeURIComponent(user)}:${encodeURIComponent(password)}`;
       return `postgres://${auth}@127.0.0.1:${address.port}/${encodeURIComponent(database)}`;
     },
     stop: () => server.drain(2000),

@@ -13,7 +13,7 @@
 import { execFile, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import fs from 'node:fs';
+import type fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -129,7 +129,8 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
     await admin.query('select pg_create_physical_replication_slot($1, true)', [slot]);
     slotName = slot; // only now is it ours to drop
 
-    const basebackup = primary.method === 'low-level API' ? undefined : await matchingBasebackup(primary.binDir, version, runAs);
+    const basebackup =
+      primary.method === 'low-level API' ? undefined : await matchingBasebackup(primary.binDir, version, runAs);
     if (!basebackup && primary.method === 'pg_basebackup') {
       throw new Error(`no pg_basebackup of PostgreSQL ${version} in ${primary.binDir}`);
     }
@@ -180,7 +181,9 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
     );
     if (outcome !== 'in recovery') {
       const log = await readLogFrom(path.join(copyDir, 'server.log'), 0);
-      throw new Error(`replica on port ${port}: ${outcome === 'exited' ? 'postgres exited during recovery' : 'not in recovery'}; end of its server.log:\n${tail(log)}`);
+      throw new Error(
+        `replica on port ${port}: ${outcome === 'exited' ? 'postgres exited during recovery' : 'not in recovery'}; end of its server.log:\n${tail(log)}`,
+      );
     }
     await waitUntilCaughtUp(admin, port);
 
@@ -196,9 +199,14 @@ export async function startReplica(primary: StartReplicaOptions): Promise<Replic
       startedMs: performance.now() - started,
     });
   } catch (error) {
-    await cleanUp(child, guard, slotName ? () => dropSlot(admin, slotName!) : undefined).catch((cleanupError: unknown) => {
-      throw new AggregateError([error, cleanupError], `startReplica failed (${describeError(error)}), and so did its cleanup`);
-    });
+    await cleanUp(child, guard, slotName ? () => dropSlot(admin, slotName!) : undefined).catch(
+      (cleanupError: unknown) => {
+        throw new AggregateError(
+          [error, cleanupError],
+          `startReplica failed (${describeError(error)}), and so did its cleanup`,
+        );
+      },
+    );
     throw error;
   } finally {
     await admin.end().catch(() => {});
@@ -224,15 +232,22 @@ async function ownerOf(dataDir: string): Promise<RunAs | undefined> {
   try {
     stat = await fsp.stat(dataDir);
   } catch (error) {
-    throw new Error(`the primary's data directory ${dataDir} is not readable here: startReplica needs a local primary`, {
-      cause: error,
-    });
+    throw new Error(
+      `the primary's data directory ${dataDir} is not readable here: startReplica needs a local primary`,
+      {
+        cause: error,
+      },
+    );
   }
   return stat.uid === process.getuid?.() ? undefined : { uid: stat.uid, gid: stat.gid };
 }
 
 /** binDir's pg_basebackup if it is of the server's major version (an older one cannot copy a newer server). */
-async function matchingBasebackup(binDir: string, version: number, runAs: RunAs | undefined): Promise<string | undefined> {
+async function matchingBasebackup(
+  binDir: string,
+  version: number,
+  runAs: RunAs | undefined,
+): Promise<string | undefined> {
   const program = path.join(binDir, 'pg_basebackup');
   try {
     await fsp.access(program, fsConstants.X_OK);
@@ -316,7 +331,9 @@ async function copyTree(from: string, to: string, runAs: RunAs | undefined, top:
       if (top && entry.name.endsWith('.log')) continue; // the harness's server.log
       files.push(copyFile(source, target, runAs));
     } else if (entry.isSymbolicLink()) {
-      throw new Error(`startReplica cannot copy the symbolic link ${source} (tablespaces and a linked pg_wal are not supported)`);
+      throw new Error(
+        `startReplica cannot copy the symbolic link ${source} (tablespaces and a linked pg_wal are not supported)`,
+      );
     }
   }
   await Promise.all(files);
@@ -358,7 +375,12 @@ async function writeOwned(file: string, content: string, runAs: RunAs | undefine
  * postgresql.conf (and the harness's include with the primary's port and socket
  * directory) and what pg_basebackup -R wrote before them.
  */
-async function writeStandbyConfig(copyDir: string, primary: StartReplicaOptions, port: number, slotName: string): Promise<void> {
+async function writeStandbyConfig(
+  copyDir: string,
+  primary: StartReplicaOptions,
+  port: number,
+  slotName: string,
+): Promise<void> {
   const file = path.join(copyDir, 'postgresql.auto.conf');
   const current = await fsp.readFile(file, 'utf8').catch(() => '');
   const marker = '# pgwarden replica harness\n';
@@ -402,7 +424,9 @@ async function waitUntilCaughtUp(admin: pg.Client, port: number): Promise<void> 
       const standby = await connect(HOST, port);
       try {
         // Throws "transaction ID ... is in the future" until the replica has seen it.
-        const result = await standby.query<{ status: string | null }>('select txid_status($1::bigint) as status', [xid]);
+        const result = await standby.query<{ status: string | null }>('select txid_status($1::bigint) as status', [
+          xid,
+        ]);
         return result.rows[0].status === 'committed';
       } finally {
         await standby.end().catch(() => {});

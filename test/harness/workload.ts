@@ -66,7 +66,10 @@ export async function startWorkload(url: string, streams: Stream[]): Promise<Run
 
 /** The p95 of one stream's call durations that finished between `from` and `to` (epoch ms). */
 export function p95Between(latencies: [number, number][], from: number, to: number): number {
-  const durations = latencies.filter(([at]) => at >= from && at <= to).map(([, ms]) => ms).sort((a, b) => a - b);
+  const durations = latencies
+    .filter(([at]) => at >= from && at <= to)
+    .map(([, ms]) => ms)
+    .sort((a, b) => a - b);
   if (durations.length === 0) return NaN;
   return durations[Math.min(durations.length - 1, Math.ceil(0.95 * durations.length) - 1)];
 }

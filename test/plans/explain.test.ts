@@ -17,7 +17,10 @@ const PG_VERSION = Number(process.env.PGWARDEN_TEST_PG_VERSION ?? 0);
 describe('explainableStatement', () => {
   test('a single statement is returned without its trailing semicolon and comments', () => {
     assert.equal(explainableStatement('select 1;  -- done\n'), 'select 1');
-    assert.equal(explainableStatement('/* a /* nested */ comment */ (select 1) union select 2'), '/* a /* nested */ comment */ (select 1) union select 2');
+    assert.equal(
+      explainableStatement('/* a /* nested */ comment */ (select 1) union select 2'),
+      '/* a /* nested */ comment */ (select 1) union select 2',
+    );
   });
 
   test('semicolons inside strings, quoted identifiers, dollar quotes and comments do not end the statement', () => {
@@ -39,10 +42,27 @@ describe('explainableStatement', () => {
   });
 
   test('statements other than SELECT, INSERT, UPDATE, DELETE, WITH, VALUES, TABLE and MERGE are refused', () => {
-    for (const text of ['create table x (id int)', 'explain analyze delete from x', 'vacuum x', 'copy x to stdout', 'set x = 1', '', '-- nothing']) {
+    for (const text of [
+      'create table x (id int)',
+      'explain analyze delete from x',
+      'vacuum x',
+      'copy x to stdout',
+      'set x = 1',
+      '',
+      '-- nothing',
+    ]) {
       assert.throws(() => explainableStatement(text), /refusing to EXPLAIN/, text);
     }
-    for (const text of ['SELECT 1', 'insert into x values (1)', 'update x set a = 1', 'delete from x', 'with y as (select 1) select * from y', 'values (1)', 'table x', 'merge into x using y on true when matched then delete']) {
+    for (const text of [
+      'SELECT 1',
+      'insert into x values (1)',
+      'update x set a = 1',
+      'delete from x',
+      'with y as (select 1) select * from y',
+      'values (1)',
+      'table x',
+      'merge into x using y on true when matched then delete',
+    ]) {
       assert.equal(explainableStatement(text), text);
     }
   });
@@ -59,7 +79,12 @@ describe('explainSample', () => {
 
   before(async () => {
     // One connection, so a transaction left open by one EXPLAIN would be seen by the next.
-    monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, log: pino({ level: 'silent' }) });
+    monitor = new MonitorPool({
+      url: testDatabase().url,
+      concurrency: 1,
+      statementTimeoutMs: 5_000,
+      log: pino({ level: 'silent' }),
+    });
     database = monitor.defaultDatabase;
     await withClient(async (c) => {
       await c.query(`drop table if exists ${TABLE}`);
@@ -75,39 +100,65 @@ describe('explainSample', () => {
   });
 
   test('text parameters are planned with their values', async () => {
-    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: ['42'], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(
+      monitor,
+      { database, user, text: `select * from ${TABLE} where id = $1`, params: ['42'], paramCount: 1 },
+      PG_VERSION,
+    );
     const summary = summarizePlan(json);
     assert.equal(summary.nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
     assert.match(JSON.stringify(json), /"Index Cond":"\(id = 42\)"/);
   });
 
   test('a NULL parameter is passed as NULL', async () => {
-    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where label = $1`, params: [null], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(
+      monitor,
+      { database, user, text: `select * from ${TABLE} where label = $1`, params: [null], paramCount: 1 },
+      PG_VERSION,
+    );
     // The planner proves "label = NULL" false without reading the table.
     assert.equal(summarizePlan(json).nodes[0].nodeType, 'Result');
   });
 
   test('a statement without parameters is explained as is', async () => {
-    const json = await explainSample(monitor, { database, user, text: `select count(*) from ${TABLE};`, params: null, paramCount: 0 }, PG_VERSION);
+    const json = await explainSample(
+      monitor,
+      { database, user, text: `select count(*) from ${TABLE};`, params: null, paramCount: 0 },
+      PG_VERSION,
+    );
     assert.deepEqual(summarizePlan(json).relations, [TABLE]);
   });
 
-  test('parameters that could not be rendered get a generic plan on PostgreSQL 16+', { skip: PG_VERSION < 16 && `PostgreSQL ${PG_VERSION}` }, async () => {
-    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, PG_VERSION);
+  test('parameters that could not be rendered get a generic plan on PostgreSQL 16+', {
+    skip: PG_VERSION < 16 && `PostgreSQL ${PG_VERSION}`,
+  }, async () => {
+    const json = await explainSample(
+      monitor,
+      { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 },
+      PG_VERSION,
+    );
     assert.equal(summarizePlan(json).nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
     assert.match(JSON.stringify(json), /"Index Cond":"\(id = \$1\)"/);
   });
 
   test('parameters that could not be rendered are an error before PostgreSQL 16', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 }, 15),
+      explainSample(
+        monitor,
+        { database, user, text: `select * from ${TABLE} where id = $1`, params: null, paramCount: 1 },
+        15,
+      ),
       /cannot EXPLAIN this sample: its 1 parameter\(s\) could not be rendered as text and PostgreSQL 15 has no GENERIC_PLAN/,
     );
   });
 
   test('a second statement is refused and never runs', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, user, text: `select 1; drop table ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(
+        monitor,
+        { database, user, text: `select 1; drop table ${TABLE}`, params: null, paramCount: 0 },
+        PG_VERSION,
+      ),
       /refusing to EXPLAIN more than one statement/,
     );
     assert.equal(await rowCount(), 5000);
@@ -115,17 +166,29 @@ describe('explainSample', () => {
 
   test('DDL is refused and never runs', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, user, text: 'create table pgw_explain_never (id int)', params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(
+        monitor,
+        { database, user, text: 'create table pgw_explain_never (id int)', params: null, paramCount: 0 },
+        PG_VERSION,
+      ),
       /refusing to EXPLAIN CREATE/,
     );
-    const exists = await withClient(async (c) => (await c.query(`select to_regclass('pgw_explain_never') as t`)).rows[0].t);
+    const exists = await withClient(
+      async (c) => (await c.query(`select to_regclass('pgw_explain_never') as t`)).rows[0].t,
+    );
     assert.equal(exists, null);
   });
 
   test('an EXPLAIN of an INSERT does not insert', async () => {
     const json = await explainSample(
       monitor,
-      { database, user, text: `insert into ${TABLE} (id, label) values ($1, $2)`, params: ['100000', 'new'], paramCount: 2 },
+      {
+        database,
+        user,
+        text: `insert into ${TABLE} (id, label) values ($1, $2)`,
+        params: ['100000', 'new'],
+        paramCount: 2,
+      },
       PG_VERSION,
     );
     assert.equal(summarizePlan(json).nodes[0].description, `Insert on ${TABLE}`);
@@ -133,19 +196,33 @@ describe('explainSample', () => {
   });
 
   test('an EXPLAIN of a DELETE does not delete', async () => {
-    await explainSample(monitor, { database, user, text: `delete from ${TABLE}`, params: null, paramCount: 0 }, PG_VERSION);
+    await explainSample(
+      monitor,
+      { database, user, text: `delete from ${TABLE}`, params: null, paramCount: 0 },
+      PG_VERSION,
+    );
     assert.equal(await rowCount(), 5000);
   });
 
   test('a failing EXPLAIN leaves the connection usable and out of any transaction', async () => {
     await assert.rejects(
-      explainSample(monitor, { database, user, text: 'select * from pgw_explain_missing', params: null, paramCount: 0 }, PG_VERSION),
+      explainSample(
+        monitor,
+        { database, user, text: 'select * from pgw_explain_missing', params: null, paramCount: 0 },
+        PG_VERSION,
+      ),
       /relation "pgw_explain_missing" does not exist/,
     );
-    const json = await explainSample(monitor, { database, user, text: `select * from ${TABLE} where id = $1`, params: ['7'], paramCount: 1 }, PG_VERSION);
+    const json = await explainSample(
+      monitor,
+      { database, user, text: `select * from ${TABLE} where id = $1`, params: ['7'], paramCount: 1 },
+      PG_VERSION,
+    );
     assert.equal(summarizePlan(json).relations[0], TABLE);
     const states = await withClient(async (c) => {
-      const { rows } = await c.query<{ state: string }>(`select state from pg_stat_activity where application_name = 'pgwarden-monitor'`);
+      const { rows } = await c.query<{ state: string }>(
+        `select state from pg_stat_activity where application_name = 'pgwarden-monitor'`,
+      );
       return rows.map((r) => r.state);
     });
     assert.deepEqual(states, ['idle']);
@@ -154,7 +231,12 @@ describe('explainSample', () => {
 
 describe('MonitorPool', () => {
   test("serverMajorVersion is the server's major version", async () => {
-    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, log: pino({ level: 'silent' }) });
+    const monitor = new MonitorPool({
+      url: testDatabase().url,
+      concurrency: 1,
+      statementTimeoutMs: 5_000,
+      log: pino({ level: 'silent' }),
+    });
     try {
       const version = await monitor.serverMajorVersion();
       assert.ok(Number.isInteger(version) && version >= 13, String(version));
@@ -166,10 +248,19 @@ describe('MonitorPool', () => {
 
   test('keeps pools for at most maxDatabases databases, closing the least recently used', async () => {
     const appName = 'pgwarden-monitor';
-    const monitor = new MonitorPool({ url: testDatabase().url, concurrency: 1, statementTimeoutMs: 5_000, maxDatabases: 1, log: pino({ level: 'silent' }) });
+    const monitor = new MonitorPool({
+      url: testDatabase().url,
+      concurrency: 1,
+      statementTimeoutMs: 5_000,
+      maxDatabases: 1,
+      log: pino({ level: 'silent' }),
+    });
     const databases = async () =>
       withClient(async (c) => {
-        const { rows } = await c.query<{ datname: string }>('select datname from pg_stat_activity where application_name = $1 and pid <> pg_backend_pid() order by 1', [appName]);
+        const { rows } = await c.query<{ datname: string }>(
+          'select datname from pg_stat_activity where application_name = $1 and pid <> pg_backend_pid() order by 1',
+          [appName],
+        );
         return rows.map((r) => r.datname);
       });
     try {

@@ -114,7 +114,11 @@ describe('parametersAsText', () => {
 
   test('date, timestamp and timestamptz count from 2000-01-01', () => {
     assert.deepEqual(
-      parametersAsText(bind([int32(-1), int64(86_400_000_000n + 1_500_000n), int64(-1n)]), [DATE, TIMESTAMP, TIMESTAMPTZ]),
+      parametersAsText(bind([int32(-1), int64(86_400_000_000n + 1_500_000n), int64(-1n)]), [
+        DATE,
+        TIMESTAMP,
+        TIMESTAMPTZ,
+      ]),
       ['1999-12-31', '2000-01-02T00:00:01.5', '1999-12-31T23:59:59.999999Z'],
     );
   });
@@ -138,7 +142,10 @@ describe('parametersAsText', () => {
   test('uuid and jsonb are rendered as their text forms', () => {
     const uuid = Buffer.from('a0eebc999c0b4ef8bb6d6bb9bd380a11', 'hex');
     const jsonb = Buffer.concat([Buffer.from([1]), Buffer.from('{"a": 1}')]);
-    assert.deepEqual(parametersAsText(bind([uuid, jsonb]), [UUID, JSONB]), ['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"a": 1}']);
+    assert.deepEqual(parametersAsText(bind([uuid, jsonb]), [UUID, JSONB]), [
+      'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+      '{"a": 1}',
+    ]);
   });
 
   test('a binary value of undeclared type makes the whole list unusable', () => {
@@ -243,7 +250,9 @@ describe('parametersAsText against the server', () => {
 
   for (const [type, oid, expression] of SERVER_VALUES) {
     test(`binary ${type} ${expression} reads back as the same value`, async () => {
-      const sendFunction = (await client.query<{ f: string }>('select typsend::text as f from pg_type where oid = $1', [oid])).rows[0].f;
+      const sendFunction = (
+        await client.query<{ f: string }>('select typsend::text as f from pg_type where oid = $1', [oid])
+      ).rows[0].f;
       const { rows } = await client.query<{ bin: Buffer; text: string }>(
         `select ${sendFunction}(${expression}) as bin, (${expression})::text as text`,
       );
@@ -251,13 +260,19 @@ describe('parametersAsText against the server', () => {
       assert.equal(typeof rendered, 'string');
       // Compare as the server's text output of the re-read value: byte-exact for
       // every type here (float output is shortest-exact since PostgreSQL 12).
-      const reread = await client.query<{ text: string }>(`select ($1::${type === 'bpchar' ? 'char(4)' : type})::text as text`, [rendered]);
+      const reread = await client.query<{ text: string }>(
+        `select ($1::${type === 'bpchar' ? 'char(4)' : type})::text as text`,
+        [rendered],
+      );
       assert.equal(reread.rows[0].text, rows[0].text, `${type}: rendered ${JSON.stringify(rendered)}`);
     });
   }
 
   test('every type the decoders know is checked against the server here', () => {
     const known = [16, 17, 19, 20, 21, 23, 25, 26, 114, 700, 701, 1042, 1043, 1082, 1114, 1184, 1700, 2950, 3802];
-    assert.deepEqual([...new Set(SERVER_VALUES.map(([, oid]) => oid))].sort((a, b) => a - b), known);
+    assert.deepEqual(
+      [...new Set(SERVER_VALUES.map(([, oid]) => oid))].sort((a, b) => a - b),
+      known,
+    );
   });
 });

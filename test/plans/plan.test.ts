@@ -32,13 +32,26 @@ function plan(root: Json): PlanSummary {
 }
 
 const indexScan = (index: string, relation: string, props: Json = {}): Json =>
-  n('Index Scan', { 'Scan Direction': 'Forward', 'Index Name': index, 'Relation Name': relation, Alias: relation, ...props });
-const seqScan = (relation: string, props: Json = {}): Json => n('Seq Scan', { 'Relation Name': relation, Alias: relation, ...props });
+  n('Index Scan', {
+    'Scan Direction': 'Forward',
+    'Index Name': index,
+    'Relation Name': relation,
+    Alias: relation,
+    ...props,
+  });
+const seqScan = (relation: string, props: Json = {}): Json =>
+  n('Seq Scan', { 'Relation Name': relation, Alias: relation, ...props });
 const inner = (node: Json): Json => ({ ...node, 'Parent Relationship': 'Inner' });
 const outer = (node: Json): Json => ({ ...node, 'Parent Relationship': 'Outer' });
 const hashJoin = (left: Json, right: Json, joinType = 'Inner'): Json =>
-  n('Hash Join', { 'Join Type': joinType, 'Hash Cond': '(o.customer_id = u.id)' }, outer(left), inner(n('Hash', {}, outer(right))));
-const nestedLoop = (left: Json, right: Json, joinType = 'Inner'): Json => n('Nested Loop', { 'Join Type': joinType }, outer(left), inner(right));
+  n(
+    'Hash Join',
+    { 'Join Type': joinType, 'Hash Cond': '(o.customer_id = u.id)' },
+    outer(left),
+    inner(n('Hash', {}, outer(right))),
+  );
+const nestedLoop = (left: Json, right: Json, joinType = 'Inner'): Json =>
+  n('Nested Loop', { 'Join Type': joinType }, outer(left), inner(right));
 
 // Captured from PostgreSQL 18: `explain (format json) select * from users where email = 'user42@example.com'`.
 const PG18_EMAIL_LOOKUP = [
@@ -175,24 +188,39 @@ describe('summarizePlan', () => {
       [n('ModifyTable', { Operation: 'Update', 'Relation Name': 'users', Alias: 'users' }), 'Update on users'],
       [n('Seq Scan', { 'Parallel Aware': true, 'Relation Name': 'users', Alias: 'u' }), 'Parallel Seq Scan on users'],
       [n('Bitmap Index Scan', { 'Index Name': 'users_email_idx' }), 'Bitmap Index Scan on users_email_idx'],
-      [n('Index Only Scan', { 'Scan Direction': 'Backward', 'Index Name': 'x', 'Relation Name': 't', Alias: 't' }), 'Index Only Scan Backward using x on t'],
+      [
+        n('Index Only Scan', { 'Scan Direction': 'Backward', 'Index Name': 'x', 'Relation Name': 't', Alias: 't' }),
+        'Index Only Scan Backward using x on t',
+      ],
       [n('Function Scan', { 'Function Name': 'generate_series', Alias: 'g' }), 'Function Scan on generate_series'],
       [n('Values Scan', { Alias: '*VALUES*' }), 'Values Scan on "*VALUES*"'],
       [n('CTE Scan', { 'CTE Name': 'recent', Alias: 'r' }), 'CTE Scan on recent'],
       [n('Seq Scan', { 'Relation Name': 'Users', Alias: 'Users' }), 'Seq Scan on "Users"'],
-      [n('Custom Scan', { 'Custom Plan Provider': 'ColumnarScan', 'Relation Name': 't', Alias: 't' }), 'Custom Scan (ColumnarScan) on t'],
+      [
+        n('Custom Scan', { 'Custom Plan Provider': 'ColumnarScan', 'Relation Name': 't', Alias: 't' }),
+        'Custom Scan (ColumnarScan) on t',
+      ],
     ];
     for (const [node, expected] of cases) assert.equal(plan(node).nodes[0].description, expected);
   });
 
   test('malformed input throws an error that says what was wrong', () => {
-    assert.throws(() => summarizePlan(42), /summarizePlan: expected EXPLAIN \(FORMAT JSON\) output with a "Plan" object, got 42/);
+    assert.throws(
+      () => summarizePlan(42),
+      /summarizePlan: expected EXPLAIN \(FORMAT JSON\) output with a "Plan" object, got 42/,
+    );
     assert.throws(() => summarizePlan([]), /an array of one plan, got 0 elements/);
     assert.throws(() => summarizePlan('{not json'), /summarizePlan: not JSON/);
     assert.throws(() => summarizePlan({ Plan: { 'Total Cost': 1 } }), /\$\.Plan has no "Node Type" string/);
     assert.throws(() => summarizePlan({ Plan: n('Limit', { Plans: {} }) }), /\$\.Plan\.Plans is not an array/);
-    assert.throws(() => summarizePlan({ Plan: n('Limit', {}, n('Sort', { 'Relation Name': 7 })) }), /\$\.Plan\.Plans\[0\]\."Relation Name" is not a string/);
-    assert.throws(() => summarizePlan({ Plan: n('Limit', { Plans: [null] }) }), /\$\.Plan\.Plans\[0\] is not a plan node/);
+    assert.throws(
+      () => summarizePlan({ Plan: n('Limit', {}, n('Sort', { 'Relation Name': 7 })) }),
+      /\$\.Plan\.Plans\[0\]\."Relation Name" is not a string/,
+    );
+    assert.throws(
+      () => summarizePlan({ Plan: n('Limit', { Plans: [null] }) }),
+      /\$\.Plan\.Plans\[0\] is not a plan node/,
+    );
   });
 });
 
@@ -200,7 +228,10 @@ describe('plan fingerprints', () => {
   test('costs, row estimates, widths, conditions and aliases do not change the fingerprint', () => {
     const a = plan(hashJoin(seqScan('orders', { Filter: '(total > 10)' }), seqScan('users', { Alias: 'u' })));
     const b = plan({
-      ...hashJoin(seqScan('orders', { Filter: '(total > 99)', 'Total Cost': 5, 'Plan Rows': 1 }), seqScan('users', { Alias: 'x' })),
+      ...hashJoin(
+        seqScan('orders', { Filter: '(total > 99)', 'Total Cost': 5, 'Plan Rows': 1 }),
+        seqScan('users', { Alias: 'x' }),
+      ),
       'Total Cost': 12345,
       'Plan Rows': 999,
       'Plan Width': 1,
@@ -255,7 +286,11 @@ describe('diffPlans', () => {
       diff.headline,
       'Index Scan using users_email_idx on users -> Seq Scan on users; Index Scan using orders_customer_idx on orders -> Seq Scan on orders',
     );
-    assert.deepEqual(diff.removed, ['Nested Loop', 'Index Scan using users_email_idx on users', 'Index Scan using orders_customer_idx on orders']);
+    assert.deepEqual(diff.removed, [
+      'Nested Loop',
+      'Index Scan using users_email_idx on users',
+      'Index Scan using orders_customer_idx on orders',
+    ]);
     assert.deepEqual(diff.added, ['Hash Join', 'Seq Scan on orders', 'Hash', 'Seq Scan on users']);
   });
 
@@ -266,7 +301,10 @@ describe('diffPlans', () => {
       outer(n('Bitmap Index Scan', { 'Index Name': 'users_email_idx' })),
     );
     const diff = diffPlans(plan(bitmap), plan(seqScan('users')));
-    assert.equal(diff.headline, 'Bitmap Heap Scan on users (Bitmap Index Scan on users_email_idx) -> Seq Scan on users');
+    assert.equal(
+      diff.headline,
+      'Bitmap Heap Scan on users (Bitmap Index Scan on users_email_idx) -> Seq Scan on users',
+    );
     assert.deepEqual(diff.removed, ['Bitmap Heap Scan on users', 'Bitmap Index Scan on users_email_idx']);
   });
 
@@ -364,12 +402,16 @@ describe('plans from PostgreSQL', () => {
     plans.lookup42 = await explain(LOOKUP, ['user42@example.com']);
     plans.lookup4242 = await explain(LOOKUP, ['user4242@example.com']);
     plans.lookupLiteral = await explain(`select * from users where email = 'user7@example.com'`);
-    plans.join = await explain('select o.* from users u join orders o on o.customer_id = u.id where u.email = $1', ['user42@example.com']);
+    plans.join = await explain('select o.* from users u join orders o on o.customer_id = u.id where u.email = $1', [
+      'user42@example.com',
+    ]);
     plans.latest = await explain('select * from orders order by created_at desc limit 10');
 
     await client.query('drop index users_email_idx');
     plans.seqScan = await explain(LOOKUP, ['user42@example.com']);
-    await client.query(`insert into users (email, name) select 'more' || g || '@example.com', 'x' from generate_series(1, 10000) g; analyze users`);
+    await client.query(
+      `insert into users (email, name) select 'more' || g || '@example.com', 'x' from generate_series(1, 10000) g; analyze users`,
+    );
     plans.seqScanBigger = await explain(LOOKUP, ['user42@example.com']);
     await client.query('create index users_name_idx on users (name)');
     plans.seqScanWithNameIndex = await explain(LOOKUP, ['user42@example.com']);
@@ -415,7 +457,10 @@ describe('plans from PostgreSQL', () => {
   });
 
   test('a new index on the lookup column reads as the Seq Scan it replaces, and as an index swap', () => {
-    assert.equal(diffPlans(plans.seqScan, plans.otherIndex).headline, 'Seq Scan on users -> Index Scan using users_email_name_idx on users');
+    assert.equal(
+      diffPlans(plans.seqScan, plans.otherIndex).headline,
+      'Seq Scan on users -> Index Scan using users_email_name_idx on users',
+    );
     assert.equal(
       diffPlans(plans.lookup42, plans.otherIndex).headline,
       'Index Scan using users_email_idx on users -> Index Scan using users_email_name_idx on users',
@@ -427,7 +472,11 @@ describe('plans from PostgreSQL', () => {
       plans.latest.nodes.map(({ nodeType, scanDirection, description }) => ({ nodeType, scanDirection, description })),
       [
         { nodeType: 'Limit', scanDirection: undefined, description: 'Limit' },
-        { nodeType: 'Index Scan', scanDirection: 'Backward', description: 'Index Scan Backward using orders_created_at_idx on orders' },
+        {
+          nodeType: 'Index Scan',
+          scanDirection: 'Backward',
+          description: 'Index Scan Backward using orders_created_at_idx on orders',
+        },
       ],
     );
   });
@@ -437,29 +486,75 @@ describe('plans from PostgreSQL', () => {
     assert.ok(plans.join.indexes.includes('users_email_idx'), plans.join.indexes.join(', '));
     assert.ok(plans.join.indexes.includes('orders_customer_id_idx'), plans.join.indexes.join(', '));
     assert.equal(plans.join.nodes[0].nodeType, 'Nested Loop');
-    assert.match(describePlan(plans.join), /^Index Scan using users_email_idx on users; .*orders_customer_id_idx.* on orders/);
+    assert.match(
+      describePlan(plans.join),
+      /^Index Scan using users_email_idx on users; .*orders_customer_id_idx.* on orders/,
+    );
   });
 
   // Plans of many node kinds; each description must be how text EXPLAIN starts that node's line.
   const KINDS: [string, string[]][] = [
     ['initplan and backward index-only scan', ['select * from users where id = (select max(customer_id) from orders)']],
-    ['correlated subplan', ['select (select count(*) from orders o where o.customer_id = u.id) from users u where u.id < 5']],
-    ['hash anti join', ['set local enable_nestloop = off', 'select * from users u where not exists (select 1 from orders o where o.customer_id = u.id)']],
-    ['merge left join', ['set local enable_hashjoin = off', 'set local enable_nestloop = off', 'select * from users u left join orders o on o.customer_id = u.id']],
+    [
+      'correlated subplan',
+      ['select (select count(*) from orders o where o.customer_id = u.id) from users u where u.id < 5'],
+    ],
+    [
+      'hash anti join',
+      [
+        'set local enable_nestloop = off',
+        'select * from users u where not exists (select 1 from orders o where o.customer_id = u.id)',
+      ],
+    ],
+    [
+      'merge left join',
+      [
+        'set local enable_hashjoin = off',
+        'set local enable_nestloop = off',
+        'select * from users u left join orders o on o.customer_id = u.id',
+      ],
+    ],
     ['nested loop left join', ['select * from users u left join orders o on o.customer_id = u.id where u.id = 3']],
     ['hash setop', ['select email from users intersect select email from users where id < 10']],
-    ['group and hash aggregates', ['set local enable_hashagg = off', 'select name, count(*) from users group by name order by 2 desc']],
-    ['partial aggregates under gather', [
-      'set local max_parallel_workers_per_gather = 2', 'set local parallel_setup_cost = 0', 'set local parallel_tuple_cost = 0',
-      'set local min_parallel_table_scan_size = 0', 'select name, count(*) from orders join users on users.id = orders.customer_id group by name',
-    ]],
+    [
+      'group and hash aggregates',
+      ['set local enable_hashagg = off', 'select name, count(*) from users group by name order by 2 desc'],
+    ],
+    [
+      'partial aggregates under gather',
+      [
+        'set local max_parallel_workers_per_gather = 2',
+        'set local parallel_setup_cost = 0',
+        'set local parallel_tuple_cost = 0',
+        'set local min_parallel_table_scan_size = 0',
+        'select name, count(*) from orders join users on users.id = orders.customer_id group by name',
+      ],
+    ],
     ['bitmap or', ["select * from users where email in ('a', 'b') or id = 3"]],
-    ['function, values and cte scans', [
-      'with recent as materialized (select * from orders where id < 5) select * from generate_series(1, 3) g, (values (1), (2)) v(x), recent r',
-    ]],
-    ['subquery scan and window', ['select * from (select id, row_number() over (order by id) from users where id < 10 offset 0) s where s.row_number > 1']],
-    ['insert, update and delete', ["insert into users (email, name) values ('z', 'z')", 'update users set name = $$y$$ where id = 1', 'delete from orders where customer_id = 3']],
-    ['lock rows and unique', ['select * from users where id < 100 for update', 'select distinct name from users where id < 100']],
+    [
+      'function, values and cte scans',
+      [
+        'with recent as materialized (select * from orders where id < 5) select * from generate_series(1, 3) g, (values (1), (2)) v(x), recent r',
+      ],
+    ],
+    [
+      'subquery scan and window',
+      [
+        'select * from (select id, row_number() over (order by id) from users where id < 10 offset 0) s where s.row_number > 1',
+      ],
+    ],
+    [
+      'insert, update and delete',
+      [
+        "insert into users (email, name) values ('z', 'z')",
+        'update users set name = $$y$$ where id = 1',
+        'delete from orders where customer_id = 3',
+      ],
+    ],
+    [
+      'lock rows and unique',
+      ['select * from users where id < 100 for update', 'select distinct name from users where id < 100'],
+    ],
     ['merge', ['merge into users u using (select 1 as id) s on u.id = s.id when matched then update set name = $$m$$']],
   ];
 
@@ -476,14 +571,17 @@ describe('plans from PostgreSQL', () => {
           const text = await client.query<{ 'QUERY PLAN': string }>(`explain (costs off) ${sql}`);
           const lines = text.rows.map((row) => row['QUERY PLAN']);
           // The node lines: the first, and those that start with "->" (the rest are details and headings).
-          const nodeLines = [lines[0], ...lines.slice(1).filter((line) => line.trimStart().startsWith('->'))].map((line) =>
-            line.replace(/^\s*(->\s+)?/, ''),
+          const nodeLines = [lines[0], ...lines.slice(1).filter((line) => line.trimStart().startsWith('->'))].map(
+            (line) => line.replace(/^\s*(->\s+)?/, ''),
           );
           const descriptions = summarizePlan(json.rows[0]['QUERY PLAN']).nodes.map((node) => node.description);
           assert.equal(descriptions.length, nodeLines.length, `${sql}\n${lines.join('\n')}`);
           descriptions.forEach((description, i) => {
             const line = nodeLines[i];
-            assert.ok(line === description || line.startsWith(`${description} `), `${sql}\n  text: ${line}\n  ours: ${description}`);
+            assert.ok(
+              line === description || line.startsWith(`${description} `),
+              `${sql}\n  text: ${line}\n  ours: ${description}`,
+            );
           });
         }
       } finally {

@@ -64,7 +64,9 @@ async function sampledShape(app: TestApp, needle: string): Promise<{ plans: any 
 
 async function secretLockHeld(): Promise<boolean> {
   return withClient(async (c) => {
-    const { rows } = await c.query(`select 1 from pg_locks where locktype = 'advisory' and objid = $1 and granted`, [SECRET]);
+    const { rows } = await c.query(`select 1 from pg_locks where locktype = 'advisory' and objid = $1 and granted`, [
+      SECRET,
+    ]);
     return rows.length > 0;
   });
 }
@@ -80,14 +82,22 @@ describe('planTimeReferences', () => {
     );
     assert.deepEqual([...refs.functions].sort(), ['f', 'lower']);
     assert.deepEqual([...refs.relations].sort(), ['a', 'c']);
-    for (const text of ['insert into s.t1 values (1)', 'update t1 set a = 1', 'delete from t1', 'merge into t1 using t2 on true when matched then delete']) {
+    for (const text of [
+      'insert into s.t1 values (1)',
+      'update t1 set a = 1',
+      'delete from t1',
+      'merge into t1 using t2 on true when matched then delete',
+    ]) {
       assert.ok((await planTimeReferences(text)).relations.includes('t1'), text);
     }
     for (const op of ['=', '<', '<=', '>=', '~~', '!~', '@@@']) assert.ok(refs.operators.includes(op), op);
   });
 
   test('text that does not parse is not sampled', async () => {
-    await assert.rejects(planTimeReferences('select from where'), /^NotSampled: not sampled: the statement does not parse/);
+    await assert.rejects(
+      planTimeReferences('select from where'),
+      /^NotSampled: not sampled: the statement does not parse/,
+    );
   });
 });
 
@@ -178,11 +188,17 @@ describe('EXPLAIN sampling and client code', () => {
   });
 
   test('a function folded while planning cannot read a table the client cannot read', async () => {
-    const { rows } = await query(via(app, ATTACKER), `select ${ATTACKER}.leak() as x from ${ATTACKER}.items where id = 1 union all select 7`);
+    const { rows } = await query(
+      via(app, ATTACKER),
+      `select ${ATTACKER}.leak() as x from ${ATTACKER}.items where id = 1 union all select 7`,
+    );
     assert.deepEqual(rows, [{ x: 7 }]);
     const shape = await sampledShape(app, `${ATTACKER}.leak()`);
     assert.equal(await secretLockHeld(), false, 'the monitor took an advisory lock keyed by the secret');
-    assert.match(shape.plans.not_sampled ?? '', /^not sampled: function leak can run pgw_priv_attacker\.leak\(\), owned by pgw_priv_attacker/);
+    assert.match(
+      shape.plans.not_sampled ?? '',
+      /^not sampled: function leak can run pgw_priv_attacker\.leak\(\), owned by pgw_priv_attacker/,
+    );
     const metrics = (await app.api('/metrics')).body as string;
     assert.match(metrics, /^pgwarden_plan_samples_refused_total [1-9]/m);
   });
@@ -198,7 +214,10 @@ describe('EXPLAIN sampling and client code', () => {
     await query(via(app, ATTACKER), `insert into ${ATTACKER}.notes (id) values (1)`);
     const shape = await sampledShape(app, `insert into ${ATTACKER}.notes`);
     assert.equal(await secretLockHeld(), false, 'the monitor took an advisory lock keyed by the secret');
-    assert.match(shape.plans.not_sampled ?? '', /^not sampled: a relation it reads can run pgw_priv_attacker\.leak\(\)/);
+    assert.match(
+      shape.plans.not_sampled ?? '',
+      /^not sampled: a relation it reads can run pgw_priv_attacker\.leak\(\)/,
+    );
   });
 
   test('a sleeping function does not occupy the monitor', async () => {
@@ -207,7 +226,9 @@ describe('EXPLAIN sampling and client code', () => {
     // Watch the monitor's connections until the sample has been dealt with (the nap lasts 4 s).
     const watcher = withClient(async (c) => {
       while (watching) {
-        const { rows } = await c.query(`select 1 from pg_stat_activity where usename = $1 and wait_event = 'PgSleep'`, [MONITOR]);
+        const { rows } = await c.query(`select 1 from pg_stat_activity where usename = $1 and wait_event = 'PgSleep'`, [
+          MONITOR,
+        ]);
         sleeping += rows.length;
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
@@ -241,7 +262,9 @@ describe('EXPLAIN sampling and client code', () => {
       const pl = await sampledShape(app, 'select public.pgw_priv_helper_user(id)');
       assert.match(pl.plans.not_sampled ?? '', /written in plpgsql, whose calls follow the session's search_path/);
     } finally {
-      await superuser('drop function public.pgw_priv_abs(int); drop function public.pgw_priv_helper_user(int); drop function public.pgw_priv_helper(int)');
+      await superuser(
+        'drop function public.pgw_priv_abs(int); drop function public.pgw_priv_helper_user(int); drop function public.pgw_priv_helper(int)',
+      );
     }
   });
 
@@ -251,7 +274,10 @@ describe('EXPLAIN sampling and client code', () => {
       await query(via(app, ATTACKER), `select ${ATTACKER}.leak() as y, 1 as z from ${ATTACKER}.items`);
       const shape = await sampledShape(app, `${ATTACKER}.leak() as y`);
       assert.equal(await secretLockHeld(), false);
-      assert.match(shape.plans.not_sampled ?? '', /outside pg_catalog, and the monitoring role cannot SET ROLE to the session's role/);
+      assert.match(
+        shape.plans.not_sampled ?? '',
+        /outside pg_catalog, and the monitoring role cannot SET ROLE to the session's role/,
+      );
       // pg_catalog code only: still sampled, as the monitor.
       await query(via(app, ATTACKER), `select lower(label) from ${ATTACKER}.items where id = 43`);
       const plain = await sampledShape(app, `select lower(label) from ${ATTACKER}.items`);
@@ -335,7 +361,11 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
   });
 
   test('search_path from the startup options picks the tenant schema', async () => {
-    await query(via(app, testDatabase().user), `select id from users where email = 'u7'`, '-c search_path=pgw_tenant_a');
+    await query(
+      via(app, testDatabase().user),
+      `select id from users where email = 'u7'`,
+      '-c search_path=pgw_tenant_a',
+    );
     const shape = await sampledShape(app, 'from users where email');
     assert.equal(shape.plans.current?.relations.join(','), 'users');
     assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a_email');

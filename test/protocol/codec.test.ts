@@ -35,11 +35,19 @@ describe('frontend decoders', () => {
   });
 
   test('Bind gives portal, statement and parameter values with their formats', () => {
-    const b = serialize.bind({ portal: 'p1', statement: 's1', values: ['42', null, Buffer.from([1, 2])], binary: false });
+    const b = serialize.bind({
+      portal: 'p1',
+      statement: 's1',
+      values: ['42', null, Buffer.from([1, 2])],
+      binary: false,
+    });
     assert.equal(decodeBindPortal(b, 0, b.length), 'p1');
     assert.equal(decodeBindStatement(b, 0, b.length), 's1');
     const params = decodeBindParameters(b);
-    assert.deepEqual(params.values.map((v) => (v === null ? null : v.toString('hex'))), ['3432', null, '0102']);
+    assert.deepEqual(
+      params.values.map((v) => (v === null ? null : v.toString('hex'))),
+      ['3432', null, '0102'],
+    );
     assert.deepEqual(params.formats, [0, 0, 1]);
   });
 
@@ -65,12 +73,15 @@ describe('frontend decoders', () => {
 
   test('startup parameters are read in order', () => {
     const s = serialize.startup({ user: 'alice', database: 'shop', application_name: 'web' });
-    assert.deepEqual([...decodeStartupParameters(s)], [
-      ['user', 'alice'],
-      ['database', 'shop'],
-      ['application_name', 'web'],
-      ['client_encoding', 'UTF8'], // added by pg-protocol's serializer
-    ]);
+    assert.deepEqual(
+      [...decodeStartupParameters(s)],
+      [
+        ['user', 'alice'],
+        ['database', 'shop'],
+        ['application_name', 'web'],
+        ['client_encoding', 'UTF8'], // added by pg-protocol's serializer
+      ],
+    );
   });
 });
 
@@ -91,7 +102,13 @@ describe('backend decoders', () => {
   });
 
   test('ErrorResponse round-trips through our encoder and decoders', () => {
-    const e = encodeErrorResponse({ severity: 'ERROR', code: '42501', message: 'blocked', detail: 'rule r1', hint: 'lift it' });
+    const e = encodeErrorResponse({
+      severity: 'ERROR',
+      code: '42501',
+      message: 'blocked',
+      detail: 'rule r1',
+      hint: 'lift it',
+    });
     assert.equal(errorSqlState(e, 0, e.length), '42501');
     assert.equal(errorField(e, 0, e.length, ErrorField.Message), 'pgwarden: blocked');
     assert.equal(errorField(e, 0, e.length, ErrorField.Detail), 'rule r1');

@@ -27,8 +27,18 @@ interface Login {
 }
 
 /** node-postgres through the proxy; reports which authentication request reached the client. */
-async function nodePostgresLogin(proxy: TestProxy, role: string, password?: string): Promise<{ user: string; request: string }> {
-  const client = new pg.Client({ host: proxy.host, port: proxy.port, database: db.database, user: role, password: password ?? '' });
+async function nodePostgresLogin(
+  proxy: TestProxy,
+  role: string,
+  password?: string,
+): Promise<{ user: string; request: string }> {
+  const client = new pg.Client({
+    host: proxy.host,
+    port: proxy.port,
+    database: db.database,
+    user: role,
+    password: password ?? '',
+  });
   let request = 'none';
   client.connection.on('authenticationMD5Password', () => (request = 'md5'));
   client.connection.on('authenticationSASL', () => (request = 'sasl'));
@@ -91,7 +101,9 @@ describe('authentication through pgwarden', () => {
 
   for (const method of ['trust', 'md5', 'scram-sha-256'] as const) {
     const a = method === 'md5' ? 'an' : 'a';
-    test(`${a} ${method} login with node-postgres reaches the server's own authentication exchange`, { timeout: 30_000 }, async () => {
+    test(`${a} ${method} login with node-postgres reaches the server's own authentication exchange`, {
+      timeout: 30_000,
+    }, async () => {
       const { role, password, request } = logins[method];
       const got = await nodePostgresLogin(proxy, role, password);
       assert.deepEqual(got, { user: role, request });
@@ -110,9 +122,13 @@ describe('authentication through pgwarden', () => {
 
     test(`${a} ${method} login with psql succeeds`, { timeout: 30_000 }, async () => {
       const { role, password } = logins[method];
-      const result = await psql(conninfo({ host: proxy.host, port: proxy.port, user: role, dbname: db.database }), ['select current_user'], {
-        password,
-      }).done;
+      const result = await psql(
+        conninfo({ host: proxy.host, port: proxy.port, user: role, dbname: db.database }),
+        ['select current_user'],
+        {
+          password,
+        },
+      ).done;
       assert.equal(result.code, 0, `psql failed: ${result.stderr}`);
       assert.equal(result.stdout.trim(), role);
     });
@@ -184,16 +200,21 @@ describe('startup parameters and BackendKeyData through pgwarden', () => {
   });
 
   test('a custom GUC sent as a startup parameter of its own reaches the server', { timeout: 30_000 }, async () => {
-    const sql = postgresJs(proxy, { connection: { 'pgwarden.direct': 'from-startup', application_name: `pgw-pgjs-${suffix}` } });
+    const sql = postgresJs(proxy, {
+      connection: { 'pgwarden.direct': 'from-startup', application_name: `pgw-pgjs-${suffix}` },
+    });
     try {
-      const [row] = await sql`select current_setting('pgwarden.direct') as custom, current_setting('application_name') as app`;
+      const [row] =
+        await sql`select current_setting('pgwarden.direct') as custom, current_setting('application_name') as app`;
       assert.deepEqual({ ...row }, { custom: 'from-startup', app: `pgw-pgjs-${suffix}` });
     } finally {
       await sql.end();
     }
   });
 
-  test('the process id postgres.js received in BackendKeyData is the backend serving it', { timeout: 30_000 }, async () => {
+  test('the process id postgres.js received in BackendKeyData is the backend serving it', {
+    timeout: 30_000,
+  }, async () => {
     const sql = postgresJs(proxy);
     try {
       const result = await sql<{ pid: number }[]>`select pg_backend_pid() as pid`;
@@ -209,7 +230,10 @@ describe('startup parameters and BackendKeyData through pgwarden', () => {
     try {
       raw.write(serialize.startup({ user: db.user, database: db.database }));
       const login = await raw.untilReady();
-      const keys = login.filter((m) => m.name === 'backendKeyData') as unknown as { processID: number; secretKey: number }[];
+      const keys = login.filter((m) => m.name === 'backendKeyData') as unknown as {
+        processID: number;
+        secretKey: number;
+      }[];
       assert.equal(keys.length, 1, `one BackendKeyData in ${login.map((m) => m.name).join(', ')}`);
       raw.write(serialize.query('select pg_backend_pid()'));
       const answer = await raw.untilReady();
@@ -220,7 +244,9 @@ describe('startup parameters and BackendKeyData through pgwarden', () => {
     }
   });
 
-  test('the secret key received through the proxy cancels the query when sent straight to the server', { timeout: 30_000 }, async () => {
+  test('the secret key received through the proxy cancels the query when sent straight to the server', {
+    timeout: 30_000,
+  }, async () => {
     const client = new pg.Client({ connectionString: proxy.url(), application_name: `pgw-key-${suffix}` });
     await client.connect();
     try {
@@ -232,9 +258,10 @@ describe('startup parameters and BackendKeyData through pgwarden', () => {
       await waitFor(
         () =>
           withClient(async (direct) => {
-            const { rowCount } = await direct.query("select 1 from pg_stat_activity where pid = $1 and state = 'active' and query = 'select pg_sleep(30)'", [
-              processID,
-            ]);
+            const { rowCount } = await direct.query(
+              "select 1 from pg_stat_activity where pid = $1 and state = 'active' and query = 'select pg_sleep(30)'",
+              [processID],
+            );
             return rowCount === 1;
           }),
         { what: 'the proxied pg_sleep to be running on the backend named in BackendKeyData' },
@@ -259,14 +286,21 @@ describe('replication connections through pgwarden', () => {
   });
   after(() => proxy.stop());
 
-  test('IDENTIFY_SYSTEM on a replication=database connection answers with the server identity', { timeout: 30_000 }, async () => {
-    const config: pg.ClientConfig & { replication: string } = { connectionString: proxy.url(), replication: 'database' };
+  test('IDENTIFY_SYSTEM on a replication=database connection answers with the server identity', {
+    timeout: 30_000,
+  }, async () => {
+    const config: pg.ClientConfig & { replication: string } = {
+      connectionString: proxy.url(),
+      replication: 'database',
+    };
     const client = new pg.Client(config);
     await client.connect();
     try {
       const { rows } = await client.query<{ systemid: string; timeline: number; dbname: string }>('IDENTIFY_SYSTEM');
       const expected = await withClient(async (direct) => {
-        const result = await direct.query<{ id: string }>('select system_identifier::text as id from pg_control_system()');
+        const result = await direct.query<{ id: string }>(
+          'select system_identifier::text as id from pg_control_system()',
+        );
         return result.rows[0].id;
       });
       assert.equal(rows.length, 1);
@@ -292,7 +326,11 @@ describe('replication connections through pgwarden', () => {
 
       raw.write(serialize.query(`START_REPLICATION PHYSICAL ${xlogpos}`));
       const start = await raw.next();
-      assert.equal(start?.name, 'replicationStart', `expected CopyBothResponse, got ${start?.name} ${sqlstate(start) ?? ''}`);
+      assert.equal(
+        start?.name,
+        'replicationStart',
+        `expected CopyBothResponse, got ${start?.name} ${sqlstate(start) ?? ''}`,
+      );
 
       await withClient((direct) => direct.query('select pg_logical_emit_message(false, $1, $2)', ['pgw', marker]));
       // Keepalives may come first; the record carrying the marker must arrive intact.
@@ -308,7 +346,10 @@ describe('replication connections through pgwarden', () => {
       // The client ends streaming; the server finishes the command and is ready again.
       raw.write(serialize.copyDone());
       const rest = await raw.untilReady();
-      assert.ok(!rest.some((m) => m.name === 'error'), `no error after CopyDone: ${rest.map((m) => m.name).join(', ')}`);
+      assert.ok(
+        !rest.some((m) => m.name === 'error'),
+        `no error after CopyDone: ${rest.map((m) => m.name).join(', ')}`,
+      );
       raw.write(serialize.query('IDENTIFY_SYSTEM'));
       assert.ok((await raw.untilReady()).some((m) => m.name === 'dataRow'));
     } finally {

@@ -15,7 +15,13 @@ const HOLD_MARK = 'pgw_gate_hold_me';
 
 const refusal: GateDecision = {
   action: 'refuse',
-  error: { severity: 'ERROR', code: '42501', message: 'pgwarden: query blocked by rule r-test', detail: 'rule r-test: testing', hint: 'lift it' },
+  error: {
+    severity: 'ERROR',
+    code: '42501',
+    message: 'pgwarden: query blocked by rule r-test',
+    detail: 'rule r-test: testing',
+    hint: 'lift it',
+  },
 };
 
 describe('the query gate', () => {
@@ -123,9 +129,17 @@ describe('the query gate', () => {
       expected.filter((_, i) => i !== 4 && i !== 5).map((m) => (m === 'error:22012' ? 'error:42501' : m)),
     );
     assert.deepEqual(got, [
-      'parseComplete', 'bindComplete', 'dataRow', 'commandComplete',
-      'error:42501', 'readyForQuery:I',
-      'parseComplete', 'bindComplete', 'dataRow', 'commandComplete', 'readyForQuery:I',
+      'parseComplete',
+      'bindComplete',
+      'dataRow',
+      'commandComplete',
+      'error:42501',
+      'readyForQuery:I',
+      'parseComplete',
+      'bindComplete',
+      'dataRow',
+      'commandComplete',
+      'readyForQuery:I',
     ]);
   });
 
@@ -135,7 +149,12 @@ describe('the query gate', () => {
     try {
       client.write(serialize.query('begin'));
       assert.deepEqual(describeMessages(await client.untilReady()).at(-1), 'readyForQuery:T');
-      client.write(serialize.parse({ text: `select '${BLOCKED_MARK}'` }), serialize.bind({}), serialize.execute({}), serialize.sync());
+      client.write(
+        serialize.parse({ text: `select '${BLOCKED_MARK}'` }),
+        serialize.bind({}),
+        serialize.execute({}),
+        serialize.sync(),
+      );
       assert.deepEqual(describeMessages(await client.untilReady()), ['error:42501', 'readyForQuery:E']);
       client.write(serialize.query('select 1'));
       assert.deepEqual(describeMessages(await client.untilReady()), ['error:25P02', 'readyForQuery:E']);
@@ -206,10 +225,13 @@ describe('the completion event', () => {
       await client.query({ name: 'pgw_named', text, values: [7] });
       await client.query({ name: 'pgw_named', text, values: [2] });
       const events = proxy.completions.filter((c) => c.text === text);
-      assert.deepEqual(events.map((e) => [e.statementName, e.hasBind, e.rows]), [
-        ['pgw_named', true, 7],
-        ['pgw_named', true, 2],
-      ]);
+      assert.deepEqual(
+        events.map((e) => [e.statementName, e.hasBind, e.rows]),
+        [
+          ['pgw_named', true, 7],
+          ['pgw_named', true, 2],
+        ],
+      );
     } finally {
       await client.end();
     }

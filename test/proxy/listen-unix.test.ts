@@ -32,10 +32,14 @@ describe('listen_unix', () => {
 
   test('psql -h DIR -p PORT runs queries through pgwarden', { timeout: 30_000 }, async () => {
     proxy.completions.length = 0;
-    const result = await psql(conninfo({ host: dir, port: proxy.port, user: db.user, dbname: db.database }), ['select 40 + 2 as unix_answer']).done;
+    const result = await psql(conninfo({ host: dir, port: proxy.port, user: db.user, dbname: db.database }), [
+      'select 40 + 2 as unix_answer',
+    ]).done;
     assert.equal(result.code, 0, `psql failed: ${result.stderr}`);
     assert.equal(result.stdout.trim(), '42');
-    await waitFor(() => proxy.completions.some((c) => c.text.includes('unix_answer')), { what: 'the query to be recorded' });
+    await waitFor(() => proxy.completions.some((c) => c.text.includes('unix_answer')), {
+      what: 'the query to be recorded',
+    });
   });
 
   test('node-postgres connects through the socket directory', { timeout: 30_000 }, async () => {

@@ -52,7 +52,11 @@ function makeCase(random: () => number): FuzzCase {
   const bytes = (n: number) => Buffer.from(Array.from({ length: n }, () => int(256)));
   const users = [db.user, 'nobody_here', 'x'.repeat(int(200)), ''];
   const startup = () =>
-    serialize.startup({ user: users[int(users.length)], database: random() < 0.5 ? db.database : 'nope', application_name: bytes(int(20)).toString('latin1') });
+    serialize.startup({
+      user: users[int(users.length)],
+      database: random() < 0.5 ? db.database : 'nope',
+      application_name: bytes(int(20)).toString('latin1'),
+    });
   const generators: (() => Buffer)[] = [
     () => bytes(int(64)), // garbage
     () => request(80877103), // SSLRequest
@@ -114,7 +118,9 @@ describe(`pre-authentication fuzz (seed ${SEED}, ${CASES} cases)`, () => {
   });
   after(() => proxy.stop());
 
-  test('no crash, no descriptor left behind, and a normal client is served afterwards', { timeout: 180_000 }, async () => {
+  test('no crash, no descriptor left behind, and a normal client is served afterwards', {
+    timeout: 180_000,
+  }, async () => {
     const baseline = openFds();
     const random = prng(SEED);
     let next = 0;
@@ -129,7 +135,10 @@ describe(`pre-authentication fuzz (seed ${SEED}, ${CASES} cases)`, () => {
       timeoutMs: 20_000,
       what: `every client socket to be released (seed ${SEED}; left: ${JSON.stringify(proxy.server.connections.byPhase())})`,
     });
-    await waitFor(() => openFds() <= baseline, { timeoutMs: 20_000, what: `open fds back to ${baseline} (seed ${SEED}; now ${openFds()})` });
+    await waitFor(() => openFds() <= baseline, {
+      timeoutMs: 20_000,
+      what: `open fds back to ${baseline} (seed ${SEED}; now ${openFds()})`,
+    });
     const client = new pg.Client({ connectionString: proxy.url() });
     await client.connect();
     try {

@@ -72,7 +72,10 @@ class StubbornPeer {
 }
 
 /** Runs the same attack against PostgreSQL and pgwarden; both must end the connection. */
-async function againstBoth(proxy: TestProxy, send: (peer: StubbornPeer) => void): Promise<{ direct: string[]; proxied: string[] }> {
+async function againstBoth(
+  proxy: TestProxy,
+  send: (peer: StubbornPeer) => void,
+): Promise<{ direct: string[]; proxied: string[] }> {
   const result: string[][] = [];
   for (const port of [db.port, proxy.port]) {
     const peer = await StubbornPeer.open(port);
@@ -97,19 +100,30 @@ describe('before authentication', () => {
     await withClient((client) => client.query(`drop role if exists ${scramRole}`));
   });
 
-  test('a startup packet, a Close of length 4 and a Sync in one write (SCRAM role, no password): FATAL 08P01, then closed', { timeout: 60_000 }, async () => {
+  test('a startup packet, a Close of length 4 and a Sync in one write (SCRAM role, no password): FATAL 08P01, then closed', {
+    timeout: 60_000,
+  }, async () => {
     const before = openFds();
-    const bytes = Buffer.concat([serialize.startup({ user: scramRole, database: db.database }), message('C'), message('S')]);
+    const bytes = Buffer.concat([
+      serialize.startup({ user: scramRole, database: db.database }),
+      message('C'),
+      message('S'),
+    ]);
     const { direct, proxied } = await againstBoth(proxy, (peer) => peer.socket.write(bytes));
     assert.deepEqual(direct, ['R', 'error:08P01']);
     assert.deepEqual(proxied, direct);
-    await waitFor(() => openFds() <= before, { timeoutMs: 10_000, what: `open fds back to ${before} (now ${openFds()})` });
+    await waitFor(() => openFds() <= before, {
+      timeoutMs: 10_000,
+      what: `open fds back to ${before} (now ${openFds()})`,
+    });
     assert.equal(proxy.server.connections.size, 0);
     assert.equal(proxy.completions.length, 0, 'nothing framed before authentication is recorded');
   });
 
   for (const count of [1, 200]) {
-    test(`${count === 1 ? 'a startup packet' : `${count} startup packets`} longer than 10000 bytes and followed by 64 KB: closed without a word`, { timeout: 60_000 }, async () => {
+    test(`${count === 1 ? 'a startup packet' : `${count} startup packets`} longer than 10000 bytes and followed by 64 KB: closed without a word`, {
+      timeout: 60_000,
+    }, async () => {
       const before = openFds();
       const oversized = Buffer.alloc(10_005 + 64 * 1024);
       oversized.writeInt32BE(10_005, 0); // PostgreSQL's bound is 10000 bytes after the length field
@@ -123,25 +137,34 @@ describe('before authentication', () => {
         for (const peer of peers) peer.socket.write(oversized);
         await Promise.all(peers.map((peer) => peer.closedWithin(20_000, 'pgwarden to close an oversized startup')));
       }
-      await waitFor(() => openFds() <= before, { timeoutMs: 10_000, what: `open fds back to ${before} (now ${openFds()})` });
+      await waitFor(() => openFds() <= before, {
+        timeoutMs: 10_000,
+        what: `open fds back to ${before} (now ${openFds()})`,
+      });
       assert.equal(proxy.server.connections.size, 0);
     });
   }
 
-  test('a Terminate before any startup packet is closed without a word, as PostgreSQL does', { timeout: 60_000 }, async () => {
+  test('a Terminate before any startup packet is closed without a word, as PostgreSQL does', {
+    timeout: 60_000,
+  }, async () => {
     const { direct, proxied } = await againstBoth(proxy, (peer) => peer.socket.write(message('X')));
     assert.deepEqual(direct, []);
     assert.deepEqual(proxied, []);
   });
 
-  test('a Terminate right after the startup packet of a trust role ends the session quietly', { timeout: 60_000 }, async () => {
+  test('a Terminate right after the startup packet of a trust role ends the session quietly', {
+    timeout: 60_000,
+  }, async () => {
     const bytes = Buffer.concat([serialize.startup({ user: db.user, database: db.database }), message('X')]);
     const { direct, proxied } = await againstBoth(proxy, (peer) => peer.socket.write(bytes));
     assert.ok(!direct.some((m) => m.startsWith('error')), `PostgreSQL answered ${direct.join(',')}`);
     assert.ok(!proxied.some((m) => m.startsWith('error')), `pgwarden answered ${proxied.join(',')}`);
   });
 
-  test('a client that never finishes authentication gets 57014 after startup_timeout_ms and is closed', { timeout: 60_000 }, async () => {
+  test('a client that never finishes authentication gets 57014 after startup_timeout_ms and is closed', {
+    timeout: 60_000,
+  }, async () => {
     const peer = await StubbornPeer.open(proxy.port);
     const started = Date.now();
     peer.socket.write(serialize.startup({ user: scramRole, database: db.database }));
@@ -154,7 +177,12 @@ describe('before authentication', () => {
 
   test('a query sent before authentication completes is recorded nowhere', { timeout: 60_000 }, async () => {
     const peer = await StubbornPeer.open(proxy.port);
-    peer.socket.write(Buffer.concat([serialize.startup({ user: scramRole, database: db.database }), serialize.query('select 1 as injected')]));
+    peer.socket.write(
+      Buffer.concat([
+        serialize.startup({ user: scramRole, database: db.database }),
+        serialize.query('select 1 as injected'),
+      ]),
+    );
     await peer.closedWithin(15_000, 'the server to refuse the query as a password');
     assert.deepEqual(peer.messages(), ['R', 'error:08P01']);
     assert.equal(proxy.completions.length, 0);
@@ -168,7 +196,9 @@ describe('before authentication', () => {
       const peer = await StubbornPeer.open(proxy.port);
       await waitFor(() => proxy.server.connections.byPhase().startup === 1, { what: 'one connection in startup' });
       peer.socket.destroy();
-      await waitFor(() => proxy.server.connections.byPhase().startup === 0, { what: 'the startup connection to be gone' });
+      await waitFor(() => proxy.server.connections.byPhase().startup === 0, {
+        what: 'the startup connection to be gone',
+      });
     } finally {
       await client.end();
     }
@@ -188,7 +218,11 @@ describe('an upstream that accepts but never answers', () => {
     });
     silent.listen(0, '127.0.0.1');
     await once(silent, 'listening');
-    proxy = await startProxy({ upstreamHost: '127.0.0.1', upstreamPort: (silent.address() as net.AddressInfo).port, upstreamTls: 'prefer' });
+    proxy = await startProxy({
+      upstreamHost: '127.0.0.1',
+      upstreamPort: (silent.address() as net.AddressInfo).port,
+      upstreamTls: 'prefer',
+    });
   });
   after(async () => {
     await proxy.stop();
@@ -196,13 +230,18 @@ describe('an upstream that accepts but never answers', () => {
     silent.close();
   });
 
-  test('the client is not read while the upstream connection is pending, and gets 08006 at the connect timeout', { timeout: 60_000 }, async () => {
+  test('the client is not read while the upstream connection is pending, and gets 08006 at the connect timeout', {
+    timeout: 60_000,
+  }, async () => {
     const peer = await StubbornPeer.open(proxy.port);
     const flood = Buffer.alloc(32 * 1024 * 1024, 0x51);
     peer.socket.write(Buffer.concat([serialize.startup({ user: db.user, database: db.database }), flood]));
     await new Promise((resolve) => setTimeout(resolve, 1000));
     // The kernel's socket buffers hold a few MB; pgwarden itself took nothing more.
-    assert.ok(peer.socket.writableLength > 16 * 1024 * 1024, `only ${peer.socket.writableLength} bytes still unsent: pgwarden buffered the rest`);
+    assert.ok(
+      peer.socket.writableLength > 16 * 1024 * 1024,
+      `only ${peer.socket.writableLength} bytes still unsent: pgwarden buffered the rest`,
+    );
     await peer.closedWithin(20_000, 'the client to be closed at the connect timeout');
     assert.deepEqual(peer.messages(), ['error:08006']);
   });
@@ -242,14 +281,29 @@ describe('malformed extended-protocol messages', () => {
     });
   }
 
-  test('a malformed Execute inside a pipeline keeps the later statements matched to their results', { timeout: 30_000 }, async () => {
+  test('a malformed Execute inside a pipeline keeps the later statements matched to their results', {
+    timeout: 30_000,
+  }, async () => {
     proxy.completions.length = 0;
     const raw = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
-    raw.write(message('E'), serialize.sync(), serialize.parse({ text: 'select 2 as two' }), serialize.bind(), serialize.execute(), serialize.sync());
+    raw.write(
+      message('E'),
+      serialize.sync(),
+      serialize.parse({ text: 'select 2 as two' }),
+      serialize.bind(),
+      serialize.execute(),
+      serialize.sync(),
+    );
     const first = await raw.untilReady();
     const second = await raw.untilReady();
     assert.deepEqual(describeMessages(first), ['error:08P01', 'readyForQuery:I']);
-    assert.deepEqual(describeMessages(second), ['parseComplete', 'bindComplete', 'dataRow', 'commandComplete', 'readyForQuery:I']);
+    assert.deepEqual(describeMessages(second), [
+      'parseComplete',
+      'bindComplete',
+      'dataRow',
+      'commandComplete',
+      'readyForQuery:I',
+    ]);
     raw.close();
     await waitFor(() => proxy.completions.length >= 1, { what: 'the good statement to be recorded' });
     assert.deepEqual(
@@ -266,7 +320,9 @@ describe('max_client_connections', () => {
   });
   after(() => proxy.stop());
 
-  test('past the limit a client gets 53300 from pgwarden and the connection is closed; below it clients connect again', { timeout: 30_000 }, async () => {
+  test('past the limit a client gets 53300 from pgwarden and the connection is closed; below it clients connect again', {
+    timeout: 30_000,
+  }, async () => {
     const clients = Array.from({ length: 3 }, () => new pg.Client({ connectionString: proxy.url() }));
     await Promise.all(clients.map((c) => c.connect()));
     try {
@@ -330,7 +386,9 @@ describe('cancel requests', () => {
     await once(socket, 'close');
   }
 
-  test('a flood of cancels with unknown keys opens no upstream connection; a real one still cancels', { timeout: 60_000 }, async () => {
+  test('a flood of cancels with unknown keys opens no upstream connection; a real one still cancels', {
+    timeout: 60_000,
+  }, async () => {
     const client = new pg.Client({ connectionString: proxy.url() });
     await client.connect();
     try {
@@ -338,7 +396,9 @@ describe('cancel requests', () => {
       const before = upstreamConnections;
       for (let batch = 0; batch < 10; batch++) {
         await Promise.all(
-          Array.from({ length: 50 }, (_, i) => sendCancel(cancelPacket(i === 0 ? pid : randomBytes(4).readInt32BE(0), randomBytes(4)))),
+          Array.from({ length: 50 }, (_, i) =>
+            sendCancel(cancelPacket(i === 0 ? pid : randomBytes(4).readInt32BE(0), randomBytes(4))),
+          ),
         );
       }
       assert.equal(upstreamConnections, before, 'no upstream connection for unknown keys');
@@ -348,10 +408,15 @@ describe('cancel requests', () => {
         (err: pg.DatabaseError) => err.code,
       );
       await waitFor(
-        () => withClient(async (direct) => (await direct.query("select 1 from pg_stat_activity where pid = $1 and state = 'active'", [pid])).rowCount === 1),
+        () =>
+          withClient(
+            async (direct) =>
+              (await direct.query("select 1 from pg_stat_activity where pid = $1 and state = 'active'", [pid]))
+                .rowCount === 1,
+          ),
         { what: 'pg_sleep to run' },
       );
-      const connection = (client as unknown as { processID: number; secretKey: number });
+      const connection = client as unknown as { processID: number; secretKey: number };
       const key = Buffer.alloc(4);
       key.writeInt32BE(connection.secretKey);
       await sendCancel(cancelPacket(connection.processID, key));
@@ -370,7 +435,9 @@ describe('a session ended by the server', () => {
   });
   after(() => proxy.stop());
 
-  test('a backend terminated by the server ends the client leg and releases its socket', { timeout: 30_000 }, async () => {
+  test('a backend terminated by the server ends the client leg and releases its socket', {
+    timeout: 30_000,
+  }, async () => {
     const raw = await RawConnection.login(proxy.port, { user: db.user, database: db.database });
     raw.write(serialize.query('select pg_terminate_backend(pg_backend_pid())'));
     const messages = await raw.untilClosed();

@@ -22,7 +22,16 @@ const suffix = `${process.pid}_${randomBytes(3).toString('hex')}`;
 const md5 = (text: string) => createHash('md5').update(text).digest('hex');
 
 function postgresJs(proxy: TestProxy, options: postgres.Options<Record<string, postgres.PostgresType>> = {}) {
-  return postgres({ host: proxy.host, port: proxy.port, database: db.database, user: db.user, max: 1, connect_timeout: 10, onnotice: () => undefined, ...options });
+  return postgres({
+    host: proxy.host,
+    port: proxy.port,
+    database: db.database,
+    user: db.user,
+    max: 1,
+    connect_timeout: 10,
+    onnotice: () => undefined,
+    ...options,
+  });
 }
 
 /** The backend running the given application's query, once it is active. */
@@ -62,18 +71,28 @@ describe('the protocol through pgwarden', () => {
 
   test('a multi-statement simple query returns every statement result', { timeout: 30_000 }, async () => {
     const client = await connect();
-    const results = (await client.query('select 1 as a; select 2 as b, 3 as c; select g from generate_series(1, 3) g')) as unknown as pg.QueryResult[];
+    const results = (await client.query(
+      'select 1 as a; select 2 as b, 3 as c; select g from generate_series(1, 3) g',
+    )) as unknown as pg.QueryResult[];
     assert.deepEqual(
       results.map((r) => r.rows),
       [[{ a: 1 }], [{ b: 2, c: 3 }], [{ g: 1 }, { g: 2 }, { g: 3 }]],
     );
   });
 
-  test('500 pipelined extended queries on one postgres.js connection are answered in order', { timeout: 30_000 }, async () => {
+  test('500 pipelined extended queries on one postgres.js connection are answered in order', {
+    timeout: 30_000,
+  }, async () => {
     const sql = postgresJs(proxy);
     try {
       const answers = await Promise.all(
-        Array.from({ length: 500 }, (_, i) => sql<{ i: number; m: string; pid: number }[]>`select ${i}::int as i, md5(${i}::text) as m, pg_backend_pid() as pid`),
+        Array.from(
+          { length: 500 },
+          (_, i) =>
+            sql<
+              { i: number; m: string; pid: number }[]
+            >`select ${i}::int as i, md5(${i}::text) as m, pg_backend_pid() as pid`,
+        ),
       );
       answers.forEach((rows, i) => assert.deepEqual({ i: rows[0].i, m: rows[0].m }, { i, m: md5(String(i)) }));
       assert.equal(new Set(answers.map((rows) => rows[0].pid)).size, 1, 'all on one connection');
@@ -86,14 +105,23 @@ describe('the protocol through pgwarden', () => {
     const client = await connect();
     const name = `pgw_named_${suffix}`;
     for (let i = 0; i < 50; i++) {
-      const { rows } = await client.query<{ d: number; t: string }>({ name, text: 'select $1::int * 2 as d, $2::text as t', values: [i, `v${i}`] });
+      const { rows } = await client.query<{ d: number; t: string }>({
+        name,
+        text: 'select $1::int * 2 as d, $2::text as t',
+        values: [i, `v${i}`],
+      });
       assert.deepEqual(rows, [{ d: i * 2, t: `v${i}` }]);
     }
-    const { rows } = await client.query<{ n: number }>('select count(*)::int as n from pg_prepared_statements where name = $1', [name]);
+    const { rows } = await client.query<{ n: number }>(
+      'select count(*)::int as n from pg_prepared_statements where name = $1',
+      [name],
+    );
     assert.equal(rows[0].n, 1);
   });
 
-  test('a portal executed with a row limit is suspended, resumed after Flush and closed', { timeout: 30_000 }, async () => {
+  test('a portal executed with a row limit is suspended, resumed after Flush and closed', {
+    timeout: 30_000,
+  }, async () => {
     const raw = await RawConnection.open(proxy.port);
     try {
       raw.write(serialize.startup({ user: db.user, database: db.database }));
@@ -107,8 +135,19 @@ describe('the protocol through pgwarden', () => {
       );
       const first: string[] = [];
       while (first.at(-1) !== 'portalSuspended') first.push((await raw.next())!.name);
-      assert.deepEqual(first, ['parseComplete', 'bindComplete', 'rowDescription', 'dataRow', 'dataRow', 'portalSuspended']);
-      raw.write(serialize.execute({ portal: 'pgw_p', rows: 0 }), serialize.close({ type: 'P', name: 'pgw_p' }), serialize.sync());
+      assert.deepEqual(first, [
+        'parseComplete',
+        'bindComplete',
+        'rowDescription',
+        'dataRow',
+        'dataRow',
+        'portalSuspended',
+      ]);
+      raw.write(
+        serialize.execute({ portal: 'pgw_p', rows: 0 }),
+        serialize.close({ type: 'P', name: 'pgw_p' }),
+        serialize.sync(),
+      );
       const rest = await raw.untilReady();
       assert.deepEqual(
         rest.map((m) => m.name),
@@ -123,7 +162,9 @@ describe('the protocol through pgwarden', () => {
     }
   });
 
-  test('a query sent in the same packet as the startup message is answered after login', { timeout: 30_000 }, async () => {
+  test('a query sent in the same packet as the startup message is answered after login', {
+    timeout: 30_000,
+  }, async () => {
     const raw = await RawConnection.open(proxy.port);
     try {
       raw.write(serialize.startup({ user: db.user, database: db.database }), serialize.query("select 'early' as s"));
@@ -145,16 +186,23 @@ describe('the protocol through pgwarden', () => {
     raw.write(serialize.startup({ user: db.user, database: db.database }));
     await raw.untilReady();
     raw.write(serialize.query('select pg_backend_pid()'));
-    const pid = Number((((await raw.untilReady()).find((m) => m.name === 'dataRow')) as unknown as { fields: string[] }).fields[0]);
+    const pid = Number(
+      ((await raw.untilReady()).find((m) => m.name === 'dataRow') as unknown as { fields: string[] }).fields[0],
+    );
     raw.write(serialize.end());
     assert.deepEqual(await raw.untilClosed(), []);
     await waitFor(
-      () => withClient(async (direct) => (await direct.query('select 1 from pg_stat_activity where pid = $1', [pid])).rowCount === 0),
+      () =>
+        withClient(
+          async (direct) => (await direct.query('select 1 from pg_stat_activity where pid = $1', [pid])).rowCount === 0,
+        ),
       { timeoutMs: 5000, what: `backend ${pid} to exit` },
     );
   });
 
-  test('an error inside a transaction fails the next statement with 25P02 until ROLLBACK', { timeout: 30_000 }, async () => {
+  test('an error inside a transaction fails the next statement with 25P02 until ROLLBACK', {
+    timeout: 30_000,
+  }, async () => {
     const client = await connect();
     await client.query('begin');
     await assert.rejects(client.query('select 1/0'), { code: '22012' });
@@ -175,7 +223,9 @@ describe('the protocol through pgwarden', () => {
     before(async () => {
       await withClient(async (c) => {
         await c.query(`create table ${copyIn} (id int, v text)`);
-        await c.query(`create table ${copyOut} as select g as id, 'é-' || md5(g::text) as v from generate_series(1, ${rowsToCopy}) g`);
+        await c.query(
+          `create table ${copyOut} as select g as id, 'é-' || md5(g::text) as v from generate_series(1, ${rowsToCopy}) g`,
+        );
       });
     });
     after(async () => {
@@ -234,7 +284,9 @@ describe('the protocol through pgwarden', () => {
     });
   });
 
-  test('a NOTIFY from one proxied connection reaches a LISTENer on another with its payload', { timeout: 30_000 }, async () => {
+  test('a NOTIFY from one proxied connection reaches a LISTENer on another with its payload', {
+    timeout: 30_000,
+  }, async () => {
     const listener = await connect();
     const notifier = await connect();
     const channel = `pgw_chan_${suffix}`;
@@ -261,7 +313,9 @@ describe('the protocol through pgwarden', () => {
 
   test('a 200k-row result arrives complete and in order', { timeout: 30_000 }, async () => {
     const client = await connect();
-    const { rows } = await client.query<{ g: number; m: string }>('select g, md5(g::text) as m from generate_series(1, 200000) g order by g');
+    const { rows } = await client.query<{ g: number; m: string }>(
+      'select g, md5(g::text) as m from generate_series(1, 200000) g order by g',
+    );
     const hash = createHash('md5');
     let sum = 0;
     for (const row of rows) {
@@ -280,7 +334,9 @@ describe('the protocol through pgwarden', () => {
   test('a 1 MB query text reaches the server intact', { timeout: 30_000 }, async () => {
     const client = await connect();
     const literal = randomBytes(512 * 1024).toString('hex'); // 1 MiB of text
-    const { rows } = await client.query<{ len: number; digest: string; s: string }>(`select length(s) as len, md5(s) as digest, s from (select '${literal}'::text as s) t`);
+    const { rows } = await client.query<{ len: number; digest: string; s: string }>(
+      `select length(s) as len, md5(s) as digest, s from (select '${literal}'::text as s) t`,
+    );
     assert.equal(rows[0].len, literal.length);
     assert.equal(rows[0].digest, md5(literal));
     assert.equal(rows[0].s, literal);
@@ -304,7 +360,9 @@ describe('the protocol through pgwarden', () => {
     await waitFor(() => proxy.server.sessionCount <= before - 100, { what: 'the 100 sessions to close' });
   });
 
-  test('postgres.js query.cancel() stops a running pg_sleep with 57014 within two seconds', { timeout: 30_000 }, async () => {
+  test('postgres.js query.cancel() stops a running pg_sleep with 57014 within two seconds', {
+    timeout: 30_000,
+  }, async () => {
     const app = `pgw-cancel-pgjs-${suffix}`;
     const sql = postgresJs(proxy, { connection: { application_name: app } });
     try {
@@ -328,7 +386,10 @@ describe('the protocol through pgwarden', () => {
 
   test('psql interrupted with SIGINT cancels its running query through the proxy', { timeout: 30_000 }, async () => {
     const app = `pgw-cancel-psql-${suffix}`;
-    const run = psql(conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, application_name: app }), ['select pg_sleep(30)']);
+    const run = psql(
+      conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, application_name: app }),
+      ['select pg_sleep(30)'],
+    );
     await activeBackend(app);
     const started = Date.now();
     run.child.kill('SIGINT');
@@ -343,7 +404,8 @@ describe('the protocol through pgwarden', () => {
 
     before(async () => {
       await withClient((c) => c.query(`create database ${benchDb}`));
-      const init = await startProcess(PGBENCH, ['-i', '-s', '1', '-q', proxy.url(db.user, benchDb)], libpqEnv(), 60_000).done;
+      const init = await startProcess(PGBENCH, ['-i', '-s', '1', '-q', proxy.url(db.user, benchDb)], libpqEnv(), 60_000)
+        .done;
       assert.equal(init.code, 0, `pgbench -i failed: ${init.stderr}`);
     });
     after(async () => {
@@ -352,7 +414,12 @@ describe('the protocol through pgwarden', () => {
 
     for (const mode of ['prepared', 'extended'] as const) {
       test(`pgbench -S -M ${mode} with 4 clients completes every transaction`, { timeout: 60_000 }, async () => {
-        const run = await startProcess(PGBENCH, ['-S', '-M', mode, '-t', '200', '-c', '4', '-n', proxy.url(db.user, benchDb)], libpqEnv(), 60_000).done;
+        const run = await startProcess(
+          PGBENCH,
+          ['-S', '-M', mode, '-t', '200', '-c', '4', '-n', proxy.url(db.user, benchDb)],
+          libpqEnv(),
+          60_000,
+        ).done;
         assert.equal(run.code, 0, `pgbench failed: ${run.stderr}`);
         assert.match(run.stdout, /number of transactions actually processed: 800\/800/);
         const failed = /number of failed transactions: (\d+)/.exec(run.stdout);

@@ -42,7 +42,15 @@ async function backendPid(raw: RawConnection): Promise<number> {
 
 /** A backend's state and current query, while it exists. */
 async function backendRow(pid: number): Promise<{ state: string; query: string } | undefined> {
-  return withClient(async (direct) => (await direct.query<{ state: string; query: string }>('select state, query from pg_stat_activity where pid = $1', [pid])).rows[0]);
+  return withClient(
+    async (direct) =>
+      (
+        await direct.query<{ state: string; query: string }>(
+          'select state, query from pg_stat_activity where pid = $1',
+          [pid],
+        )
+      ).rows[0],
+  );
 }
 
 async function selectOne(url: string): Promise<number> {
@@ -65,7 +73,9 @@ describe('malformed client input', () => {
   });
   after(() => proxy.stop());
 
-  test('garbage instead of a startup packet is closed without a word, as PostgreSQL does', { timeout: 30_000 }, async () => {
+  test('garbage instead of a startup packet is closed without a word, as PostgreSQL does', {
+    timeout: 30_000,
+  }, async () => {
     for (const port of [db.port, proxy.port]) {
       const raw = await RawConnection.open(port);
       raw.write(Buffer.from('GET / HTTP/1.1\r\n\r\n'));
@@ -73,14 +83,22 @@ describe('malformed client input', () => {
     }
   });
 
-  test('a message with a length field below 4 gets 08P01 and both connections are closed', { timeout: 30_000 }, async () => {
+  test('a message with a length field below 4 gets 08P01 and both connections are closed', {
+    timeout: 30_000,
+  }, async () => {
     const raw = await rawLogin(proxy.port);
     const pid = await backendPid(raw);
     raw.write(Buffer.from([0x51, 0, 0, 0, 2])); // 'Q' with length 2
     const messages = await raw.untilClosed();
-    assert.deepEqual(messages.map((m) => m.name), ['error']);
+    assert.deepEqual(
+      messages.map((m) => m.name),
+      ['error'],
+    );
     assert.equal(sqlstate(messages[0]), '08P01');
-    await waitFor(async () => (await backendRow(pid)) === undefined, { timeoutMs: 5000, what: `backend ${pid} to exit` });
+    await waitFor(async () => (await backendRow(pid)) === undefined, {
+      timeoutMs: 5000,
+      what: `backend ${pid} to exit`,
+    });
   });
 });
 
@@ -98,7 +116,10 @@ describe('a proxy with maxMessageBytes 65536', () => {
       const raw = await rawLogin(proxy.port);
       raw.write(serialize.query(`select '${'x'.repeat(100 * 1024)}'`));
       const messages = await raw.untilClosed();
-      assert.deepEqual(messages.map((m) => m.name), ['error']);
+      assert.deepEqual(
+        messages.map((m) => m.name),
+        ['error'],
+      );
       assert.equal(sqlstate(messages[0]), '08P01');
       const { rows } = await bystander.query<{ n: number }>('select 2 as n');
       assert.equal(rows[0].n, 2);
@@ -109,7 +130,10 @@ describe('a proxy with maxMessageBytes 65536', () => {
 
   test('a query just under the limit still passes', { timeout: 30_000 }, async () => {
     const literal = 'y'.repeat(60 * 1024);
-    const got = await withClient(async (c) => (await c.query<{ len: number }>(`select length('${literal}') as len`)).rows[0].len, proxy.url());
+    const got = await withClient(
+      async (c) => (await c.query<{ len: number }>(`select length('${literal}') as len`)).rows[0].len,
+      proxy.url(),
+    );
     assert.equal(got, literal.length);
   });
 });
@@ -121,7 +145,9 @@ describe('a proxy with startupTimeoutMs 500', () => {
   });
   after(() => proxy.stop());
 
-  test('a half-sent startup packet blocks nobody and is closed after the startup timeout', { timeout: 30_000 }, async () => {
+  test('a half-sent startup packet blocks nobody and is closed after the startup timeout', {
+    timeout: 30_000,
+  }, async () => {
     const raw = await RawConnection.open(proxy.port);
     const opened = Date.now();
     raw.write(Buffer.from([0, 0, 0])); // 3 bytes of a length, then nothing
@@ -163,7 +189,9 @@ describe('sessions whose other side goes away', () => {
   });
   after(() => proxy.stop());
 
-  test('a client that disconnects mid-query gets its query cancelled and its backend closed', { timeout: 30_000 }, async () => {
+  test('a client that disconnects mid-query gets its query cancelled and its backend closed', {
+    timeout: 30_000,
+  }, async () => {
     const marker = `pgw_disconnect_${suffix}`;
     const text = `select pg_sleep(30) as ${marker}`;
     const client = new pg.Client({ connectionString: proxy.url() });
@@ -177,14 +205,19 @@ describe('sessions whose other side goes away', () => {
     await waitFor(
       () =>
         withClient(async (direct) => {
-          const { rowCount } = await direct.query('select 1 from pg_stat_activity where pid = $1 or query = $2', [pid, text]);
+          const { rowCount } = await direct.query('select 1 from pg_stat_activity where pid = $1 or query = $2', [
+            pid,
+            text,
+          ]);
           return rowCount === 0;
         }),
       { timeoutMs: 5000, what: `backend ${pid} and its pg_sleep to be gone` },
     );
   });
 
-  test('a backend terminated mid-query gives the client the server error and the proxy keeps serving', { timeout: 30_000 }, async () => {
+  test('a backend terminated mid-query gives the client the server error and the proxy keeps serving', {
+    timeout: 30_000,
+  }, async () => {
     const client = new pg.Client({ connectionString: proxy.url() });
     client.on('error', () => undefined);
     await client.connect();
@@ -242,17 +275,19 @@ describe('SSLRequest without a configured certificate', () => {
   });
 
   test('psql with sslmode=prefer connects without TLS', { timeout: 30_000 }, async () => {
-    const result = await psql(conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'prefer' }), [
-      'select current_user',
-    ]).done;
+    const result = await psql(
+      conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'prefer' }),
+      ['select current_user'],
+    ).done;
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stdout.trim(), db.user);
   });
 
   test('psql with sslmode=require is refused', { timeout: 30_000 }, async () => {
-    const result = await psql(conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'require' }), [
-      'select current_user',
-    ]).done;
+    const result = await psql(
+      conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'require' }),
+      ['select current_user'],
+    ).done;
     assert.notEqual(result.code, 0);
     assert.match(result.stderr, /server does not support SSL, but SSL was required/);
   });
@@ -260,7 +295,9 @@ describe('SSLRequest without a configured certificate', () => {
 
 const opensslMissing = spawnSync('openssl', ['version']).status !== 0;
 
-describe('TLS toward clients with a configured certificate', { skip: opensslMissing ? 'the openssl CLI is not installed: cannot make a test certificate' : false }, () => {
+describe('TLS toward clients with a configured certificate', {
+  skip: opensslMissing ? 'the openssl CLI is not installed: cannot make a test certificate' : false,
+}, () => {
   let proxy: TestProxy;
   let dir: string;
 
@@ -268,11 +305,30 @@ describe('TLS toward clients with a configured certificate', { skip: opensslMiss
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgwarden-tls-'));
     const made = spawnSync(
       'openssl',
-      ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', 'key.pem', '-out', 'cert.pem', '-days', '1', '-subj', '/CN=localhost'],
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        'key.pem',
+        '-out',
+        'cert.pem',
+        '-days',
+        '1',
+        '-subj',
+        '/CN=localhost',
+      ],
       { cwd: dir, encoding: 'utf8', timeout: 30_000 },
     );
     assert.equal(made.status, 0, `openssl failed: ${made.stderr}`);
-    proxy = await startProxy({ tlsCert: fs.readFileSync(path.join(dir, 'cert.pem')), tlsKey: fs.readFileSync(path.join(dir, 'key.pem')) });
+    proxy = await startProxy({
+      tlsCert: fs.readFileSync(path.join(dir, 'cert.pem')),
+      tlsKey: fs.readFileSync(path.join(dir, 'key.pem')),
+    });
   });
   after(async () => {
     await proxy?.stop();
@@ -295,10 +351,10 @@ describe('TLS toward clients with a configured certificate', { skip: opensslMiss
   });
 
   test('psql with sslmode=require connects over TLS and runs queries', { timeout: 30_000 }, async () => {
-    const result = await psql(conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'require' }), [
-      '\\conninfo',
-      'select current_user',
-    ]).done;
+    const result = await psql(
+      conninfo({ host: proxy.host, port: proxy.port, user: db.user, dbname: db.database, sslmode: 'require' }),
+      ['\\conninfo', 'select current_user'],
+    ).done;
     assert.equal(result.code, 0, result.stderr);
     assert.match(result.stdout, /SSL connection \(protocol: TLSv1\.[23]/);
     assert.equal(result.stdout.trim().split('\n').at(-1), db.user);

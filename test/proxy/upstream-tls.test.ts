@@ -21,7 +21,10 @@ const haveOpenssl = (() => {
   }
 })();
 
-describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false : 'openssl is not installed (apt-get install -y openssl)' }, () => {
+describe('TLS toward the upstream', {
+  timeout: 60_000,
+  skip: haveOpenssl ? false : 'openssl is not installed (apt-get install -y openssl)',
+}, () => {
   let dir: string;
   let cert: string;
   let key: string;
@@ -32,7 +35,27 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-upstream-tls-'));
     cert = path.join(dir, 'server.crt');
     key = path.join(dir, 'server.key');
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost', '-keyout', key, '-out', cert], { stdio: 'ignore' });
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'rsa:2048',
+        '-nodes',
+        '-days',
+        '2',
+        '-subj',
+        '/CN=localhost',
+        '-addext',
+        'subjectAltName=DNS:localhost',
+        '-keyout',
+        key,
+        '-out',
+        cert,
+      ],
+      { stdio: 'ignore' },
+    );
     fs.chmodSync(dir, 0o755);
     fs.chmodSync(cert, 0o644);
     fs.chmodSync(key, 0o600);
@@ -43,7 +66,10 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
       fs.chownSync(key, uid, gid);
       fs.chownSync(cert, uid, gid);
     }
-    server = await startPostgres({ binDir: process.env.PGWARDEN_TEST_PG_BIN_DIR, extraConfig: { ssl: 'on', ssl_cert_file: cert, ssl_key_file: key } });
+    server = await startPostgres({
+      binDir: process.env.PGWARDEN_TEST_PG_BIN_DIR,
+      extraConfig: { ssl: 'on', ssl_cert_file: cert, ssl_key_file: key },
+    });
   });
 
   after(async () => {
@@ -96,7 +122,9 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
       const admin = new pg.Client({ host: '127.0.0.1', port: server.port, user: 'postgres', database: 'postgres' });
       await admin.connect();
       await admin.query("set password_encryption = 'scram-sha-256'");
-      await admin.query("drop role if exists pgw_scram_plain; create role pgw_scram_plain login password 'plain-secret'");
+      await admin.query(
+        "drop role if exists pgw_scram_plain; create role pgw_scram_plain login password 'plain-secret'",
+      );
       await admin.end();
       proxy = await startProxy({ upstreamHost: '127.0.0.1', upstreamPort: server.port, upstreamTls: 'prefer' });
       proxies.push(proxy);
@@ -105,14 +133,26 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
     test('psql logs in, and the upstream session is encrypted', async () => {
       const { stdout } = await promisify(execFile)(
         'psql',
-        ['-X', '-At', '-c', 'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())', `host=127.0.0.1 port=${proxy.port} user=pgw_scram_plain dbname=postgres sslmode=disable`],
+        [
+          '-X',
+          '-At',
+          '-c',
+          'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())',
+          `host=127.0.0.1 port=${proxy.port} user=pgw_scram_plain dbname=postgres sslmode=disable`,
+        ],
         { env: { ...process.env, PGPASSWORD: 'plain-secret' } },
       );
       assert.equal(stdout.trim(), 'pgw_scram_plain|t');
     });
 
     test('node-postgres logs in and is offered plain SCRAM-SHA-256 only', async () => {
-      const client = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'pgw_scram_plain', password: 'plain-secret', database: 'postgres' });
+      const client = new pg.Client({
+        host: '127.0.0.1',
+        port: proxy.port,
+        user: 'pgw_scram_plain',
+        password: 'plain-secret',
+        database: 'postgres',
+      });
       let offered: string[] = [];
       client.connection.on('authenticationSASL', (message: { mechanisms: string[] }) => (offered = message.mechanisms));
       await client.connect();
@@ -144,7 +184,13 @@ describe('TLS toward the upstream', { timeout: 60_000, skip: haveOpenssl ? false
     proxies.push(proxy);
     const { stdout } = await promisify(execFile)(
       'psql',
-      ['-X', '-At', '-c', 'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())', `host=127.0.0.1 port=${proxy.port} user=pgw_scram_tls dbname=postgres sslmode=require channel_binding=disable`],
+      [
+        '-X',
+        '-At',
+        '-c',
+        'select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())',
+        `host=127.0.0.1 port=${proxy.port} user=pgw_scram_tls dbname=postgres sslmode=require channel_binding=disable`,
+      ],
       { env: { ...process.env, PGPASSWORD: 'scram-secret' } },
     );
     assert.equal(stdout.trim(), 'pgw_scram_tls|t');

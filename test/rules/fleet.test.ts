@@ -21,8 +21,18 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
     await withClient((c) => c.query(`create database ${CONTROL_DB}`));
     const url = new URL(testDatabase().url);
     url.pathname = `/${CONTROL_DB}`;
-    a = await startTestApp({ control_url: url.toString(), instance_name: 'a', mitigation: 'off', fleet_publish_interval_s: 1 });
-    b = await startTestApp({ control_url: url.toString(), instance_name: 'b', mitigation: 'off', fleet_publish_interval_s: 1 });
+    a = await startTestApp({
+      control_url: url.toString(),
+      instance_name: 'a',
+      mitigation: 'off',
+      fleet_publish_interval_s: 1,
+    });
+    b = await startTestApp({
+      control_url: url.toString(),
+      instance_name: 'b',
+      mitigation: 'off',
+      fleet_publish_interval_s: 1,
+    });
     await loadParser();
   });
 
@@ -34,7 +44,10 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
 
   test('a rule added on one instance is enforced by both within 1 s, and lifted on both', async () => {
     const added = Date.now();
-    const { status, body } = await a.api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: fingerprintSync(QUERY), reason: 'fleet test' } });
+    const { status, body } = await a.api('/api/rules', {
+      method: 'POST',
+      body: { action: 'block', fingerprint: fingerprintSync(QUERY), reason: 'fleet test' },
+    });
     assert.equal(status, 201);
     const enforcedOnB = await waitFor(
       async () => {
@@ -48,7 +61,10 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
       { timeoutMs: 1000, intervalMs: 20, what: 'instance b to enforce the rule' },
     );
     console.log(`# rule added on a enforced by b after ${enforcedOnB} ms`);
-    await assert.rejects(withClient((c) => c.query(QUERY), a.url()), { code: '42501' });
+    await assert.rejects(
+      withClient((c) => c.query(QUERY), a.url()),
+      { code: '42501' },
+    );
     assert.equal((await a.api(`/api/rules/${body.id}`, { method: 'DELETE' })).status, 200);
     await waitFor(async () => (await withClient((c) => c.query(QUERY), b.url())).rows[0].pgw_fleet_marker === 7, {
       timeoutMs: 1000,
@@ -57,7 +73,7 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
     });
   });
 
-  test('a shape run only through instance a appears with its calls in b\'s fleet view', async () => {
+  test("a shape run only through instance a appears with its calls in b's fleet view", async () => {
     const text = 'select abs(11) as pgw_fleet_view_marker';
     const runs = 7;
     await withClient(async (c) => {
@@ -68,7 +84,9 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
     const shape = await waitFor(
       async () => {
         const { body } = await b.api('/api/shapes?scope=fleet&sort=calls&limit=10000');
-        return (body as { fingerprint: string; calls: number }[]).find((s) => s.fingerprint === fingerprint && s.calls === runs);
+        return (body as { fingerprint: string; calls: number }[]).find(
+          (s) => s.fingerprint === fingerprint && s.calls === runs,
+        );
       },
       { timeoutMs: 15_000, intervalMs: 200, what: `the shape with ${runs} calls in b's fleet view` },
     );
@@ -76,7 +94,10 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
     const { status, body } = await b.api(`/api/shapes/${fingerprint}?scope=fleet`);
     assert.equal(status, 200);
     assert.equal(body.calls, runs);
-    assert.deepEqual(body.by_instance.map((i: { instance: string; calls: number }) => [i.instance, i.calls]), [['a', runs]]);
+    assert.deepEqual(
+      body.by_instance.map((i: { instance: string; calls: number }) => [i.instance, i.calls]),
+      [['a', runs]],
+    );
     assert.ok(body.p95_ms > 0, 'percentiles come from the published sketch');
 
     // Run through b as well: one shape, both instances, calls summed.
@@ -86,7 +107,7 @@ describe('a fleet sharing a control database', { timeout: 60_000 }, () => {
         const { body } = await a.api(`/api/shapes/${fingerprint}?scope=fleet`);
         return body.calls === runs + 1 && body.instances === 2;
       },
-      { timeoutMs: 15_000, intervalMs: 200, what: 'both instances merged in a\'s fleet view' },
+      { timeoutMs: 15_000, intervalMs: 200, what: "both instances merged in a's fleet view" },
     );
     assert.equal((await b.api('/api/shapes?scope=bogus')).status, 400);
   });

@@ -43,7 +43,10 @@ describe('mitigation policy: enforce', { timeout: 240_000 }, () => {
       hot,
       hot,
       hot,
-      { next: (i: number) => ({ text: `select email from ${TABLE} where id = $1`, values: [1 + ((i * 31) % ROWS)] }), pauseMs: 2 },
+      {
+        next: (i: number) => ({ text: `select email from ${TABLE} where id = $1`, values: [1 + ((i * 31) % ROWS)] }),
+        pauseMs: 2,
+      },
     ]);
   });
 
@@ -57,7 +60,9 @@ describe('mitigation policy: enforce', { timeout: 240_000 }, () => {
     const fingerprint = await waitFor(
       async () => {
         const { body } = await pgw.api('/api/shapes?sort=calls&limit=50');
-        const hot = (body as { fingerprint: string; query: string }[]).find((s) => s.query.includes(`from ${TABLE} where email`));
+        const hot = (body as { fingerprint: string; query: string }[]).find((s) =>
+          s.query.includes(`from ${TABLE} where email`),
+        );
         if (!hot) return undefined;
         const { body: detail } = await pgw.api(`/api/shapes/${hot.fingerprint}`);
         return detail.plans?.current && detail.series.length >= 8 ? hot.fingerprint : undefined;
@@ -79,15 +84,26 @@ describe('mitigation policy: enforce', { timeout: 240_000 }, () => {
     assert.equal(rule.action, 'shed');
     assert.equal(rule.max_concurrent, 1);
     const { body: incidents } = await pgw.api('/api/incidents?status=active');
-    const incident = (incidents as { fingerprint: string; mitigation?: { rule_id: string } }[]).find((i) => i.fingerprint === fingerprint);
+    const incident = (incidents as { fingerprint: string; mitigation?: { rule_id: string } }[]).find(
+      (i) => i.fingerprint === fingerprint,
+    );
     assert.equal(incident?.mitigation?.rule_id, rule.id, 'the incident says what was done');
 
     // Let the shed take hold, then compare the other shape with its own baseline.
-    await waitFor(() => Date.now() >= shedAt + 10_000 || undefined, { timeoutMs: 15_000, intervalMs: 200, what: '10 s of shedding' });
+    await waitFor(() => Date.now() >= shedAt + 10_000 || undefined, {
+      timeoutMs: 15_000,
+      intervalMs: 200,
+      what: '10 s of shedding',
+    });
     const baseline = p95Between(workload.latencies[3], migratedAt - 15_000, migratedAt);
     const during = p95Between(workload.latencies[3], shedAt + 3_000, shedAt + 10_000);
-    console.log(`# other shape p95: ${baseline.toFixed(2)} ms before, ${during.toFixed(2)} ms while the hot shape is shed`);
-    assert.ok(during <= Math.max(baseline * 2, baseline + 2), `other shape p95 ${during.toFixed(2)} ms vs baseline ${baseline.toFixed(2)} ms`);
+    console.log(
+      `# other shape p95: ${baseline.toFixed(2)} ms before, ${during.toFixed(2)} ms while the hot shape is shed`,
+    );
+    assert.ok(
+      during <= Math.max(baseline * 2, baseline + 2),
+      `other shape p95 ${during.toFixed(2)} ms vs baseline ${baseline.toFixed(2)} ms`,
+    );
     assert.ok(workload.errors.slice(0, 3).reduce((a, b) => a + b, 0) > 0, 'the hot shape was refused some executions');
     assert.match(workload.lastError.slice(0, 3).find((e) => e) ?? '', /pgwarden: query shed by rule/);
 

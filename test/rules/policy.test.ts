@@ -32,7 +32,15 @@ const shapes: PolicyShapes = {
 
 let nextId = 1;
 function incident(fingerprint: string, extra: Partial<Incident> = {}): Incident {
-  return { id: `i-${nextId++}`, fingerprint, query: '', status: 'active', summary: 'regressed', causes: [], ...extra } as Incident;
+  return {
+    id: `i-${nextId++}`,
+    fingerprint,
+    query: '',
+    status: 'active',
+    summary: 'regressed',
+    causes: [],
+    ...extra,
+  } as Incident;
 }
 
 function policy(mode: MitigationMode, settings: { maxRules?: number; maxTrafficShare?: number } = {}) {
@@ -69,16 +77,25 @@ describe('mitigation policy decisions', () => {
     await settle();
     assert.equal(store.list().length, 0);
     assert.equal(i.mitigation?.action, 'none');
-    assert.match(i.mitigation?.refused?.[0].reason ?? '', /transaction-control or session statement \(TransactionStmt\)/);
+    assert.match(
+      i.mitigation?.refused?.[0].reason ?? '',
+      /transaction-control or session statement \(TransactionStmt\)/,
+    );
   });
 
   test('only the root shape of an incident is shed, never a victim', async () => {
     const { p, store } = policy('enforce');
-    p.onIncident(incident(ROOT, { kind: 'shape', root: ROOT, victims: [{ fingerprint: VICTIM }] } as unknown as Partial<Incident>), 'opened');
+    p.onIncident(
+      incident(ROOT, { kind: 'shape', root: ROOT, victims: [{ fingerprint: VICTIM }] } as unknown as Partial<Incident>),
+      'opened',
+    );
     // An incident whose reported shape is a victim of another root: the root is what is acted on.
     p.onIncident(incident(VICTIM, { kind: 'shape', root: OTHER }), 'opened');
     await settle();
-    const ruled = store.list().map((r) => r.fingerprint).sort();
+    const ruled = store
+      .list()
+      .map((r) => r.fingerprint)
+      .sort();
     assert.deepEqual(ruled, [ROOT, OTHER].sort());
     const refusal = p.status().decisions.find((d) => d.fingerprint === OTHER)?.refused[0];
     assert.equal(refusal?.fingerprint, VICTIM);
@@ -100,7 +117,10 @@ describe('mitigation policy decisions', () => {
     const second = incident(OTHER);
     p.onIncident(second, 'opened');
     await settle();
-    assert.deepEqual(store.list().map((r) => r.fingerprint), [ROOT]);
+    assert.deepEqual(
+      store.list().map((r) => r.fingerprint),
+      [ROOT],
+    );
     assert.match(second.mitigation?.note ?? '', /budget: 1 automatic rule\(s\) in force already/);
   });
 
@@ -122,7 +142,10 @@ describe('mitigation policy decisions', () => {
     await settle();
     p.onIncident(incident(OTHER), 'opened');
     await settle();
-    assert.deepEqual(store.list().map((r) => r.fingerprint), [OTHER]);
+    assert.deepEqual(
+      store.list().map((r) => r.fingerprint),
+      [OTHER],
+    );
   });
 
   test('dry-run decides exactly what enforce does, budget included, and stores nothing', async () => {
@@ -132,7 +155,8 @@ describe('mitigation policy decisions', () => {
     for (const i of sequence()) enforce.p.onIncident(i, 'opened');
     for (const i of sequence()) dry.p.onIncident(i, 'opened');
     await settle();
-    const summary = (d: ReturnType<MitigationPolicy['status']>['decisions']) => d.map((x) => [x.action, x.fingerprint, x.refused.map((r) => r.reason)]);
+    const summary = (d: ReturnType<MitigationPolicy['status']>['decisions']) =>
+      d.map((x) => [x.action, x.fingerprint, x.refused.map((r) => r.reason)]);
     assert.deepEqual(summary(dry.p.status().decisions), summary(enforce.p.status().decisions));
     assert.equal(dry.store.list().length, 0);
     assert.equal(enforce.store.list().length, 2);
@@ -144,9 +168,9 @@ describe('mitigation policy decisions', () => {
     p.onIncident(incident(ROOT), 'opened');
     await settle();
     assert.equal(alerts.length, 2);
-    assert.deepEqual(
-      alerts.map((a) => (a as { event: string; decision: { action: string } }).decision.action).sort(),
-      ['none', 'shed'],
-    );
+    assert.deepEqual(alerts.map((a) => (a as { event: string; decision: { action: string } }).decision.action).sort(), [
+      'none',
+      'shed',
+    ]);
   });
 });

@@ -50,7 +50,6 @@ function errorCode(messages: BackendMessage[]): string | undefined {
   return error?.code;
 }
 
-
 /** One backend message: type byte, int32 length, body. */
 function backendMessage(type: string, body: Buffer = Buffer.alloc(0)): Buffer {
   const header = Buffer.alloc(5);
@@ -105,8 +104,16 @@ test('ReplicaPool frames a response that arrives one byte per read', async () =>
     backendMessage('C', cstring('SELECT 1')),
   ]);
   const parameterStatus = backendMessage('S', Buffer.concat([cstring('TimeZone'), cstring('Mars')]));
-  const server = await startByteServer(Buffer.concat([parameterStatus, relayed.subarray(0, 30), relayed.subarray(30), readyForQuery('I')]));
-  const pool = new ReplicaPool({ name: 'bytes', url: `postgres://u@127.0.0.1:${server.port}/db`, size: 1, connectTimeoutMs: 2_000, log: pino({ level: 'silent' }) });
+  const server = await startByteServer(
+    Buffer.concat([parameterStatus, relayed.subarray(0, 30), relayed.subarray(30), readyForQuery('I')]),
+  );
+  const pool = new ReplicaPool({
+    name: 'bytes',
+    url: `postgres://u@127.0.0.1:${server.port}/db`,
+    size: 1,
+    connectTimeoutMs: 2_000,
+    log: pino({ level: 'silent' }),
+  });
   try {
     const first = await collect(pool, serialize.query('select 42 as x'));
     assert.deepEqual(first, relayed);
@@ -118,7 +125,9 @@ test('ReplicaPool frames a response that arrives one byte per read', async () =>
   }
 });
 
-describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs PGWARDEN_TEST_PG_BIN_DIR (set by test/run.ts)' }, () => {
+describe('ReplicaPool on a streaming replica', {
+  skip: binDir ? false : 'needs PGWARDEN_TEST_PG_BIN_DIR (set by test/run.ts)',
+}, () => {
   let replica: Replica;
   const pools: ReplicaPool[] = [];
   const log = pino({ level: 'silent' });
@@ -126,7 +135,13 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   /** A pool logging in as a password (SCRAM) role, as configured credentials would. */
   function makePool(options: { size?: number; name?: string; url?: string } = {}): ReplicaPool {
     const url = options.url ?? `postgres://${READER}:${READER_PASSWORD}@127.0.0.1:${replica.port}/postgres`;
-    const pool = new ReplicaPool({ name: options.name ?? 'replica-a', url, size: options.size ?? 4, connectTimeoutMs: 5_000, log });
+    const pool = new ReplicaPool({
+      name: options.name ?? 'replica-a',
+      url,
+      size: options.size ?? 4,
+      connectTimeoutMs: 5_000,
+      log,
+    });
     pools.push(pool);
     return pool;
   }
@@ -197,7 +212,13 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
       serialize.sync(),
     ]);
     const messages = await decode(await collect(makePool(), group));
-    assert.deepEqual(names(messages), ['parseComplete', 'bindComplete', 'rowDescription', 'dataRow', 'commandComplete']);
+    assert.deepEqual(names(messages), [
+      'parseComplete',
+      'bindComplete',
+      'rowDescription',
+      'dataRow',
+      'commandComplete',
+    ]);
     assert.deepEqual(rows(messages), [['item 2']]);
   });
 
@@ -269,7 +290,9 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   test('runs waiting for a connection are served in arrival order', async () => {
     const pool = makePool({ size: 1 });
     const order: number[] = [];
-    await Promise.all(Array.from({ length: 6 }, (_, i) => collect(pool, serialize.query(`select ${i}`)).then(() => order.push(i))));
+    await Promise.all(
+      Array.from({ length: 6 }, (_, i) => collect(pool, serialize.query(`select ${i}`)).then(() => order.push(i))),
+    );
     assert.deepEqual(order, [0, 1, 2, 3, 4, 5]);
   });
 
@@ -297,7 +320,10 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
 
   test('a run against an unreachable replica rejects with an Error naming it', async () => {
     const port = await freePort();
-    const pool = makePool({ name: 'replica-down', url: `postgres://${READER}:${READER_PASSWORD}@127.0.0.1:${port}/postgres` });
+    const pool = makePool({
+      name: 'replica-down',
+      url: `postgres://${READER}:${READER_PASSWORD}@127.0.0.1:${port}/postgres`,
+    });
     await assert.rejects(collect(pool, serialize.query('select 1')), /replica replica-down/);
   });
 
@@ -308,8 +334,16 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
   });
 
   test('a group that does not end with Sync is refused without reaching the replica', async () => {
-    const group = Buffer.concat([serialize.parse({ text: 'select 1' }), serialize.bind({}), serialize.execute({}), serialize.flush()]);
-    await assert.rejects(collect(makePool(), group), /replica replica-a: messages to reroute must end with Query or Sync/);
+    const group = Buffer.concat([
+      serialize.parse({ text: 'select 1' }),
+      serialize.bind({}),
+      serialize.execute({}),
+      serialize.flush(),
+    ]);
+    await assert.rejects(
+      collect(makePool(), group),
+      /replica replica-a: messages to reroute must end with Query or Sync/,
+    );
   });
 
   test('close terminates every connection and refuses later runs', async () => {
@@ -319,7 +353,10 @@ describe('ReplicaPool on a streaming replica', { skip: binDir ? false : 'needs P
     await Promise.all([1, 2, 3].map((i) => collect(pool, serialize.query(`select pg_sleep(0.05), ${i}`))));
     const count = async (): Promise<number> =>
       withClient(async (client) => {
-        const result = await client.query<{ n: number }>('select count(*)::int as n from pg_stat_activity where application_name = $1', [appName]);
+        const result = await client.query<{ n: number }>(
+          'select count(*)::int as n from pg_stat_activity where application_name = $1',
+          [appName],
+        );
         return result.rows[0].n;
       }, replica.url());
     assert.equal(await count(), 3);

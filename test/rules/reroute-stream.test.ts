@@ -55,7 +55,9 @@ async function startFailingReplica(midRow: boolean): Promise<{ port: number; clo
       }
       if (data[0] !== 0x51) return;
       const rows = Buffer.concat(Array.from({ length: 64 }, () => row));
-      socket.write(Buffer.concat([rowDescription, rows, midRow ? row.subarray(0, 100) : Buffer.alloc(0)]), () => socket.destroy());
+      socket.write(Buffer.concat([rowDescription, rows, midRow ? row.subarray(0, 100) : Buffer.alloc(0)]), () =>
+        socket.destroy(),
+      );
     });
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -158,7 +160,10 @@ class StreamingClient {
   }
 }
 
-describe('a rerouted result streams', { timeout: 300_000, skip: binDir ? false : 'PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)' }, () => {
+describe('a rerouted result streams', {
+  timeout: 300_000,
+  skip: binDir ? false : 'PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)',
+}, () => {
   let replica: Replica;
   let pgw: TestApp;
   const standIns: { close(): Promise<void> }[] = [];
@@ -264,7 +269,10 @@ describe('a rerouted result streams', { timeout: 300_000, skip: binDir ? false :
       client.onBytes = (total) => {
         if (total < 4 * 1024 * 1024 || killed !== null) return;
         killed = withClient(
-          (c) => c.query(`select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'pgwarden' and state = 'active'`),
+          (c) =>
+            c.query(
+              `select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'pgwarden' and state = 'active'`,
+            ),
           replica.url(),
         );
       };
@@ -301,7 +309,9 @@ describe('a rerouted result streams', { timeout: 300_000, skip: binDir ? false :
     await waitFor(
       () =>
         withClient(async (c) => {
-          const { rows } = await c.query(`select count(*)::int as n from pg_stat_activity where application_name = 'pgwarden' and state = 'active'`);
+          const { rows } = await c.query(
+            `select count(*)::int as n from pg_stat_activity where application_name = 'pgwarden' and state = 'active'`,
+          );
           return rows[0].n === 0;
         }, replica.url()),
       { timeoutMs: 20_000, what: 'the replica statement to stop' },
@@ -322,7 +332,9 @@ describe('a rerouted result streams', { timeout: 300_000, skip: binDir ? false :
       const answer = await client.query(BIG(400_000));
       client.onBytes = null;
       assert.ok(killed, 'the answer finished before the replica could be killed');
-      t.diagnostic(client.closed ? 'killed inside a row: connection closed' : `killed between messages: ${answer.sqlstate}`);
+      t.diagnostic(
+        client.closed ? 'killed inside a row: connection closed' : `killed between messages: ${answer.sqlstate}`,
+      );
       if (client.closed) {
         assert.equal(answer.status, null);
       } else {

@@ -18,7 +18,10 @@ const WHERE_AM_I = 'select pg_is_in_recovery() as replica, count(*)::int as n fr
 
 const binDir = process.env.PGWARDEN_TEST_PG_BIN_DIR;
 
-describe('reroute to a streaming replica', { timeout: 120_000, skip: binDir ? false : 'PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)' }, () => {
+describe('reroute to a streaming replica', {
+  timeout: 120_000,
+  skip: binDir ? false : 'PGWARDEN_TEST_PG_BIN_DIR is not set (run through npm test)',
+}, () => {
   let replica: Replica | null = null;
   let pgw: TestApp;
 
@@ -30,14 +33,24 @@ describe('reroute to a streaming replica', { timeout: 120_000, skip: binDir ? fa
       await c.query('insert into pgw_reroute_t select generate_series(1, 10)');
     });
     replica = await startReplica({ host: db.host, port: db.port, binDir: binDir! });
-    await waitFor(async () => (await withClient((c) => c.query('select count(*)::int as n from pgw_reroute_t'), replica!.url())).rows[0].n === 10, {
-      what: 'the replica to have the table',
-    });
+    await waitFor(
+      async () =>
+        (await withClient((c) => c.query('select count(*)::int as n from pgw_reroute_t'), replica!.url())).rows[0].n ===
+        10,
+      {
+        what: 'the replica to have the table',
+      },
+    );
     pgw = await startTestApp({ mitigation: 'off', replicas: { replica1: { url: replica.url(), pool_size: 2 } } });
     await loadParser();
     const { status, body } = await pgw.api('/api/rules', {
       method: 'POST',
-      body: { action: 'reroute', fingerprint: fingerprintSync(WHERE_AM_I), target: 'replica1', reason: 'reads to the replica' },
+      body: {
+        action: 'reroute',
+        fingerprint: fingerprintSync(WHERE_AM_I),
+        target: 'replica1',
+        reason: 'reads to the replica',
+      },
     });
     assert.equal(status, 201, JSON.stringify(body));
   });
@@ -55,7 +68,10 @@ describe('reroute to a streaming replica', { timeout: 120_000, skip: binDir ? fa
       const { rows } = await client.query(WHERE_AM_I, [0]);
       assert.deepEqual(rows[0], { replica: true, n: 10 });
       // Data only the replica has not seen yet cannot be it; data on both is counted the same.
-      const completions = (await pgw.api('/api/shapes?sort=calls&limit=100')).body as { fingerprint: string; calls: number }[];
+      const completions = (await pgw.api('/api/shapes?sort=calls&limit=100')).body as {
+        fingerprint: string;
+        calls: number;
+      }[];
       assert.ok(completions.find((s) => s.fingerprint === fingerprintSync(WHERE_AM_I))!.calls >= 1);
     } finally {
       await client.end();
@@ -64,7 +80,20 @@ describe('reroute to a streaming replica', { timeout: 120_000, skip: binDir ? fa
 
   test('psql (simple protocol): the shape runs on the replica', async () => {
     const db = testDatabase();
-    const { stdout } = await run('psql', ['-X', '-At', '-h', '127.0.0.1', '-p', String(pgw.app.proxyPort), '-U', db.user, '-d', db.database, '-c', WHERE_AM_I.replace('$1', '0')]);
+    const { stdout } = await run('psql', [
+      '-X',
+      '-At',
+      '-h',
+      '127.0.0.1',
+      '-p',
+      String(pgw.app.proxyPort),
+      '-U',
+      db.user,
+      '-d',
+      db.database,
+      '-c',
+      WHERE_AM_I.replace('$1', '0'),
+    ]);
     assert.equal(stdout.trim(), 't|10');
   });
 

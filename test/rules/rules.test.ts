@@ -42,7 +42,10 @@ describe('rules', { timeout: 120_000 }, () => {
   });
 
   async function block(fingerprint: string, extra: Record<string, unknown> = {}): Promise<string> {
-    const { status, body } = await pgw.api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint, reason: 'test block', ...extra } });
+    const { status, body } = await pgw.api('/api/rules', {
+      method: 'POST',
+      body: { action: 'block', fingerprint, reason: 'test block', ...extra },
+    });
     assert.equal(status, 201, JSON.stringify(body));
     return body.id;
   }
@@ -65,7 +68,11 @@ describe('rules', { timeout: 120_000 }, () => {
         assert.match(err.hint ?? '', /pgwarden rules delete/);
         return true;
       });
-      await assert.rejects(client.query('select v from pgw_rules_t where id = 3'), { code: '42501' }, 'the same shape via the simple protocol');
+      await assert.rejects(
+        client.query('select v from pgw_rules_t where id = 3'),
+        { code: '42501' },
+        'the same shape via the simple protocol',
+      );
       assert.equal((await client.query('select 1 as other')).rows[0].other, 1, 'other shapes pass');
       await lift(id);
       assert.equal((await client.query('select v from pgw_rules_t where id = $1', [2])).rows[0].v, 'v2');
@@ -82,7 +89,9 @@ describe('rules', { timeout: 120_000 }, () => {
     try {
       await client.query('begin');
       await client.query("update pgw_rules_t set v = 'changed' where id = 50");
-      await assert.rejects(client.query('select v from pgw_rules_t where id = $1 and v is not null', [1]), { code: '42501' });
+      await assert.rejects(client.query('select v from pgw_rules_t where id = $1 and v is not null', [1]), {
+        code: '42501',
+      });
       await assert.rejects(client.query('select 1'), { code: '25P02' });
       assert.equal((await client.query('commit')).command, 'ROLLBACK');
       assert.equal((await client.query('select v from pgw_rules_t where id = 50')).rows[0].v, 'v50');
@@ -99,11 +108,14 @@ describe('rules', { timeout: 120_000 }, () => {
     try {
       const results = await Promise.allSettled(
         Array.from({ length: 60 }, (_, i) =>
-          i % 3 === 0 ? sql.unsafe('select v, id from pgw_rules_t where id = $1', [i + 1]) : sql.unsafe('select $1::int as n', [i]),
+          i % 3 === 0
+            ? sql.unsafe('select v, id from pgw_rules_t where id = $1', [i + 1])
+            : sql.unsafe('select $1::int as n', [i]),
         ),
       );
       results.forEach((r, i) => {
-        if (i % 3 === 0) assert.equal(r.status === 'rejected' && (r.reason as { code: string }).code, '42501', `query ${i}`);
+        if (i % 3 === 0)
+          assert.equal(r.status === 'rejected' && (r.reason as { code: string }).code, '42501', `query ${i}`);
         else assert.equal(r.status === 'fulfilled' && r.value[0].n, i, `query ${i}`);
       });
     } finally {
@@ -117,10 +129,29 @@ describe('rules', { timeout: 120_000 }, () => {
     const id = await block(fp, { application_name: 'blocked-app' });
     const db = testDatabase();
     const psql = (app: string) =>
-      run('psql', ['-X', '-At', '-h', '127.0.0.1', '-p', String(pgw.app.proxyPort), '-U', db.user, '-d', db.database, '-c', "select count(*) from pgw_rules_t where v like 'v1%'"], {
-        env: { ...process.env, PGAPPNAME: app, PGPASSWORD: '' },
-      });
-    await assert.rejects(psql('blocked-app'), (err: { stderr: string }) => /pgwarden: query blocked by rule/.test(err.stderr));
+      run(
+        'psql',
+        [
+          '-X',
+          '-At',
+          '-h',
+          '127.0.0.1',
+          '-p',
+          String(pgw.app.proxyPort),
+          '-U',
+          db.user,
+          '-d',
+          db.database,
+          '-c',
+          "select count(*) from pgw_rules_t where v like 'v1%'",
+        ],
+        {
+          env: { ...process.env, PGAPPNAME: app, PGPASSWORD: '' },
+        },
+      );
+    await assert.rejects(psql('blocked-app'), (err: { stderr: string }) =>
+      /pgwarden: query blocked by rule/.test(err.stderr),
+    );
     assert.equal((await psql('other-app')).stdout.trim(), '12');
     await lift(id);
   });
@@ -164,8 +195,14 @@ describe('rules', { timeout: 120_000 }, () => {
   test('a rule with a TTL expires by itself', async () => {
     const fp = await fingerprintOf(pgw, 'select id from pgw_rules_t where v = $1', ['v1']);
     await block(fp, { ttl_s: 1 });
-    await assert.rejects(withClient((c) => c.query('select id from pgw_rules_t where v = $1', ['v1']), pgw.url()), { code: '42501' });
-    await waitFor(async () => (await pgw.api('/api/rules')).body.length === 0, { timeoutMs: 5000, what: 'the rule to expire' });
+    await assert.rejects(
+      withClient((c) => c.query('select id from pgw_rules_t where v = $1', ['v1']), pgw.url()),
+      { code: '42501' },
+    );
+    await waitFor(async () => (await pgw.api('/api/rules')).body.length === 0, {
+      timeoutMs: 5000,
+      what: 'the rule to expire',
+    });
     const { rows } = await withClient((c) => c.query('select id from pgw_rules_t where v = $1', ['v1']), pgw.url());
     assert.equal(rows[0].id, 1);
     const { body: events } = await pgw.api('/api/events?type=rule_removed');
@@ -176,7 +213,10 @@ describe('rules', { timeout: 120_000 }, () => {
     const cases: [unknown, RegExp][] = [
       [{ action: 'block', fingerprint: 'nothex', reason: 'x' }, /fingerprint/],
       [{ action: 'shed', fingerprint: '0123456789abcdef', reason: 'x' }, /max_concurrent/],
-      [{ action: 'reroute', fingerprint: '0123456789abcdef', reason: 'x', target: 'nowhere' }, /no replica named 'nowhere'/],
+      [
+        { action: 'reroute', fingerprint: '0123456789abcdef', reason: 'x', target: 'nowhere' },
+        /no replica named 'nowhere'/,
+      ],
       [{ action: 'explode', fingerprint: '0123456789abcdef', reason: 'x' }, /action/],
       [{ action: 'block', fingerprint: '0123456789abcdef' }, /reason/],
       [{ action: 'block', fingerprint: '0123456789abcdef', reason: 'x', surprise: 1 }, /surprise/],
@@ -196,16 +236,30 @@ describe('rules', { timeout: 120_000 }, () => {
     const err: string[] = [];
     const sink = (into: string[]) => ({ write: (s: string) => into.push(s) });
     const cli = (...args: string[]) =>
-      runRules([...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!], sink(out), sink(err));
+      runRules(
+        [...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!],
+        sink(out),
+        sink(err),
+      );
     assert.equal(await cli('block', fp, '--reason', 'from the cli test'), 0, err.join(''));
     const id = /^(r-[0-9a-f]+)/.exec(out.join(''))![1];
-    await assert.rejects(withClient((c) => c.query('select id, v from pgw_rules_t order by id limit $1', [3]), pgw.url()), { code: '42501' });
+    await assert.rejects(
+      withClient((c) => c.query('select id, v from pgw_rules_t order by id limit $1', [3]), pgw.url()),
+      { code: '42501' },
+    );
     out.length = 0;
     assert.equal(await cli('list'), 0);
     assert.match(out.join(''), new RegExp(`${id}\\s+block\\s+${fp}`));
     assert.equal(await cli('delete', id), 0);
     assert.equal(await cli('delete', id), 1, 'a second delete is refused');
-    assert.equal(await runRules(['block', fp, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', 'wrong-token-0000000000'], sink(out), sink(err)), 1);
+    assert.equal(
+      await runRules(
+        ['block', fp, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', 'wrong-token-0000000000'],
+        sink(out),
+        sink(err),
+      ),
+      1,
+    );
     assert.equal(await cli('shed', fp), 1, 'shed without --max-concurrent is refused by the API');
     assert.match(err.join(''), /max_concurrent/);
   });
@@ -218,13 +272,22 @@ describe('rules across a restart', { timeout: 60_000 }, () => {
     try {
       const first = await startTestApp({ state_file: stateFile, mitigation: 'off' });
       const fp = await fingerprintOf(first, 'select 1 as pgw_restart_marker');
-      const { body } = await first.api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: fp, reason: 'survive' } });
+      const { body } = await first.api('/api/rules', {
+        method: 'POST',
+        body: { action: 'block', fingerprint: fp, reason: 'survive' },
+      });
       await first.stop();
       const second = await startTestApp({ state_file: stateFile, mitigation: 'off' });
       try {
         const { body: rules } = await second.api('/api/rules');
-        assert.deepEqual((rules as { id: string }[]).map((r) => r.id), [body.id]);
-        await assert.rejects(withClient((c) => c.query('select 1 as pgw_restart_marker'), second.url()), { code: '42501' });
+        assert.deepEqual(
+          (rules as { id: string }[]).map((r) => r.id),
+          [body.id],
+        );
+        await assert.rejects(
+          withClient((c) => c.query('select 1 as pgw_restart_marker'), second.url()),
+          { code: '42501' },
+        );
       } finally {
         await second.stop();
       }

@@ -21,11 +21,31 @@ const CLIENTS = 4;
 const SCRIPT: { kind: string; text: string; values?: (rand: () => number) => unknown[] }[] = [
   { kind: 'BEGIN', text: 'BEGIN' },
   { kind: 'SET', text: "SET LOCAL statement_timeout = '20s'" },
-  { kind: 'UPDATE accounts', text: `UPDATE ${T}_accounts SET abalance = abalance + $1 WHERE aid = $2`, values: (r) => [r() % 100, 1 + (r() % ACCOUNTS)] },
-  { kind: 'SELECT accounts', text: `SELECT abalance FROM ${T}_accounts WHERE aid = $1`, values: (r) => [1 + (r() % ACCOUNTS)] },
-  { kind: 'UPDATE tellers', text: `UPDATE ${T}_tellers SET tbalance = tbalance + $1 WHERE tid = $2`, values: (r) => [r() % 100, 1 + (r() % (BRANCHES * 10))] },
-  { kind: 'UPDATE branches', text: `UPDATE ${T}_branches SET bbalance = bbalance + $1 WHERE bid = $2`, values: (r) => [r() % 100, 1 + (r() % BRANCHES)] },
-  { kind: 'INSERT history', text: `INSERT INTO ${T}_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, now())`, values: (r) => [1, 1, 1 + (r() % ACCOUNTS), r() % 100] },
+  {
+    kind: 'UPDATE accounts',
+    text: `UPDATE ${T}_accounts SET abalance = abalance + $1 WHERE aid = $2`,
+    values: (r) => [r() % 100, 1 + (r() % ACCOUNTS)],
+  },
+  {
+    kind: 'SELECT accounts',
+    text: `SELECT abalance FROM ${T}_accounts WHERE aid = $1`,
+    values: (r) => [1 + (r() % ACCOUNTS)],
+  },
+  {
+    kind: 'UPDATE tellers',
+    text: `UPDATE ${T}_tellers SET tbalance = tbalance + $1 WHERE tid = $2`,
+    values: (r) => [r() % 100, 1 + (r() % (BRANCHES * 10))],
+  },
+  {
+    kind: 'UPDATE branches',
+    text: `UPDATE ${T}_branches SET bbalance = bbalance + $1 WHERE bid = $2`,
+    values: (r) => [r() % 100, 1 + (r() % BRANCHES)],
+  },
+  {
+    kind: 'INSERT history',
+    text: `INSERT INTO ${T}_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, now())`,
+    values: (r) => [1, 1, 1 + (r() % ACCOUNTS), r() % 100],
+  },
   { kind: 'END', text: 'END' },
 ];
 const CONTROL_KINDS = ['BEGIN', 'SET', 'END', 'ROLLBACK'];
@@ -87,11 +107,17 @@ async function createTpcbTables(): Promise<void> {
     await dropTpcbTables(c);
     await c.query(`create table ${T}_branches (bid int primary key, bbalance int not null default 0)`);
     await c.query(`create table ${T}_tellers (tid int primary key, bid int, tbalance int not null default 0)`);
-    await c.query(`create table ${T}_accounts (aid int primary key, bid int, abalance int not null default 0, filler char(84))`);
+    await c.query(
+      `create table ${T}_accounts (aid int primary key, bid int, abalance int not null default 0, filler char(84))`,
+    );
     await c.query(`create table ${T}_history (tid int, bid int, aid int, delta int, mtime timestamp)`);
     await c.query(`insert into ${T}_branches (bid) select g from generate_series(1, ${BRANCHES}) g`);
-    await c.query(`insert into ${T}_tellers (tid, bid) select g, 1 + g % ${BRANCHES} from generate_series(1, ${BRANCHES * 10}) g`);
-    await c.query(`insert into ${T}_accounts (aid, bid) select g, 1 + g % ${BRANCHES} from generate_series(1, ${ACCOUNTS}) g`);
+    await c.query(
+      `insert into ${T}_tellers (tid, bid) select g, 1 + g % ${BRANCHES} from generate_series(1, ${BRANCHES * 10}) g`,
+    );
+    await c.query(
+      `insert into ${T}_accounts (aid, bid) select g, 1 + g % ${BRANCHES} from generate_series(1, ${ACCOUNTS}) g`,
+    );
     await c.query(`analyze ${T}_accounts`);
   });
 }
@@ -113,7 +139,12 @@ describe('mitigation on enforce under a tpcb-like workload', { timeout: 180_000 
 
   before(async () => {
     await createTpcbTables();
-    pgw = await startTestApp({ ...fastDetection(), mitigation: 'enforce', mitigation_max_concurrent: 1, mitigation_queue_timeout_ms: 20 });
+    pgw = await startTestApp({
+      ...fastDetection(),
+      mitigation: 'enforce',
+      mitigation_max_concurrent: 1,
+      mitigation_queue_timeout_ms: 20,
+    });
     tpcb = await startTpcb(pgw.url());
   });
 
@@ -126,7 +157,9 @@ describe('mitigation on enforce under a tpcb-like workload', { timeout: 180_000 
   test('a slow COMMIT opens an incident the policy refuses to shed, and no BEGIN, SET, COMMIT or ROLLBACK is ever refused', async () => {
     const shapeOf = async (prefix: string) => {
       const { body } = await pgw.api('/api/shapes?sort=calls&limit=100');
-      return (body as { fingerprint: string; query: string; command: string }[]).find((s) => s.query.startsWith(prefix));
+      return (body as { fingerprint: string; query: string; command: string }[]).find((s) =>
+        s.query.startsWith(prefix),
+      );
     };
     const end = await waitFor(
       async () => {
@@ -140,7 +173,9 @@ describe('mitigation on enforce under a tpcb-like workload', { timeout: 180_000 
     const before = tpcb.committed;
     // COMMIT now runs a 30 ms trigger per inserted history row: the commit itself regresses.
     await withClient(async (c) => {
-      await c.query(`create function ${T}_slow_commit() returns trigger language plpgsql as $$ begin perform pg_sleep(0.03); return null; end $$`);
+      await c.query(
+        `create function ${T}_slow_commit() returns trigger language plpgsql as $$ begin perform pg_sleep(0.03); return null; end $$`,
+      );
       await c.query(
         `create constraint trigger ${T}_slow_commit after insert on ${T}_history deferrable initially deferred for each row execute function ${T}_slow_commit()`,
       );
@@ -157,26 +192,41 @@ describe('mitigation on enforce under a tpcb-like workload', { timeout: 180_000 
       },
       { timeoutMs: 60_000, intervalMs: 500, what: 'the policy to decide about the END incident' },
     );
-    if (refusal.fingerprint !== null) assert.match(refusal.reason, /transaction-control or session statement \(TransactionStmt\)/);
+    if (refusal.fingerprint !== null)
+      assert.match(refusal.reason, /transaction-control or session statement \(TransactionStmt\)/);
 
     // Keep the workload running under the incident for a while, then count.
     const until = Date.now() + 5_000;
-    await waitFor(() => Date.now() >= until, { timeoutMs: 10_000, intervalMs: 200, what: '5 s more under the incident' });
-    for (const kind of CONTROL_KINDS) assert.equal(tpcb.refusals.get(kind) ?? 0, 0, `${kind} refused ${tpcb.refusals.get(kind)} time(s)`);
+    await waitFor(() => Date.now() >= until, {
+      timeoutMs: 10_000,
+      intervalMs: 200,
+      what: '5 s more under the incident',
+    });
+    for (const kind of CONTROL_KINDS)
+      assert.equal(tpcb.refusals.get(kind) ?? 0, 0, `${kind} refused ${tpcb.refusals.get(kind)} time(s)`);
     assert.ok(tpcb.committed > before, 'transactions kept committing');
 
     const { body: rules } = await pgw.api('/api/rules');
     const { body: shapes } = await pgw.api('/api/shapes?limit=100');
-    const commandOf = new Map((shapes as { fingerprint: string; command: string }[]).map((s) => [s.fingerprint, s.command]));
+    const commandOf = new Map(
+      (shapes as { fingerprint: string; command: string }[]).map((s) => [s.fingerprint, s.command]),
+    );
     for (const rule of rules as { fingerprint: string; created_by: string }[]) {
-      assert.ok(!['BEGIN', 'SET', 'END', 'ROLLBACK'].includes(commandOf.get(rule.fingerprint) ?? ''), `the policy put a rule on ${commandOf.get(rule.fingerprint)}`);
+      assert.ok(
+        !['BEGIN', 'SET', 'END', 'ROLLBACK'].includes(commandOf.get(rule.fingerprint) ?? ''),
+        `the policy put a rule on ${commandOf.get(rule.fingerprint)}`,
+      );
     }
     const { body: events } = await pgw.api('/api/events?type=mitigation');
     assert.ok(
-      (events as { summary: string }[]).some((e) => e.summary.includes(refusal.fingerprint !== null ? 'transaction-control' : 'database-wide')),
+      (events as { summary: string }[]).some((e) =>
+        e.summary.includes(refusal.fingerprint !== null ? 'transaction-control' : 'database-wide'),
+      ),
       'the refusal is on the timeline',
     );
-    console.log(`# refusals by statement kind: ${JSON.stringify(Object.fromEntries(tpcb.refusals))}; committed ${tpcb.committed}`);
+    console.log(
+      `# refusals by statement kind: ${JSON.stringify(Object.fromEntries(tpcb.refusals))}; committed ${tpcb.committed}`,
+    );
   });
 });
 
@@ -186,7 +236,11 @@ describe('manual rules: force for control statements, a warning for unseen shape
   const cli = async (args: string[]) => {
     let out = '';
     let err = '';
-    const code = await runRules([...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!], { write: (t: string) => (out += t) }, { write: (t: string) => (err += t) });
+    const code = await runRules(
+      [...args, '--admin', `127.0.0.1:${pgw.app.adminPort}`, '--token', pgw.config.admin_token!],
+      { write: (t: string) => (out += t) },
+      { write: (t: string) => (err += t) },
+    );
     return { code, out, err };
   };
 
@@ -206,7 +260,10 @@ describe('manual rules: force for control statements, a warning for unseen shape
   after(() => pgw?.stop());
 
   test('a rule on a fingerprint never seen is accepted with a warning', async () => {
-    const { status, body } = await pgw.api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: 'deadbeefdeadbeef', reason: 'typo?' } });
+    const { status, body } = await pgw.api('/api/rules', {
+      method: 'POST',
+      body: { action: 'block', fingerprint: 'deadbeefdeadbeef', reason: 'typo?' },
+    });
     assert.equal(status, 201);
     assert.deepEqual(body.warnings, ['no shape with this fingerprint has been seen by this instance']);
     const { body: rules } = await pgw.api('/api/rules');
@@ -221,7 +278,10 @@ describe('manual rules: force for control statements, a warning for unseen shape
   });
 
   test('a rule on COMMIT is refused without force, and the refusal says why it is dangerous', async () => {
-    const { status, body } = await pgw.api('/api/rules', { method: 'POST', body: { action: 'shed', fingerprint: commitFingerprint, max_concurrent: 1, reason: 'x' } });
+    const { status, body } = await pgw.api('/api/rules', {
+      method: 'POST',
+      body: { action: 'shed', fingerprint: commitFingerprint, max_concurrent: 1, reason: 'x' },
+    });
     assert.equal(status, 409);
     assert.match(body.error, /transaction-control or session statement \(TransactionStmt\).*outage.*force/);
     const result = await cli(['block', commitFingerprint]);
@@ -230,7 +290,10 @@ describe('manual rules: force for control statements, a warning for unseen shape
   });
 
   test('with force a rule on COMMIT is accepted (API field and CLI flag)', async () => {
-    const { status, body } = await pgw.api('/api/rules', { method: 'POST', body: { action: 'block', fingerprint: commitFingerprint, reason: 'on purpose', force: true, ttl_s: 5 } });
+    const { status, body } = await pgw.api('/api/rules', {
+      method: 'POST',
+      body: { action: 'block', fingerprint: commitFingerprint, reason: 'on purpose', force: true, ttl_s: 5 },
+    });
     assert.equal(status, 201);
     assert.deepEqual(body.warnings, []);
     assert.equal(body.seen, true);

@@ -13,19 +13,40 @@ import { ShapeCollector } from '../../src/shapes/collector.ts';
 import { ShapeFinder } from '../../src/shapes/fingerprint.ts';
 import { ShapeRegistry } from '../../src/shapes/registry.ts';
 
-const SESSION: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map() };
+const SESSION: SessionInfo = {
+  id: 1,
+  user: 'app',
+  database: 'shop',
+  applicationName: 'web',
+  clientAddress: '127.0.0.1',
+  replication: false,
+  settings: new Map(),
+};
 
 async function setup() {
   const clock = new ManualClock();
   const finder = await ShapeFinder.create({ cacheEntries: 100, maxTextBytes: 10_000 });
-  const make = () => new ShapeCollector(finder, new ShapeRegistry({ maxShapes: 100, clock, series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 } }), { slowQueryMs: 1e9, logQueryValues: false, log: pino({ level: 'silent' }) });
+  const make = () =>
+    new ShapeCollector(
+      finder,
+      new ShapeRegistry({ maxShapes: 100, clock, series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 } }),
+      { slowQueryMs: 1e9, logQueryValues: false, log: pino({ level: 'silent' }) },
+    );
   return { deferred: make(), direct: make() };
 }
 
 /** What a registry holds, comparable across two collectors. */
 function contents(all: ShapeStats[]) {
   return all
-    .map((s) => ({ fp: s.fingerprint, calls: s.calls, errors: s.errors, rows: s.rows, totalMs: s.totalMs, p50: s.quantile(0.5), users: [...s.users] }))
+    .map((s) => ({
+      fp: s.fingerprint,
+      calls: s.calls,
+      errors: s.errors,
+      rows: s.rows,
+      totalMs: s.totalMs,
+      p50: s.quantile(0.5),
+      users: [...s.users],
+    }))
     .sort((a, b) => a.fp.localeCompare(b.fp));
 }
 
@@ -35,7 +56,19 @@ describe('ShapeCollector.deferred', { timeout: 20_000 }, () => {
     const seen: string[] = [];
     deferred.onShape((_stats, shape, c) => seen.push(`${shape.command}:${c.rows}`));
     // One object reused for every completion, as the proxy does.
-    const c = { session: SESSION, text: '', statement: null, statementIndex: 0, bind: null, startedAt: 0, durationMs: 0, rows: 0, sqlstate: null, upstream: 'primary', refused: false } as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
+    const c = {
+      session: SESSION,
+      text: '',
+      statement: null,
+      statementIndex: 0,
+      bind: null,
+      startedAt: 0,
+      durationMs: 0,
+      rows: 0,
+      sqlstate: null,
+      upstream: 'primary',
+      refused: false,
+    } as { -readonly [K in keyof QueryCompletion]: QueryCompletion[K] };
     for (let i = 0; i < 10_000; i++) {
       // More than one queue's worth, so a full queue is processed on the spot too.
       c.text = i % 3 === 0 ? `select * from orders where id = ${i}` : `update items set n = ${i} where id = ${i % 7}`;
@@ -50,7 +83,11 @@ describe('ShapeCollector.deferred', { timeout: 20_000 }, () => {
     assert.equal(deferred.queries, 10_000);
     assert.deepEqual(contents(deferred.registry.all()), contents(direct.registry.all()));
     assert.equal(seen.length, 10_000);
-    assert.deepEqual(seen.slice(0, 3), ['SELECT:0', 'UPDATE:1', 'UPDATE:2'], 'listeners see each completion in order, with its own fields');
+    assert.deepEqual(
+      seen.slice(0, 3),
+      ['SELECT:0', 'UPDATE:1', 'UPDATE:2'],
+      'listeners see each completion in order, with its own fields',
+    );
     assert.deepEqual(Object.fromEntries(deferred.errorsByClass), Object.fromEntries(direct.errorsByClass));
   });
 
@@ -61,7 +98,19 @@ describe('ShapeCollector.deferred', { timeout: 20_000 }, () => {
       calls++;
       if (calls === 2) throw new Error('listener bug');
     });
-    const c: QueryCompletion = { session: SESSION, text: 'select 1', statement: null, statementIndex: 0, bind: null, startedAt: 0, durationMs: 1, rows: 1, sqlstate: null, upstream: 'primary', refused: false };
+    const c: QueryCompletion = {
+      session: SESSION,
+      text: 'select 1',
+      statement: null,
+      statementIndex: 0,
+      bind: null,
+      startedAt: 0,
+      durationMs: 1,
+      rows: 1,
+      sqlstate: null,
+      upstream: 'primary',
+      refused: false,
+    };
     for (let i = 0; i < 3; i++) deferred.deferred(c);
     await nextTurn();
     deferred.deferred(c);

@@ -37,7 +37,9 @@ describe('ShapeFinder shapes parsable text', { timeout: 20_000 }, () => {
   });
 
   test('the normalized text has $n in place of each value', () => {
-    const shape = only(finder.shapesOfText("update accounts set balance = balance + 12.5, note = 'refund' where id = 99"));
+    const shape = only(
+      finder.shapesOfText("update accounts set balance = balance + 12.5, note = 'refund' where id = 99"),
+    );
     assert.equal(shape.query, 'update accounts set balance = balance + $1, note = $2 where id = $3');
     assert.equal(shape.command, 'UPDATE');
   });
@@ -74,7 +76,11 @@ describe('ShapeFinder shapes parsable text', { timeout: 20_000 }, () => {
   });
 
   test('a parameter and an inline literal in the same place give the same shape', () => {
-    const statement: PreparedStatement = { name: '', text: 'select * from accounts where owner = $1 limit $2', paramTypes: [] };
+    const statement: PreparedStatement = {
+      name: '',
+      text: 'select * from accounts where owner = $1 limit $2',
+      paramTypes: [],
+    };
     const simple = only(finder.shapesOfText("select * from accounts where owner = 'carol' limit 10"));
     assert.equal(finder.shapeOfStatement(statement).fingerprint, simple.fingerprint);
   });
@@ -98,7 +104,11 @@ describe('ShapeFinder splits multi-statement text', { timeout: 20_000 }, () => {
   });
 
   test('a multi-statement text gives one shape per statement', () => {
-    const statements = ["insert into events (kind, note) values (1, 'a')", 'update accounts set balance = 0 where id = 3', 'select count(*) from events where kind = 1'];
+    const statements = [
+      "insert into events (kind, note) values (1, 'a')",
+      'update accounts set balance = 0 where id = 3',
+      'select count(*) from events where kind = 1',
+    ];
     const shapes = finder.shapesOfText(statements.join('; '));
     assert.deepEqual(
       shapes.map((s) => s.fingerprint),
@@ -115,7 +125,8 @@ describe('ShapeFinder splits multi-statement text', { timeout: 20_000 }, () => {
   });
 
   test('statements after multibyte UTF-8 characters are cut at the right place', () => {
-    const text = "select 'Grüße, 日本語 🎉' as greeting; update accounts set note = 'ñandú' where id = 1; select 2 as after";
+    const text =
+      "select 'Grüße, 日本語 🎉' as greeting; update accounts set note = 'ñandú' where id = 1; select 2 as after";
     const shapes = finder.shapesOfText(text);
     assert.deepEqual(
       shapes.map((s) => s.query),
@@ -176,18 +187,28 @@ describe('ShapeFinder gives unparsable text a fallback shape', { timeout: 20_000
   });
 
   test('the fallback query contains no literal value', () => {
-    const texts = ["selec 'secret-literal-XYZ', 31415926535 from t", "select 'unterminated secret-literal-XYZ", "selec $$secret-literal-XYZ$$ /* secret-literal-XYZ */"];
+    const texts = [
+      "selec 'secret-literal-XYZ', 31415926535 from t",
+      "select 'unterminated secret-literal-XYZ",
+      'selec $$secret-literal-XYZ$$ /* secret-literal-XYZ */',
+    ];
     for (const text of texts) {
       const shape = only(finder.shapesOfText(text));
       assert.equal(shape.fallback, true);
-      assert.ok(!shape.query.includes('secret-literal-XYZ') && !shape.query.includes('31415926535'), `fallback query ${JSON.stringify(shape.query)}`);
+      assert.ok(
+        !shape.query.includes('secret-literal-XYZ') && !shape.query.includes('31415926535'),
+        `fallback query ${JSON.stringify(shape.query)}`,
+      );
     }
   });
 
   test('the fallback query contains no binary or octal literal digits', () => {
     const shape = only(finder.shapesOfText('selec 0b1011001110, 0o7654321'));
     assert.equal(shape.fallback, true);
-    assert.ok(!shape.query.includes('1011001110') && !shape.query.includes('7654321'), `fallback query ${JSON.stringify(shape.query)}`);
+    assert.ok(
+      !shape.query.includes('1011001110') && !shape.query.includes('7654321'),
+      `fallback query ${JSON.stringify(shape.query)}`,
+    );
   });
 
   test('a text the parser rejects does not take the shape of a valid text with the same literal-free form', () => {
@@ -226,7 +247,8 @@ describe('ShapeFinder caps the text it parses', { timeout: 20_000 }, () => {
 
   test('oversized texts that differ only in literals share a fallback shape with no literal in its query', async () => {
     const finder = await newFinder(200);
-    const text = (v: string) => `select ${Array.from({ length: 60 }, (_, i) => `c${i}`).join(', ')} from t where note = '${v}'`;
+    const text = (v: string) =>
+      `select ${Array.from({ length: 60 }, (_, i) => `c${i}`).join(', ')} from t where note = '${v}'`;
     const a = only(finder.shapesOfText(text('secret-literal-AAA')));
     const b = only(finder.shapesOfText(text('secret-literal-BBB')));
     assert.equal(a.fingerprint, b.fingerprint);
@@ -289,7 +311,10 @@ describe('ShapeFinder tells transaction-control and session statements apart', {
   });
 
   test('each statement of a multi-statement text is judged on its own', () => {
-    assert.deepEqual(finder.shapesOfText('update t set a = 1; commit').map((s) => s.control), [false, true]);
+    assert.deepEqual(
+      finder.shapesOfText('update t set a = 1; commit').map((s) => s.control),
+      [false, true],
+    );
   });
 
   test('a fallback shape (no parse tree) is control by its first keyword', () => {
@@ -301,7 +326,11 @@ describe('ShapeFinder tells transaction-control and session statements apart', {
 describe('literal values that normalization used to miss', () => {
   test('digits glued to a word never reach the shape text', async () => {
     const shapes = await ShapeFinder.create({ cacheEntries: 10, maxTextBytes: 100_000 });
-    for (const text of ['select 4111111111111111as x', 'select 1 from t where a = 4222222222222222and b', 'select 0x4111AB, 4111e5as y']) {
+    for (const text of [
+      'select 4111111111111111as x',
+      'select 1 from t where a = 4222222222222222and b',
+      'select 0x4111AB, 4111e5as y',
+    ]) {
       const [shape] = shapes.shapesOfText(text);
       assert.doesNotMatch(shape.query, /4111|4222/, text);
     }

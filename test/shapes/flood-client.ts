@@ -17,7 +17,13 @@ async function main(): Promise<void> {
   const [url, countText, connectionsText, inFlightText] = process.argv.slice(2);
   const count = Number(countText);
   const inFlight = Number(inFlightText);
-  const sql = postgres(url, { max: Number(connectionsText), prepare: false, fetch_types: false, connect_timeout: 10, onnotice: () => undefined });
+  const sql = postgres(url, {
+    max: Number(connectionsText),
+    prepare: false,
+    fetch_types: false,
+    connect_timeout: 10,
+    onnotice: () => undefined,
+  });
   try {
     const started = performance.now();
     for (let from = 0; from < count; from += inFlight) {

@@ -93,10 +93,22 @@ describe('a flood of distinct statements', { timeout: 240_000 }, () => {
     const seriesDuring: number[] = [];
     const scrapes: Promise<void>[] = [];
 
-    const child = spawn(process.execPath, ['--import', 'tsx', 'test/shapes/flood-client.ts', pgw.url(), String(STATEMENTS), String(CONNECTIONS), String(IN_FLIGHT)], {
-      cwd: root,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        'test/shapes/flood-client.ts',
+        pgw.url(),
+        String(STATEMENTS),
+        String(CONNECTIONS),
+        String(IN_FLIGHT),
+      ],
+      {
+        cwd: root,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
     let stderr = '';
     child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
@@ -119,7 +131,10 @@ describe('a flood of distinct statements', { timeout: 240_000 }, () => {
     }
 
     // The client is done once each ReadyForQuery reached it; the completions were recorded before.
-    await waitFor(async () => (await totalCalls()) >= STATEMENTS, { what: 'all statements counted', timeoutMs: 30_000 });
+    await waitFor(async () => (await totalCalls()) >= STATEMENTS, {
+      what: 'all statements counted',
+      timeoutMs: 30_000,
+    });
     flood = { seconds, rssStartMb, rssBeforeMb, rssPeakMb, rssAfterMb: settledRssMb(), liveBeforeMb, seriesDuring };
   });
 
@@ -128,7 +143,9 @@ describe('a flood of distinct statements', { timeout: 240_000 }, () => {
   });
 
   test('100,000 distinct statements go through in under a minute', (t) => {
-    t.diagnostic(`${STATEMENTS} statements in ${flood.seconds.toFixed(1)} s (${Math.round(STATEMENTS / flood.seconds)}/s)`);
+    t.diagnostic(
+      `${STATEMENTS} statements in ${flood.seconds.toFixed(1)} s (${Math.round(STATEMENTS / flood.seconds)}/s)`,
+    );
     assert.ok(flood.seconds < 60, `${flood.seconds.toFixed(1)} s`);
   });
 
@@ -157,9 +174,15 @@ describe('a flood of distinct statements', { timeout: 240_000 }, () => {
     // Backing stores of dead ArrayBuffers are freed by a background sweeper, so poll.
     let live = liveMb();
     try {
-      await waitFor(() => (live = liveMb()) - flood.liveBeforeMb < LIVE_BOUND_MB, { what: 'dead ArrayBuffers freed', timeoutMs: 15_000, intervalMs: 200 });
+      await waitFor(() => (live = liveMb()) - flood.liveBeforeMb < LIVE_BOUND_MB, {
+        what: 'dead ArrayBuffers freed',
+        timeoutMs: 15_000,
+        intervalMs: 200,
+      });
     } finally {
-      t.diagnostic(`live memory before ${flood.liveBeforeMb.toFixed(1)} MB, after ${live.toFixed(1)} MB (+${(live - flood.liveBeforeMb).toFixed(1)} MB)`);
+      t.diagnostic(
+        `live memory before ${flood.liveBeforeMb.toFixed(1)} MB, after ${live.toFixed(1)} MB (+${(live - flood.liveBeforeMb).toFixed(1)} MB)`,
+      );
     }
   });
 

@@ -10,11 +10,25 @@ import type { StatementShape } from '../../src/shapes/fingerprint.ts';
 import { OVERFLOW_FINGERPRINT, ShapeRegistry } from '../../src/shapes/registry.ts';
 
 function shape(n: number): StatementShape {
-  return { fingerprint: n.toString(16).padStart(16, '0'), query: `select $1 from t${n}`, fallback: false, command: 'SELECT' };
+  return {
+    fingerprint: n.toString(16).padStart(16, '0'),
+    query: `select $1 from t${n}`,
+    fallback: false,
+    command: 'SELECT',
+  };
 }
 
 function session(overrides: Partial<SessionInfo> = {}): SessionInfo & { applicationName: string } {
-  return { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map(), ...overrides };
+  return {
+    id: 1,
+    user: 'app',
+    database: 'shop',
+    applicationName: 'web',
+    clientAddress: '127.0.0.1',
+    replication: false,
+    settings: new Map(),
+    ...overrides,
+  };
 }
 
 function completion(overrides: Partial<QueryCompletion> = {}): QueryCompletion {
@@ -36,7 +50,11 @@ function completion(overrides: Partial<QueryCompletion> = {}): QueryCompletion {
 
 function setup(maxShapes = 100) {
   const clock = new ManualClock();
-  const registry = new ShapeRegistry({ maxShapes, clock, series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 } });
+  const registry = new ShapeRegistry({
+    maxShapes,
+    clock,
+    series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 },
+  });
   return { clock, registry };
 }
 
@@ -78,7 +96,10 @@ describe('ShapeRegistry', { timeout: 10_000 }, () => {
     registry.record(shape(1), completion({ session: s }));
     s.applicationName = 'worker'; // SET application_name in the same session
     registry.record(shape(1), completion({ session: s }));
-    registry.record(shape(1), completion({ session: session({ id: 2, user: 'report', database: 'dw', applicationName: 'bi' }) }));
+    registry.record(
+      shape(1),
+      completion({ session: session({ id: 2, user: 'report', database: 'dw', applicationName: 'bi' }) }),
+    );
     const stats = registry.get(shape(1).fingerprint)!;
     assert.deepEqual([...stats.users].sort(), ['app', 'report']);
     assert.deepEqual([...stats.databases].sort(), ['dw', 'shop']);
@@ -118,7 +139,10 @@ describe('ShapeRegistry', { timeout: 10_000 }, () => {
     assert.equal(overflow.sketch.count, 2);
     assert.equal(registry.evicted, 1);
     assert.deepEqual(
-      registry.all().map((s) => s.fingerprint).sort(),
+      registry
+        .all()
+        .map((s) => s.fingerprint)
+        .sort(),
       [shape(1).fingerprint, shape(3).fingerprint, shape(4).fingerprint, OVERFLOW_FINGERPRINT].sort(),
     );
   });

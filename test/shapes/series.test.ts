@@ -177,6 +177,6 @@ describe('ShapeSeries', { timeout: 10_000 }, () => {
     clock.advance(2 * BUCKET_MS);
     series.add(clock.now(), 1, false, 0);
     assert.equal(series.window(start, start), null, 'past the sketch horizon, a held latency leaves the window too');
-    assert.equal(series.points(clock.now())[0].p50_ms, 12.5, 'but stays the bucket\'s quantile');
+    assert.equal(series.points(clock.now())[0].p50_ms, 12.5, "but stays the bucket's quantile");
   });
 });

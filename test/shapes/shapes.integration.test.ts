@@ -148,7 +148,11 @@ describe('query shapes through pgwarden', () => {
 
   test('each statement of a multi-statement simple query counts under its own shape', { timeout: 30_000 }, async () => {
     const client = await connect();
-    const statements = [`select count(*) from ${ITEMS} where id > 0`, `update ${ITEMS} set note = note where id = 2`, `select max(id) from ${ITEMS} where note <> 'x'`];
+    const statements = [
+      `select count(*) from ${ITEMS} where id > 0`,
+      `update ${ITEMS} set note = note where id = 2`,
+      `select max(id) from ${ITEMS} where note <> 'x'`,
+    ];
     await client.query(statements.join('; '));
     await client.query(statements.map((s) => s.replace(/\b(0|2)\b/, '4')).join(';\n'));
     for (const statement of statements) {
@@ -165,22 +169,36 @@ describe('query shapes through pgwarden', () => {
       assert.match(err.message, /^syntax error at or near "selec"/);
       return true;
     });
-    const shape = await waitFor(async () => (await allShapes()).find((s) => s.fallback && s.query.includes(`selec id from ${ITEMS}`)), {
-      what: 'the fallback shape of the misspelled query',
-    });
+    const shape = await waitFor(
+      async () => (await allShapes()).find((s) => s.fallback && s.query.includes(`selec id from ${ITEMS}`)),
+      {
+        what: 'the fallback shape of the misspelled query',
+      },
+    );
     assert.match(shape.fingerprint, /^u[0-9a-f]{15}$/);
-    assert.deepEqual({ calls: shape.calls, errors: shape.errors, errors_by_class: shape.errors_by_class }, { calls: 1, errors: 1, errors_by_class: { '42': 1 } });
+    assert.deepEqual(
+      { calls: shape.calls, errors: shape.errors, errors_by_class: shape.errors_by_class },
+      { calls: 1, errors: 1, errors_by_class: { '42': 1 } },
+    );
     assert.ok(!shape.query.includes('bad-sql'), `fallback query ${JSON.stringify(shape.query)}`);
   });
 
-  test('a slow query is logged with its shape and session but without its literal values', { timeout: 30_000 }, async () => {
+  test('a slow query is logged with its shape and session but without its literal values', {
+    timeout: 30_000,
+  }, async () => {
     const client = await connect('pgw-slow-app');
     const text = `select pg_sleep(0.03), '${SECRET}' as tag, id from ${ITEMS} where id = 1`;
     await client.query(text);
     const fingerprint = fingerprintSync(text);
-    const line = await waitFor(() => pgw.logLines.find((l) => l.msg === 'slow query' && l.fingerprint === fingerprint), { what: 'the slow query log line' });
+    const line = await waitFor(
+      () => pgw.logLines.find((l) => l.msg === 'slow query' && l.fingerprint === fingerprint),
+      { what: 'the slow query log line' },
+    );
     assert.equal(line.query, `select pg_sleep($1), $2 as tag, id from ${ITEMS} where id = $3`);
-    assert.ok(typeof line.duration_ms === 'number' && line.duration_ms >= 30, `duration_ms ${String(line.duration_ms)}`);
+    assert.ok(
+      typeof line.duration_ms === 'number' && line.duration_ms >= 30,
+      `duration_ms ${String(line.duration_ms)}`,
+    );
     assert.equal(line.rows, 1);
     assert.equal(line.user, db.user);
     assert.equal(line.database, db.database);
@@ -235,7 +253,11 @@ describe('query shapes through pgwarden', () => {
         const { status, body } = await pgw.api(`/api/shapes?sort=${sort}&limit=10000`);
         assert.equal(status, 200);
         const values = (body as ShapeSummary[]).map((s) => s[field]);
-        assert.deepEqual(values, [...values].sort((a, b) => b - a), `sorted by ${sort}`);
+        assert.deepEqual(
+          values,
+          [...values].sort((a, b) => b - a),
+          `sorted by ${sort}`,
+        );
         const limited = await pgw.api(`/api/shapes?sort=${sort}&limit=2`);
         assert.deepEqual(
           (limited.body as ShapeSummary[]).map((s) => s.fingerprint),
@@ -304,7 +326,9 @@ describe('query shapes through pgwarden', () => {
       const fingerprint = fingerprintSync(text);
       const shape = await shapeWhen(fingerprint, (s) => s.calls >= 4, 'four calls');
       const families = parsePrometheusText((await pgw.api('/metrics')).body as string);
-      const calls = families.get('pgwarden_shape_calls_total')?.samples.find((s) => s.labels.fingerprint === fingerprint);
+      const calls = families
+        .get('pgwarden_shape_calls_total')
+        ?.samples.find((s) => s.labels.fingerprint === fingerprint);
       assert.equal(calls?.value, shape.calls);
       const info = families.get('pgwarden_shape_info')?.samples.find((s) => s.labels.fingerprint === fingerprint);
       assert.equal(info?.labels.query, shape.query);
@@ -314,19 +338,31 @@ describe('query shapes through pgwarden', () => {
       const count = ofShape.find((s) => s.name === 'pgwarden_shape_latency_seconds_count');
       assert.equal(count?.value, shape.calls, 'every call is in the histogram');
       const sum = ofShape.find((s) => s.name === 'pgwarden_shape_latency_seconds_sum');
-      assert.ok(sum && Math.abs(sum.value * 1000 - shape.total_ms) < 0.01, `sum ${sum?.value} s vs ${shape.total_ms} ms`);
+      assert.ok(
+        sum && Math.abs(sum.value * 1000 - shape.total_ms) < 0.01,
+        `sum ${sum?.value} s vs ${shape.total_ms} ms`,
+      );
       // The median call falls in the first bucket whose cumulative count reaches half of the calls.
       const buckets = ofShape.filter((s) => s.name === 'pgwarden_shape_latency_seconds_bucket');
       const median = buckets.find((b) => b.value >= shape.calls / 2)!;
       const below = buckets[buckets.indexOf(median) - 1];
-      assert.ok(shape.p50_ms <= Number(median.labels.le) * 1000 * 1.02, `p50 ${shape.p50_ms} ms within the median's bucket (le ${median.labels.le})`);
-      if (below) assert.ok(shape.p50_ms >= Number(below.labels.le) * 1000 * 0.98, `p50 ${shape.p50_ms} ms above the bucket below (le ${below.labels.le})`);
+      assert.ok(
+        shape.p50_ms <= Number(median.labels.le) * 1000 * 1.02,
+        `p50 ${shape.p50_ms} ms within the median's bucket (le ${median.labels.le})`,
+      );
+      if (below)
+        assert.ok(
+          shape.p50_ms >= Number(below.labels.le) * 1000 * 0.98,
+          `p50 ${shape.p50_ms} ms above the bucket below (le ${below.labels.le})`,
+        );
     });
 
     test('holds no literal value', { timeout: 10_000 }, async () => {
       const client = await connect();
       await client.query(`select '${SECRET}' as metrics_tag, id from ${ITEMS} where id = 2`);
-      await waitFor(async () => (await allShapes()).some((s) => s.query.includes('as metrics_tag')), { what: 'the tagged query recorded' });
+      await waitFor(async () => (await allShapes()).some((s) => s.query.includes('as metrics_tag')), {
+        what: 'the tagged query recorded',
+      });
       const { body } = await pgw.api('/metrics');
       assert.ok(!(body as string).includes(SECRET));
     });
@@ -359,7 +395,10 @@ describe('query shapes with log_query_values', () => {
     } finally {
       await client.end();
     }
-    const line = await waitFor(() => pgw.logLines.find((l) => l.msg === 'slow query' && String(l.query).includes('opted_in')), { what: 'the log line' });
+    const line = await waitFor(
+      () => pgw.logLines.find((l) => l.msg === 'slow query' && String(l.query).includes('opted_in')),
+      { what: 'the log line' },
+    );
     assert.equal(line.text, `select '${SECRET}' as opted_in`);
     assert.equal(line.query, 'select $1 as opted_in');
   });

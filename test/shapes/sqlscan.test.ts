@@ -63,7 +63,7 @@ describe('scanSql blanks literal values', { timeout: 10_000 }, () => {
     assert.equal(keyOf("select $$it's -- not a comment; $$, $fn$ body $$ 'x' $fn$ from t"), 'select ?, ? from t');
   });
 
-  test("a bit string keeps its B prefix and loses its digits", () => {
+  test('a bit string keeps its B prefix and loses its digits', () => {
     assert.equal(keyOf("select B'0101', X'1F' from t"), 'select B?, X? from t');
   });
 });
@@ -78,7 +78,10 @@ describe('scanSql keeps what is not a literal', { timeout: 10_000 }, () => {
   });
 
   test('identifiers containing digits are kept', () => {
-    assert.equal(keyOf('select t1.col_2, x3y from t1 join t22 using (col_2)'), 'select t1.col_2, x3y from t1 join t22 using (col_2)');
+    assert.equal(
+      keyOf('select t1.col_2, x3y from t1 join t22 using (col_2)'),
+      'select t1.col_2, x3y from t1 join t22 using (col_2)',
+    );
   });
 
   test('identifiers containing a dollar sign are kept', () => {
@@ -179,11 +182,14 @@ const TEMPLATES: ((v: Values) => string)[] = [
   ([, , s]) => `SELECT name FROM users WHERE email = ${s}`,
   ([a, b, s]) => `insert into events (kind, amount, note) values (${a}, ${b}, ${s})`,
   ([a, b, s]) => `insert into events (kind, amount, note) values (${a}, ${b}, ${s}) returning id`,
-  ([a, , s]) => `insert into events (kind, note) values (${a}, ${s}) on conflict (kind) do update set note = excluded.note`,
+  ([a, , s]) =>
+    `insert into events (kind, note) values (${a}, ${s}) on conflict (kind) do update set note = excluded.note`,
   ([a, b]) => `update accounts set balance = balance + ${a} where id = ${b}`,
   ([a, b]) => `update accounts set balance = balance - ${a} where id = ${b}`,
-  ([a]) => `delete from sessions where created_at < now() - interval ${a === '1' ? "'1 day'" : "'30 days'"} and id > ${a}`,
-  ([a, b, s]) => `with recent as (select * from events where amount > ${a}) select kind, count(*) from recent where note <> ${s} group by kind having count(*) > ${b}`,
+  ([a]) =>
+    `delete from sessions where created_at < now() - interval ${a === '1' ? "'1 day'" : "'30 days'"} and id > ${a}`,
+  ([a, b, s]) =>
+    `with recent as (select * from events where amount > ${a}) select kind, count(*) from recent where note <> ${s} group by kind having count(*) > ${b}`,
   ([a, b]) => `select * from t1 join t2 on t1.id = t2.t1_id where t2.col_2 in (${a}, ${b})`,
   ([a, b]) => `select * from t1 where col_2 in (${a}, ${b}, ${a})`,
   ([a, , s]) => `select "Mixed""Case", t1.x from t1 where "Mixed""Case" = ${s} and x = ${a}`,
@@ -196,7 +202,8 @@ const TEMPLATES: ((v: Values) => string)[] = [
   ([a]) => `table accounts limit ${a}`,
   ([a, b]) => `select ${a} union all select ${b}`,
   ([a]) => `select * from accounts for update skip locked limit ${a}`,
-  ([a, b]) => `merge into accounts a using (select ${a} as id) s on a.id = s.id when matched then update set balance = ${b} when not matched then insert (id) values (s.id)`,
+  ([a, b]) =>
+    `merge into accounts a using (select ${a} as id) s on a.id = s.id when matched then update set balance = ${b} when not matched then insert (id) values (s.id)`,
   ([a, , s]) => `select date ${s === "'x'" ? "'2026-01-01'" : "'1999-12-31'"} + ${a}`,
   ([a, b]) => `select pg_sleep(${a}) where ${b} > 0`,
   ([a, , , e]) => `select note || ${e} from events where id = ${a}`,
@@ -219,8 +226,14 @@ const VALUES: readonly Values[] = [
 /** Variants differing only in literals that libpg_query's normalize keeps (type modifiers, sort positions, comments). */
 const NORMALIZE_VARIANTS: readonly (readonly [string, string])[] = [
   ['select amount::numeric(12, 2) from events where id = 1', 'select amount::numeric(10, 4) from events where id = 2'],
-  ['select kind, amount from events order by 2 desc limit 5', 'select kind, amount from events order by 1 desc limit 6'],
-  ["select * from events /* app='checkout' */ where amount = 1", "select * from events /* app='billing' */ where amount = 2"],
+  [
+    'select kind, amount from events order by 2 desc limit 5',
+    'select kind, amount from events order by 1 desc limit 6',
+  ],
+  [
+    "select * from events /* app='checkout' */ where amount = 1",
+    "select * from events /* app='billing' */ where amount = 2",
+  ],
 ];
 
 describe('the scan key is a sound cache key for libpg_query', { timeout: 10_000 }, () => {
@@ -247,7 +260,11 @@ describe('the scan key is a sound cache key for libpg_query', { timeout: 10_000 
     const byKey = groupByKey(corpus);
     for (const [key, texts] of byKey) {
       const fingerprints = new Set(texts.map((t) => parserView(t).fingerprint));
-      assert.equal(fingerprints.size, 1, `key ${JSON.stringify(key)} maps to fingerprints ${[...fingerprints].join(', ')} for ${texts.join(' | ')}`);
+      assert.equal(
+        fingerprints.size,
+        1,
+        `key ${JSON.stringify(key)} maps to fingerprints ${[...fingerprints].join(', ')} for ${texts.join(' | ')}`,
+      );
     }
   });
 
@@ -256,7 +273,12 @@ describe('the scan key is a sound cache key for libpg_query', { timeout: 10_000 
     // them (they may hold values), so comments are not part of what must agree.
     const byKey = groupByKey([...corpus, ...NORMALIZE_VARIANTS.flat()]);
     const mismatches: string[] = [];
-    const withoutComments = (sql: string) => sql.replace(/\/\*[^]*?\*\//g, ' ').replace(/--[^\n]*/g, ' ').replace(/\s+/g, ' ').trim();
+    const withoutComments = (sql: string) =>
+      sql
+        .replace(/\/\*[\s\S]*?\*\//g, ' ')
+        .replace(/--[^\n]*/g, ' ')
+        .replace(/\s+/g, ' ')
+        .trim();
     for (const texts of byKey.values()) {
       const normalized = new Set(texts.map((t) => withoutComments(parserView(t).normalized)));
       if (normalized.size > 1) mismatches.push([...normalized].join('  <>  '));

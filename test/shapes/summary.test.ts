@@ -15,17 +15,40 @@ import { newSketch } from '../../src/shapes/series.ts';
 import { sketchFromJson, sketchToJson, SummaryBatcher } from '../../src/shapes/summary.ts';
 import pino from 'pino';
 
-const SESSION: SessionInfo = { id: 1, user: 'app', database: 'shop', applicationName: 'web', clientAddress: '127.0.0.1', replication: false, settings: new Map() };
+const SESSION: SessionInfo = {
+  id: 1,
+  user: 'app',
+  database: 'shop',
+  applicationName: 'web',
+  clientAddress: '127.0.0.1',
+  replication: false,
+  settings: new Map(),
+};
 
 function completion(text: string, durationMs: number, overrides: Partial<QueryCompletion> = {}): QueryCompletion {
-  return { session: SESSION, text, statement: null, statementIndex: 0, bind: null, startedAt: 0, durationMs, rows: 1, sqlstate: null, upstream: 'primary', refused: false, ...overrides };
+  return {
+    session: SESSION,
+    text,
+    statement: null,
+    statementIndex: 0,
+    bind: null,
+    startedAt: 0,
+    durationMs,
+    rows: 1,
+    sqlstate: null,
+    upstream: 'primary',
+    refused: false,
+    ...overrides,
+  };
 }
 
 async function setup() {
   const clock = new ManualClock();
   const finder = await ShapeFinder.create({ cacheEntries: 100, maxTextBytes: 10_000 });
-  const registry = () => new ShapeRegistry({ maxShapes: 100, clock, series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 } });
-  const collector = (r = registry()) => new ShapeCollector(finder, r, { slowQueryMs: 1e9, logQueryValues: false, log: pino({ level: 'silent' }) });
+  const registry = () =>
+    new ShapeRegistry({ maxShapes: 100, clock, series: { bucketMs: 10_000, buckets: 360, sketchBuckets: 6 } });
+  const collector = (r = registry()) =>
+    new ShapeCollector(finder, r, { slowQueryMs: 1e9, logQueryValues: false, log: pino({ level: 'silent' }) });
   return { clock, finder, registry, collector };
 }
 
@@ -46,13 +69,17 @@ describe('shape summaries', { timeout: 10_000 }, () => {
     assert.throws(() => sketchFromJson(['x'] as unknown as number[]), /not a sketch/);
   });
 
-  test('two workers\' summaries merged equal every call recorded in one collector', async () => {
+  test("two workers' summaries merged equal every call recorded in one collector", async () => {
     const { clock, finder, collector } = await setup();
     const direct = collector();
     const merged = collector();
     const workers = [new SummaryBatcher(finder, { clock }), new SummaryBatcher(finder, { clock })];
     for (let i = 0; i < 2000; i++) {
-      const c = completion(`select * from orders where id = ${i}`, latency(i), i % 100 === 0 ? { sqlstate: '57014' } : {});
+      const c = completion(
+        `select * from orders where id = ${i}`,
+        latency(i),
+        i % 100 === 0 ? { sqlstate: '57014' } : {},
+      );
       direct.observe(c);
       workers[i % 2].observe(c);
       if (i % 500 === 499) for (const w of workers) for (const s of w.drain()) merged.ingest(s);
@@ -83,7 +110,11 @@ describe('shape summaries', { timeout: 10_000 }, () => {
     let [select, create] = batcher.drain();
     assert.equal(select.exemplars.length, 1);
     assert.equal(select.exemplars[0].text, 'select 0 from t');
-    assert.equal(Buffer.from(select.exemplars[0].bind!, 'base64').toString(), 'bind-bytes', 'the Bind message is copied');
+    assert.equal(
+      Buffer.from(select.exemplars[0].bind!, 'base64').toString(),
+      'bind-bytes',
+      'the Bind message is copied',
+    );
     assert.equal(create.exemplars.length, 2);
     assert.equal(select.recent.length, 10);
 
@@ -94,7 +125,11 @@ describe('shape summaries', { timeout: 10_000 }, () => {
     batcher.observe(completion('select 12 from t', 1, { sqlstate: '57014' }));
     batcher.observe(completion('select 13 from t', 1));
     [select] = batcher.drain();
-    assert.deepEqual(select.exemplars.map((e) => e.text), ['select 13 from t'], 'a failed execution is no exemplar');
+    assert.deepEqual(
+      select.exemplars.map((e) => e.text),
+      ['select 13 from t'],
+      'a failed execution is no exemplar',
+    );
     assert.deepEqual(batcher.drain(), [], 'a drained window starts empty');
   });
 

@@ -89,7 +89,9 @@ describe('ControlDatabase', () => {
     const committed = performance.now();
     const arrived = await seenByB.waitFor('r-1 on b', from, (ids) => ids.includes('r-1'));
     const latency = arrived - started;
-    t.diagnostic(`add propagation: ${latency.toFixed(1)} ms from add() call, ${(arrived - committed).toFixed(1)} ms after it returned`);
+    t.diagnostic(
+      `add propagation: ${latency.toFixed(1)} ms from add() call, ${(arrived - committed).toFixed(1)} ms after it returned`,
+    );
     console.log(`add propagation latency: ${latency.toFixed(1)} ms`);
     assert.ok(latency < 1000, `propagation took ${latency} ms`);
     assert.deepEqual(await b.load(), [rule('r-1')]);
@@ -113,7 +115,10 @@ describe('ControlDatabase', () => {
     t.diagnostic(`remove propagation: ${latency.toFixed(1)} ms`);
     console.log(`remove propagation latency: ${latency.toFixed(1)} ms`);
     assert.ok(latency < 1000, `propagation took ${latency} ms`);
-    assert.deepEqual((await b.load()).map((r) => r.id), ['r-2']);
+    assert.deepEqual(
+      (await b.load()).map((r) => r.id),
+      ['r-2'],
+    );
     await a.remove('r-never-existed');
   });
 
@@ -138,15 +143,27 @@ describe('ControlDatabase', () => {
 
   test('an instance opened later starts with the rules and incidents already there', async () => {
     const c = await open('c');
-    assert.deepEqual((await c.load()).map((r) => r.id), ['r-2']);
-    assert.deepEqual(c.sharedIncidents().map((i) => i.id), ['i-1', 'i-2']);
+    assert.deepEqual(
+      (await c.load()).map((r) => r.id),
+      ['r-2'],
+    );
+    assert.deepEqual(
+      c.sharedIncidents().map((i) => i.id),
+      ['i-1', 'i-2'],
+    );
   });
 
   test('saved baselines reach an instance opened under a new name; its incident history stays with its own name', async () => {
     const state = {
       version: 1 as const,
       saved_at: new Date().toISOString(),
-      baselines: [{ fingerprint: 'f1', baseline: { p50_ms: 0.2, p95_ms: 0.5, p99_ms: 1, rate: 100, samples: 1000 }, computed_at: Date.now() }],
+      baselines: [
+        {
+          fingerprint: 'f1',
+          baseline: { p50_ms: 0.2, p95_ms: 0.5, p99_ms: 1, rate: 100, samples: 1000 },
+          computed_at: Date.now(),
+        },
+      ],
       incidents: [{ id: 'inc-1' } as never],
     };
     await a.saveDetectorState(state);
@@ -155,20 +172,26 @@ describe('ControlDatabase', () => {
     const fresh = await open('fresh-after-restart');
     const seen = await fresh.loadDetectorState();
     assert.deepEqual(seen?.baselines, state.baselines);
-    assert.deepEqual(seen?.incidents, [], 'no other instance\'s incident history');
+    assert.deepEqual(seen?.incidents, [], "no other instance's incident history");
   });
 
   test('an instance cut off from the control database keeps its rules, refuses changes, and catches up when it is back', async () => {
     // A role that can be locked out, so this instance goes down while `a` stays up.
     await withClient(async (client) => {
       await client.query(`grant usage on schema pgwarden to ${LIMITED_ROLE}`);
-      await client.query(`grant select, insert, update, delete on pgwarden.rules, pgwarden.incidents to ${LIMITED_ROLE}`);
+      await client.query(
+        `grant select, insert, update, delete on pgwarden.rules, pgwarden.incidents to ${LIMITED_ROLE}`,
+      );
     }, controlUrl());
     const warnings: Array<{ msg: string }> = [];
     const log = pino({ level: 'warn' }, { write: (line: string) => warnings.push(JSON.parse(line)) });
     const d = await open('d', controlUrl({ name: LIMITED_ROLE, password: LIMITED_PASSWORD }), log);
     const seenByD = new ChangeRecorder(d);
-    assert.deepEqual((await d.load()).map((r) => r.id), ['r-2'], 'a role without CREATE opens a provisioned schema');
+    assert.deepEqual(
+      (await d.load()).map((r) => r.id),
+      ['r-2'],
+      'a role without CREATE opens a provisioned schema',
+    );
 
     const terminated = await withClient(async (client) => {
       await client.query(`alter role ${LIMITED_ROLE} nologin`);
@@ -183,7 +206,10 @@ describe('ControlDatabase', () => {
 
     await assert.rejects(d.add(rule('r-while-down')), (error: Error) => {
       assert.ok(error instanceof ControlDatabaseUnreachableError, String(error));
-      assert.match(error.message, new RegExp(`control database .*${CONTROL_DB} is unreachable .*cannot add rule r-while-down`));
+      assert.match(
+        error.message,
+        new RegExp(`control database .*${CONTROL_DB} is unreachable .*cannot add rule r-while-down`),
+      );
       return true;
     });
     await assert.rejects(d.remove('r-2'), ControlDatabaseUnreachableError);
@@ -191,18 +217,30 @@ describe('ControlDatabase', () => {
 
     // The fleet moves on without d; d keeps enforcing what it knew.
     await a.add(rule('r-missed'));
-    assert.deepEqual((await d.load()).map((r) => r.id), ['r-2']);
+    assert.deepEqual(
+      (await d.load()).map((r) => r.id),
+      ['r-2'],
+    );
 
     const from = seenByD.calls.length;
     await withClient((client) => client.query(`alter role ${LIMITED_ROLE} login`));
     await waitFor(() => d.reachable, { what: 'd to reconnect', timeoutMs: 15_000 });
-    await seenByD.waitFor('the rule missed while down, reloaded on reconnect', from, (ids) => ids.join() === 'r-2,r-missed');
-    assert.deepEqual((await d.load()).map((r) => r.id), ['r-2', 'r-missed']);
+    await seenByD.waitFor(
+      'the rule missed while down, reloaded on reconnect',
+      from,
+      (ids) => ids.join() === 'r-2,r-missed',
+    );
+    assert.deepEqual(
+      (await d.load()).map((r) => r.id),
+      ['r-2', 'r-missed'],
+    );
 
     const afterReconnect = seenByD.calls.length;
     const started = performance.now();
     await a.add(rule('r-after'));
-    const arrived = await seenByD.waitFor('a notification after reconnecting', afterReconnect, (ids) => ids.includes('r-after'));
+    const arrived = await seenByD.waitFor('a notification after reconnecting', afterReconnect, (ids) =>
+      ids.includes('r-after'),
+    );
     assert.ok(arrived - started < 1000, `propagation after reconnect took ${arrived - started} ms`);
 
     await d.add(rule('r-from-d'));

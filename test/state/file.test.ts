@@ -30,7 +30,9 @@ describe('StateFile', () => {
     const first = new StateFile(file, log);
     await first.add(rule('r-1'));
     await first.add(rule('r-2', { action: 'shed', max_concurrent: 2, queue_timeout_ms: 1000 }));
-    await first.add(rule('r-3', { action: 'reroute', target: 'replica', ttl_s: 60, expires_at: '2026-01-01T00:01:00.000Z' }));
+    await first.add(
+      rule('r-3', { action: 'reroute', target: 'replica', ttl_s: 60, expires_at: '2026-01-01T00:01:00.000Z' }),
+    );
     await first.remove('r-1');
     await first.remove('r-unknown');
     await first.close();
@@ -42,7 +44,10 @@ describe('StateFile', () => {
     ]);
     const onDisk = JSON.parse(fs.readFileSync(file, 'utf8'));
     assert.equal(onDisk.version, 1);
-    assert.deepEqual(onDisk.rules.map((r: Rule) => r.id), ['r-2', 'r-3']);
+    assert.deepEqual(
+      onDisk.rules.map((r: Rule) => r.id),
+      ['r-2', 'r-3'],
+    );
   });
 
   test('adding a rule with an existing id replaces it', async () => {
@@ -69,7 +74,10 @@ describe('StateFile', () => {
     assert.deepEqual(await state.load(), []);
     assert.equal(fs.existsSync(nested), false, 'loading does not create the file');
     await state.add(rule('r-1'));
-    assert.deepEqual((await new StateFile(nested, log).load()).map((r) => r.id), ['r-1']);
+    assert.deepEqual(
+      (await new StateFile(nested, log).load()).map((r) => r.id),
+      ['r-1'],
+    );
   });
 
   test('a corrupt file is an error naming the file and the problem, and is left untouched', async () => {
@@ -96,11 +104,17 @@ describe('StateFile', () => {
   });
 
   test('entries that are not rules are skipped with a warning, the others kept', async () => {
-    fs.writeFileSync(file, JSON.stringify({ version: 1, rules: [rule('r-1'), { id: 'r-bad', action: 'explode' }, 42, rule('r-2')] }));
+    fs.writeFileSync(
+      file,
+      JSON.stringify({ version: 1, rules: [rule('r-1'), { id: 'r-bad', action: 'explode' }, 42, rule('r-2')] }),
+    );
     const warnings: unknown[] = [];
     const recording = pino({ level: 'warn' }, { write: (line: string) => warnings.push(JSON.parse(line)) });
     const rules = await new StateFile(file, recording).load();
-    assert.deepEqual(rules.map((r) => r.id), ['r-1', 'r-2']);
+    assert.deepEqual(
+      rules.map((r) => r.id),
+      ['r-1', 'r-2'],
+    );
     assert.equal(warnings.length, 2);
   });
 
@@ -108,14 +122,20 @@ describe('StateFile', () => {
     const bad = { id: 'r-bad', action: 'explode', fingerprint: 'not-hex', note: { kept: true } };
     fs.writeFileSync(file, JSON.stringify({ version: 1, rules: [rule('r-1'), bad] }));
     const warnings: { msg: string; id?: string }[] = [];
-    const state = new StateFile(file, pino({ level: 'warn' }, { write: (line: string) => warnings.push(JSON.parse(line)) }));
+    const state = new StateFile(
+      file,
+      pino({ level: 'warn' }, { write: (line: string) => warnings.push(JSON.parse(line)) }),
+    );
     await state.load();
     assert.equal(warnings[0].id, 'r-bad');
     assert.match(warnings[0].msg, /NOT applied, and kept in the file/);
     await state.add(rule('r-2'));
     await state.remove('r-1');
     const written = JSON.parse(fs.readFileSync(file, 'utf8'));
-    assert.deepEqual(written.rules.map((r: { id: string }) => r.id), ['r-2', 'r-bad']);
+    assert.deepEqual(
+      written.rules.map((r: { id: string }) => r.id),
+      ['r-2', 'r-bad'],
+    );
     assert.deepEqual(written.rules[1], bad);
   });
 
@@ -129,16 +149,24 @@ describe('StateFile', () => {
     assert.deepEqual(fs.readdirSync(dir), ['state.json']);
   });
 
-  test('a failed rewrite leaves the previous file and no temp file', { skip: process.getuid?.() === 0 ? 'root ignores directory permissions' : false }, async () => {
+  test('a failed rewrite leaves the previous file and no temp file', {
+    skip: process.getuid?.() === 0 ? 'root ignores directory permissions' : false,
+  }, async () => {
     const state = new StateFile(file, log);
     await state.add(rule('r-1'));
     fs.chmodSync(dir, 0o500);
     try {
-      await assert.rejects(state.add(rule('r-2')), (error: Error) => error.message.includes(file) && /cannot write/.test(error.message));
+      await assert.rejects(
+        state.add(rule('r-2')),
+        (error: Error) => error.message.includes(file) && /cannot write/.test(error.message),
+      );
     } finally {
       fs.chmodSync(dir, 0o700);
     }
-    assert.deepEqual((await state.load()).map((r) => r.id), ['r-1']);
+    assert.deepEqual(
+      (await state.load()).map((r) => r.id),
+      ['r-1'],
+    );
     assert.deepEqual(fs.readdirSync(dir), ['state.json']);
   });
 });

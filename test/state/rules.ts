@@ -4,7 +4,7 @@ import type { Rule } from '../../src/rules/rule.ts';
 
 /** A block rule with every optional field null; overrides replace fields. */
 export function rule(id: string, overrides: Partial<Rule> = {}): Rule {
-  return ({
+  return {
     id,
     action: 'block',
     fingerprint: '0123456789abcdef',
@@ -20,5 +20,5 @@ export function rule(id: string, overrides: Partial<Rule> = {}): Rule {
     created_at: '2026-01-01T00:00:00.000Z',
     expires_at: null,
     ...overrides,
-  }) as Rule;
+  } as Rule;
 }

@@ -31,7 +31,10 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   before(async () => {
     db = await createWorkloadDatabase();
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'pgw-check-'));
-    for (const [file, samples] of [['workload.json', false], ['sampled.json', true]] as const) {
+    for (const [file, samples] of [
+      ['workload.json', false],
+      ['sampled.json', true],
+    ] as const) {
       const { pgw, workload } = await captureWorkload(db, { workload_sample_params: samples });
       await pgw.stop();
       fs.writeFileSync(path.join(tmp, file), JSON.stringify(workload));
@@ -53,12 +56,21 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   afterEach(async () => {
     assert.deepEqual(await catalogOf(db.url), catalog, 'the check left the catalog as it was');
     await waitFor(
-      () => withClient(async (c) => (await c.query("select 1 from pg_stat_activity where application_name = 'pgwarden-check-migration'")).rowCount === 0),
+      () =>
+        withClient(
+          async (c) =>
+            (await c.query("select 1 from pg_stat_activity where application_name = 'pgwarden-check-migration'"))
+              .rowCount === 0,
+        ),
       { what: 'no session of check-migration left on the server' },
     );
   });
 
-  async function check(migration: string, extra: string[] = [], options: { workload?: string; url?: string; signal?: AbortSignal } = {}): Promise<Run> {
+  async function check(
+    migration: string,
+    extra: string[] = [],
+    options: { workload?: string; url?: string; signal?: AbortSignal } = {},
+  ): Promise<Run> {
     const file = path.join(tmp, `migration-${Math.random().toString(36).slice(2)}.sql`);
     fs.writeFileSync(file, migration);
     let stdout = '';
@@ -99,13 +111,19 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
     assert.equal(shape.headline, 'Index Scan using users_email_idx on users -> Seq Scan on users');
     assert.ok(shape.cost_ratio >= 2);
     const totals = report.shapes.map((s: { total_ms: number }) => s.total_ms);
-    assert.deepEqual(totals, [...totals].sort((a: number, b: number) => b - a), 'heaviest shapes first');
+    assert.deepEqual(
+      totals,
+      [...totals].sort((a: number, b: number) => b - a),
+      'heaviest shapes first',
+    );
   });
 
   test('with sample parameters the shapes are explained with the captured values', async () => {
     const run = await check('drop index users_email_idx;', ['--format', 'json'], { workload: sampledWorkloadFile });
     assert.equal(run.code, 1, run.stderr);
-    const shape = JSON.parse(run.stdout).shapes.find((s: { fingerprint: string }) => s.fingerprint === emailFingerprint);
+    const shape = JSON.parse(run.stdout).shapes.find(
+      (s: { fingerprint: string }) => s.fingerprint === emailFingerprint,
+    );
     assert.equal(shape.verdict, 'regression');
     assert.equal(typeof shape.sample, 'number');
     assert.match(shape.headline, /Index Scan using users_email_idx on users -> Seq Scan on users/);
@@ -114,23 +132,33 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
   test('adding a column is clean', async () => {
     const run = await check('alter table users add column nickname text;');
     assert.equal(run.code, 0, run.stdout + run.stderr);
-    assert.match(run.stdout, /^OK: no regression in 4 shapes \(0 plan changes under the 2x cost threshold, 4 unchanged, 0 not checked\) after migration-\w+\.sql \(1 statement\), rolled back/);
+    assert.match(
+      run.stdout,
+      /^OK: no regression in 4 shapes \(0 plan changes under the 2x cost threshold, 4 unchanged, 0 not checked\) after migration-\w+\.sql \(1 statement\), rolled back/,
+    );
   });
 
   test('CREATE INDEX CONCURRENTLY runs as CREATE INDEX and its better plan is a change, not a regression', async () => {
-    const run = await check('-- a new index for the count by name\nCREATE INDEX CONCURRENTLY users_name_idx ON users (name);\n');
+    const run = await check(
+      '-- a new index for the count by name\nCREATE INDEX CONCURRENTLY users_name_idx ON users (name);\n',
+    );
     console.log(run.stdout);
     assert.equal(run.code, 0, run.stdout + run.stderr);
     assert.match(run.stdout, /^OK: no regression in 4 shapes \(1 plan change under the 2x cost threshold, 3 unchanged/);
     assert.match(run.stdout, /^changed {5}[0-9a-f]{16} {2}select count\(\*\) from users where name = \$1$/m);
     assert.match(run.stdout, /Seq Scan on users -> .*users_name_idx/);
-    assert.match(run.stdout, /^note: statement 1 \(line 2\): CREATE INDEX CONCURRENTLY runs as CREATE INDEX inside the check's transaction$/m);
+    assert.match(
+      run.stdout,
+      /^note: statement 1 \(line 2\): CREATE INDEX CONCURRENTLY runs as CREATE INDEX inside the check's transaction$/m,
+    );
   });
 
   test('dropping a column a shape reads is a regression carrying the error', async () => {
     const run = await check('alter table users drop column name;', ['--format', 'json']);
     assert.equal(run.code, 1);
-    const shape = JSON.parse(run.stdout).shapes.find((s: { fingerprint: string }) => s.fingerprint === emailFingerprint);
+    const shape = JSON.parse(run.stdout).shapes.find(
+      (s: { fingerprint: string }) => s.fingerprint === emailFingerprint,
+    );
     assert.equal(shape.verdict, 'regression');
     assert.equal(shape.after, null);
     assert.match(shape.error, /column "name" does not exist/);
@@ -154,20 +182,29 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
     const run = await check('alter table users add column ok int;\nalter tabel users drop column email;\n');
     assert.equal(run.code, 2);
     assert.equal(run.stdout, '');
-    assert.match(run.stderr, /^pgwarden check-migration: the migration \S*migration-\w+\.sql does not parse \(line 2\): syntax error at or near "tabel"\n$/);
+    assert.match(
+      run.stderr,
+      /^pgwarden check-migration: the migration \S*migration-\w+\.sql does not parse \(line 2\): syntax error at or near "tabel"\n$/,
+    );
   });
 
   test('a migration that fails on the staging database exits 2 and changes nothing', async () => {
     const run = await check('alter table users add column fine int;\nalter table users drop column no_such_column;\n');
     assert.equal(run.code, 2);
-    assert.match(run.stderr, /the migration failed at statement 2 \(line 2\): column "no_such_column" of relation "users" does not exist; nothing was changed/);
+    assert.match(
+      run.stderr,
+      /the migration failed at statement 2 \(line 2\): column "no_such_column" of relation "users" does not exist; nothing was changed/,
+    );
   });
 
   test('an unreachable database exits 2 with one line', async () => {
     const port = await freePort();
     const run = await check('drop index users_email_idx;', [], { url: `postgres://postgres@127.0.0.1:${port}/x` });
     assert.equal(run.code, 2);
-    assert.match(run.stderr, new RegExp(`^pgwarden check-migration: cannot connect to 127\\.0\\.0\\.1:${port}/x: .*ECONNREFUSED.*\\n$`));
+    assert.match(
+      run.stderr,
+      new RegExp(`^pgwarden check-migration: cannot connect to 127\\.0\\.0\\.1:${port}/x: .*ECONNREFUSED.*\\n$`),
+    );
   });
 
   test('bad flags and an unreadable workload exit 2', async () => {
@@ -181,7 +218,10 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
     assert.match(missing.stderr, /cannot use the workload .*missing\.json: ENOENT/);
     const notWorkload = path.join(tmp, 'not-workload.json');
     fs.writeFileSync(notWorkload, JSON.stringify({ format: 'something/else', shapes: [] }));
-    assert.match((await check('select 1', [], { workload: notWorkload })).stderr, /not a pgwarden workload \(pgwarden-workload\/1\): format/);
+    assert.match(
+      (await check('select 1', [], { workload: notWorkload })).stderr,
+      /not a pgwarden workload \(pgwarden-workload\/1\): format/,
+    );
   });
 
   test('a migration waiting for a lock gives up after --lock-timeout', async () => {
@@ -193,7 +233,10 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
       const started = Date.now();
       const run = await check('alter table users add column blocked int;', ['--lock-timeout', '0.5']);
       assert.equal(run.code, 2);
-      assert.match(run.stderr, /failed at statement 1 \(line 1\): canceling statement due to lock timeout \(--lock-timeout/);
+      assert.match(
+        run.stderr,
+        /failed at statement 1 \(line 1\): canceling statement due to lock timeout \(--lock-timeout/,
+      );
       assert.ok(Date.now() - started < 10_000);
     } finally {
       await holder.query('rollback');
@@ -211,9 +254,19 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
 
   test('Ctrl-C stops the check and rolls it back', async () => {
     const controller = new AbortController();
-    const running = check('alter table users add column interrupted int;\nselect pg_sleep(30);\n', [], { signal: controller.signal });
+    const running = check('alter table users add column interrupted int;\nselect pg_sleep(30);\n', [], {
+      signal: controller.signal,
+    });
     await waitFor(
-      () => withClient(async (c) => (await c.query("select 1 from pg_stat_activity where query like 'select pg_sleep(30)%' and application_name = 'pgwarden-check-migration'")).rowCount === 1),
+      () =>
+        withClient(
+          async (c) =>
+            (
+              await c.query(
+                "select 1 from pg_stat_activity where query like 'select pg_sleep(30)%' and application_name = 'pgwarden-check-migration'",
+              )
+            ).rowCount === 1,
+        ),
       { what: 'the migration to be running' },
     );
     controller.abort();
@@ -222,4 +275,3 @@ describe('pgwarden check-migration', { timeout: 180_000 }, () => {
     assert.match(run.stderr, /interrupted; the transaction was rolled back, nothing was changed/);
   });
 });
-

@@ -9,11 +9,25 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { runWorkload } from '../../src/cli/workload.ts';
 import { parseWorkload } from '../../src/workload/format.ts';
-import { captureWorkload, createWorkloadDatabase, NAME_LITERAL, QUERIES, SECRET, type CapturedWorkload, type WorkloadDatabase, type WorkloadShapeJson } from './fixture.ts';
+import {
+  captureWorkload,
+  createWorkloadDatabase,
+  NAME_LITERAL,
+  QUERIES,
+  SECRET,
+  type CapturedWorkload,
+  type WorkloadDatabase,
+  type WorkloadShapeJson,
+} from './fixture.ts';
 
 function capture() {
   let text = '';
-  return { write: (chunk: string) => (text += chunk), get text() { return text; } };
+  return {
+    write: (chunk: string) => (text += chunk),
+    get text() {
+      return text;
+    },
+  };
 }
 
 function shapeOf(shapes: WorkloadShapeJson[], query: string): WorkloadShapeJson {
@@ -55,16 +69,30 @@ describe('the workload export', { timeout: 90_000 }, () => {
       assert.match(byEmail.plan_fingerprint ?? '', /^[0-9a-f]{16}$/);
       assert.ok(byEmail.plan?.includes('Index Scan using users_email_idx on users'), String(byEmail.plan));
       assert.deepEqual(byEmail.param_types, [], 'node-postgres declares no parameter types');
-      const extra = byEmail as unknown as { plan_cost: number; relations: string[]; first_seen: string; last_seen: string; calls_per_s: number };
-      assert.ok(extra.plan_cost > 0, 'the production plan\'s cost');
+      const extra = byEmail as unknown as {
+        plan_cost: number;
+        relations: string[];
+        first_seen: string;
+        last_seen: string;
+        calls_per_s: number;
+      };
+      assert.ok(extra.plan_cost > 0, "the production plan's cost");
       assert.deepEqual(extra.relations, ['users']);
       assert.ok(Date.parse(extra.first_seen) <= Date.parse(extra.last_seen));
       assert.ok(extra.calls_per_s > 0, 'a rate check-migration weighs locks against');
-      assert.equal(shapeOf(workload.shapes, 'select count(*) from users where name = $1').param_types, null, 'a simple Query has no Parse');
+      assert.equal(
+        shapeOf(workload.shapes, 'select count(*) from users where name = $1').param_types,
+        null,
+        'a simple Query has no Parse',
+      );
       shapeOf(workload.shapes, QUERIES.insert);
       shapeOf(workload.shapes, QUERIES.byId);
       const totals = workload.shapes.map((s) => s.total_ms);
-      assert.deepEqual(totals, [...totals].sort((a, b) => b - a), 'heaviest first');
+      assert.deepEqual(
+        totals,
+        [...totals].sort((a, b) => b - a),
+        'heaviest first',
+      );
     });
 
     test('fallback shapes are not exported', () => {
@@ -74,7 +102,8 @@ describe('the workload export', { timeout: 90_000 }, () => {
 
     test('no literal value is exported and there are no samples', () => {
       const text = JSON.stringify(captured.workload);
-      for (const value of [SECRET, NAME_LITERAL, 'user1@example.com', '@example.']) assert.ok(!text.includes(value), `${value} leaked into the workload`);
+      for (const value of [SECRET, NAME_LITERAL, 'user1@example.com', '@example.'])
+        assert.ok(!text.includes(value), `${value} leaked into the workload`);
       assert.ok(captured.workload.shapes.every((s) => !('samples' in s)));
     });
 
@@ -82,7 +111,19 @@ describe('the workload export', { timeout: 90_000 }, () => {
       const file = path.join(tmp, 'workload.json');
       const out = capture();
       const err = capture();
-      const code = await runWorkload(['export', '--admin', `127.0.0.1:${captured.pgw.app.adminPort}`, '--token', captured.pgw.config.admin_token!, '--output', file], out, err);
+      const code = await runWorkload(
+        [
+          'export',
+          '--admin',
+          `127.0.0.1:${captured.pgw.app.adminPort}`,
+          '--token',
+          captured.pgw.config.admin_token!,
+          '--output',
+          file,
+        ],
+        out,
+        err,
+      );
       assert.equal(code, 0, err.text);
       assert.equal(out.text, '');
       assert.match(err.text, /wrote \d+ shapes to /);
@@ -96,7 +137,11 @@ describe('the workload export', { timeout: 90_000 }, () => {
 
     test('pgwarden workload export writes to stdout by default', async () => {
       const out = capture();
-      const code = await runWorkload(['export', '--admin', `127.0.0.1:${captured.pgw.app.adminPort}`, '--token', captured.pgw.config.admin_token!], out, capture());
+      const code = await runWorkload(
+        ['export', '--admin', `127.0.0.1:${captured.pgw.app.adminPort}`, '--token', captured.pgw.config.admin_token!],
+        out,
+        capture(),
+      );
       assert.equal(code, 0);
       assert.equal(parseWorkload(JSON.parse(out.text)).format, 'pgwarden-workload/1');
     });
@@ -104,7 +149,10 @@ describe('the workload export', { timeout: 90_000 }, () => {
     test('a refused token exits 1, an unreachable admin API and bad usage exit 2', async () => {
       const admin = `127.0.0.1:${captured.pgw.app.adminPort}`;
       const err = capture();
-      assert.equal(await runWorkload(['export', '--admin', admin, '--token', 'wrong-token-0123456789'], capture(), err), 1);
+      assert.equal(
+        await runWorkload(['export', '--admin', admin, '--token', 'wrong-token-0123456789'], capture(), err),
+        1,
+      );
       assert.match(err.text, /admin token was refused \(HTTP 401\)/);
       const unreachable = capture();
       assert.equal(await runWorkload(['export', '--admin', '127.0.0.1:1', '--token', 't'], capture(), unreachable), 2);

@@ -33,8 +33,12 @@ export async function createWorkloadDatabase(): Promise<WorkloadDatabase> {
   const url = new URL(testDatabase().url);
   url.pathname = `/${name}`;
   await withClient(async (c) => {
-    await c.query('create table users (id bigserial primary key, email text not null, name text not null, created_at timestamptz not null default now())');
-    await c.query(`insert into users (email, name) select 'user' || g || '@example.com', 'name ' || (g % 500) from generate_series(1, 20000) g`);
+    await c.query(
+      'create table users (id bigserial primary key, email text not null, name text not null, created_at timestamptz not null default now())',
+    );
+    await c.query(
+      `insert into users (email, name) select 'user' || g || '@example.com', 'name ' || (g % 500) from generate_series(1, 20000) g`,
+    );
     await c.query('create index users_email_idx on users (email)');
     await c.query('analyze users');
   }, url.toString());
@@ -66,7 +70,10 @@ export interface WorkloadShapeJson {
 }
 
 /** Starts pgwarden in front of `db`, runs the workload through it and waits for its plans. */
-export async function captureWorkload(db: WorkloadDatabase, overrides: Partial<Config> = {}): Promise<CapturedWorkload> {
+export async function captureWorkload(
+  db: WorkloadDatabase,
+  overrides: Partial<Config> = {},
+): Promise<CapturedWorkload> {
   const pgw = await startTestApp({ monitor_url: db.url, mitigation: 'off', ...overrides });
   const client = new pg.Client({ connectionString: pgw.url(undefined, db.name) });
   await client.connect();

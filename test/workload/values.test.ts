@@ -10,12 +10,18 @@ describe('sampleValues', () => {
   before(() => loadParser());
 
   test('a prepared statement without literals: its parameters', () => {
-    assert.deepEqual(sampleValues('select * from users where email = $1 and id = $2', ['a@example.com', null]), ['a@example.com', null]);
+    assert.deepEqual(sampleValues('select * from users where email = $1 and id = $2', ['a@example.com', null]), [
+      'a@example.com',
+      null,
+    ]);
   });
 
   test("a simple Query's literals, decoded, in the normalization's order", () => {
     assert.deepEqual(
-      sampleValues("select 'é' from t where a = -5 - 3 and c = 'it''s' and d = E'a\\nb' and e = 0 and f = false and g = '' and h in (1.5, 2)", []),
+      sampleValues(
+        "select 'é' from t where a = -5 - 3 and c = 'it''s' and d = E'a\\nb' and e = 0 and f = false and g = '' and h in (1.5, 2)",
+        [],
+      ),
       ['é', '-5', '3', "it's", 'a\nb', '0', 'false', '', '1.5', '2'],
     );
   });

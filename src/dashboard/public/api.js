@@ -67,7 +67,11 @@ export async function api(path, { method = 'GET', body, allow404 = false } = {})
 export async function apiText(path) {
   const token = getToken();
   if (!token) throw new Unauthorized('no token');
-  const response = await fetch(path, { headers: { Authorization: `Bearer ${token}` }, cache: 'no-store', credentials: 'omit' });
+  const response = await fetch(path, {
+    headers: { Authorization: `Bearer ${token}` },
+    cache: 'no-store',
+    credentials: 'omit',
+  });
   if (response.status === 401) throw new Unauthorized('token rejected');
   if (!response.ok) throw new ApiError(response.status, `GET ${path}: HTTP ${response.status}`);
   return response.text();

@@ -136,7 +136,9 @@ async function refresh() {
         api(`/api/incidents?status=active${scope}`, { allow404: true }),
         api('/api/incidents?status=resolved&limit=20', { allow404: true }),
         api('/api/events?limit=150', { allow404: true }),
-        selected ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true }) : null,
+        selected
+          ? api(`/api/shapes/${encodeURIComponent(selected)}?since_s=${state.sinceS}`, { allow404: true })
+          : null,
         api('/api/sessions', { allow404: true }),
         api('/api/rules', { allow404: true }),
       ]);
@@ -181,7 +183,10 @@ const actions = {
   shed: (shape, reason) => ruleDialog('shed', shape, { reason, done: refresh }),
   /** Cancels or terminates a blocking backend (audited by the server). */
   async signal(pid, action) {
-    if (!window.confirm(`${action === 'cancel' ? 'Cancel the statement of' : 'Terminate the session of'} backend ${pid}?`)) return;
+    if (
+      !window.confirm(`${action === 'cancel' ? 'Cancel the statement of' : 'Terminate the session of'} backend ${pid}?`)
+    )
+      return;
     try {
       await api(`/api/backends/${pid}/${action}`, { method: 'POST', body: { reason: 'from the dashboard' } });
     } catch (err) {
@@ -229,7 +234,9 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
   const active = incidents.filter((i) => i.status === 'active');
   if (changed('incidents', active)) renderIncidents($('incidents'), active, actions);
   // A shape's row links to the incident it is the root or a victim of.
-  state.incidents = new Map(active.flatMap((i) => [...(i.root ? [[i.root, i]] : []), ...(i.victims ?? []).map((v) => [v.fingerprint, i])]));
+  state.incidents = new Map(
+    active.flatMap((i) => [...(i.root ? [[i.root, i]] : []), ...(i.victims ?? []).map((v) => [v.fingerprint, i])]),
+  );
   table.update(shapes, state.selected, state.incidents);
   const where = state.scope === 'fleet' ? ' over every instance (details: this instance)' : '';
   $('shapes-hint').textContent = statsOff
@@ -242,7 +249,8 @@ function render(shapes, incidents, events, selected, detail, statsOff) {
 
 /** The live sessions table and, apart, the rules on shapes this instance never saw. */
 function renderSide(sessions, rules) {
-  $('sessions-hint').textContent = `${sessions.length} connected · ${sessions.filter((s) => s.state === 'active').length} active · ${sessions.filter((s) => s.state.startsWith('idle in transaction')).length} idle in transaction`;
+  $('sessions-hint').textContent =
+    `${sessions.length} connected · ${sessions.filter((s) => s.state === 'active').length} active · ${sessions.filter((s) => s.state.startsWith('idle in transaction')).length} idle in transaction`;
   if (changed('sessions', sessions)) {
     renderSessions($('sessions-body'), sessions, {
       open: (fp) => select(fp, { scroll: true }),
@@ -252,17 +260,23 @@ function renderSide(sessions, rules) {
   }
   const unseen = rules.filter((r) => r.seen === false);
   $('unseen-rules').hidden = unseen.length === 0;
-  if (changed('unseen-rules', unseen)) renderUnseenRules($('unseen-rules-body'), unseen, (rule) => liftDialog(rule, '', { done: refresh }));
+  if (changed('unseen-rules', unseen))
+    renderUnseenRules($('unseen-rules-body'), unseen, (rule) => liftDialog(rule, '', { done: refresh }));
 }
 
 function renderSummary(shapes, active) {
   const counts = { regressed: 0, blocked: 0, shed: 0, rerouted: 0, new: 0 };
   for (const s of shapes) if (s.status in counts) counts[s.status]++;
-  const item = (n, label, cls) => h('span', { class: `summary-item ${cls ?? ''}` }, h('strong', {}, String(n)), ` ${label}`);
+  const item = (n, label, cls) =>
+    h('span', { class: `summary-item ${cls ?? ''}` }, h('strong', {}, String(n)), ` ${label}`);
   fill(
     $('summary'),
     item(shapes.length, shapes.length === 1 ? 'shape' : 'shapes'),
-    item(active.length, active.length === 1 ? 'active incident' : 'active incidents', active.length ? 'summary-alert' : ''),
+    item(
+      active.length,
+      active.length === 1 ? 'active incident' : 'active incidents',
+      active.length ? 'summary-alert' : '',
+    ),
     counts.blocked ? item(counts.blocked, 'blocked', 'summary-warn') : null,
     counts.shed ? item(counts.shed, 'shed', 'summary-warn') : null,
     counts.rerouted ? item(counts.rerouted, 'rerouted') : null,
@@ -306,8 +320,13 @@ function buildDetail(fingerprint) {
     events: h('div', { class: 'detail-events' }),
     missing: h('p', { class: 'warning', hidden: true }),
   };
-  const shapeOf = () => state.detail?.shape ?? state.shapes.find((s) => s.fingerprint === fingerprint) ?? { fingerprint, query: '' };
-  const range = h('select', { 'aria-label': 'Time range', class: 'select-small' }, RANGES.map(([s, label]) => h('option', { value: s, selected: s === state.sinceS }, label)));
+  const shapeOf = () =>
+    state.detail?.shape ?? state.shapes.find((s) => s.fingerprint === fingerprint) ?? { fingerprint, query: '' };
+  const range = h(
+    'select',
+    { 'aria-label': 'Time range', class: 'select-small' },
+    RANGES.map(([s, label]) => h('option', { value: s, selected: s === state.sinceS }, label)),
+  );
   range.addEventListener('change', () => {
     state.sinceS = Number(range.value);
     refresh();
@@ -324,9 +343,36 @@ function buildDetail(fingerprint) {
       h(
         'span',
         { class: 'detail-actions' },
-        h('button', { type: 'button', class: 'btn btn-small btn-warn', 'data-action': 'shed', onclick: () => ruleDialog('shed', shapeOf(), { done: refresh }) }, 'Shed…'),
-        h('button', { type: 'button', class: 'btn btn-small btn-danger', 'data-action': 'block', onclick: () => ruleDialog('block', shapeOf(), { done: refresh }) }, 'Block…'),
-        h('button', { type: 'button', class: 'btn btn-small btn-ghost', 'aria-label': 'Close shape detail', onclick: closeDetail }, 'Close'),
+        h(
+          'button',
+          {
+            type: 'button',
+            class: 'btn btn-small btn-warn',
+            'data-action': 'shed',
+            onclick: () => ruleDialog('shed', shapeOf(), { done: refresh }),
+          },
+          'Shed…',
+        ),
+        h(
+          'button',
+          {
+            type: 'button',
+            class: 'btn btn-small btn-danger',
+            'data-action': 'block',
+            onclick: () => ruleDialog('block', shapeOf(), { done: refresh }),
+          },
+          'Block…',
+        ),
+        h(
+          'button',
+          {
+            type: 'button',
+            class: 'btn btn-small btn-ghost',
+            'aria-label': 'Close shape detail',
+            onclick: closeDetail,
+          },
+          'Close',
+        ),
       ),
     ),
     parts.missing,
@@ -335,7 +381,12 @@ function buildDetail(fingerprint) {
     h(
       'div',
       { class: 'subcard' },
-      h('div', { class: 'subcard-head' }, h('h3', {}, 'Latency'), h('span', { class: 'chart-controls' }, h('label', { class: 'check' }, logToggle, ' log scale'), range)),
+      h(
+        'div',
+        { class: 'subcard-head' },
+        h('h3', {}, 'Latency'),
+        h('span', { class: 'chart-controls' }, h('label', { class: 'check' }, logToggle, ' log scale'), range),
+      ),
       parts.chart,
     ),
     h(
@@ -346,7 +397,12 @@ function buildDetail(fingerprint) {
         'div',
         { class: 'detail-side' },
         h('div', { class: 'subcard' }, h('div', { class: 'subcard-head' }, h('h3', {}, 'Rules')), parts.rules),
-        h('div', { class: 'subcard' }, h('div', { class: 'subcard-head' }, h('h3', {}, 'Events of this shape')), parts.events),
+        h(
+          'div',
+          { class: 'subcard' },
+          h('div', { class: 'subcard-head' }, h('h3', {}, 'Events of this shape')),
+          parts.events,
+        ),
       ),
     ),
   );
@@ -372,18 +428,21 @@ function renderDetail(detail) {
   if (changed('detail:rules', detail.rules ?? [])) {
     renderRules(d.parts.rules, detail.rules ?? [], (rule) => liftDialog(rule, detail.query, { done: refresh }));
   }
-  if (changed('detail:events', detail.events ?? [])) renderEvents(d.parts.events, detail.events ?? [], null, { compact: true });
+  if (changed('detail:events', detail.events ?? []))
+    renderEvents(d.parts.events, detail.events ?? [], null, { compact: true });
 }
 
 /** Chart markers: the shape's own events, and the schema changes its incidents blame. */
 function markersOf(detail) {
   const markers = new Map();
   for (const e of detail.events ?? []) {
-    if (['plan_change', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed'].includes(e.type)) markers.set(`e${e.id}`, { t: Date.parse(e.at), type: e.type, summary: e.summary });
+    if (['plan_change', 'incident_opened', 'incident_resolved', 'rule_added', 'rule_removed'].includes(e.type))
+      markers.set(`e${e.id}`, { t: Date.parse(e.at), type: e.type, summary: e.summary });
   }
   for (const incident of detail.incidents ?? []) {
     for (const c of incident.causes ?? []) {
-      if (c.type !== 'plan_change' && c.relevant) markers.set(`e${c.event_id}`, { t: Date.parse(c.at), type: c.type, summary: c.summary });
+      if (c.type !== 'plan_change' && c.relevant)
+        markers.set(`e${c.event_id}`, { t: Date.parse(c.at), type: c.type, summary: c.summary });
     }
   }
   return [...markers.values()].filter((m) => Number.isFinite(m.t));

@@ -88,7 +88,12 @@ export class LatencyChart {
 
   create() {
     const markers = () => this.markers;
-    const axis = { stroke: '#5b6472', grid: { stroke: '#eceef2', width: 1 }, ticks: { stroke: '#d9dde3', width: 1 }, font: '11px system-ui, sans-serif' };
+    const axis = {
+      stroke: '#5b6472',
+      grid: { stroke: '#eceef2', width: 1 },
+      ticks: { stroke: '#d9dde3', width: 1 },
+      font: '11px system-ui, sans-serif',
+    };
     this.plot = new uPlot(
       {
         ...this.size(),
@@ -102,7 +107,10 @@ export class LatencyChart {
         axes: [axis, { ...axis, size: 64, values: (_u, ticks) => ticks.map(fmtAxisMs) }],
         // Without the cursor over the plot, the legend shows the newest bucket.
         series: [
-          { label: 'Bucket', value: (_u, v, _s, idx) => (idx == null || v == null ? 'latest' : fmtWhen(new Date(v * 1000))) },
+          {
+            label: 'Bucket',
+            value: (_u, v, _s, idx) => (idx == null || v == null ? 'latest' : fmtWhen(new Date(v * 1000))),
+          },
           ...SERIES.map((s) => ({
             label: s.label,
             stroke: s.stroke,

@@ -20,7 +20,11 @@ let open = null;
 function dialog({ title, lead, body = [], confirmLabel, danger = true, submit }) {
   close();
   const error = h('p', { class: 'modal-error', role: 'alert', hidden: true });
-  const confirmButton = h('button', { type: 'submit', class: danger ? 'btn btn-danger' : 'btn btn-primary', 'data-action': 'confirm' }, confirmLabel);
+  const confirmButton = h(
+    'button',
+    { type: 'submit', class: danger ? 'btn btn-danger' : 'btn btn-primary', 'data-action': 'confirm' },
+    confirmLabel,
+  );
   const form = h(
     'form',
     { class: 'modal', novalidate: true },
@@ -28,9 +32,18 @@ function dialog({ title, lead, body = [], confirmLabel, danger = true, submit })
     lead ? h('p', { class: 'modal-lead' }, lead) : null,
     body,
     error,
-    h('div', { class: 'modal-actions' }, h('button', { type: 'button', class: 'btn', 'data-action': 'cancel', onclick: close }, 'Cancel'), confirmButton),
+    h(
+      'div',
+      { class: 'modal-actions' },
+      h('button', { type: 'button', class: 'btn', 'data-action': 'cancel', onclick: close }, 'Cancel'),
+      confirmButton,
+    ),
   );
-  const overlay = h('div', { class: 'overlay', id: 'modal', role: 'dialog', 'aria-modal': 'true', 'aria-labelledby': 'modal-title' }, form);
+  const overlay = h(
+    'div',
+    { class: 'overlay', id: 'modal', role: 'dialog', 'aria-modal': 'true', 'aria-labelledby': 'modal-title' },
+    form,
+  );
   overlay.addEventListener('mousedown', (e) => {
     if (e.target === overlay) close();
   });
@@ -69,7 +82,13 @@ export function isOpen() {
 }
 
 function field(label, control, hint) {
-  return h('label', { class: 'field' }, h('span', { class: 'field-label' }, label), control, hint ? h('span', { class: 'field-hint' }, hint) : null);
+  return h(
+    'label',
+    { class: 'field' },
+    h('span', { class: 'field-label' }, label),
+    control,
+    hint ? h('span', { class: 'field-hint' }, hint) : null,
+  );
 }
 
 function numberOrNull(value) {
@@ -85,16 +104,48 @@ export function ruleDialog(action, shape, { reason = '', done = () => {} } = {})
   const body = [
     h('div', { class: 'modal-query', title: shape.query }, oneLine(shape.query)),
     h('p', { class: 'modal-meta' }, 'shape ', h('code', {}, shape.fingerprint)),
-    field('Reason', h('textarea', { name: 'reason', rows: 2, required: true, maxlength: 1000 }, reason), 'Shown to clients in the error DETAIL and kept with the rule.'),
+    field(
+      'Reason',
+      h('textarea', { name: 'reason', rows: 2, required: true, maxlength: 1000 }, reason),
+      'Shown to clients in the error DETAIL and kept with the rule.',
+    ),
     isShed
       ? h(
           'div',
           { class: 'field-row' },
-          field('Max concurrent executions', h('input', { name: 'max_concurrent', type: 'number', min: 0, max: 100000, step: 1, value: 2, required: true })),
-          field('Queue timeout (ms)', h('input', { name: 'queue_timeout_ms', type: 'number', min: 0, max: 600000, step: 1, placeholder: 'server default' })),
+          field(
+            'Max concurrent executions',
+            h('input', {
+              name: 'max_concurrent',
+              type: 'number',
+              min: 0,
+              max: 100000,
+              step: 1,
+              value: 2,
+              required: true,
+            }),
+          ),
+          field(
+            'Queue timeout (ms)',
+            h('input', {
+              name: 'queue_timeout_ms',
+              type: 'number',
+              min: 0,
+              max: 600000,
+              step: 1,
+              placeholder: 'server default',
+            }),
+          ),
         )
       : null,
-    field('Expires', h('select', { name: 'ttl_s' }, TTLS.map(([value, label]) => h('option', { value }, label)))),
+    field(
+      'Expires',
+      h(
+        'select',
+        { name: 'ttl_s' },
+        TTLS.map(([value, label]) => h('option', { value }, label)),
+      ),
+    ),
   ];
   dialog({
     title: isShed ? 'Shed this shape?' : 'Block this shape?',
@@ -112,11 +163,13 @@ export function ruleDialog(action, shape, { reason = '', done = () => {} } = {})
       if (ttl) rule.ttl_s = Number(ttl);
       if (isShed) {
         const max = numberOrNull(String(data.get('max_concurrent') ?? ''));
-        if (max === null || !Number.isInteger(max) || max < 0) throw new Error('Max concurrent executions must be a whole number, 0 or more.');
+        if (max === null || !Number.isInteger(max) || max < 0)
+          throw new Error('Max concurrent executions must be a whole number, 0 or more.');
         rule.max_concurrent = max;
         const timeout = numberOrNull(String(data.get('queue_timeout_ms') ?? ''));
         if (timeout !== null) {
-          if (!Number.isInteger(timeout) || timeout < 0) throw new Error('Queue timeout must be a whole number of milliseconds.');
+          if (!Number.isInteger(timeout) || timeout < 0)
+            throw new Error('Queue timeout must be a whole number of milliseconds.');
           rule.queue_timeout_ms = timeout;
         }
       }
@@ -154,8 +207,14 @@ export function sessionDialog(kind, session, { done = () => {} } = {}) {
       ? 'The statement fails with 57014 (canceled); the session stays connected.'
       : 'The client gets FATAL 57P01 and is disconnected; its open transaction rolls back.',
     body: [
-      h('p', { class: 'modal-meta' }, `session ${session.id} · ${session.client_address} · ${session.user} / ${session.database}${session.application_name ? ` · ${session.application_name}` : ''}`),
-      session.statement?.query ? h('div', { class: 'modal-query', title: session.statement.query }, oneLine(session.statement.query)) : null,
+      h(
+        'p',
+        { class: 'modal-meta' },
+        `session ${session.id} · ${session.client_address} · ${session.user} / ${session.database}${session.application_name ? ` · ${session.application_name}` : ''}`,
+      ),
+      session.statement?.query
+        ? h('div', { class: 'modal-query', title: session.statement.query }, oneLine(session.statement.query))
+        : null,
     ],
     confirmLabel: cancel ? 'Cancel statement' : 'Terminate',
     danger: !cancel,

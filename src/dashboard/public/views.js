@@ -6,11 +6,23 @@
 
 import { fill, fmtAgo, fmtCount, fmtMs, fmtRatio, fmtSeconds, fmtTime, h, oneLine } from './dom.js';
 
-const STATUS_LABELS = { ok: 'ok', regressed: 'regressed', slowed: 'slowed', blocked: 'blocked', shed: 'shed', rerouted: 'rerouted', new: 'new' };
+const STATUS_LABELS = {
+  ok: 'ok',
+  regressed: 'regressed',
+  slowed: 'slowed',
+  blocked: 'blocked',
+  shed: 'shed',
+  rerouted: 'rerouted',
+  new: 'new',
+};
 
 export function statusBadge(status) {
   const known = status in STATUS_LABELS;
-  return h('span', { class: `badge badge-${known ? status : 'other'}`, 'data-status': status }, STATUS_LABELS[status] ?? status);
+  return h(
+    'span',
+    { class: `badge badge-${known ? status : 'other'}`, 'data-status': status },
+    STATUS_LABELS[status] ?? status,
+  );
 }
 
 const EVENT_LABELS = {
@@ -41,7 +53,14 @@ export function planHeadline(text) {
       .split('; ')
       .map((part, i) => {
         const [from, to] = part.split(' -> ');
-        const pieces = to === undefined ? [h('span', { class: 'plan-to' }, part)] : [h('span', { class: 'plan-from' }, from), h('span', { class: 'plan-arrow' }, ' → '), h('span', { class: 'plan-to' }, to)];
+        const pieces =
+          to === undefined
+            ? [h('span', { class: 'plan-to' }, part)]
+            : [
+                h('span', { class: 'plan-from' }, from),
+                h('span', { class: 'plan-arrow' }, ' → '),
+                h('span', { class: 'plan-to' }, to),
+              ];
         return [i > 0 ? h('span', { class: 'plan-sep' }, '; ') : null, ...pieces];
       }),
   );
@@ -66,11 +85,22 @@ function whenRelativeToOnset(seconds) {
  */
 export function renderIncidents(container, incidents, actions) {
   if (incidents.length === 0) {
-    fill(container, h('div', { class: 'all-clear' }, h('span', { class: 'dot dot-ok' }), 'No active incidents: every tracked shape is within its baseline.'));
+    fill(
+      container,
+      h(
+        'div',
+        { class: 'all-clear' },
+        h('span', { class: 'dot dot-ok' }),
+        'No active incidents: every tracked shape is within its baseline.',
+      ),
+    );
     return;
   }
   const sorted = [...incidents].sort((a, b) => (b.severity ?? 0) - (a.severity ?? 0));
-  fill(container, sorted.map((incident) => incidentCard(incident, actions)));
+  fill(
+    container,
+    sorted.map((incident) => incidentCard(incident, actions)),
+  );
 }
 
 const CAUSE_LABELS = {
@@ -89,8 +119,26 @@ function blockerActions(cause, actions) {
   return h(
     'span',
     { class: 'cause-actions' },
-    h('button', { class: 'btn btn-small btn-warn', type: 'button', 'data-action': 'cancel-backend', onclick: () => actions.signal(pid, 'cancel') }, `Cancel pid ${pid}`),
-    h('button', { class: 'btn btn-small btn-danger', type: 'button', 'data-action': 'terminate-backend', onclick: () => actions.signal(pid, 'terminate') }, `Terminate pid ${pid}`),
+    h(
+      'button',
+      {
+        class: 'btn btn-small btn-warn',
+        type: 'button',
+        'data-action': 'cancel-backend',
+        onclick: () => actions.signal(pid, 'cancel'),
+      },
+      `Cancel pid ${pid}`,
+    ),
+    h(
+      'button',
+      {
+        class: 'btn btn-small btn-danger',
+        type: 'button',
+        'data-action': 'terminate-backend',
+        onclick: () => actions.signal(pid, 'terminate'),
+      },
+      `Terminate pid ${pid}`,
+    ),
   );
 }
 
@@ -101,7 +149,9 @@ function incidentCard(incident, actions) {
   const detectedAfter = (Date.parse(incident.detected_at) - Date.parse(incident.onset)) / 1000;
   const plan = (incident.causes ?? []).filter((c) => c.type === 'plan_change');
   // Decisive causes (a setting, statistics, a lock, saturation) before the merely nearby ones.
-  const schema = (incident.causes ?? []).filter((c) => c.type !== 'plan_change').sort((a, b) => (b.conclusive ? 1 : 0) - (a.conclusive ? 1 : 0));
+  const schema = (incident.causes ?? [])
+    .filter((c) => c.type !== 'plan_change')
+    .sort((a, b) => (b.conclusive ? 1 : 0) - (a.conclusive ? 1 : 0));
   const checks = incident.checks ?? (incident.ruled_out ?? []).map((r) => ({ ...r, ruled_out: true }));
 
   return h(
@@ -122,12 +172,41 @@ function incidentCard(incident, actions) {
         : h(
             'span',
             { class: 'incident-actions' },
-            h('button', { class: 'btn btn-small', type: 'button', 'data-action': 'open', onclick: () => actions.open(incident.fingerprint) }, 'Open shape'),
-            h('button', { class: 'btn btn-small btn-warn', type: 'button', 'data-action': 'shed', onclick: () => actions.shed(shape, reason) }, 'Shed…'),
-            h('button', { class: 'btn btn-small btn-danger', type: 'button', 'data-action': 'block', onclick: () => actions.block(shape, reason) }, 'Block…'),
+            h(
+              'button',
+              {
+                class: 'btn btn-small',
+                type: 'button',
+                'data-action': 'open',
+                onclick: () => actions.open(incident.fingerprint),
+              },
+              'Open shape',
+            ),
+            h(
+              'button',
+              {
+                class: 'btn btn-small btn-warn',
+                type: 'button',
+                'data-action': 'shed',
+                onclick: () => actions.shed(shape, reason),
+              },
+              'Shed…',
+            ),
+            h(
+              'button',
+              {
+                class: 'btn btn-small btn-danger',
+                type: 'button',
+                'data-action': 'block',
+                onclick: () => actions.block(shape, reason),
+              },
+              'Block…',
+            ),
           ),
     ),
-    wide ? h('div', { class: 'incident-query' }, incident.summary) : h('div', { class: 'incident-query', title: incident.query }, oneLine(incident.query)),
+    wide
+      ? h('div', { class: 'incident-query' }, incident.summary)
+      : h('div', { class: 'incident-query', title: incident.query }, oneLine(incident.query)),
     h(
       'div',
       { class: 'incident-grid' },
@@ -135,7 +214,13 @@ function incidentCard(incident, actions) {
         'div',
         { class: 'incident-metric' },
         h('div', { class: 'metric-label' }, wide ? 'p95 of the busiest shape' : 'p95 latency'),
-        h('div', { class: 'metric-change' }, h('span', { class: 'metric-before' }, fmtMs(incident.baseline?.p95_ms)), h('span', { class: 'metric-arrow' }, ' → '), h('span', { class: 'metric-after' }, fmtMs(incident.current?.p95_ms))),
+        h(
+          'div',
+          { class: 'metric-change' },
+          h('span', { class: 'metric-before' }, fmtMs(incident.baseline?.p95_ms)),
+          h('span', { class: 'metric-arrow' }, ' → '),
+          h('span', { class: 'metric-after' }, fmtMs(incident.current?.p95_ms)),
+        ),
         h('div', { class: 'metric-ratio' }, `${fmtRatio(incident.severity)} slower`),
         h(
           'div',
@@ -144,36 +229,55 @@ function incidentCard(incident, actions) {
           h('br'),
           `calls ${rate(incident.baseline?.rate)} → ${rate(incident.current?.rate)}`,
           incident.peak ? [h('br'), `peak p95 ${fmtMs(incident.peak.p95_ms)} at ${fmtTime(incident.peak.at)}`] : null,
-          incident.impact ? [h('br'), `impact: ${incident.impact.shapes} shape${incident.impact.shapes === 1 ? '' : 's'}, ${Math.round((incident.impact.share_of_calls ?? 0) * 100)}% of calls`] : null,
+          incident.impact
+            ? [
+                h('br'),
+                `impact: ${incident.impact.shapes} shape${incident.impact.shapes === 1 ? '' : 's'}, ${Math.round((incident.impact.share_of_calls ?? 0) * 100)}% of calls`,
+              ]
+            : null,
         ),
       ),
       h(
         'div',
         { class: 'incident-causes' },
         h('div', { class: 'section-label' }, 'Suspected causes'),
-        plan.length === 0 && schema.length === 0 ? h('p', { class: 'muted' }, 'No plan or schema change found near the onset yet; plans are re-sampled when latency jumps.') : null,
+        plan.length === 0 && schema.length === 0
+          ? h(
+              'p',
+              { class: 'muted' },
+              'No plan or schema change found near the onset yet; plans are re-sampled when latency jumps.',
+            )
+          : null,
         h(
           'div',
           { class: 'cause-list' },
-          plan.slice(0, 2).map((c) =>
-            h(
-              'div',
-              { class: 'cause cause-plan' },
-              h('span', { class: 'cause-kind' }, 'Plan change'),
-              h('span', { class: 'cause-text' }, planHeadline(c.diff?.headline ?? c.summary)),
-              h('span', { class: 'cause-when' }, `${fmtTime(c.at)} · ${whenRelativeToOnset(c.seconds_before_onset)}`),
+          plan
+            .slice(0, 2)
+            .map((c) =>
+              h(
+                'div',
+                { class: 'cause cause-plan' },
+                h('span', { class: 'cause-kind' }, 'Plan change'),
+                h('span', { class: 'cause-text' }, planHeadline(c.diff?.headline ?? c.summary)),
+                h('span', { class: 'cause-when' }, `${fmtTime(c.at)} · ${whenRelativeToOnset(c.seconds_before_onset)}`),
+              ),
             ),
-          ),
-          schema.slice(0, 3).map((c) =>
-            h(
-              'div',
-              { class: `cause cause-schema${c.relevant ? '' : ' cause-nearby'}` },
-              h('span', { class: 'cause-kind' }, CAUSE_LABELS[c.type] ?? c.type),
-              h('span', { class: 'cause-text' }, c.statement ? h('code', {}, oneLine(c.statement)) : c.summary),
-              blockerActions(c, actions),
-              h('span', { class: 'cause-when' }, `${causeTime(c)} · ${c.between && c.seconds_before_onset === 0 ? 'the onset is in this window' : whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`),
+          schema
+            .slice(0, 3)
+            .map((c) =>
+              h(
+                'div',
+                { class: `cause cause-schema${c.relevant ? '' : ' cause-nearby'}` },
+                h('span', { class: 'cause-kind' }, CAUSE_LABELS[c.type] ?? c.type),
+                h('span', { class: 'cause-text' }, c.statement ? h('code', {}, oneLine(c.statement)) : c.summary),
+                blockerActions(c, actions),
+                h(
+                  'span',
+                  { class: 'cause-when' },
+                  `${causeTime(c)} · ${c.between && c.seconds_before_onset === 0 ? 'the onset is in this window' : whenRelativeToOnset(c.seconds_before_onset)}${c.relevant ? '' : ' · not used by this shape\u2019s plans'}`,
+                ),
+              ),
             ),
-          ),
         ),
       ),
       h(
@@ -183,19 +287,36 @@ function incidentCard(incident, actions) {
         h(
           'ul',
           { class: 'checks' },
-          checks.map((c) => h('li', { class: c.ruled_out ? 'check-ok' : 'check-open', title: c.summary }, h('span', { class: 'check-mark' }, c.ruled_out ? '✓' : '?'), h('span', {}, c.summary))),
+          checks.map((c) =>
+            h(
+              'li',
+              { class: c.ruled_out ? 'check-ok' : 'check-open', title: c.summary },
+              h('span', { class: 'check-mark' }, c.ruled_out ? '✓' : '?'),
+              h('span', {}, c.summary),
+            ),
+          ),
         ),
         incident.mitigation
           ? h(
               'div',
               { class: 'mitigation' },
               h('span', { class: 'section-label' }, 'Mitigation '),
-              incident.mitigation.action === 'none' && incident.mitigation.refused?.length ? `${incident.mitigation.mode}: no mitigation` : `${incident.mitigation.mode}: ${incident.mitigation.note}`,
+              incident.mitigation.action === 'none' && incident.mitigation.refused?.length
+                ? `${incident.mitigation.mode}: no mitigation`
+                : `${incident.mitigation.mode}: ${incident.mitigation.note}`,
               incident.mitigation.refused?.length
                 ? h(
                     'ul',
                     { class: 'mitigation-refused' },
-                    incident.mitigation.refused.map((r) => h('li', {}, 'refused ', r.fingerprint ? h('code', {}, r.fingerprint) : 'the incident', `: ${r.reason}`)),
+                    incident.mitigation.refused.map((r) =>
+                      h(
+                        'li',
+                        {},
+                        'refused ',
+                        r.fingerprint ? h('code', {}, r.fingerprint) : 'the incident',
+                        `: ${r.reason}`,
+                      ),
+                    ),
                   )
                 : null,
             )
@@ -214,7 +335,11 @@ function victimsList(incident, actions) {
   return h(
     'details',
     { class: 'victims' },
-    h('summary', {}, `${victims.length} ${wide ? 'shape' : 'victim'}${victims.length === 1 ? '' : 's'} ${wide ? 'slowed' : 'slowed by this shape, with no plan change of their own'}`),
+    h(
+      'summary',
+      {},
+      `${victims.length} ${wide ? 'shape' : 'victim'}${victims.length === 1 ? '' : 's'} ${wide ? 'slowed' : 'slowed by this shape, with no plan change of their own'}`,
+    ),
     h(
       'ul',
       { class: 'victim-list' },
@@ -222,9 +347,17 @@ function victimsList(incident, actions) {
         h(
           'li',
           { 'data-victim': v.fingerprint },
-          h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(v.fingerprint) }, h('code', {}, v.fingerprint)),
+          h(
+            'button',
+            { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(v.fingerprint) },
+            h('code', {}, v.fingerprint),
+          ),
           h('span', { class: 'victim-query', title: v.query }, oneLine(v.query)),
-          h('span', { class: 'victim-figures' }, `p95 ${fmtMs(v.baseline_p95_ms)} → ${fmtMs(v.peak_p95_ms)} at worst · ${Math.round(v.share_of_calls * 100)}% of calls`),
+          h(
+            'span',
+            { class: 'victim-figures' },
+            `p95 ${fmtMs(v.baseline_p95_ms)} → ${fmtMs(v.peak_p95_ms)} at worst · ${Math.round(v.share_of_calls * 100)}% of calls`,
+          ),
         ),
       ),
     ),
@@ -253,12 +386,37 @@ export function renderHistory(container, incidents, actions) {
             'div',
             { class: 'history-head' },
             h('span', { class: 'incident-tag' }, i.kind === 'database_wide' ? 'Database-wide' : 'Regression'),
-            i.root ? h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(i.root) }, h('code', {}, i.root)) : null,
+            i.root
+              ? h(
+                  'button',
+                  { class: 'btn btn-small btn-ghost', type: 'button', onclick: () => actions.open(i.root) },
+                  h('code', {}, i.root),
+                )
+              : null,
             h('span', { class: 'muted' }, `${fmtTime(i.onset)} → ${fmtTime(i.resolved_at)}`),
-            h('button', { class: 'btn btn-small', type: 'button', 'data-action': 'postmortem', onclick: () => actions.postmortem(i) }, 'Postmortem'),
+            h(
+              'button',
+              {
+                class: 'btn btn-small',
+                type: 'button',
+                'data-action': 'postmortem',
+                onclick: () => actions.postmortem(i),
+              },
+              'Postmortem',
+            ),
           ),
-          h('div', { class: 'history-figures' }, `p95 ${fmtMs(i.baseline?.p95_ms)} → peak ${fmtMs(i.peak?.p95_ms)}${i.victims?.length ? ` · ${i.victims.length} victim${i.victims.length === 1 ? '' : 's'}` : ''}`),
-          i.resolution ? h('div', { class: 'history-resolution', title: i.resolution.summary }, `Resolution: ${i.resolution.summary}`) : null,
+          h(
+            'div',
+            { class: 'history-figures' },
+            `p95 ${fmtMs(i.baseline?.p95_ms)} → peak ${fmtMs(i.peak?.p95_ms)}${i.victims?.length ? ` · ${i.victims.length} victim${i.victims.length === 1 ? '' : 's'}` : ''}`,
+          ),
+          i.resolution
+            ? h(
+                'div',
+                { class: 'history-resolution', title: i.resolution.summary },
+                `Resolution: ${i.resolution.summary}`,
+              )
+            : null,
         ),
       ),
     ),
@@ -293,15 +451,30 @@ export class ShapesTable {
     this.headers = new Map();
     const headRow = h('tr');
     for (const col of COLUMNS) {
-      const th = h('th', { class: [col.cls, col.num ? 'num' : null].filter(Boolean).join(' ') || null, scope: 'col', 'data-column': col.key });
+      const th = h('th', {
+        class: [col.cls, col.num ? 'num' : null].filter(Boolean).join(' ') || null,
+        scope: 'col',
+        'data-column': col.key,
+      });
       if (col.sort) {
-        th.append(h('button', { type: 'button', class: 'sort', 'data-sort': col.sort, onclick: () => onSort(col.sort) }, col.label, h('span', { class: 'sort-mark', 'aria-hidden': 'true' })));
+        th.append(
+          h(
+            'button',
+            { type: 'button', class: 'sort', 'data-sort': col.sort, onclick: () => onSort(col.sort) },
+            col.label,
+            h('span', { class: 'sort-mark', 'aria-hidden': 'true' }),
+          ),
+        );
         this.headers.set(col.sort, th);
       } else th.textContent = col.label;
       headRow.append(th);
     }
     this.body = h('tbody');
-    this.empty = h('tr', { class: 'empty' }, h('td', { colspan: COLUMNS.length }, 'No queries seen yet: point an application at pgwarden\u2019s proxy port.'));
+    this.empty = h(
+      'tr',
+      { class: 'empty' },
+      h('td', { colspan: COLUMNS.length }, 'No queries seen yet: point an application at pgwarden\u2019s proxy port.'),
+    );
     fill(table, h('thead', {}, headRow), this.body);
   }
 
@@ -355,7 +528,10 @@ export class ShapesTable {
       }
     });
     for (const col of COLUMNS) {
-      const td = h('td', { class: [col.cls, col.num ? 'num' : null].filter(Boolean).join(' ') || null, 'data-column': col.key });
+      const td = h('td', {
+        class: [col.cls, col.num ? 'num' : null].filter(Boolean).join(' ') || null,
+        'data-column': col.key,
+      });
       cells[col.key] = td;
       tr.append(td);
     }
@@ -396,8 +572,14 @@ export class ShapesTable {
 // ---------------------------------------------------------------- shape detail
 
 export function shapeStats(shape) {
-  const item = (label, value, title) => h('div', { class: 'stat', title }, h('div', { class: 'stat-label' }, label), h('div', { class: 'stat-value' }, value));
-  const list = (values) => (values && values.length ? values.join(', ') : '–');
+  const item = (label, value, title) =>
+    h(
+      'div',
+      { class: 'stat', title },
+      h('div', { class: 'stat-label' }, label),
+      h('div', { class: 'stat-value' }, value),
+    );
+  const list = (values) => (values?.length ? values.join(', ') : '–');
   return [
     item('Calls', fmtCount(shape.calls)),
     item('Errors', fmtCount(shape.errors)),
@@ -408,9 +590,23 @@ export function shapeStats(shape) {
     item('p95', fmtMs(shape.p95_ms)),
     item('p99', fmtMs(shape.p99_ms)),
     // The figures above cover the shape's whole life; these are the detector's window.
-    shape.detector?.recent ? item('p95 now', fmtMs(shape.detector.recent.p95_ms), 'p95 of the last 5 s of calls (the detector\u2019s window)') : null,
-    shape.detector?.recent ? item('p50 now', fmtMs(shape.detector.recent.p50_ms), 'p50 of the last 5 s of calls') : null,
-    shape.detector?.baseline ? item('Baseline p95', fmtMs(shape.detector.baseline.p95_ms), `from ${String(shape.detector.baseline_from ?? '').replace('_', ' ')}`) : null,
+    shape.detector?.recent
+      ? item(
+          'p95 now',
+          fmtMs(shape.detector.recent.p95_ms),
+          'p95 of the last 5 s of calls (the detector\u2019s window)',
+        )
+      : null,
+    shape.detector?.recent
+      ? item('p50 now', fmtMs(shape.detector.recent.p50_ms), 'p50 of the last 5 s of calls')
+      : null,
+    shape.detector?.baseline
+      ? item(
+          'Baseline p95',
+          fmtMs(shape.detector.baseline.p95_ms),
+          `from ${String(shape.detector.baseline_from ?? '').replace('_', ' ')}`,
+        )
+      : null,
     item('First seen', fmtTime(shape.first_seen), shape.first_seen),
     item('Last seen', fmtTime(shape.last_seen), shape.last_seen),
     item('Users', list(shape.users), list(shape.users)),
@@ -430,13 +626,24 @@ export function renderPlans(container, plans) {
   fill(
     container,
     plans.last_error ? h('p', { class: 'warning' }, `Last EXPLAIN failed: ${plans.last_error}`) : null,
-    plans.not_sampled ? h('p', { class: 'warning' }, `Not explained: ${plans.not_sampled.replace(/^not sampled: /, '')}`) : null,
+    plans.not_sampled
+      ? h('p', { class: 'warning' }, `Not explained: ${plans.not_sampled.replace(/^not sampled: /, '')}`)
+      : null,
     plans.current
       ? h(
           'div',
           { class: 'plan-current' },
-          h('div', { class: 'plan-meta' }, h('strong', {}, 'Current plan'), ` ${plans.current.fingerprint} · cost ${plans.current.total_cost} · ${samples(plans.current.samples)} · since ${fmtTime(plans.current.first_seen)}`),
-          h('ol', { class: 'plan-nodes' }, plans.current.nodes.map((n) => h('li', {}, n))),
+          h(
+            'div',
+            { class: 'plan-meta' },
+            h('strong', {}, 'Current plan'),
+            ` ${plans.current.fingerprint} · cost ${plans.current.total_cost} · ${samples(plans.current.samples)} · since ${fmtTime(plans.current.first_seen)}`,
+          ),
+          h(
+            'ol',
+            { class: 'plan-nodes' },
+            plans.current.nodes.map((n) => h('li', {}, n)),
+          ),
         )
       : h('p', { class: 'muted' }, 'Not explained yet.'),
     changes.length
@@ -448,7 +655,13 @@ export function renderPlans(container, plans) {
             h(
               'div',
               { class: 'plan-change' },
-              h('div', { class: 'plan-change-head' }, h('span', { class: 'muted' }, fmtTime(c.at)), ' ', planHeadline(c.headline || `${c.before ?? c.from} -> ${c.after ?? c.to}`)),
+              h(
+                'div',
+                { class: 'plan-change-head' },
+                h('span', { class: 'muted' }, fmtTime(c.at)),
+                ' ',
+                planHeadline(c.headline || `${c.before ?? c.from} -> ${c.after ?? c.to}`),
+              ),
               h(
                 'ul',
                 { class: 'diff' },
@@ -464,7 +677,18 @@ export function renderPlans(container, plans) {
           'div',
           { class: 'plan-history' },
           h('div', { class: 'section-label' }, 'Other plans seen'),
-          h('ul', {}, others.map((p) => h('li', { title: p.nodes.join('\n') }, h('code', {}, p.fingerprint), ` ${p.nodes[0] ?? ''} · ${samples(p.samples)} · ${fmtTime(p.first_seen)} – ${fmtTime(p.last_seen)}`))),
+          h(
+            'ul',
+            {},
+            others.map((p) =>
+              h(
+                'li',
+                { title: p.nodes.join('\n') },
+                h('code', {}, p.fingerprint),
+                ` ${p.nodes[0] ?? ''} · ${samples(p.samples)} · ${fmtTime(p.first_seen)} – ${fmtTime(p.last_seen)}`,
+              ),
+            ),
+          ),
         )
       : null,
   );
@@ -504,7 +728,11 @@ export function renderRules(container, rules, onLift) {
                 .join(' · '),
             ),
           ),
-          h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'lift', onclick: () => onLift(r) }, r.action === 'block' ? 'Unblock' : 'Lift'),
+          h(
+            'button',
+            { type: 'button', class: 'btn btn-small', 'data-action': 'lift', onclick: () => onLift(r) },
+            r.action === 'block' ? 'Unblock' : 'Lift',
+          ),
         ),
       ),
     ),
@@ -524,19 +752,36 @@ export function renderEvents(container, events, onShape, { compact = false } = {
     h(
       'ol',
       { class: `events${compact ? ' events-compact' : ''}` },
-      [...events].reverse().map((e) =>
-        h(
-          'li',
-          { class: `event event-${e.type}`, 'data-type': e.type },
-          h('div', { class: 'event-head' }, h('time', { datetime: e.at, title: e.at }, fmtTime(e.at)), eventChip(e.type)),
+      [...events]
+        .reverse()
+        .map((e) =>
           h(
-            'div',
-            { class: 'event-body' },
-            h('div', { class: e.type === 'ddl' ? 'event-summary mono' : 'event-summary', title: e.summary }, e.type === 'plan_change' ? planHeadline(e.summary) : e.summary),
-            e.fingerprint && onShape ? h('button', { type: 'button', class: 'link', onclick: () => onShape(e.fingerprint) }, `shape ${e.fingerprint}`) : null,
+            'li',
+            { class: `event event-${e.type}`, 'data-type': e.type },
+            h(
+              'div',
+              { class: 'event-head' },
+              h('time', { datetime: e.at, title: e.at }, fmtTime(e.at)),
+              eventChip(e.type),
+            ),
+            h(
+              'div',
+              { class: 'event-body' },
+              h(
+                'div',
+                { class: e.type === 'ddl' ? 'event-summary mono' : 'event-summary', title: e.summary },
+                e.type === 'plan_change' ? planHeadline(e.summary) : e.summary,
+              ),
+              e.fingerprint && onShape
+                ? h(
+                    'button',
+                    { type: 'button', class: 'link', onclick: () => onShape(e.fingerprint) },
+                    `shape ${e.fingerprint}`,
+                  )
+                : null,
+            ),
           ),
         ),
-      ),
     ),
   );
 }
@@ -550,7 +795,11 @@ export function renderEvents(container, events, onShape, { compact = false } = {
 export function renderUnseenRules(container, rules, onLift) {
   fill(
     container,
-    h('p', { class: 'muted' }, 'No shape with these fingerprints has been seen by this instance: a typo, or a shape that has not run here yet.'),
+    h(
+      'p',
+      { class: 'muted' },
+      'No shape with these fingerprints has been seen by this instance: a typo, or a shape that has not run here yet.',
+    ),
     h(
       'ul',
       { class: 'rules' },
@@ -563,9 +812,17 @@ export function renderUnseenRules(container, rules, onLift) {
             { class: 'rule-main' },
             statusBadge(r.action === 'block' ? 'blocked' : r.action === 'shed' ? 'shed' : 'rerouted'),
             h('code', {}, r.fingerprint),
-            h('div', { class: 'rule-meta' }, [`by ${r.created_by}`, r.expires_at ? `expires ${fmtTime(r.expires_at)}` : 'no expiry', r.id].join(' · ')),
+            h(
+              'div',
+              { class: 'rule-meta' },
+              [`by ${r.created_by}`, r.expires_at ? `expires ${fmtTime(r.expires_at)}` : 'no expiry', r.id].join(' · '),
+            ),
           ),
-          h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'lift', onclick: () => onLift(r) }, 'Lift'),
+          h(
+            'button',
+            { type: 'button', class: 'btn btn-small', 'data-action': 'lift', onclick: () => onLift(r) },
+            'Lift',
+          ),
         ),
       ),
     ),
@@ -574,7 +831,11 @@ export function renderUnseenRules(container, rules, onLift) {
 
 // ---------------------------------------------------------------- sessions
 
-const STATE_CLASS = { active: 'state-active', 'idle in transaction': 'state-idle-tx', 'idle in transaction (aborted)': 'state-idle-tx' };
+const STATE_CLASS = {
+  active: 'state-active',
+  'idle in transaction': 'state-idle-tx',
+  'idle in transaction (aborted)': 'state-idle-tx',
+};
 
 function duration(ms) {
   if (ms < 1000) return `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`;
@@ -599,7 +860,17 @@ export function renderSessions(container, sessions, actions) {
     h(
       'table',
       { class: 'sessions' },
-      h('thead', {}, h('tr', {}, ['Client', 'User / db', 'App', 'Since', 'State', 'Statement', 'For', 'In / out', ''].map((t) => h('th', {}, t)))),
+      h(
+        'thead',
+        {},
+        h(
+          'tr',
+          {},
+          ['Client', 'User / db', 'App', 'Since', 'State', 'Statement', 'For', 'In / out', ''].map((t) =>
+            h('th', {}, t),
+          ),
+        ),
+      ),
       h(
         'tbody',
         {},
@@ -612,14 +883,58 @@ export function renderSessions(container, sessions, actions) {
             h('td', {}, s.application_name || '–'),
             h('td', { title: s.since }, fmtTime(s.since)),
             h('td', {}, h('span', { class: `session-state ${STATE_CLASS[s.state] ?? ''}` }, s.state)),
-            h('td', { class: 'session-query', title: s.statement?.query ?? '' }, s.statement ? [s.statement.fingerprint ? h('button', { type: 'button', class: 'link mono', onclick: () => actions.open(s.statement.fingerprint) }, s.statement.fingerprint) : null, ' ', s.statement.query ?? ''] : '–'),
-            h('td', { class: 'num' }, s.statement ? `${duration(s.statement.duration_ms)}${s.statement.running ? '' : ' (last)'}` : '–'),
-            h('td', { class: 'num', title: `${s.bytes_in} bytes in, ${s.bytes_out} bytes out` }, `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`),
+            h(
+              'td',
+              { class: 'session-query', title: s.statement?.query ?? '' },
+              s.statement
+                ? [
+                    s.statement.fingerprint
+                      ? h(
+                          'button',
+                          { type: 'button', class: 'link mono', onclick: () => actions.open(s.statement.fingerprint) },
+                          s.statement.fingerprint,
+                        )
+                      : null,
+                    ' ',
+                    s.statement.query ?? '',
+                  ]
+                : '–',
+            ),
+            h(
+              'td',
+              { class: 'num' },
+              s.statement ? `${duration(s.statement.duration_ms)}${s.statement.running ? '' : ' (last)'}` : '–',
+            ),
+            h(
+              'td',
+              { class: 'num', title: `${s.bytes_in} bytes in, ${s.bytes_out} bytes out` },
+              `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`,
+            ),
             h(
               'td',
               { class: 'session-actions' },
-              s.state === 'active' ? h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'cancel', onclick: () => actions.cancel(s) }, 'Cancel') : null,
-              h('button', { type: 'button', class: 'btn btn-small btn-danger', 'data-action': 'terminate', onclick: () => actions.terminate(s) }, 'Terminate'),
+              s.state === 'active'
+                ? h(
+                    'button',
+                    {
+                      type: 'button',
+                      class: 'btn btn-small',
+                      'data-action': 'cancel',
+                      onclick: () => actions.cancel(s),
+                    },
+                    'Cancel',
+                  )
+                : null,
+              h(
+                'button',
+                {
+                  type: 'button',
+                  class: 'btn btn-small btn-danger',
+                  'data-action': 'terminate',
+                  onclick: () => actions.terminate(s),
+                },
+                'Terminate',
+              ),
             ),
           ),
         ),
