@@ -124,8 +124,17 @@ function parseSample(line: string, fail: (why: string) => never): Sample {
   const parts = line.slice(i + 1).split(' ');
   if (parts.length > 2) fail('trailing text after value and timestamp');
   const valueText = parts[0];
-  if (!/^([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|NaN|[+-]Inf)$/.test(valueText)) fail('bad value');
+  // Prometheus reads values with Go's ParseFloat: NaN and Inf in any case (prom-client writes "Nan").
+  const special = /^([+-]?)(nan|inf|infinity)$/i.exec(valueText);
+  if (special === null && !/^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(valueText)) fail('bad value');
   if (parts.length === 2 && !/^-?\d+$/.test(parts[1])) fail('bad timestamp');
-  const value = valueText === '+Inf' ? Infinity : valueText === '-Inf' ? -Infinity : Number(valueText);
+  const value =
+    special === null
+      ? Number(valueText)
+      : special[2].toLowerCase() === 'nan'
+        ? Number.NaN
+        : special[1] === '-'
+          ? -Infinity
+          : Infinity;
   return { name, labels, value };
 }
