@@ -12,6 +12,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
+import { Poller } from './poller.ts';
 
 /** One client backend at one sample. */
 export interface Backend {
@@ -87,42 +88,30 @@ select l.pid, coalesce(l.relation::regclass::text, l.relation::text) as relation
 
 export class ActivitySampler {
   private readonly samples: ActivitySample[] = [];
-  private timer: NodeJS.Timeout | null = null;
-  private running = false;
-  private failing = false;
+  private readonly poller: Poller;
 
-  constructor(private readonly options: ActivityOptions) {}
+  constructor(private readonly options: ActivityOptions) {
+    this.poller = new Poller({
+      what: 'activity sample',
+      intervalMs: options.intervalMs ?? 2000,
+      log: options.log,
+      run: () => this.sampleNow(),
+    });
+  }
 
   start(): void {
-    if (this.running) return;
-    this.running = true;
-    const tick = () => {
-      void this.sampleNow()
-        .catch((err: unknown) => {
-          if (!this.running) return;
-          this.options.log[this.failing ? 'debug' : 'warn']({ err }, 'activity sample failed; retrying next interval');
-          this.failing = true;
-        })
-        .finally(() => {
-          if (!this.running) return;
-          this.timer = setTimeout(tick, this.options.intervalMs ?? 2000);
-          this.timer.unref();
-        });
-    };
-    tick();
+    this.poller.start();
   }
 
   stop(): void {
-    this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.poller.stop();
   }
 
   /** Takes one sample now and keeps it. */
   async sampleNow(): Promise<ActivitySample> {
     const at = this.options.clock.now();
     const { rows } = await this.options.monitor.query<Record<string, unknown>>(ACTIVITY_SQL);
-    this.failing = false;
+    this.poller.markHealthy();
     const backends = rows.map((r) => this.toBackend(r));
     let locks: RelationLock[] = [];
     const waiting = backends.filter((b) => b.blockedBy.length > 0);

@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
 import type { EventLog } from '../events/timeline.ts';
+import { Poller } from './poller.ts';
 
 export interface TableStatistics {
   readonly oid: number;
@@ -48,43 +49,28 @@ export interface StatisticsWatcherOptions {
 export class StatisticsWatcher {
   private previous: Map<number, TableStatistics> | null = null;
   private previousAt = 0;
-  private timer: NodeJS.Timeout | null = null;
-  private running = false;
-  private failing = false;
+  private readonly poller: Poller;
 
   /** When the last completed read started: every change made before it has been seen. */
   get watchedUntil(): number {
     return this.previousAt;
   }
 
-  constructor(private readonly options: StatisticsWatcherOptions) {}
+  constructor(private readonly options: StatisticsWatcherOptions) {
+    this.poller = new Poller({
+      what: 'statistics check',
+      intervalMs: options.intervalMs ?? 5000,
+      log: options.log,
+      run: () => this.checkNow(),
+    });
+  }
 
   start(): void {
-    if (this.running) return;
-    this.running = true;
-    const tick = () => {
-      void this.checkNow()
-        .then(() => {
-          this.failing = false;
-        })
-        .catch((err: unknown) => {
-          if (!this.running) return;
-          this.options.log[this.failing ? 'debug' : 'warn']({ err }, 'statistics check failed; retrying next interval');
-          this.failing = true;
-        })
-        .finally(() => {
-          if (!this.running) return;
-          this.timer = setTimeout(tick, this.options.intervalMs ?? 5000);
-          this.timer.unref();
-        });
-    };
-    tick();
+    this.poller.start();
   }
 
   stop(): void {
-    this.running = false;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.poller.stop();
   }
 
   async checkNow(): Promise<StatisticsChange[]> {
