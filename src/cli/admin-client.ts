@@ -2,6 +2,8 @@
 // token (from flags or PGWARDEN_ADMIN / PGWARDEN_ADMIN_TOKEN), one JSON request
 // helper, and one way to word what the API refused.
 
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+
 /** Where a command writes (stdout and stderr by default; tests pass their own). */
 export interface Output {
   write(text: string): unknown;
@@ -65,4 +67,25 @@ export function refusal(response: AdminResponse): string {
       ? String((body as { error: unknown }).error)
       : String(body);
   return `${message} (HTTP ${status})`;
+}
+
+type CommandOptions = NonNullable<ParseArgsConfig['options']>;
+
+/**
+ * Parses a subcommand's flags and positionals strictly; on a bad flag writes
+ * "pgwarden COMMAND: why" and the usage to `err`, and returns null (exit 2).
+ */
+export function parseCommandArgs<const T extends CommandOptions>(
+  command: string,
+  args: string[],
+  options: T,
+  usage: string,
+  err: Output,
+) {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (e) {
+    err.write(`pgwarden ${command}: ${(e as Error).message}\n${usage}`);
+    return null;
+  }
 }

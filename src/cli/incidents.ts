@@ -1,9 +1,8 @@
 // `pgwarden incidents list|show|postmortem`: the incident history of a running
 // pgwarden, through its admin API, for the person on call at a terminal.
 
-import { parseArgs } from 'node:util';
 import type { Incident } from '../detect/record.ts';
-import { adminClient, refusal, type AdminResponse, type Output } from './admin-client.ts';
+import { adminClient, parseCommandArgs, refusal, type AdminResponse, type Output } from './admin-client.ts';
 
 export const INCIDENTS_USAGE = `usage: pgwarden incidents <list|show|postmortem> [arguments] [options]
 
@@ -31,13 +30,8 @@ export async function runIncidents(
   out: Output = process.stdout,
   err: Output = process.stderr,
 ): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    err.write(`pgwarden incidents: ${(e as Error).message}\n${INCIDENTS_USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandArgs('incidents', args, OPTIONS, INCIDENTS_USAGE, err);
+  if (parsed === null) return 2;
   const { values, positionals } = parsed;
   const [verb, id] = positionals;
   if (values.help || verb === undefined) {

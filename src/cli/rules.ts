@@ -2,8 +2,7 @@
 // through the admin API of a running pgwarden.
 
 import os from 'node:os';
-import { parseArgs } from 'node:util';
-import { adminClient, refusal, type AdminResponse, type Output } from './admin-client.ts';
+import { adminClient, parseCommandArgs, refusal, type AdminResponse, type Output } from './admin-client.ts';
 
 export const RULES_USAGE = `usage: pgwarden rules <list|block|shed|reroute|delete> [arguments] [options]
 
@@ -59,13 +58,8 @@ export async function runRules(
   out: Output = process.stdout,
   err: Output = process.stderr,
 ): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    err.write(`pgwarden rules: ${(e as Error).message}\n${RULES_USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandArgs('rules', args, OPTIONS, RULES_USAGE, err);
+  if (parsed === null) return 2;
   const { values, positionals } = parsed;
   const [verb, target] = positionals;
   if (values.help || verb === undefined) {

@@ -2,8 +2,7 @@
 // running pgwarden and what they run, as PgBouncer's SHOW CLIENTS, through its
 // admin API; cancel a session's running statement or end the session.
 
-import { parseArgs } from 'node:util';
-import { adminClient, refusal, type Output } from './admin-client.ts';
+import { adminClient, parseCommandArgs, refusal, type Output } from './admin-client.ts';
 
 export const SESSIONS_USAGE = `usage: pgwarden sessions [list|cancel|terminate] [ID] [options]
 
@@ -42,13 +41,8 @@ export async function runSessions(
   out: Output = process.stdout,
   err: Output = process.stderr,
 ): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    err.write(`pgwarden sessions: ${(e as Error).message}\n${SESSIONS_USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandArgs('sessions', args, OPTIONS, SESSIONS_USAGE, err);
+  if (parsed === null) return 2;
   const { values, positionals } = parsed;
   const [verb = 'list', id, extra] = positionals;
   if (values.help) {

@@ -2,8 +2,7 @@
 // its admin API, for `pgwarden check-migration`.
 
 import fs from 'node:fs';
-import { parseArgs } from 'node:util';
-import { adminClient, refusal, type AdminResponse, type Output } from './admin-client.ts';
+import { adminClient, parseCommandArgs, refusal, type AdminResponse, type Output } from './admin-client.ts';
 
 export const WORKLOAD_USAGE = `usage: pgwarden workload export [--output FILE] [options]
 
@@ -29,13 +28,8 @@ export async function runWorkload(
   out: Output = process.stdout,
   err: Output = process.stderr,
 ): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({ args, options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    err.write(`pgwarden workload: ${(e as Error).message}\n${WORKLOAD_USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandArgs('workload', args, OPTIONS, WORKLOAD_USAGE, err);
+  if (parsed === null) return 2;
   const { values, positionals } = parsed;
   const [verb, extra] = positionals;
   if (values.help || verb === undefined) {
