@@ -21,7 +21,27 @@ const SORTS = {
 
 const round = (ms: number) => Math.round(ms * 1000) / 1000;
 
-export function shapeSummary(s: ShapeStats, status: string, newSince: string | null = null) {
+/** What a shape's summary reads, from this instance's registry or merged over the fleet. */
+interface ShapeFigures {
+  readonly fingerprint: string;
+  readonly query: string;
+  readonly command: string;
+  readonly calls: number;
+  readonly errors: number;
+  readonly errorsByClass: Iterable<readonly [string, number]>;
+  readonly rows: number;
+  readonly totalMs: number;
+  readonly meanMs: number;
+  quantile(q: number): number;
+  readonly firstSeen: number;
+  readonly lastSeen: number;
+  readonly fallback: boolean;
+  readonly users: Iterable<string>;
+  readonly databases: Iterable<string>;
+  readonly applications: Iterable<string>;
+}
+
+function figuresOf(s: ShapeFigures) {
   return {
     fingerprint: s.fingerprint,
     query: s.query,
@@ -37,9 +57,11 @@ export function shapeSummary(s: ShapeStats, status: string, newSince: string | n
     p99_ms: round(s.quantile(0.99)),
     first_seen: new Date(s.firstSeen).toISOString(),
     last_seen: new Date(s.lastSeen).toISOString(),
-    status,
-    /** First seen recently and flagged as slow or heavy by the new-shape watch: since when. */
-    new_since: newSince,
+  };
+}
+
+function originOf(s: ShapeFigures) {
+  return {
     fallback: s.fallback,
     users: [...s.users],
     databases: [...s.databases],
@@ -47,30 +69,19 @@ export function shapeSummary(s: ShapeStats, status: string, newSince: string | n
   };
 }
 
+export function shapeSummary(s: ShapeStats, status: string, newSince: string | null = null) {
+  return {
+    ...figuresOf(s),
+    status,
+    /** First seen recently and flagged as slow or heavy by the new-shape watch: since when. */
+    new_since: newSince,
+    ...originOf(s),
+  };
+}
+
 /** A shape merged over the fleet: the instance fields, plus how many instances ran it and their share. */
 export function fleetShapeSummary(s: FleetShape, status: string) {
-  return {
-    fingerprint: s.fingerprint,
-    query: s.query,
-    command: s.command,
-    calls: s.calls,
-    errors: s.errors,
-    errors_by_class: Object.fromEntries(s.errorsByClass),
-    rows: s.rows,
-    total_ms: round(s.totalMs),
-    mean_ms: round(s.meanMs),
-    p50_ms: round(s.quantile(0.5)),
-    p95_ms: round(s.quantile(0.95)),
-    p99_ms: round(s.quantile(0.99)),
-    first_seen: new Date(s.firstSeen).toISOString(),
-    last_seen: new Date(s.lastSeen).toISOString(),
-    status,
-    fallback: s.fallback,
-    users: [...s.users],
-    databases: [...s.databases],
-    application_names: [...s.applications],
-    instances: s.instances.length,
-  };
+  return { ...figuresOf(s), status, ...originOf(s), instances: s.instances.length };
 }
 
 /** The fleet's shapes; the control database being down is a 503, like a rule change then. */

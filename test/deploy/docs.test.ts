@@ -54,13 +54,17 @@ function interfaceFields(file: string, name: string): string[] {
   return [...body.matchAll(/^\s+(?:readonly\s+)?(\w+)\??:/gm)].map((m) => m[1]);
 }
 
-/** The keys of the object literal shapeSummary() returns in src/admin/api.ts. */
+/** The keys of the object shapeSummary() returns in src/admin/api.ts (its literal and the parts it spreads). */
 function shapeSummaryFields(): string[] {
   const source = read('src/admin/api.ts');
-  const start = source.indexOf('export function shapeSummary(');
-  assert.ok(start >= 0, 'src/admin/api.ts exports shapeSummary');
-  const body = source.slice(source.indexOf('return {', start), source.indexOf('\n  };', start));
-  return [...body.matchAll(/^\s+(\w+)(?::|,)/gm)].map((m) => m[1]);
+  const fields: string[] = [];
+  for (const fn of ['export function shapeSummary(', 'function figuresOf(', 'function originOf(']) {
+    const start = source.indexOf(fn);
+    assert.ok(start >= 0, `src/admin/api.ts has ${fn}`);
+    const body = source.slice(source.indexOf('return {', start) + 'return '.length, source.indexOf('\n}', start));
+    fields.push(...[...body.matchAll(/(?:^\s+|[{,]\s+)(\w+)(?=:|,)/gm)].map((m) => m[1]));
+  }
+  return fields;
 }
 
 /** The fields of a workload shape (src/workload/format.ts), when the workload export exists. */
