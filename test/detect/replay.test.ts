@@ -137,9 +137,21 @@ describe('the incident replay, 20 s after start, default settings', { timeout: 1
       `peak ${resolved.peak.p95_ms} ms vs baseline ${resolved.baseline.p95_ms} ms`,
     );
     assert.ok(resolved.peak.p95_ms > resolved.current.p95_ms, 'the peak outlives the recovery');
+    // The catalog watch may see the new index only after the latency recovered: changes
+    // found within 30 s of the resolution join it (RESOLUTION_GRACE_MS), so poll for it.
+    const withFix = await waitFor(
+      async () => {
+        const { body } = await pgw.api(`/api/incidents/${incident.id}`);
+        const events = (body as Incident).resolution?.events ?? [];
+        return events.some((e) => e.summary.includes(INDEX) && e.type !== 'plan_change')
+          ? (body as Incident)
+          : undefined;
+      },
+      { timeoutMs: 40_000, intervalMs: 500, what: 'the re-created index in the resolution' },
+    ).catch(() => resolved);
     assert.ok(
-      resolved.resolution!.events.some((e) => e.summary.includes(INDEX) && e.type !== 'plan_change'),
-      `the re-created index is the resolution: ${JSON.stringify(resolved.resolution)}`,
+      withFix.resolution!.events.some((e) => e.summary.includes(INDEX) && e.type !== 'plan_change'),
+      `the re-created index is the resolution: ${JSON.stringify(withFix.resolution)}`,
     );
     const attributedAt = Date.parse(resolved.attributed_at!);
     assert.ok(
