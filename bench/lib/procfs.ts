@@ -24,6 +24,8 @@ interface StatFields {
   ownTicks: number;
   /** cutime + cstime: children that exited and were waited for. */
   reapedChildrenTicks: number;
+  /** utime, stime; then cutime, cstime (reaped children). */
+  split: [number, number, number, number];
 }
 
 /**
@@ -44,6 +46,7 @@ function readStat(pid: number): StatFields | undefined {
     ppid: field(4),
     ownTicks: field(14) + field(15),
     reapedChildrenTicks: field(16) + field(17),
+    split: [field(14), field(15), field(16), field(17)],
   };
 }
 
@@ -77,6 +80,20 @@ export function treeCpuTicks(root: number): number {
   let ticks = stat.ownTicks + stat.reapedChildrenTicks;
   for (const pid of descendants(root)) ticks += readStat(pid)?.ownTicks ?? 0;
   return ticks;
+}
+
+/** treeCpuTicks split into user and system (kernel) time: the relay's own code against its syscalls. */
+export function treeCpuSplitTicks(root: number): { user: number; system: number } {
+  const split = { user: 0, system: 0 };
+  for (const pid of [root, ...descendants(root)]) {
+    const stat = readStat(pid);
+    if (pid === root && !stat) throw new Error(`process ${root} is gone`);
+    if (stat === undefined) continue;
+    const [user, system, reapedUser, reapedSystem] = stat.split;
+    split.user += user + (pid === root ? reapedUser : 0);
+    split.system += system + (pid === root ? reapedSystem : 0);
+  }
+  return split;
 }
 
 /** Resident set size of root and its descendants, in KiB (VmRSS of each). */

@@ -94,6 +94,7 @@ import { GroupCapture, runRerouted, type RerouteHost } from './reroute.ts';
 import { SharedReadBuffer, withReadBuffer } from './readbuffer.ts';
 import { startupSettings } from './settings.ts';
 import { closeClient } from './closing.ts';
+import { WriteBatch } from './batch.ts';
 import type { ClientConnection } from './connections.ts';
 import { connectUpstream, sendCancelRequest, type UpstreamTarget } from './upstream.ts';
 
@@ -291,6 +292,15 @@ export class Session {
   // Flow control, independent of the phases: each side is read only while the other accepts writes.
   private clientBlockedByBackpressure = false;
   private upstreamBlockedByBackpressure = false;
+  /** Writes one read causes, sent together when the read has been handled (batch.ts). */
+  private readonly toUpstream = new WriteBatch(
+    () => this.upstream,
+    (socket, flushed) => this.afterUpstreamWrite(socket, flushed),
+  );
+  private readonly toClient = new WriteBatch(
+    () => this.client,
+    (socket, flushed) => this.afterClientWrite(socket, flushed),
+  );
 
   private upstream: net.Socket | null = null;
   private readonly client: net.Socket;
@@ -480,7 +490,7 @@ export class Session {
     this.upstream = socket;
     this.changeLifecycle('authenticating');
     if (!connection.usesReadBuffer) {
-      socket.on('data', (data: Buffer) => this.serverFramer.push(data));
+      socket.on('data', (data: Buffer) => this.onUpstreamData(data));
       socket.resume(); // paused after the SSLRequest answer was read
     }
     socket.on('drain', () => this.onUpstreamDrain());
@@ -542,7 +552,12 @@ export class Session {
       this.early!.push(Buffer.from(data)); // the read buffer is reused
       return;
     }
-    this.clientFramer.push(data);
+    this.toUpstream.begin();
+    try {
+      this.clientFramer.push(data);
+    } finally {
+      this.toUpstream.end();
+    }
   }
 
   private readonly clientHandler: FrameHandler = {
@@ -864,7 +879,10 @@ export class Session {
     const upstream = this.upstream;
     if (upstream === null || upstream.writableEnded) return;
     this.bytesFromClient += bytes.length;
-    const flushed = upstream.write(bytes);
+    this.toUpstream.write(bytes);
+  }
+
+  private afterUpstreamWrite(upstream: net.Socket, flushed: boolean): void {
     if (upstream.writableLength > 0) CLIENT_READS.retain();
     if (!flushed && !this.clientBlockedByBackpressure) {
       this.clientBlockedByBackpressure = true;
@@ -888,8 +906,17 @@ export class Session {
   // ---- server to client -----------------------------------------------------------
 
   private onUpstreamRead(bytesRead: number, buffer: Buffer): boolean {
-    this.serverFramer.push(buffer.subarray(0, bytesRead));
+    this.onUpstreamData(buffer.subarray(0, bytesRead));
     return !this.upstreamBlockedByBackpressure;
+  }
+
+  private onUpstreamData(data: Buffer): void {
+    this.toClient.begin();
+    try {
+      this.serverFramer.push(data);
+    } finally {
+      this.toClient.end();
+    }
   }
 
   private readonly serverHandler: FrameHandler = {
@@ -1026,8 +1053,11 @@ export class Session {
   private writeClient(bytes: Buffer): void {
     if (this.client.writableEnded || this.client.destroyed) return;
     this.bytesFromServer += bytes.length;
-    const flushed = this.client.write(bytes);
-    if (this.client.writableLength > 0) SERVER_READS.retain();
+    this.toClient.write(bytes);
+  }
+
+  private afterClientWrite(client: net.Socket, flushed: boolean): void {
+    if (client.writableLength > 0) SERVER_READS.retain();
     if (!flushed && !this.upstreamBlockedByBackpressure) {
       this.upstreamBlockedByBackpressure = true;
       this.upstream?.pause();
@@ -1052,6 +1082,7 @@ export class Session {
 
   /** Ends the client connection from pgwarden's side, destroyed in bounded time (see closeClient). */
   private endClient(lastBytes: Buffer | null): void {
+    this.toClient.flush(); // what this read relayed goes before the last bytes
     this.connection.closing();
     closeClient(this.client, lastBytes);
   }
@@ -1070,6 +1101,7 @@ export class Session {
       this.cancel().catch(() => undefined);
     }
     if (!upstream.writableEnded) {
+      this.toUpstream.flush();
       if (this.clientTerminated)
         upstream.end(); // the client's Terminate was forwarded already
       else upstream.end(TERMINATE);
