@@ -232,6 +232,9 @@ const REFUSAL_PARSE = encodeParse('pgwarden_refused', REFUSAL_SQL);
 const APPLICATION_NAME = Buffer.from('application_name\0');
 const SEARCH_PATH = Buffer.from('search_path\0');
 
+/** A longer Parse of the unnamed statement is decoded every time rather than kept per session. */
+const MAX_REMEMBERED_PARSE_BYTES = 8 * 1024;
+
 const CLIENT_READS = new SharedReadBuffer();
 const SERVER_READS = new SharedReadBuffer();
 
@@ -322,6 +325,9 @@ export class Session {
   /** What the server still owes, oldest first. */
   private readonly pending = new PendingQueue();
   private readonly statements = new Map<string, PreparedStatement>();
+  /** The last Parse of the unnamed statement, as sent, and what it decoded to (see onParse). */
+  private lastUnnamedParse: Buffer | null = null;
+  private lastUnnamedStatement: PreparedStatement | null = null;
   private readonly portals = new Map<string, Portal>();
   private unnamedPortal: Portal | null = null;
   /** From the server's last ReadyForQuery. */
@@ -631,13 +637,35 @@ export class Session {
   // -- the extended query
 
   private onParse(buf: Buffer, start: number, end: number): Outcome {
-    const parse = decodeParse(buf, start, end);
-    const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
-    this.statements.set(parse.statement, statement);
+    const statement = this.unnamedReparse(buf, start, end) ?? this.parsed(buf, start, end);
+    this.statements.set(statement.name, statement);
     const query = this.pending.take(Owed.Parse, performance.now());
-    query.text = parse.text;
+    query.text = statement.text;
     query.statement = statement;
     return this.gate(query, buf, start, end);
+  }
+
+  private parsed(buf: Buffer, start: number, end: number): PreparedStatement {
+    const parse = decodeParse(buf, start, end);
+    const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
+    if (parse.statement === '' && end - start <= MAX_REMEMBERED_PARSE_BYTES) {
+      this.lastUnnamedParse = Buffer.from(buf.subarray(start, end)); // the read buffer is reused
+      this.lastUnnamedStatement = statement;
+    }
+    return statement;
+  }
+
+  /**
+   * Drivers without named statements (pgbench -M extended, many ORMs) send the same
+   * Parse of the unnamed statement before every execution: when the bytes are the
+   * last one's, its statement is reused, so nothing is decoded or allocated and the
+   * shape is found by statement, not by text. Unnamed statements are never cached
+   * by the server, so the same object cannot stand for two different plans.
+   */
+  private unnamedReparse(buf: Buffer, start: number, end: number): PreparedStatement | null {
+    const last = this.lastUnnamedParse;
+    if (last === null || buf[start + 5] !== 0 || last.length !== end - start) return null;
+    return buf.compare(last, 0, last.length, start, end) === 0 ? this.lastUnnamedStatement : null;
   }
 
   private onBind(buf: Buffer, start: number, end: number): void {

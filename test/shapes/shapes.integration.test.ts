@@ -112,6 +112,23 @@ describe('query shapes through pgwarden', () => {
     );
   });
 
+  test('repeated and alternating Parses of the unnamed statement each count under their own shape', {
+    timeout: 30_000,
+  }, async () => {
+    // The session reuses the decoded statement when a Parse repeats the last one byte
+    // for byte: alternating texts, and a text repeated after another, must still count right.
+    const client = await connect();
+    const a = `select id from ${ITEMS} where id = $1`;
+    const b = `select note from ${ITEMS} where id = $1`;
+    for (const text of [a, a, a, b, a, b, b, a]) await client.query(text, [1]);
+    const [shapeA, shapeB] = await Promise.all([
+      shapeWhen(fingerprintSync(a), (s) => s.calls >= 5, 'five calls of the first text'),
+      shapeWhen(fingerprintSync(b), (s) => s.calls >= 3, 'three calls of the second text'),
+    ]);
+    assert.deepEqual([shapeA.calls, shapeA.query], [5, a]);
+    assert.deepEqual([shapeB.calls, shapeB.query], [3, b]);
+  });
+
   test('calls, rows and errors match what was run, with errors by SQLSTATE class', { timeout: 30_000 }, async () => {
     const client = await connect('pgw-stats-app');
     const text = `select id, 100 / $1::int as ratio from ${ITEMS} where id <= $2`;
