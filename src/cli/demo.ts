@@ -92,6 +92,8 @@ class Demo {
   private readonly token = randomBytes(18).toString('base64url');
   private database: PostgresServer | null = null;
   private pgwarden: ChildProcess | null = null;
+  /** How pgwarden ended, if it ended while the demo still needed it. */
+  private pgwardenExit: string | null = null;
   private proxyPort = 0;
   private adminPort = 0;
   private readonly clients: pg.Client[] = [];
@@ -281,6 +283,9 @@ class Demo {
       stdio: ['ignore', log, log],
       env: { ...process.env, PGWARDEN_ADMIN_TOKEN: this.token },
     });
+    this.pgwarden.once('exit', (code, signal) => {
+      if (this.running) this.pgwardenExit = signal !== null ? `by signal ${signal}` : `with code ${code}`;
+    });
     await this.waitFor(
       'pgwarden to start',
       async () =>
@@ -341,6 +346,8 @@ class Demo {
             } catch (err) {
               if ((err as { code?: string }).code === '53400') this.refused[index]++;
               else if (!this.running) return;
+              // A connection that is gone fails every query at once: retry gently, never in a spin.
+              else await new Promise((r) => setTimeout(r, 100));
             }
             if (stream.pauseMs) await new Promise((r) => setTimeout(r, stream.pauseMs));
           }
@@ -394,6 +401,12 @@ class Demo {
       this.say(line);
     };
     for (;;) {
+      if (this.pgwardenExit !== null) {
+        const log = fs.readFileSync(path.join(this.dir, 'pgwarden.log'), 'utf8').trimEnd().split('\n').slice(-20);
+        throw new Error(
+          `pgwarden exited ${this.pgwardenExit} while waiting for ${what}; its log ends:\n${log.join('\n')}`,
+        );
+      }
       const value = await check(progress).catch(() => undefined);
       if (value !== undefined) return value;
       if (Date.now() > end)
