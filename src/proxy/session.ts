@@ -262,6 +262,18 @@ class MutableSessionInfo implements SessionInfo {
 interface Portal {
   statement: PreparedStatement | null;
   bind: Buffer | null;
+  /** Which Bind of its statement made this portal (see BoundStatement.binds). */
+  execution: number;
+}
+
+/**
+ * A prepared statement and how often it was bound. The server's plan cache counts
+ * the same: the first five Binds of a statement get custom plans, later ones may
+ * get its generic plan (see plans/explain.ts), so the sampler needs the number.
+ * A plain counter on the object Parse made: nothing allocated per Bind.
+ */
+interface BoundStatement extends PreparedStatement {
+  binds: number;
 }
 
 export class Session {
@@ -311,7 +323,7 @@ export class Session {
 
   /** What the server still owes, oldest first. */
   private readonly pending = new PendingQueue();
-  private readonly statements = new Map<string, PreparedStatement>();
+  private readonly statements = new Map<string, BoundStatement>();
   private readonly portals = new Map<string, Portal>();
   private unnamedPortal: Portal | null = null;
   /** From the server's last ReadyForQuery. */
@@ -617,7 +629,12 @@ export class Session {
 
   private onParse(buf: Buffer, start: number, end: number): Outcome {
     const parse = decodeParse(buf, start, end);
-    const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
+    const statement: BoundStatement = {
+      name: parse.statement,
+      text: parse.text,
+      paramTypes: parse.paramTypes,
+      binds: 0,
+    };
     this.statements.set(parse.statement, statement);
     const query = this.pending.take(Owed.Parse, performance.now());
     query.text = parse.text;
@@ -628,17 +645,19 @@ export class Session {
   private onBind(buf: Buffer, start: number, end: number): void {
     const portalName = decodeBindPortal(buf, start, end);
     const statement = this.statements.get(decodeBindStatement(buf, start, end)) ?? null;
+    const execution = statement === null ? 0 : ++statement.binds;
     // Kept until the execution completes, beyond this read: a copy, as the read
     // buffer is reused; only subscribers of the completion event read it.
     const bind = this.options.observers.length > 0 ? Buffer.from(buf.subarray(start, end)) : null;
     if (portalName === '') {
-      if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind };
+      if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind, execution };
       else {
         this.unnamedPortal.statement = statement;
         this.unnamedPortal.bind = bind;
+        this.unnamedPortal.execution = execution;
       }
     } else {
-      this.portals.set(portalName, { statement, bind });
+      this.portals.set(portalName, { statement, bind, execution });
     }
   }
 
@@ -651,6 +670,7 @@ export class Session {
       query.statement = portal.statement;
       query.text = portal.statement?.text ?? '';
       query.bind = portal.bind;
+      query.execution = portal.execution;
     }
     return this.gate(query, buf, start, end);
   }
@@ -791,6 +811,7 @@ export class Session {
     const group = capture.group();
     const query = capture.query;
     query.bind = findMessage(group, Frontend.Bind);
+    query.execution = 1; // the group parsed the unnamed statement afresh
     runRerouted(this.reroutes(), capture.target, query, group);
     return HOLD;
   }
