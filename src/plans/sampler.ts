@@ -12,7 +12,11 @@
 //   shape's current plan is kept per schema context (the schemas its plan reads),
 //   so a plan is only ever compared with the previous plan of the same tenant.
 //   Contexts are bounded (MAX_CONTEXTS, least recently sampled forgotten: its next
-//   sample is a new baseline, not a change).
+//   sample is a new baseline, not a change). Which tenant an execution belongs to
+//   is only known once explained, but its session's search_path (and user, where
+//   the path names "$user") says where its names resolve: the first execution from
+//   each search_path is sampled, and a fresh plan wanted of a shape (a schema
+//   change, a latency jump) is taken from each search_path seen.
 // - Prepared statements: an execution gets a custom or the generic plan (see
 //   explain.ts). The kind is recorded with the plan, and a plan change that comes
 //   with a switch from custom to generic says so: that switch is its cause.
@@ -35,8 +39,8 @@ const EXPLAINABLE = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VA
 const MAX_HISTORY = 10;
 /** Schema contexts (tenants) whose current plan a shape remembers. */
 const MAX_CONTEXTS = 64;
-/** Samples taken at once when a fresh plan is wanted of a shape seen in several contexts. */
-const MAX_WANTED = 4;
+/** Search paths (with users, where the path names "$user") whose executions a shape tracks. */
+const MAX_PATHS = 64;
 /** PostgreSQL 18 made search_path a reported (ParameterStatus) setting. */
 const SEARCH_PATH_REPORTED_SINCE = 18;
 
@@ -80,6 +84,36 @@ export class ShapePlans {
   inFlight = false;
   /** Samples wanted at the next executions, whatever the period says. */
   wanted = 1;
+  /** Search path -> user ('' when the path does not name "$user") -> a fresh sample is wanted. */
+  private readonly paths = new Map<string, Map<string, boolean>>();
+  private pathCount = 0;
+
+  /** Whether an execution from this search path is due: never sampled, or wanted again. */
+  pathDue(path: string, user: string): boolean {
+    const wanted = this.paths.get(path)?.get(user);
+    if (wanted === undefined) return this.pathCount < MAX_PATHS;
+    return wanted;
+  }
+
+  /** An execution from this search path was just sampled. */
+  pathSampled(path: string, user: string): void {
+    let users = this.paths.get(path);
+    if (users === undefined) {
+      if (this.pathCount >= MAX_PATHS) return;
+      users = new Map();
+      this.paths.set(path, users);
+    }
+    if (!users.has(user)) {
+      if (this.pathCount >= MAX_PATHS) return;
+      this.pathCount++;
+    }
+    users.set(user, false);
+  }
+
+  /** A fresh plan is wanted from every search path seen. */
+  wantEveryPath(): void {
+    for (const users of this.paths.values()) for (const user of users.keys()) users.set(user, true);
+  }
   /** Why the last attempt failed, if it did. */
   lastError: string | null = null;
   /** Why the last sample was refused without being planned ("not sampled: ..."), if it was. */
@@ -187,12 +221,17 @@ export class PlanSampler {
     // Until the shape has its samples, one execution a second; then one per EXPLAIN sample.
     const keep = this.options.keepSamples ?? 0;
     if (keep > 0 && plans.samples.length < keep && now - plans.lastKeptAt >= 1000) this.keepSample(plans, c, keep, now);
-    if (plans.inFlight || (plans.wanted === 0 && now - plans.lastSampledAt < this.options.periodMs)) return;
+    if (plans.inFlight) return;
+    // Where the session's names resolve (no allocation: looked up, not built).
+    const path = c.session.settings.get('search_path') ?? this.sessionSets.get(c.session)?.get('search_path') ?? '';
+    const user = path === '' || path.includes('$user') ? c.session.user : '';
+    if (plans.wanted === 0 && !plans.pathDue(path, user) && now - plans.lastSampledAt < this.options.periodMs) return;
     if (this.queue.length >= this.options.queueLimit) return;
     const sample = this.capture(shape.fingerprint, c);
     if (sample === null) return;
     plans.inFlight = true;
     plans.wanted = Math.max(0, plans.wanted - 1);
+    plans.pathSampled(path, user);
     plans.lastSampledAt = now;
     if (keep > 0 && (sample.params !== null || c.statement === null))
       this.keepSample(plans, c, keep, now, sample.params ?? []);
@@ -200,14 +239,12 @@ export class PlanSampler {
     this.pump();
   };
 
-  /**
-   * Asks for a fresh plan of `fingerprint` at its next execution; of a shape seen in
-   * several schema contexts, at its next few (which tenant's execution comes next
-   * is chance: a few samples are likely to re-explain the one that changed).
-   */
+  /** Asks for a fresh plan of `fingerprint` at its next execution, and at the next from each search path seen. */
   resample(fingerprint: string): void {
     const plans = this.shapes.get(fingerprint);
-    if (plans) plans.wanted = Math.max(plans.wanted, Math.min(Math.max(1, plans.contexts.size), MAX_WANTED));
+    if (!plans) return;
+    plans.wanted = 1;
+    plans.wantEveryPath();
   }
 
   /** Asks for fresh plans of every shape whose plans touch one of `objects` (all shapes if empty). */
