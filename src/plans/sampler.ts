@@ -208,7 +208,15 @@ export class PlanSampler {
     if ((shape.command === 'SET' || shape.command === 'RESET') && c.sqlstate === null) this.trackSet(c);
     if (shape.fallback || !EXPLAINABLE.has(shape.command)) return;
     // A failed execution was planned too: it counts among the server's first custom plans.
-    if (c.statement !== null && c.bind !== null && c.execution >= 1 && c.execution <= CUSTOM_PLANS_FIRST)
+    // Named statements only: drivers parse the unnamed one afresh for each execution,
+    // and remembering its Bind would cost an allocation per query for nothing.
+    if (
+      c.execution >= 1 &&
+      c.execution <= CUSTOM_PLANS_FIRST &&
+      c.bind !== null &&
+      c.statement !== null &&
+      c.statement.name !== ''
+    )
       this.rememberBind(c.statement, c.execution, c.bind);
     if (c.sqlstate !== null) return;
     let plans = this.shapes.get(shape.fingerprint);
