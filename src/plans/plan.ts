@@ -202,8 +202,10 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
     optionalString(node, 'Custom Plan Provider', where) ?? null,
     node['Parallel Aware'] === true,
     node['Async Capable'] === true,
-    // Another schema's table is another plan (without VERBOSE there is no schema: the name as before).
-    (schema === undefined ? relation : `${schema}.${relation}`) ?? null,
+    // Another schema's table is another plan. `public` hashes as the bare name, as
+    // plans without VERBOSE (check-migration's, workload files exported before
+    // schemas were read) have it, so their fingerprints still compare.
+    (schema === undefined || schema === 'public' ? relation : `${schema}.${relation}`) ?? null,
     target ?? null,
     index ?? null,
     scanDirection ?? null,

@@ -261,10 +261,12 @@ describe('schemas (EXPLAIN VERBOSE)', () => {
     assert.deepEqual(temp.schemas, ['pg_temp']);
   });
 
-  test('a plan without schemas (no VERBOSE) keeps the fingerprint and names it always had', () => {
+  test('a plan without schemas (no VERBOSE) keeps the names it always had, and the fingerprint of public', () => {
     const plain = lookup('x');
     delete (plain[0].Plan as Record<string, unknown>).Schema;
     const summary = summarizePlan(plain);
+    assert.equal(summary.fingerprint, summarizePlan(lookup('public')).fingerprint);
+    assert.notEqual(summary.fingerprint, summarizePlan(lookup('tenant_a')).fingerprint);
     assert.deepEqual(summary.relations, ['accounts']);
     assert.deepEqual(summary.schemas, []);
     assert.equal(summary.nodes[0].description, 'Index Scan using accounts_email_idx on accounts');
