@@ -172,7 +172,9 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
     nodeType,
     target !== undefined && target === relation && schema !== undefined && schema !== 'public'
       ? `${quoteIdentifier(schema)}.${quoteIdentifier(target)}`
-      : target && quoteIdentifier(target),
+      : target === undefined
+        ? undefined
+        : quoteIdentifier(target),
     where,
   );
   const planNode: PlanNode = { nodeType, description, depth };
