@@ -8,7 +8,8 @@ import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
 import type { Config } from '../config.ts';
 import { ActivitySampler } from '../detect/activity.ts';
-import { TimelineCauses, type CauseProvider } from '../detect/causes.ts';
+import { touchedObjects } from '../detect/attribution.ts';
+import { PreparedPlanCauses, TimelineCauses, type CauseProvider } from '../detect/causes.ts';
 import { DdlWatch } from '../detect/ddlwatch.ts';
 import { DEFAULT_DETECTOR_OPTIONS, type DetectorOptions } from '../detect/detector.ts';
 import type { InFlightTracker } from '../detect/inflight.ts';
@@ -246,13 +247,14 @@ function startMonitoring(
   activity.start();
   const causeProviders: CauseProvider[] = [
     new TimelineCauses(events, () => Math.min(settings.watchedUntil, statistics.watchedUntil)),
+    new PreparedPlanCauses(),
     new LockCauses(activity),
     new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
   ];
   // A schema change found in the catalog gets the affected shapes re-explained at
   // once; so does a table's new statistics, and a setting change every shape.
   events.onEvent((e) => {
-    if (e.type === 'schema_change' || e.type === 'statistics_change') sampler.resampleTouching(e.objects ?? []);
+    if (e.type === 'schema_change' || e.type === 'statistics_change') sampler.resampleTouching(touchedObjects(e));
     else if (e.type === 'setting_change') sampler.resampleTouching([]);
   });
   return { sampler, schema, roundTrip, settings, statistics, activity, causeProviders };

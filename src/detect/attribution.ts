@@ -7,6 +7,7 @@
 // onset when it may have run before it.
 
 import type { EventLog, TimelineEvent } from '../events/timeline.ts';
+import { RelationSet, type RelationLookup } from '../plans/relations.ts';
 import type { Cause, Incident } from './record.ts';
 import { leadingCause } from './causes.ts';
 
@@ -18,10 +19,24 @@ export const NEARBY_MS = 2 * 60_000;
 export const round3 = (n: number) => Math.round(n * 1000) / 1000;
 
 export interface PlanKnowledge {
-  /** Indexes used by any plan the shape has had, lower-case. */
-  indexes(fingerprint: string): ReadonlySet<string>;
-  /** Tables and indexes of any plan the shape has had, lower-case. */
-  objects(fingerprint: string): ReadonlySet<string>;
+  /** Indexes used by any plan the shape has had (schema-qualified when the plan said). */
+  indexes(fingerprint: string): RelationLookup;
+  /** Tables and indexes of any plan the shape has had. */
+  objects(fingerprint: string): RelationLookup;
+}
+
+/**
+ * The objects a timeline event touches, schema-qualified where the event knows
+ * the schema: the catalog watch names it in its details (its `objects` stay bare,
+ * as the first API had them), so an index dropped in one tenant's schema touches
+ * that tenant's plans only. DDL seen through the proxy names a schema only when the
+ * statement did; unqualified, it may be any schema's.
+ */
+export function touchedObjects(e: TimelineEvent): string[] {
+  const objects = (e.objects ?? []).map((o) => o.toLowerCase());
+  const schema = e.type === 'schema_change' ? e.details?.schema : undefined;
+  if (typeof schema !== 'string' || schema === '') return objects;
+  return objects.map((o) => (o.includes('.') ? o : `${schema.toLowerCase()}.${o}`));
 }
 
 /** The interval a timeline event may have happened in: exact for DDL, between two checks for the catalog. */
@@ -86,15 +101,22 @@ export function timelineCauses(
   if (root === null)
     return schemaEvents.filter((e) => whenOf(e).to >= onset - NEARBY_MS).map((e) => causeOf(e, onset, false));
   const planEvents = events.between(from, until, ['plan_change']).filter((e) => e.fingerprint === root);
-  const objects = new Set<string>(plans?.objects(root) ?? []);
+  const objects = new RelationSet(plans?.objects(root) ?? []);
   for (const e of planEvents) for (const o of e.objects ?? []) objects.add(o);
+  // What the root's plan changes stopped using: the index a drop must have removed.
+  const removed = new RelationSet();
+  for (const e of planEvents)
+    for (const o of (e.type === 'plan_change' ? e.details?.removed_objects : undefined) ?? []) removed.add(o);
   // The prime suspect is a change to an index the root's plans used (usually its
-  // removal), then anything else touching its tables; unrelated changes only show
-  // when nothing relevant exists, and only near the onset.
-  const usedIndexes = plans?.indexes(root) ?? new Set<string>();
+  // removal; first of all the one its plan change stopped using), then anything else
+  // touching its tables; unrelated changes only show when nothing relevant exists,
+  // and only near the onset.
+  const usedIndexes = plans?.indexes(root) ?? new RelationSet();
   const score = (e: TimelineEvent) => {
-    const touched = (e.objects ?? []).map((o) => o.toLowerCase());
-    if (touched.some((o) => usedIndexes.has(o))) return /drop/i.test(e.summary) ? 3 : 2;
+    const touched = touchedObjects(e);
+    const drop = /drop/i.test(e.summary);
+    if (drop && touched.some((o) => removed.has(o) && usedIndexes.has(o))) return 4;
+    if (touched.some((o) => usedIndexes.has(o))) return drop ? 3 : 2;
     return touched.some((o) => objects.has(o)) ? 1 : 0;
   };
   const relevant = schemaEvents.filter((e) => score(e) > 0);

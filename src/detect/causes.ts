@@ -3,11 +3,12 @@
 // plan history and returns causes; the incident manager merges them with its plan
 // and schema causes and leads its summary with the decisive one nearest the effect.
 //
-// This file also holds the provider for timeline evidence (setting and statistics
-// changes); locks.ts and saturation.ts hold those sampled from pg_stat_activity.
+// This file also holds the providers for timeline evidence (setting and statistics
+// changes, prepared statements switched to their generic plan); locks.ts and
+// saturation.ts hold those sampled from pg_stat_activity.
 
 import type { Cause, CauseContext, CauseProvider } from './record.ts';
-import type { EventLog } from '../events/timeline.ts';
+import type { EventLog, TimelineEvent } from '../events/timeline.ts';
 
 export type { CauseContext, CauseProvider } from './record.ts';
 
@@ -92,10 +93,61 @@ export class TimelineCauses implements CauseProvider {
 }
 
 /**
+ * Prepared statements the server switched to their generic plan. With
+ * plan_cache_mode = auto the server plans the first five executions of a prepared
+ * statement for their values, then uses the generic plan if it does not look more
+ * expensive than those did on average: a statement whose first executions had
+ * values that suit a sequential scan keeps that plan for every later value, and
+ * nothing changed in the database. The sampler replays that choice (plans/explain.ts)
+ * and records the kind with each plan; a plan change from a custom to the generic
+ * plan under `auto` explains the incident on its own. Under force_generic_plan the
+ * setting is the cause, which the settings watch reports.
+ */
+export class PreparedPlanCauses implements CauseProvider {
+  readonly name = 'prepared_plan';
+
+  causes(context: CauseContext): Cause[] {
+    // The latest switch: an older one was superseded by the plans sampled since.
+    let e: (TimelineEvent & { type: 'plan_change' }) | undefined;
+    for (const p of context.planChanges) {
+      if (p.type !== 'plan_change' || p.details === undefined) continue;
+      const d = p.details;
+      if (d.kind_before === 'custom' && d.kind_after === 'generic' && d.plan_cache_mode === 'auto') e = p;
+    }
+    if (e?.details === undefined) return [];
+    const d = e.details;
+    return [
+      {
+        kind: 'generic_plan',
+        type: 'generic_plan',
+        event_id: e.id,
+        at: new Date(e.at).toISOString(),
+        seconds_before_onset: round((context.onset - e.at) / 1000),
+        summary: `prepared statement switched to its generic plan after 5 executions (custom plans before): ${d.before} -> ${d.after}`,
+        relevant: true,
+        conclusive: true,
+        mitigable: true,
+        objects: [...(e.objects ?? [])],
+        evidence: {
+          plan_change_event: e.id,
+          plan_before: d.before,
+          plan_after: d.after,
+          kind_before: d.kind_before,
+          kind_after: d.kind_after,
+          kind_reason: d.kind_reason ?? null,
+          plan_cache_mode: d.plan_cache_mode,
+        },
+      },
+    ];
+  }
+}
+
+/**
  * The cause beyond DDL that leads the incident's summary, if any: the latest
  * decisive setting or statistics change, unless a relevant DDL came after it (the
- * plan then reacted to the DDL, and the DDL attribution stands); else a lock wait or
- * saturation, which explain a slowdown with an unchanged plan.
+ * plan then reacted to the DDL, and the DDL attribution stands); else a prepared
+ * statement's switch to its generic plan; else a lock wait or saturation, which
+ * explain a slowdown with an unchanged plan.
  */
 export function leadingCause(causes: readonly Cause[]): Cause | undefined {
   const changes = causes
@@ -108,5 +160,8 @@ export function leadingCause(causes: readonly Cause[]): Cause | undefined {
     );
     return ddlAfter ? undefined : changes[0];
   }
-  return causes.find((c) => c.conclusive && (c.type === 'lock_wait' || c.type === 'saturation'));
+  return (
+    causes.find((c) => c.conclusive && c.type === 'generic_plan') ??
+    causes.find((c) => c.conclusive && (c.type === 'lock_wait' || c.type === 'saturation'))
+  );
 }

@@ -15,6 +15,7 @@
 
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
+import { RelationSet } from '../plans/relations.ts';
 import type { PlanSampler } from '../plans/sampler.ts';
 import type { QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from '../shapes/fingerprint.ts';
@@ -25,6 +26,7 @@ import {
   round3,
   summaryOf,
   timelineCauses,
+  touchedObjects,
   whenOf,
   type PlanKnowledge,
 } from './attribution.ts';
@@ -827,9 +829,9 @@ export class IncidentManager {
     if (e.type === 'plan_change') return e.fingerprint === incident.root && incident.root !== null;
     if (e.type !== 'ddl' && e.type !== 'schema_change') return false;
     if (incident.root === null) return true;
-    const objects = new Set<string>(incident.causes.flatMap((c) => c.objects.map((o) => o.toLowerCase())));
+    const objects = new RelationSet(incident.causes.flatMap((c) => c.objects));
     for (const o of this.planKnowledge()?.objects(incident.root) ?? []) objects.add(o);
-    return (e.objects ?? []).some((o) => objects.has(o.toLowerCase()));
+    return touchedObjects(e).some((o) => objects.has(o));
   }
 
   private addResolutionEvent(incident: Incident, e: TimelineEvent): void {
@@ -882,8 +884,8 @@ export class IncidentManager {
       const planChanges = this.options.events
         .between(onset - CAUSE_LOOKBACK_MS, until, ['plan_change'])
         .filter((e) => e.fingerprint === fingerprint);
-      const objects = new Set<string>(fingerprint ? (this.planKnowledge()?.objects(fingerprint) ?? []) : []);
-      for (const e of planChanges) for (const o of e.objects ?? []) objects.add(o.toLowerCase());
+      const objects = new RelationSet(fingerprint ? (this.planKnowledge()?.objects(fingerprint) ?? []) : []);
+      for (const e of planChanges) for (const o of e.objects ?? []) objects.add(o);
       const context = { incident, fingerprint, onset, now: until, objects, planChanges };
       for (const provider of providers) {
         try {
@@ -909,8 +911,8 @@ export class IncidentManager {
     const sampler = this.options.sampler;
     if (!sampler) return null;
     return {
-      indexes: (fp) => sampler.plansOf(fp)?.indexes() ?? new Set(),
-      objects: (fp) => sampler.plansOf(fp)?.objects() ?? new Set(),
+      indexes: (fp) => sampler.plansOf(fp)?.indexes() ?? new RelationSet(),
+      objects: (fp) => sampler.plansOf(fp)?.objects() ?? new RelationSet(),
     };
   }
 

@@ -9,6 +9,7 @@
 import type { Cause } from './record.ts';
 import type { ActivitySample, ActivitySampler, Backend, RelationLock } from './activity.ts';
 import type { CauseContext, CauseProvider } from './causes.ts';
+import type { RelationLookup } from '../plans/relations.ts';
 
 export interface Blocker {
   readonly pid: number;
@@ -35,11 +36,7 @@ export interface LockEvidence {
 }
 
 /** The lock wait of one shape in one sample, or null if none of its statements waits. */
-export function lockWaitOf(
-  sample: ActivitySample,
-  fingerprint: string,
-  objects: ReadonlySet<string>,
-): LockEvidence | null {
+export function lockWaitOf(sample: ActivitySample, fingerprint: string, objects: RelationLookup): LockEvidence | null {
   const byPid = new Map(sample.backends.map((b) => [b.pid, b]));
   const waitsOn = (pid: number) => sample.locks.filter((l) => l.pid === pid && !l.granted);
   const unqualified = (relation: string) =>

@@ -6,6 +6,7 @@
 
 import type { Percentiles } from './detector.ts';
 import type { TimelineEvent } from '../events/timeline.ts';
+import type { RelationLookup } from '../plans/relations.ts';
 
 /** What every cause has, whatever its kind (the fields new kinds share). */
 export interface CauseBase {
@@ -50,7 +51,7 @@ export interface SchemaChangeCause extends CauseBase {
 }
 
 /** Evidence beyond plans and DDL, from the cause providers (see causes.ts, locks.ts, saturation.ts). */
-export type ProvidedCauseKind = 'setting_change' | 'statistics_change' | 'lock_wait' | 'saturation';
+export type ProvidedCauseKind = 'setting_change' | 'statistics_change' | 'lock_wait' | 'saturation' | 'generic_plan';
 
 export interface ProvidedCause extends CauseBase {
   kind: ProvidedCauseKind;
@@ -186,8 +187,8 @@ export interface CauseContext {
   /** Epoch ms. */
   readonly onset: number;
   readonly now: number;
-  /** Tables and indexes of the shape's plans, lower-case. */
-  readonly objects: ReadonlySet<string>;
+  /** Tables and indexes of the shape's plans: a bare name matches any schema's (see plans/relations.ts). */
+  readonly objects: RelationLookup;
   /** The shape's plan changes from the lookback to now, oldest first. */
   readonly planChanges: readonly TimelineEvent[];
 }

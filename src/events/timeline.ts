@@ -27,7 +27,11 @@ interface EventBase {
   readonly summary: string;
   /** The shape concerned, if any. */
   readonly fingerprint?: string;
-  /** Tables and indexes the event touches, lower-case, unqualified. */
+  /**
+   * Tables and indexes the event touches, lower-case: unqualified for DDL and the
+   * catalog watch (whose details name the schema), schema-qualified for plan changes
+   * (plans name their schemas). Compare them with plans/relations.ts's RelationSet.
+   */
   readonly objects?: readonly string[];
 }
 
@@ -54,6 +58,19 @@ export interface EventDetails {
     after: string;
     estimates_before: string;
     estimates_after: string;
+    /** Tables and indexes the old plan used and the new one does not (qualified when known). */
+    removed_objects?: readonly string[];
+    /** The schemas the new plan reads (its tenant). */
+    schemas?: readonly string[];
+    /** Custom or generic plan of a prepared statement, before and after; null: not a prepared statement with parameters. */
+    kind_before?: 'custom' | 'generic' | null;
+    kind_after?: 'custom' | 'generic' | null;
+    /** Why the new kind (see plans/explain.ts). */
+    kind_reason?: string | null;
+    /** The sampled session's plan_cache_mode. */
+    plan_cache_mode?: string;
+    /** Set when the kind changed with the plan: the reason in words. */
+    kind_switch?: string;
   };
   setting_change: Windowed & { name: string } & Record<string, unknown>;
   statistics_change: Windowed & Record<string, unknown>;

@@ -5,6 +5,13 @@
 // execution. Descriptions follow text EXPLAIN's wording ("Index Scan Backward
 // using x on t", "Hash Left Join", "HashAggregate") because that is what every
 // PostgreSQL user already reads fluently.
+//
+// Plans are taken with VERBOSE, which names each relation's schema: the same
+// query run by tenants whose search_path points at different schemas reads
+// different tables, and a plan must say which. Relations and indexes are listed
+// schema-qualified ("tenant_b.users"); descriptions qualify a relation outside
+// `public` only ("Seq Scan on tenant_b.users", "Seq Scan on users"), so the common
+// case reads as it always has. Temporary schemas (pg_temp_3) all read "pg_temp".
 
 import { createHash } from 'node:crypto';
 
@@ -12,6 +19,8 @@ export interface PlanNode {
   /** "Node Type" as EXPLAIN's JSON spells it ("Aggregate", "ModifyTable", "Hash Join"). */
   nodeType: string;
   relation?: string;
+  /** The relation's schema (EXPLAIN VERBOSE), pg_temp_N as "pg_temp"; absent without VERBOSE. */
+  schema?: string;
   index?: string;
   /** "Forward" / "Backward" / "NoMovement", index scans only. */
   scanDirection?: string;
@@ -30,10 +39,12 @@ export interface PlanSummary {
   fingerprint: string;
   /** Depth-first pre-order, InitPlans and SubPlans included where EXPLAIN puts them. */
   nodes: PlanNode[];
-  /** Relations read or written, in order of first appearance. */
+  /** Relations read or written, in order of first appearance; "schema.name" when the plan names the schema. */
   relations: string[];
-  /** Indexes used, in order of first appearance. */
+  /** Indexes used, in order of first appearance; qualified by their table's schema when known. */
   indexes: string[];
+  /** The schemas of the relations, sorted: which tenant's tables a plan reads. */
+  schemas: string[];
   /** The root's estimates; 0 when the plan was taken with COSTS OFF. */
   totalCost: number;
   planRows: number;
@@ -58,15 +69,20 @@ export function summarizePlan(explainJson: unknown): PlanSummary {
   hash.update(JSON.stringify(walk(root, 0, '$.Plan', nodes)));
   const relations: string[] = [];
   const indexes: string[] = [];
+  const schemas = new Set<string>();
   for (const node of nodes) {
-    if (node.relation !== undefined && !relations.includes(node.relation)) relations.push(node.relation);
-    if (node.index !== undefined && !indexes.includes(node.index)) indexes.push(node.index);
+    const qualify = (name: string) => (node.schema === undefined ? name : `${node.schema}.${name}`);
+    if (node.schema !== undefined) schemas.add(node.schema);
+    if (node.relation !== undefined && !relations.includes(qualify(node.relation)))
+      relations.push(qualify(node.relation));
+    if (node.index !== undefined && !indexes.includes(qualify(node.index))) indexes.push(qualify(node.index));
   }
   return {
     fingerprint: hash.digest('hex').slice(0, 16),
     nodes,
     relations,
     indexes,
+    schemas: [...schemas].sort(),
     totalCost: optionalNumber(root, 'Total Cost', '$.Plan') ?? 0,
     planRows: optionalNumber(root, 'Plan Rows', '$.Plan') ?? 0,
   };
@@ -145,15 +161,27 @@ function rootPlan(input: unknown): JsonNode {
 function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): unknown[] {
   const nodeType = requiredString(node, 'Node Type', where);
   const relation = optionalString(node, 'Relation Name', where);
+  // VERBOSE gives function scans a "Schema" too: only a relation's counts here.
+  const schema = relation === undefined ? undefined : schemaOf(optionalString(node, 'Schema', where));
   const index = optionalString(node, 'Index Name', where);
   const scanDirection = optionalString(node, 'Scan Direction', where);
   const joinType = optionalString(node, 'Join Type', where);
   const target = scanTarget(node, where);
-  const description = describeNode(node, nodeType, target, where);
+  const description = describeNode(
+    node,
+    nodeType,
+    target !== undefined && target === relation && schema !== undefined && schema !== 'public'
+      ? `${quoteIdentifier(schema)}.${quoteIdentifier(target)}`
+      : target === undefined
+        ? undefined
+        : quoteIdentifier(target),
+    where,
+  );
   const planNode: PlanNode = { nodeType, description, depth };
   const planRows = optionalNumber(node, 'Plan Rows', where);
   if (planRows !== undefined) planNode.planRows = planRows;
   if (relation !== undefined) planNode.relation = relation;
+  if (schema !== undefined) planNode.schema = schema;
   if (index !== undefined) planNode.index = index;
   if (scanDirection !== undefined) planNode.scanDirection = scanDirection;
   if (joinType !== undefined) planNode.joinType = joinType;
@@ -176,7 +204,10 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
     optionalString(node, 'Custom Plan Provider', where) ?? null,
     node['Parallel Aware'] === true,
     node['Async Capable'] === true,
-    relation ?? null,
+    // Another schema's table is another plan. `public` hashes as the bare name, as
+    // plans without VERBOSE (check-migration's, workload files exported before
+    // schemas were read) have it, so their fingerprints still compare.
+    (schema === undefined || schema === 'public' ? relation : `${schema}.${relation}`) ?? null,
     target ?? null,
     index ?? null,
     scanDirection ?? null,
@@ -186,6 +217,12 @@ function walk(node: JsonNode, depth: number, where: string, out: PlanNode[]): un
     optionalString(node, 'Parent Relationship', where) ?? null,
     childKeys,
   ];
+}
+
+/** A relation's schema as plans are compared: every session's temporary schema is one. */
+function schemaOf(schema: string | undefined): string | undefined {
+  if (schema === undefined) return undefined;
+  return /^pg_temp_\d+$/.test(schema) ? 'pg_temp' : schema;
 }
 
 /** What text EXPLAIN prints after " on": the relation, function, CTE... or, lacking a name, the alias. */
@@ -211,7 +248,7 @@ const AGGREGATE_NAMES: Record<string, string> = {
 
 // Mirrors ExplainNode() in PostgreSQL's explain.c: the JSON "Node Type" is its
 // `sname`, the text line starts with its `pname`, which folds in the strategy,
-// partial mode, operation or join type.
+// partial mode, operation or join type. `target` comes quoted (and qualified) already.
 function describeNode(node: JsonNode, nodeType: string, target: string | undefined, where: string): string {
   let name = nodeType;
   const strategy = optionalString(node, 'Strategy', where);
@@ -257,7 +294,7 @@ function describeNode(node: JsonNode, nodeType: string, target: string | undefin
     if (optionalString(node, 'Scan Direction', where) === 'Backward') name += ' Backward';
     name += ` using ${quoteIdentifier(index)}`;
   }
-  return target === undefined ? name : `${name} on ${quoteIdentifier(target)}`;
+  return target === undefined ? name : `${name} on ${target}`;
 }
 
 /** quote_identifier() without the keyword list: enough for names to read as EXPLAIN prints them. */
@@ -290,7 +327,9 @@ function accessPaths(nodes: readonly PlanNode[]): AccessPath[] {
       }
       if (inner.length > 0) text += ` (${inner.join(', ')})`;
     }
-    paths.push({ relation: node.relation, text });
+    const relation =
+      node.relation === undefined || node.schema === undefined ? node.relation : `${node.schema}.${node.relation}`;
+    paths.push({ relation, text });
   }
   return paths;
 }

@@ -4,22 +4,43 @@
 // rate, keeps each shape's plan history and records a plan-change event with a
 // readable diff whenever the plan fingerprint changes. A failure here is logged
 // and never reaches the query path.
+//
+// Two things make one shape have several plans at once without anything having
+// changed, and neither must read as a plan change:
+// - Tenants: sessions whose search_path points at different schemas run the same
+//   query on different tables. Plans name their schemas (see plan.ts), and a
+//   shape's current plan is kept per schema context (the schemas its plan reads),
+//   so a plan is only ever compared with the previous plan of the same tenant.
+//   Contexts are bounded (MAX_CONTEXTS, least recently sampled forgotten: its next
+//   sample is a new baseline, not a change). Which tenant an execution belongs to
+//   is only known once explained, but its session's search_path (and user, where
+//   the path names "$user") says where its names resolve: the first execution from
+//   each search_path is sampled, and a fresh plan wanted of a shape (a schema
+//   change, a latency jump) is taken from each search_path seen.
+// - Prepared statements: an execution gets a custom or the generic plan (see
+//   explain.ts). The kind is recorded with the plan, and a plan change that comes
+//   with a switch from custom to generic says so: that switch is its cause.
 
 import type { Logger } from 'pino';
 import type { Clock } from '../clock.ts';
 import type { EventLog } from '../events/timeline.ts';
 import { decodeBindParameters } from '../protocol/frontend.ts';
-import type { QueryCompletion } from '../proxy/seam.ts';
+import type { PreparedStatement, QueryCompletion } from '../proxy/seam.ts';
 import type { StatementShape } from '../shapes/fingerprint.ts';
 import type { ShapeStats } from '../shapes/registry.ts';
-import { explainSample, NotSampled } from './explain.ts';
+import { CUSTOM_PLANS_FIRST, explainExecution, NotSampled, type Explained, type PlanKind } from './explain.ts';
 import type { MonitorPool } from './monitor.ts';
 import { parametersAsText } from './params.ts';
 import { describeEstimates, describePlan, diffPlans, summarizePlan, type PlanDiff, type PlanSummary } from './plan.ts';
+import { RelationSet } from './relations.ts';
 
 /** Statements EXPLAIN can describe; everything else is never sampled. */
 const EXPLAINABLE = new Set(['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'WITH', 'VALUES', 'TABLE', 'MERGE']);
 const MAX_HISTORY = 10;
+/** Schema contexts (tenants) whose current plan a shape remembers. */
+const MAX_CONTEXTS = 64;
+/** Search paths (with users, where the path names "$user") whose executions a shape tracks. */
+const MAX_PATHS = 64;
 /** PostgreSQL 18 made search_path a reported (ParameterStatus) setting. */
 const SEARCH_PATH_REPORTED_SINCE = 18;
 
@@ -28,6 +49,12 @@ export interface PlanRecord {
   readonly firstSeen: number;
   lastSeen: number;
   samples: number;
+  /** Custom or generic plan of a prepared statement, as last sampled; null for a simple Query or no parameters. */
+  kind: PlanKind | null;
+  /** Why that kind (explain.ts's reason), or null. */
+  kindReason: string | null;
+  /** The session's plan_cache_mode when last sampled. */
+  planCacheMode: string | null;
 }
 
 export interface PlanChange {
@@ -51,10 +78,42 @@ export class ShapePlans {
   current: PlanRecord | null = null;
   readonly history: PlanRecord[] = [];
   readonly changes: PlanChange[] = [];
+  /** The current plan per schema context (the schemas its plan reads, e.g. "tenant_b"), most recent last. */
+  readonly contexts = new Map<string, PlanRecord>();
   lastSampledAt = 0;
   inFlight = false;
-  /** A sample is wanted at the next execution, whatever the period says. */
-  wanted = true;
+  /** Samples wanted at the next executions, whatever the period says. */
+  wanted = 1;
+  /** Search path -> user ('' when the path does not name "$user") -> a fresh sample is wanted. */
+  private readonly paths = new Map<string, Map<string, boolean>>();
+  private pathCount = 0;
+
+  /** Whether an execution from this search path is due: never sampled, or wanted again. */
+  pathDue(path: string, user: string): boolean {
+    const wanted = this.paths.get(path)?.get(user);
+    if (wanted === undefined) return this.pathCount < MAX_PATHS;
+    return wanted;
+  }
+
+  /** An execution from this search path was just sampled. */
+  pathSampled(path: string, user: string): void {
+    let users = this.paths.get(path);
+    if (users === undefined) {
+      if (this.pathCount >= MAX_PATHS) return;
+      users = new Map();
+      this.paths.set(path, users);
+    }
+    if (!users.has(user)) {
+      if (this.pathCount >= MAX_PATHS) return;
+      this.pathCount++;
+    }
+    users.set(user, false);
+  }
+
+  /** A fresh plan is wanted from every search path seen. */
+  wantEveryPath(): void {
+    for (const users of this.paths.values()) for (const user of users.keys()) users.set(user, true);
+  }
   /** Why the last attempt failed, if it did. */
   lastError: string | null = null;
   /** Why the last sample was refused without being planned ("not sampled: ..."), if it was. */
@@ -66,18 +125,18 @@ export class ShapePlans {
   /** When the last sample was kept: until there are enough, at most one a second. */
   lastKeptAt = 0;
 
-  /** Indexes used by any plan this shape has had. */
-  indexes(): Set<string> {
-    const out = new Set<string>();
-    for (const record of this.history) for (const name of record.summary.indexes) out.add(name.toLowerCase());
+  /** Indexes used by any plan this shape has had (schema-qualified when the plan said). */
+  indexes(): RelationSet {
+    const out = new RelationSet();
+    for (const record of this.history) for (const name of record.summary.indexes) out.add(name);
     return out;
   }
 
   /** Tables and indexes of every plan this shape has had. */
-  objects(): Set<string> {
-    const out = new Set<string>();
+  objects(): RelationSet {
+    const out = new RelationSet();
     for (const record of this.history)
-      for (const name of [...record.summary.relations, ...record.summary.indexes]) out.add(name.toLowerCase());
+      for (const name of [...record.summary.relations, ...record.summary.indexes]) out.add(name);
     return out;
   }
 }
@@ -109,6 +168,11 @@ interface Sample {
   readonly text: string;
   readonly params: (string | null)[] | null;
   readonly paramCount: number;
+  /** Which Bind of its prepared statement the execution was (0 for a simple Query). */
+  readonly execution: number;
+  readonly paramTypes: readonly number[];
+  /** The values of the statement's first executions, as far as seen (null: not seen, or not renderable). */
+  readonly firstValues: (string | null)[][] | null;
 }
 
 export class PlanSampler {
@@ -120,6 +184,14 @@ export class PlanSampler {
   private serverVersion: Promise<number> | null = null;
   /** Per session, settings it changed with a plain SET (see trackSet). */
   private readonly sessionSets = new WeakMap<object, Map<string, string>>();
+  /**
+   * The Bind messages of each named statement's first executions (CUSTOM_PLANS_FIRST
+   * of them): the values the server costed its custom plans with before it chose
+   * between them and the generic plan. Bind messages are copies the proxy made for
+   * the completion observers, so keeping them costs no copy; a statement's entry
+   * goes with the statement (a new Parse, the session's end).
+   */
+  private readonly firstBinds = new WeakMap<PreparedStatement, Buffer[]>();
   private timer: NodeJS.Timeout | null = null;
   explained = 0;
   failed = 0;
@@ -134,7 +206,19 @@ export class PlanSampler {
   /** Subscribed to the shape collector: decides whether this execution is sampled. */
   readonly observe = (_stats: ShapeStats, shape: StatementShape, c: QueryCompletion): void => {
     if ((shape.command === 'SET' || shape.command === 'RESET') && c.sqlstate === null) this.trackSet(c);
-    if (shape.fallback || !EXPLAINABLE.has(shape.command) || c.sqlstate !== null) return;
+    if (shape.fallback || !EXPLAINABLE.has(shape.command)) return;
+    // A failed execution was planned too: it counts among the server's first custom plans.
+    // Named statements only: drivers parse the unnamed one afresh for each execution,
+    // and remembering its Bind would cost an allocation per query for nothing.
+    if (
+      c.execution >= 1 &&
+      c.execution <= CUSTOM_PLANS_FIRST &&
+      c.bind !== null &&
+      c.statement !== null &&
+      c.statement.name !== ''
+    )
+      this.rememberBind(c.statement, c.execution, c.bind);
+    if (c.sqlstate !== null) return;
     let plans = this.shapes.get(shape.fingerprint);
     if (plans === undefined) {
       plans = new ShapePlans();
@@ -145,12 +229,17 @@ export class PlanSampler {
     // Until the shape has its samples, one execution a second; then one per EXPLAIN sample.
     const keep = this.options.keepSamples ?? 0;
     if (keep > 0 && plans.samples.length < keep && now - plans.lastKeptAt >= 1000) this.keepSample(plans, c, keep, now);
-    if (plans.inFlight || (!plans.wanted && now - plans.lastSampledAt < this.options.periodMs)) return;
+    if (plans.inFlight) return;
+    // Where the session's names resolve (no allocation: looked up, not built).
+    const path = c.session.settings.get('search_path') ?? this.sessionSets.get(c.session)?.get('search_path') ?? '';
+    const user = path === '' || path.includes('$user') ? c.session.user : '';
+    if (plans.wanted === 0 && !plans.pathDue(path, user) && now - plans.lastSampledAt < this.options.periodMs) return;
     if (this.queue.length >= this.options.queueLimit) return;
     const sample = this.capture(shape.fingerprint, c);
     if (sample === null) return;
     plans.inFlight = true;
-    plans.wanted = false;
+    plans.wanted = Math.max(0, plans.wanted - 1);
+    plans.pathSampled(path, user);
     plans.lastSampledAt = now;
     if (keep > 0 && (sample.params !== null || c.statement === null))
       this.keepSample(plans, c, keep, now, sample.params ?? []);
@@ -158,18 +247,20 @@ export class PlanSampler {
     this.pump();
   };
 
-  /** Asks for a fresh plan of `fingerprint` at its next execution. */
+  /** Asks for a fresh plan of `fingerprint` at its next execution, and at the next from each search path seen. */
   resample(fingerprint: string): void {
     const plans = this.shapes.get(fingerprint);
-    if (plans) plans.wanted = true;
+    if (!plans) return;
+    plans.wanted = 1;
+    plans.wantEveryPath();
   }
 
   /** Asks for fresh plans of every shape whose plans touch one of `objects` (all shapes if empty). */
   resampleTouching(objects: readonly string[]): number {
     let count = 0;
-    const wanted = new Set(objects.map((o) => o.toLowerCase()));
     for (const [fingerprint, plans] of this.shapes) {
-      const touches = wanted.size === 0 || [...plans.objects()].some((o) => wanted.has(o));
+      const known = objects.length === 0 ? null : plans.objects();
+      const touches = known === null || objects.some((o) => known.has(o));
       if (touches || plans.current === null) {
         this.resample(fingerprint);
         count++;
@@ -191,6 +282,30 @@ export class PlanSampler {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     this.queue.length = 0;
+  }
+
+  /** Keeps the Bind of execution `n` (1-based) of `statement`, in order: a gap (a sample missed) stops the list. */
+  private rememberBind(statement: PreparedStatement, n: number, bind: Buffer): void {
+    let binds = this.firstBinds.get(statement);
+    if (binds === undefined) {
+      if (n !== 1) return;
+      binds = [];
+      this.firstBinds.set(statement, binds);
+    }
+    if (binds.length === n - 1) binds.push(bind);
+  }
+
+  /** The first executions' values as text, or null when none was seen or one cannot be rendered. */
+  private firstValuesOf(statement: PreparedStatement): (string | null)[][] | null {
+    const binds = this.firstBinds.get(statement);
+    if (binds === undefined || binds.length === 0) return null;
+    const out: (string | null)[][] = [];
+    for (const bind of binds) {
+      const values = parametersAsText(bind, statement.paramTypes);
+      if (values === null) return null;
+      out.push(values);
+    }
+    return out;
   }
 
   /** Keeps this execution's values (distinct from those kept, newest last). */
@@ -268,19 +383,41 @@ export class PlanSampler {
       changed: [...(this.sessionSets.get(c.session) ?? [])],
     };
     if (c.statement === null) {
-      return { shape, database: c.session.database, ...who, text: c.text, params: null, paramCount: 0 };
+      return {
+        shape,
+        database: c.session.database,
+        ...who,
+        text: c.text,
+        params: null,
+        paramCount: 0,
+        execution: 0,
+        paramTypes: [],
+        firstValues: null,
+      };
     }
     let params: (string | null)[] | null = null;
     let paramCount = 0;
+    let firstValues: (string | null)[][] | null = null;
     if (c.bind !== null) {
       try {
         paramCount = decodeBindParameters(c.bind).values.length;
         params = parametersAsText(c.bind, c.statement.paramTypes);
+        if (c.execution > CUSTOM_PLANS_FIRST) firstValues = this.firstValuesOf(c.statement);
       } catch {
         return null;
       }
     }
-    return { shape, database: c.session.database, ...who, text: c.statement.text, params, paramCount };
+    return {
+      shape,
+      database: c.session.database,
+      ...who,
+      text: c.statement.text,
+      params,
+      paramCount,
+      execution: c.execution,
+      paramTypes: [...c.statement.paramTypes],
+      firstValues,
+    };
   }
 
   private pump(): void {
@@ -317,12 +454,12 @@ export class PlanSampler {
         ...sample.settings,
         ...sample.changed.filter(([name]) => !(reported && name === 'search_path')),
       ];
-      const json = await explainSample(this.options.monitor, { ...sample, settings }, version);
+      const explained = await explainExecution(this.options.monitor, { ...sample, settings }, version);
       this.explained++;
       if (plans) {
         plans.lastError = null;
         plans.notSampled = null;
-        this.record(sample.shape, plans, summarizePlan(json));
+        this.record(sample.shape, plans, summarizePlan(explained.plan), explained);
       }
     } catch (err) {
       if (err instanceof NotSampled) {
@@ -342,39 +479,51 @@ export class PlanSampler {
     }
   }
 
-  private record(shape: string, plans: ShapePlans, summary: PlanSummary): void {
+  private record(shape: string, plans: ShapePlans, summary: PlanSummary, explained: Explained): void {
     const now = this.options.clock.now();
-    const previous = plans.current;
-    if (previous !== null && previous.summary.fingerprint === summary.fingerprint) {
-      previous.lastSeen = now;
-      previous.samples++;
-      return;
-    }
+    const context = summary.schemas.join(',');
+    const previous = plans.contexts.get(context) ?? null;
+    const previousKind = previous?.kind ?? null;
     let record = plans.history.find((r) => r.summary.fingerprint === summary.fingerprint);
     if (record === undefined) {
-      record = { summary, firstSeen: now, lastSeen: now, samples: 1 };
+      record = {
+        summary,
+        firstSeen: now,
+        lastSeen: now,
+        samples: 1,
+        kind: null,
+        kindReason: null,
+        planCacheMode: null,
+      };
       plans.history.push(record);
       if (plans.history.length > MAX_HISTORY) plans.history.shift();
     } else {
       record.lastSeen = now;
       record.samples++;
     }
+    record.kind = explained.kind;
+    record.kindReason = explained.reason;
+    record.planCacheMode = explained.planCacheMode;
     plans.current = record;
-    if (previous === null) return; // the first plan is the baseline, not a change
+    // Most recently sampled context last, so the first is the one to forget.
+    plans.contexts.delete(context);
+    plans.contexts.set(context, record);
+    if (plans.contexts.size > MAX_CONTEXTS) plans.contexts.delete(plans.contexts.keys().next().value as string);
+    // The first plan of a context is its baseline, not a change.
+    if (previous === null || previous.summary.fingerprint === summary.fingerprint) return;
     const diff = diffPlans(previous.summary, summary);
     const change: PlanChange = { at: now, from: previous.summary.fingerprint, to: summary.fingerprint, diff };
     plans.changes.push(change);
     if (plans.changes.length > MAX_HISTORY) plans.changes.shift();
-    const objects = new Set(
-      [...previous.summary.relations, ...previous.summary.indexes, ...summary.relations, ...summary.indexes].map((o) =>
-        o.toLowerCase(),
-      ),
-    );
+    const before = [...previous.summary.relations, ...previous.summary.indexes].map((o) => o.toLowerCase());
+    const after = [...summary.relations, ...summary.indexes].map((o) => o.toLowerCase());
+    const switched = kindSwitch(previousKind, record.kind, explained.planCacheMode);
+    const headline = diff.headline || `${describePlan(previous.summary)} -> ${describePlan(summary)}`;
     this.options.events.add({
       type: 'plan_change',
       fingerprint: shape,
-      summary: diff.headline || `${describePlan(previous.summary)} -> ${describePlan(summary)}`,
-      objects: [...objects],
+      summary: switched === null ? headline : `${headline} (${switched})`,
+      objects: [...new Set([...before, ...after])],
       details: {
         from: change.from,
         to: change.to,
@@ -384,11 +533,39 @@ export class PlanSampler {
         after: describePlan(summary),
         estimates_before: describeEstimates(previous.summary),
         estimates_after: describeEstimates(summary),
+        // Tables and indexes the old plan used and the new one does not: what a DDL must have touched.
+        removed_objects: before.filter((o) => !after.includes(o)),
+        schemas: summary.schemas,
+        kind_before: previousKind,
+        kind_after: record.kind,
+        kind_reason: record.kindReason,
+        plan_cache_mode: explained.planCacheMode,
+        ...(switched === null ? {} : { kind_switch: switched }),
       },
     });
     this.options.log.info(
-      { fingerprint: shape, from: change.from, to: change.to, diff: diff.headline },
+      {
+        fingerprint: shape,
+        from: change.from,
+        to: change.to,
+        diff: diff.headline,
+        kind: record.kind,
+        previousKind,
+      },
       'plan changed',
     );
   }
+}
+
+/** Why a plan changed when its kind did: the server's switch to the generic plan, or a setting forcing one. */
+export function kindSwitch(before: PlanKind | null, after: PlanKind | null, planCacheMode: string): string | null {
+  if (before === null || after === null || before === after) return null;
+  if (after === 'generic') {
+    return planCacheMode === 'force_generic_plan'
+      ? 'plan_cache_mode = force_generic_plan: the server now uses the generic plan of this prepared statement'
+      : `the server switched this prepared statement to its generic plan after ${CUSTOM_PLANS_FIRST} executions`;
+  }
+  return planCacheMode === 'force_custom_plan'
+    ? 'plan_cache_mode = force_custom_plan: the server now plans each execution of this prepared statement'
+    : 'the server plans each execution of this prepared statement again (custom plans)';
 }

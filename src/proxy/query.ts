@@ -41,6 +41,8 @@ export class Pending {
   statement: PreparedStatement | null = null;
   /** The Bind message with the execution's parameters (a copy), for completion observers. */
   bind: Buffer | null = null;
+  /** Which Bind of its prepared statement this execution is (1-based); 0 for a simple Query. */
+  execution = 0;
   /** performance.now() when the message arrived; advanced per statement of a multi-statement Query. */
   mark = 0;
   statementIndex = 0;
@@ -117,6 +119,7 @@ export class PendingQueue {
     entry.text = '';
     entry.statement = null;
     entry.bind = null;
+    entry.execution = 0;
     entry.statementIndex = 0;
     entry.refusal = null;
     entry.refusalCode = null;
@@ -133,6 +136,7 @@ export class MutableCompletion implements QueryCompletion {
   statement: PreparedStatement | null = null;
   statementIndex = 0;
   bind: Buffer | null = null;
+  execution = 0;
   startedAt = 0;
   durationMs = 0;
   rows = 0;
@@ -147,6 +151,7 @@ export class MutableCompletion implements QueryCompletion {
     this.statement = query.statement;
     this.statementIndex = query.statementIndex;
     this.bind = query.bind;
+    this.execution = query.execution;
     this.startedAt = performance.timeOrigin + query.mark;
     this.durationMs = now - query.mark;
     this.rows = rows;

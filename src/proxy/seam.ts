@@ -48,6 +48,12 @@ export interface QueryCompletion {
    * decodeBindParameters). Kept in memory only, never logged or stored by the proxy.
    */
   readonly bind: Buffer | null;
+  /**
+   * Which Bind of its prepared statement (in this session, since its Parse) this
+   * execution was, 1-based; 0 for a simple Query. PostgreSQL's plan cache decides
+   * between a custom and the generic plan by it (custom for the first five).
+   */
+  readonly execution: number;
   /** Epoch milliseconds when the query message reached the proxy. */
   readonly startedAt: number;
   /** From the query message reaching the proxy to its completion passing back through. */

@@ -266,6 +266,18 @@ class MutableSessionInfo implements SessionInfo {
 interface Portal {
   statement: PreparedStatement | null;
   bind: Buffer | null;
+  /** Which Bind of its statement made this portal (see BoundStatement.binds). */
+  execution: number;
+}
+
+/**
+ * A prepared statement and how often it was bound. The server's plan cache counts
+ * the same: the first five Binds of a statement get custom plans, later ones may
+ * get its generic plan (see plans/explain.ts), so the sampler needs the number.
+ * A plain counter on the object Parse made: nothing allocated per Bind.
+ */
+interface BoundStatement extends PreparedStatement {
+  binds: number;
 }
 
 export class Session {
@@ -324,10 +336,10 @@ export class Session {
 
   /** What the server still owes, oldest first. */
   private readonly pending = new PendingQueue();
-  private readonly statements = new Map<string, PreparedStatement>();
+  private readonly statements = new Map<string, BoundStatement>();
   /** The last Parse of the unnamed statement, as sent, and what it decoded to (see onParse). */
   private lastUnnamedParse: Buffer | null = null;
-  private lastUnnamedStatement: PreparedStatement | null = null;
+  private lastUnnamedStatement: BoundStatement | null = null;
   private readonly portals = new Map<string, Portal>();
   private unnamedPortal: Portal | null = null;
   /** From the server's last ReadyForQuery. */
@@ -645,9 +657,14 @@ export class Session {
     return this.gate(query, buf, start, end);
   }
 
-  private parsed(buf: Buffer, start: number, end: number): PreparedStatement {
+  private parsed(buf: Buffer, start: number, end: number): BoundStatement {
     const parse = decodeParse(buf, start, end);
-    const statement: PreparedStatement = { name: parse.statement, text: parse.text, paramTypes: parse.paramTypes };
+    const statement: BoundStatement = {
+      name: parse.statement,
+      text: parse.text,
+      paramTypes: parse.paramTypes,
+      binds: 0,
+    };
     if (parse.statement === '' && end - start <= MAX_REMEMBERED_PARSE_BYTES) {
       this.lastUnnamedParse = Buffer.from(buf.subarray(start, end)); // the read buffer is reused
       this.lastUnnamedStatement = statement;
@@ -660,28 +677,35 @@ export class Session {
    * Parse of the unnamed statement before every execution: when the bytes are the
    * last one's, its statement is reused, so nothing is decoded or allocated and the
    * shape is found by statement, not by text. Unnamed statements are never cached
-   * by the server, so the same object cannot stand for two different plans.
+   * by the server, so the same object cannot stand for two different plans; its
+   * count of Binds starts again, as the server's does for a new Parse (executions
+   * already bound keep their number).
    */
-  private unnamedReparse(buf: Buffer, start: number, end: number): PreparedStatement | null {
+  private unnamedReparse(buf: Buffer, start: number, end: number): BoundStatement | null {
     const last = this.lastUnnamedParse;
     if (last === null || buf[start + 5] !== 0 || last.length !== end - start) return null;
-    return buf.compare(last, 0, last.length, start, end) === 0 ? this.lastUnnamedStatement : null;
+    if (buf.compare(last, 0, last.length, start, end) !== 0) return null;
+    const statement = this.lastUnnamedStatement!;
+    statement.binds = 0;
+    return statement;
   }
 
   private onBind(buf: Buffer, start: number, end: number): void {
     const portalName = decodeBindPortal(buf, start, end);
     const statement = this.statements.get(decodeBindStatement(buf, start, end)) ?? null;
+    const execution = statement === null ? 0 : ++statement.binds;
     // Kept until the execution completes, beyond this read: a copy, as the read
     // buffer is reused; only subscribers of the completion event read it.
     const bind = this.options.observers.length > 0 ? Buffer.from(buf.subarray(start, end)) : null;
     if (portalName === '') {
-      if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind };
+      if (this.unnamedPortal === null) this.unnamedPortal = { statement, bind, execution };
       else {
         this.unnamedPortal.statement = statement;
         this.unnamedPortal.bind = bind;
+        this.unnamedPortal.execution = execution;
       }
     } else {
-      this.portals.set(portalName, { statement, bind });
+      this.portals.set(portalName, { statement, bind, execution });
     }
   }
 
@@ -694,6 +718,7 @@ export class Session {
       query.statement = portal.statement;
       query.text = portal.statement?.text ?? '';
       query.bind = portal.bind;
+      query.execution = portal.execution;
     }
     return this.gate(query, buf, start, end);
   }
@@ -834,6 +859,7 @@ export class Session {
     const group = capture.group();
     const query = capture.query;
     query.bind = findMessage(group, Frontend.Bind);
+    query.execution = 1; // the group parsed the unnamed statement afresh
     runRerouted(this.reroutes(), capture.target, query, group);
     return HOLD;
   }

@@ -53,6 +53,7 @@ export class ShapeCollector {
     statement: null,
     statementIndex: 0,
     bind: null,
+    execution: 0,
     startedAt: 0,
     durationMs: 0,
     rows: 0,

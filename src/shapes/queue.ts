@@ -41,6 +41,7 @@ export class CompletionQueue {
       r.statement = c.statement;
       r.statementIndex = c.statementIndex;
       r.bind = c.bind;
+      r.execution = c.execution;
       r.startedAt = c.startedAt;
       r.durationMs = c.durationMs;
       r.rows = c.rows;

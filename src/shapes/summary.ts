@@ -32,6 +32,8 @@ export interface Exemplar {
   /** The prepared statement's text and declared parameter types, or null for a simple Query. */
   readonly statement: { readonly text: string; readonly paramTypes: readonly number[] } | null;
   readonly statementIndex: number;
+  /** Which Bind of its prepared statement this was (QueryCompletion.execution); absent from older workers. */
+  readonly execution?: number;
   /** The raw Bind message, base64, or null. Held in memory only, never logged or stored. */
   readonly bind: string | null;
   readonly user: string;
@@ -111,6 +113,7 @@ export function exemplarOf(c: QueryCompletion): Exemplar {
     text: c.text,
     statement: c.statement === null ? null : { text: c.statement.text, paramTypes: [...c.statement.paramTypes] },
     statementIndex: c.statementIndex,
+    execution: c.execution,
     bind: c.bind === null ? null : c.bind.toString('base64'),
     user: s.user,
     database: s.database,
@@ -318,6 +321,7 @@ export function completionOfExemplar(e: Exemplar): QueryCompletion {
     text: e.text,
     statement: e.statement === null ? null : { name: '', text: e.statement.text, paramTypes: e.statement.paramTypes },
     statementIndex: e.statementIndex,
+    execution: e.execution ?? 0,
     bind: e.bind === null ? null : Buffer.from(e.bind, 'base64'),
     startedAt: e.startedAt,
     durationMs: e.durationMs,

@@ -9,6 +9,7 @@ import type { PlanSampler } from '../plans/sampler.ts';
 import { OVERFLOW_FINGERPRINT, type ShapeRegistry, type ShapeStats } from '../shapes/registry.ts';
 import { WORKLOAD_FORMAT, type Workload, type WorkloadShape } from './format.ts';
 import { parameterCount, sampleValues } from './values.ts';
+import { bareName } from '../plans/relations.ts';
 
 export interface WorkloadSources {
   readonly registry: ShapeRegistry;
@@ -48,7 +49,8 @@ function shapeJson(s: ShapeStats, sources: WorkloadSources): WorkloadShape {
     plan: current ? current.nodes.map((n) => n.description) : null,
     param_types: plans?.paramTypes ? [...plans.paramTypes] : null,
     plan_cost: current?.totalCost ?? null,
-    relations: current ? [...current.relations] : null,
+    // Bare names, as the workload format has them (the lock analysis matches them to a migration's).
+    relations: current ? [...new Set(current.relations.map(bareName))] : null,
     first_seen: new Date(s.firstSeen).toISOString(),
     last_seen: new Date(s.lastSeen).toISOString(),
     calls_per_s: callsPerSecond(s, sources.clock.now()),

@@ -71,6 +71,7 @@ class Simulation {
       statement: null,
       statementIndex: 0,
       bind: null,
+      execution: 0,
       startedAt: this.clock.now(),
       durationMs,
       rows: 1,

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import type { ActivitySample, Backend } from '../../src/detect/activity.ts';
-import { leadingCause, TimelineCauses } from '../../src/detect/causes.ts';
+import { leadingCause, PreparedPlanCauses, TimelineCauses } from '../../src/detect/causes.ts';
 import { EventLog } from '../../src/events/timeline.ts';
 import { InFlightTracker, stuckRegression } from '../../src/detect/inflight.ts';
 import { DEFAULT_DETECTOR_OPTIONS } from '../../src/detect/detector.ts';
@@ -299,6 +299,75 @@ describe('setting and statistics causes', () => {
     };
     assert.equal(leadingCause([...causes, ddl]), undefined, 'a DDL after the setting keeps the DDL attribution');
     now += 1;
+  });
+});
+
+describe('prepared statements switched to their generic plan', () => {
+  const planChange = (events: EventLog, at: number, details: Record<string, unknown>) =>
+    events.add({
+      type: 'plan_change',
+      at,
+      fingerprint: 'f1',
+      summary: 'Index Scan using jobs_status_idx on jobs -> Index Scan using jobs_pkey on jobs',
+      objects: ['public.jobs', 'public.jobs_status_idx', 'public.jobs_pkey'],
+      details: {
+        from: 'a',
+        to: 'b',
+        removed: [],
+        added: [],
+        before: 'Index Scan using jobs_status_idx on jobs',
+        after: 'Index Scan using jobs_pkey on jobs',
+        estimates_before: '',
+        estimates_after: '',
+        ...details,
+      },
+    });
+  const context = (planChanges: ReturnType<EventLog['add']>[]) => ({
+    fingerprint: 'f1',
+    onset: 1_000_000,
+    now: 1_010_000,
+    objects: new Set<string>(),
+    planChanges,
+  });
+
+  test('a plan change from custom to generic under plan_cache_mode auto is the conclusive cause, and leads', () => {
+    const events = new EventLog({ now: () => 1_010_000 });
+    const plan = planChange(events, 1_002_000, {
+      kind_before: 'custom',
+      kind_after: 'generic',
+      plan_cache_mode: 'auto',
+      kind_reason: 'execution 9: replayed',
+    });
+    const causes = new PreparedPlanCauses().causes(context([plan]));
+    assert.equal(causes.length, 1);
+    assert.equal(causes[0].type, 'generic_plan');
+    assert.equal(causes[0].conclusive, true);
+    assert.equal(
+      causes[0].summary,
+      'prepared statement switched to its generic plan after 5 executions (custom plans before): Index Scan using jobs_status_idx on jobs -> Index Scan using jobs_pkey on jobs',
+    );
+    assert.equal(leadingCause(causes), causes[0]);
+  });
+
+  test('no switch, a forced generic plan or a switch back to custom plans is no generic_plan cause', () => {
+    const events = new EventLog({ now: () => 1_010_000 });
+    const same = planChange(events, 1_001_000, {
+      kind_before: 'custom',
+      kind_after: 'custom',
+      plan_cache_mode: 'auto',
+    });
+    const forced = planChange(events, 1_002_000, {
+      kind_before: 'custom',
+      kind_after: 'generic',
+      plan_cache_mode: 'force_generic_plan',
+    });
+    const back = planChange(events, 1_003_000, {
+      kind_before: 'generic',
+      kind_after: 'custom',
+      plan_cache_mode: 'auto',
+    });
+    const none = planChange(events, 1_004_000, {});
+    assert.deepEqual(new PreparedPlanCauses().causes(context([same, forced, back, none])), []);
   });
 });
 

@@ -11,6 +11,8 @@ export interface RecordedCompletion {
   text: string;
   statementName: string | null;
   statementIndex: number;
+  /** Which Bind of its prepared statement (0: a simple Query). */
+  execution: number;
   hasBind: boolean;
   durationMs: number;
   rows: number;
@@ -72,6 +74,7 @@ export async function startProxy(options: TestProxyOptions = {}): Promise<TestPr
       text: c.text,
       statementName: c.statement?.name ?? null,
       statementIndex: c.statementIndex,
+      execution: c.execution,
       hasBind: c.bind !== null,
       durationMs: c.durationMs,
       rows: c.rows,

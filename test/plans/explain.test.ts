@@ -107,7 +107,8 @@ describe('explainSample', () => {
     );
     const summary = summarizePlan(json);
     assert.equal(summary.nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
-    assert.match(JSON.stringify(json), /"Index Cond":"\(id = 42\)"/);
+    // VERBOSE: columns are qualified.
+    assert.match(JSON.stringify(json), /"Index Cond":"\(\w+\.id = 42\)"/);
   });
 
   test('a NULL parameter is passed as NULL', async () => {
@@ -126,7 +127,7 @@ describe('explainSample', () => {
       { database, user, text: `select count(*) from ${TABLE};`, params: null, paramCount: 0 },
       PG_VERSION,
     );
-    assert.deepEqual(summarizePlan(json).relations, [TABLE]);
+    assert.deepEqual(summarizePlan(json).relations, [`public.${TABLE}`]);
   });
 
   test('parameters that could not be rendered get a generic plan on PostgreSQL 16+', {
@@ -138,7 +139,7 @@ describe('explainSample', () => {
       PG_VERSION,
     );
     assert.equal(summarizePlan(json).nodes[0].description, `Index Scan using ${TABLE}_pkey on ${TABLE}`);
-    assert.match(JSON.stringify(json), /"Index Cond":"\(id = \$1\)"/);
+    assert.match(JSON.stringify(json), /"Index Cond":"\(\w+\.id = \$1\)"/);
   });
 
   test('parameters that could not be rendered are an error before PostgreSQL 16', async () => {
@@ -218,7 +219,7 @@ describe('explainSample', () => {
       { database, user, text: `select * from ${TABLE} where id = $1`, params: ['7'], paramCount: 1 },
       PG_VERSION,
     );
-    assert.equal(summarizePlan(json).relations[0], TABLE);
+    assert.equal(summarizePlan(json).relations[0], `public.${TABLE}`);
     const states = await withClient(async (c) => {
       const { rows } = await c.query<{ state: string }>(
         `select state from pg_stat_activity where application_name = 'pgwarden-monitor'`,

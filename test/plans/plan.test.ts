@@ -224,6 +224,55 @@ describe('summarizePlan', () => {
   });
 });
 
+describe('schemas (EXPLAIN VERBOSE)', () => {
+  const lookup = (schema: string) => [
+    {
+      Plan: {
+        'Node Type': 'Index Scan',
+        'Parallel Aware': false,
+        'Async Capable': false,
+        'Scan Direction': 'Forward',
+        'Index Name': 'accounts_email_idx',
+        'Relation Name': 'accounts',
+        Schema: schema,
+        Alias: 'accounts',
+        'Total Cost': 8.3,
+        'Plan Rows': 1,
+        Output: ['id'],
+      },
+    },
+  ];
+
+  test("relations and indexes are listed with their table's schema; descriptions name schemas other than public", () => {
+    const tenant = summarizePlan(lookup('tenant_b'));
+    assert.deepEqual(tenant.relations, ['tenant_b.accounts']);
+    assert.deepEqual(tenant.indexes, ['tenant_b.accounts_email_idx']);
+    assert.deepEqual(tenant.schemas, ['tenant_b']);
+    assert.equal(tenant.nodes[0].description, 'Index Scan using accounts_email_idx on tenant_b.accounts');
+    const common = summarizePlan(lookup('public'));
+    assert.deepEqual(common.relations, ['public.accounts']);
+    assert.equal(common.nodes[0].description, 'Index Scan using accounts_email_idx on accounts');
+  });
+
+  test("another schema's table is another plan; every session's temporary schema is one", () => {
+    assert.notEqual(summarizePlan(lookup('tenant_a')).fingerprint, summarizePlan(lookup('tenant_b')).fingerprint);
+    const temp = summarizePlan(lookup('pg_temp_3'));
+    assert.equal(temp.fingerprint, summarizePlan(lookup('pg_temp_12')).fingerprint);
+    assert.deepEqual(temp.schemas, ['pg_temp']);
+  });
+
+  test('a plan without schemas (no VERBOSE) keeps the names it always had, and the fingerprint of public', () => {
+    const plain = lookup('x');
+    delete (plain[0].Plan as Record<string, unknown>).Schema;
+    const summary = summarizePlan(plain);
+    assert.equal(summary.fingerprint, summarizePlan(lookup('public')).fingerprint);
+    assert.notEqual(summary.fingerprint, summarizePlan(lookup('tenant_a')).fingerprint);
+    assert.deepEqual(summary.relations, ['accounts']);
+    assert.deepEqual(summary.schemas, []);
+    assert.equal(summary.nodes[0].description, 'Index Scan using accounts_email_idx on accounts');
+  });
+});
+
 describe('plan fingerprints', () => {
   test('costs, row estimates, widths, conditions and aliases do not change the fingerprint', () => {
     const a = plan(hashJoin(seqScan('orders', { Filter: '(total > 10)' }), seqScan('users', { Alias: 'u' })));

@@ -244,7 +244,7 @@ describe('EXPLAIN sampling and client code', () => {
     await query(via(app, ATTACKER), `select label from ${ATTACKER}.items where id = 42`);
     const shape = await sampledShape(app, `select label from ${ATTACKER}.items where id =`);
     assert.equal(shape.plans.not_sampled, null);
-    assert.equal(shape.plans.current?.nodes[0], `Index Scan using items_pkey on items`);
+    assert.equal(shape.plans.current?.nodes[0], `Index Scan using items_pkey on ${ATTACKER}.items`);
   });
 
   test("a superuser's C function is planned as the client; a superuser's PL/pgSQL function is not planned", async () => {
@@ -257,7 +257,7 @@ describe('EXPLAIN sampling and client code', () => {
       await query(via(app, ATTACKER), `select public.pgw_priv_abs(id) from ${ATTACKER}.items where id = 44`);
       const compiled = await sampledShape(app, 'select public.pgw_priv_abs(id)');
       assert.equal(compiled.plans.not_sampled, null);
-      assert.match(compiled.plans.current?.nodes[0] ?? '', /using items_pkey on items/);
+      assert.match(compiled.plans.current?.nodes[0] ?? '', /using items_pkey on \w+\.items/);
       await query(via(app, ATTACKER), `select public.pgw_priv_helper_user(id) from ${ATTACKER}.items where id = 45`);
       const pl = await sampledShape(app, 'select public.pgw_priv_helper_user(id)');
       assert.match(pl.plans.not_sampled ?? '', /written in plpgsql, whose calls follow the session's search_path/);
@@ -282,7 +282,7 @@ describe('EXPLAIN sampling and client code', () => {
       await query(via(app, ATTACKER), `select lower(label) from ${ATTACKER}.items where id = 43`);
       const plain = await sampledShape(app, `select lower(label) from ${ATTACKER}.items`);
       assert.equal(plain.plans.not_sampled, null);
-      assert.equal(plain.plans.current?.nodes[0], `Index Scan using items_pkey on items`);
+      assert.equal(plain.plans.current?.nodes[0], `Index Scan using items_pkey on ${ATTACKER}.items`);
     } finally {
       await superuser(`grant ${ATTACKER} to ${MONITOR} ${MEMBERSHIP}`);
     }
@@ -367,8 +367,8 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
       '-c search_path=pgw_tenant_a',
     );
     const shape = await sampledShape(app, 'from users where email');
-    assert.equal(shape.plans.current?.relations.join(','), 'users');
-    assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a_email');
+    assert.equal(shape.plans.current?.relations.join(','), 'pgw_tenant_a.users');
+    assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a.pgw_tenant_a_email');
   });
 
   test('search_path changed with SET is followed', async () => {
@@ -381,7 +381,7 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
       await client.end();
     }
     const shape = await sampledShape(app, 'select id, email from users where email');
-    assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a_email');
+    assert.equal(shape.plans.current?.indexes.join(','), 'pgw_tenant_a.pgw_tenant_a_email');
   });
 
   test('plan_cache_mode set by the session decides between the custom and the generic plan', async () => {
@@ -396,9 +396,11 @@ describe("EXPLAIN plans with the session's role settings, schema and database", 
       await client.end();
     }
     const custom = await sampledShape(app, 'select v from pgw_priv_pcm where id');
-    assert.deepEqual(custom.plans.current?.indexes, ['pgw_priv_pcm_small']);
+    assert.deepEqual(custom.plans.current?.indexes, ['public.pgw_priv_pcm_small']);
+    assert.equal(custom.plans.current?.kind, 'custom');
     const generic = await sampledShape(app, 'select v, id from pgw_priv_pcm where id');
     assert.deepEqual(generic.plans.current?.indexes, []);
+    assert.equal(generic.plans.current?.kind, 'generic');
   });
 
   test("the session's database is explained there, not in the monitor URL's", async () => {

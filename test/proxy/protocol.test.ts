@@ -119,6 +119,47 @@ describe('the protocol through pgwarden', () => {
     assert.equal(rows[0].n, 1);
   });
 
+  test('each execution knows which Bind of its prepared statement it was, pipelined or not; a new Parse starts again', {
+    timeout: 30_000,
+  }, async () => {
+    const raw = await RawConnection.open(proxy.port);
+    const text = `select $1::int + 0 as pgw_execution_${suffix}`;
+    try {
+      raw.write(serialize.startup({ user: db.user, database: db.database }));
+      await raw.untilReady();
+      const run = (n: number) =>
+        Array.from({ length: n }, (_, i) => [
+          serialize.bind({ statement: 'pgw_n', values: [String(i)] }),
+          serialize.execute({}),
+        ]).flat();
+      // Seven executions in one pipeline: the completions of the first come after later Binds.
+      raw.write(serialize.parse({ name: 'pgw_n', text }), ...run(7), serialize.sync());
+      await raw.untilReady();
+      raw.write(...run(1), serialize.sync());
+      await raw.untilReady();
+      // Parsed again under the same name: the server starts counting again, and so does the proxy.
+      raw.write(
+        serialize.close({ type: 'S', name: 'pgw_n' }),
+        serialize.parse({ name: 'pgw_n', text }),
+        ...run(2),
+        serialize.sync(),
+      );
+      await raw.untilReady();
+      raw.write(serialize.query(`select 1 as pgw_execution_simple_${suffix}`));
+      await raw.untilReady();
+      const mine = await waitFor(() => {
+        const found = proxy.completions.filter((c) => c.text.includes(`pgw_execution_`) && c.text.includes(suffix));
+        return found.length === 11 && found;
+      });
+      assert.deepEqual(
+        mine.map((c) => c.execution),
+        [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 0],
+      );
+    } finally {
+      raw.socket.destroy();
+    }
+  });
+
   test('a portal executed with a row limit is suspended, resumed after Flush and closed', {
     timeout: 30_000,
   }, async () => {

@@ -38,6 +38,7 @@ function completion(overrides: Partial<QueryCompletion> = {}): QueryCompletion {
     statement: null,
     statementIndex: 0,
     bind: null,
+    execution: 0,
     startedAt: 0,
     durationMs: 1,
     rows: 1,

@@ -32,6 +32,7 @@ function completion(text: string, durationMs: number, overrides: Partial<QueryCo
     statement: null,
     statementIndex: 0,
     bind: null,
+    execution: 0,
     startedAt: 0,
     durationMs,
     rows: 1,

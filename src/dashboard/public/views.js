@@ -423,6 +423,13 @@ export function renderHistory(container, incidents, actions) {
   );
 }
 
+/** " · generic plan (tenant_b)": a prepared statement's plan kind and the plan's schemas, when known. */
+function planKind(p) {
+  const kind = p.kind ? ` · ${p.kind} plan` : '';
+  const schemas = p.schemas?.length && p.schemas.join(',') !== 'public' ? ` (${p.schemas.join(', ')})` : '';
+  return `${kind}${schemas}`;
+}
+
 function rate(perSecond) {
   return typeof perSecond === 'number' ? `${perSecond < 10 ? perSecond.toFixed(1) : fmtCount(perSecond)}/s` : '–';
 }
@@ -637,7 +644,7 @@ export function renderPlans(container, plans) {
             'div',
             { class: 'plan-meta' },
             h('strong', {}, 'Current plan'),
-            ` ${plans.current.fingerprint} · cost ${plans.current.total_cost} · ${samples(plans.current.samples)} · since ${fmtTime(plans.current.first_seen)}`,
+            ` ${plans.current.fingerprint}${planKind(plans.current)} · cost ${plans.current.total_cost} · ${samples(plans.current.samples)} · since ${fmtTime(plans.current.first_seen)}`,
           ),
           h(
             'ol',
@@ -685,7 +692,7 @@ export function renderPlans(container, plans) {
                 'li',
                 { title: p.nodes.join('\n') },
                 h('code', {}, p.fingerprint),
-                ` ${p.nodes[0] ?? ''} · ${samples(p.samples)} · ${fmtTime(p.first_seen)} – ${fmtTime(p.last_seen)}`,
+                `${planKind(p)} ${p.nodes[0] ?? ''} · ${samples(p.samples)} · ${fmtTime(p.first_seen)} – ${fmtTime(p.last_seen)}`,
               ),
             ),
           ),
