@@ -356,20 +356,35 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       await Promise.all(list.map((c) => c.end()));
     }
   });
-  test("statements stuck on a lock in both workers show in the primary's in-flight view, and leave it on release", async () => {
+  test("statements stuck on a lock in both workers show in the primary's in-flight view and open an incident before any completes; nothing stays stuck on release", async () => {
     const table = 'pgw_wk_locked';
     await withClient((c) => c.query(`drop table if exists ${table}; create table ${table} (id int)`));
     const locker = new pg.Client({ connectionString: testDatabase().url, application_name: 'pgw-wk-locker' });
     await locker.connect();
     const list = await clients(6);
-    let stuck: Promise<unknown>[] = [];
+    let stop = false;
+    let loops: Promise<unknown>[] = [];
     try {
       const relayedBy = await Promise.all(list.map(workerOf));
       assert.equal(new Set(relayedBy).size, 2, 'the clients are spread over both workers');
+      // The shape runs through both workers until it has a baseline.
+      loops = list.map(async (c, i) => {
+        while (!stop) await c.query(`select count(*) as pgw_wk_stuck from ${table} where id = $1`, [8675309 + i]);
+      });
+      await waitFor(
+        async () => {
+          const shape = ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) =>
+            s.query.includes('pgw_wk_stuck'),
+          );
+          if (!shape) return undefined;
+          const detail = await api(`/api/shapes/${shape.fingerprint}`);
+          return detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 12;
+        },
+        { timeoutMs: 60_000, intervalMs: 500, what: 'a baseline for the shape' },
+      );
       await locker.query('begin');
       await locker.query(`lock table ${table} in access exclusive mode`);
-      // Outside the proxy, so only the workers' in-flight reports can show it.
-      stuck = list.map((c, i) => c.query(`select count(*) as pgw_wk_stuck from ${table} where id = $1`, [8675309 + i]));
+      // Outside the proxy: no call of the shape completes, only the workers' in-flight reports show it.
       const view = await waitFor(
         async () => {
           const body = await api('/api/inflight?min_ms=1000');
@@ -404,8 +419,27 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
         "min_ms must be a whole number of milliseconds, not 'soon'",
       );
 
+      // Before any of them completes (the lock is still held), the detector sees them.
+      // (As its root, or as a victim of the incident the test above may have left open.)
+      type Listed = { id: string; fingerprint: string; victims: { fingerprint: string }[] };
+      const incident = await waitFor(
+        async () =>
+          ((await api('/api/incidents')) as Listed[]).find(
+            (i) => i.fingerprint === fingerprint || i.victims.some((v) => v.fingerprint === fingerprint),
+          ),
+        { timeoutMs: 30_000, intervalMs: 250, what: 'an incident for the stuck shape while the lock is held' },
+      );
+      console.log(
+        `# stuck shape in incident ${incident.id} as ${incident.fingerprint === fingerprint ? 'root' : 'victim'}`,
+      );
+      const stillStuck = (await api('/api/inflight?min_ms=1000')).statements.filter(
+        (x: { fingerprint: string }) => x.fingerprint === fingerprint,
+      );
+      assert.equal(stillStuck.length, list.length, `the incident ${incident.id} opened with every call still stuck`);
+
       await locker.query('rollback');
-      await Promise.all(stuck);
+      stop = true;
+      await Promise.all(loops);
       await waitFor(
         async () => {
           const body = await api('/api/inflight?min_ms=0');
@@ -417,8 +451,9 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
         { timeoutMs: 10_000, intervalMs: 100, what: 'nothing of the shape in flight after the release' },
       );
     } finally {
+      stop = true;
       await locker.end().catch(() => undefined);
-      await Promise.allSettled(stuck);
+      await Promise.allSettled(loops);
       await Promise.all(list.map((c) => c.end().catch(() => undefined)));
       await withClient((c) => c.query(`drop table if exists ${table}`));
     }
