@@ -12,6 +12,9 @@ export const SESSIONS_USAGE = `usage: pgwarden sessions [list|cancel|terminate] 
   pgwarden sessions cancel ID         cancel the session's running statement (a CancelRequest)
   pgwarden sessions terminate ID      end the session (the client gets 57P01)
 
+With --workers N, IDs name the worker holding the session (w2-17), and a worker
+that does not answer in time is named on stderr (its sessions are not listed).
+
 connection: --admin HOST:PORT (PGWARDEN_ADMIN, default 127.0.0.1:6465)
             --token TOKEN (PGWARDEN_ADMIN_TOKEN)
 `;

@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { runSessions } from '../../src/cli/sessions.ts';
 import { perWorker } from '../../src/cli/workers.ts';
 import type { Rule, ShedRule } from '../../src/rules/rule.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
@@ -543,6 +544,16 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
           body.some((s) => s.application_name.startsWith('pgw-wk-s')),
           "the other worker's sessions",
         );
+        let out = '';
+        let err = '';
+        const code = await runSessions(
+          ['--admin', `127.0.0.1:${adminPort}`, '--token', TOKEN],
+          { write: (t: string) => (out += t) },
+          { write: (t: string) => (err += t) },
+        );
+        assert.equal(code, 0, err);
+        assert.equal(err, `pgwarden sessions: worker(s) ${unanswered} did not answer: their sessions are not listed\n`);
+        assert.match(out, /^w\d+-\d+\s/m, 'the table lists the ids with their worker');
       } finally {
         process.kill(stoppedPid, 'SIGCONT');
       }
