@@ -17,7 +17,7 @@
 
 import type { GateDecision, PreparedStatement, QueryGate, QueryRequest, SessionInfo } from '../proxy/seam.ts';
 import { FORWARD } from '../proxy/seam.ts';
-import type { ShapeFinder } from '../shapes/fingerprint.ts';
+import type { ShapeFinder, StatementShape } from '../shapes/fingerprint.ts';
 import type { DetectorOptions, Percentiles } from './detector.ts';
 
 const RING = 64;
@@ -32,6 +32,11 @@ class SessionFlight {
   head = 0;
   length = 0;
   lastActive: number;
+  /**
+   * The oldest statement's shape once looked up: a stuck statement is asked about at
+   * every evaluation (and, in a cluster worker, every report), its text parsed once.
+   */
+  headShape: StatementShape | undefined = undefined;
   /** One decision object per session, so forwarding allocates nothing per query. */
   readonly decision: GateDecision;
 
@@ -59,6 +64,7 @@ class SessionFlight {
     if (this.length === 0) return;
     this.texts[this.head] = null;
     this.statements[this.head] = null;
+    this.headShape = undefined;
     this.head = (this.head + 1) % RING;
     this.length--;
     this.lastActive = this.clock();
@@ -182,12 +188,16 @@ export class InFlightTracker implements QueryGate, InFlightView {
         const slot = (flight.head + i) % RING;
         const since = flight.since[slot];
         if (now - since < minAgeMs) break; // younger ones follow
-        const statement = flight.statements[slot];
-        const shape =
-          statement !== null
-            ? this.finder.shapeOfStatement(statement)
-            : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
-        if (shape === undefined) continue;
+        let shape = i === 0 ? flight.headShape : undefined;
+        if (shape === undefined) {
+          const statement = flight.statements[slot];
+          shape =
+            statement !== null
+              ? this.finder.shapeOfStatement(statement)
+              : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
+          if (shape === undefined) continue;
+          if (i === 0) flight.headShape = shape;
+        }
         out.push({
           session: flight.sessionId,
           user: flight.user,

@@ -391,6 +391,30 @@ describe('InFlightTracker', async () => {
     assert.equal(Object.keys(tracker.report(1000, 3, 1).counts).length, 1, 'shapes counted are capped too');
   });
 
+  test('a stuck statement is parsed into its shape once, however often it is asked about', () => {
+    let now = 1000;
+    let lookups = 0;
+    const counting = {
+      shapesOfText: (text: string) => {
+        lookups++;
+        return finder.shapesOfText(text);
+      },
+      shapeOfStatement: finder.shapeOfStatement.bind(finder),
+    } as unknown as ShapeFinder;
+    const tracker = new InFlightTracker({ decide: () => FORWARD }, counting, () => now);
+    const decision = tracker.decide(request('select * from users where id = 5')) as GateDecision & {
+      done?: () => void;
+    };
+    now += 5000;
+    for (let i = 0; i < 10; i++) tracker.report(750, 200, 500);
+    assert.equal(tracker.stuckByShape(1000).size, 1);
+    assert.equal(lookups, 1);
+    decision.done!();
+    tracker.decide(request('select * from orders where id = 5'));
+    assert.equal(tracker.inFlight()[0].query, 'select * from orders where id = $1', 'the next statement is its own');
+    assert.equal(lookups, 2);
+  });
+
   test("the merged view adds the workers' latest reports to its own, and forgets stale or departed workers", () => {
     let now = 100_000;
     const local = new InFlightTracker({ decide: () => FORWARD }, finder, () => now);
