@@ -1,10 +1,14 @@
 // Live sessions, as PgBouncer's SHOW CLIENTS: who is connected, in which state
 // (from ReadyForQuery and what is in flight), running which shape for how long,
 // and cancel or terminate one. Statements are shown as their shape (fingerprint
-// and normalized text), never with literal values.
+// and normalized text), never with literal values. With `--workers N` the sessions
+// live in the workers: the primary asks each of them (SessionDirectory, workers.ts).
+// Also the statements in flight, as the detector sees them (GET /api/inflight).
 
+import type { InFlightView } from '../detect/inflight.ts';
 import type { ProxyServer } from '../proxy/server.ts';
 import type { Session } from '../proxy/session.ts';
+import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ApiError, type Route } from './server.ts';
 
 /** The shape of statement `index` of a text (null when shape statistics are off). */
@@ -41,48 +45,153 @@ export function sessionJson(session: Session, shapeOf: StatementShapeOf, upstrea
   };
 }
 
-export function sessionRoutes(proxy: ProxyServer, shapeOf: StatementShapeOf, upstream: string): Route[] {
+/** A session as GET /api/sessions shows it. */
+export type SessionJson = Omit<ReturnType<typeof sessionJson>, 'id'> & { readonly id: number | string };
+
+/**
+ * A session's id in the API: its number in one process; under `--workers N`, the
+ * worker's number and the session's (`w2-17`), as each worker numbers its own.
+ */
+export function workerSessionId(worker: number, session: number): string {
+  return `w${worker}-${session}`;
+}
+
+/** The worker (null: one process) and session number of an API id, or null if it is none. */
+export function parseSessionId(id: string): { worker: number | null; session: number } | null {
+  if (/^\d+$/.test(id)) return { worker: null, session: Number(id) };
+  const m = /^w(\d+)-(\d+)$/.exec(id);
+  return m ? { worker: Number(m[1]), session: Number(m[2]) } : null;
+}
+
+export function noSession(id: string): ApiError {
+  return new ApiError(404, `no live session '${id}' (see GET /api/sessions)`);
+}
+
+/**
+ * Where the sessions are: this process's proxy (localSessions), or with `--workers N`
+ * every worker's, asked over IPC by the primary (workers.ts). Failures throw ApiError.
+ */
+export interface SessionDirectory {
+  /** The live sessions, and the workers that did not answer in time (named, e.g. `w2`). */
+  list(): Promise<{ sessions: SessionJson[]; unanswered: string[] }>;
+  /** Cancels the session's running statement: a CancelRequest with its key, as the client itself would send. */
+  cancel(id: string): Promise<{ id: number | string; cancel_sent: true }>;
+  /** Ends the session: the client gets FATAL 57P01, the upstream connection is ended with Terminate. */
+  terminate(id: string): Promise<{ id: number | string; terminated: true }>;
+}
+
+/** The shape of a statement of a text, as the sessions show it. */
+export function statementShapes(finder: ShapeFinder): NonNullable<StatementShapeOf> {
+  return (text, index) => {
+    const shapes = finder.shapesOfText(text);
+    return shapes[Math.min(index, shapes.length - 1)];
+  };
+}
+
+/** The sessions of this process's proxy; `worker` its number in a cluster (its ids are then `w<worker>-<n>`). */
+export function localSessions(
+  proxy: ProxyServer,
+  shapeOf: StatementShapeOf,
+  upstream: string,
+  worker: number | null = null,
+): SessionDirectory {
+  const idOf = (session: Session) => (worker === null ? session.info.id : workerSessionId(worker, session.info.id));
   const find = (id: string): Session => {
-    const session = /^\d+$/.test(id) ? proxy.findSession(Number(id)) : undefined;
-    if (session === undefined) throw new ApiError(404, `no live session '${id}' (see GET /api/sessions)`);
+    const parsed = parseSessionId(id);
+    const session = parsed !== null && parsed.worker === worker ? proxy.findSession(parsed.session) : undefined;
+    if (session === undefined) throw noSession(id);
     return session;
   };
+  return {
+    async list() {
+      const now = Date.now();
+      const sessions = [...proxy.liveSessions()]
+        .filter((s) => s.lifecycle !== 'closed')
+        .sort((a, b) => a.info.id - b.info.id)
+        .map((s) => ({ ...sessionJson(s, shapeOf, upstream, now), id: idOf(s) }));
+      return { sessions, unanswered: [] };
+    },
+    async cancel(id) {
+      const session = find(id);
+      if (session.backendKey === null)
+        throw new ApiError(409, `session ${id} has no backend key yet: nothing to cancel`);
+      try {
+        await session.cancel();
+      } catch (err) {
+        throw new ApiError(502, `cancel request not delivered to the upstream: ${(err as Error).message}`);
+      }
+      return { id: idOf(session), cancel_sent: true };
+    },
+    async terminate(id) {
+      const session = find(id);
+      session.terminate();
+      return { id: idOf(session), terminated: true };
+    },
+  };
+}
+
+/** Names the workers whose sessions are missing from a list (they did not answer in time). */
+export const UNANSWERED_HEADER = 'X-Pgwarden-Unanswered-Workers';
+
+export function sessionRoutes(sessions: SessionDirectory): Route[] {
   return [
     {
       method: 'GET',
       path: '/api/sessions',
-      handle() {
-        const now = Date.now();
-        const sessions = [...proxy.liveSessions()]
-          .filter((s) => s.lifecycle !== 'closed')
-          .map((s) => sessionJson(s, shapeOf, upstream, now));
-        return { status: 200, body: sessions.sort((a, b) => a.id - b.id) };
+      async handle() {
+        const { sessions: list, unanswered } = await sessions.list();
+        return {
+          status: 200,
+          body: list,
+          headers: unanswered.length > 0 ? { [UNANSWERED_HEADER]: unanswered.join(',') } : undefined,
+        };
       },
     },
     {
-      // Cancel the statement in flight: a CancelRequest with the session's key, as the client itself would send.
       method: 'DELETE',
       path: '/api/sessions/:id/query',
       async handle({ params }) {
-        const session = find(params.id);
-        if (session.backendKey === null)
-          throw new ApiError(409, `session ${params.id} has no backend key yet: nothing to cancel`);
-        try {
-          await session.cancel();
-        } catch (err) {
-          throw new ApiError(502, `cancel request not delivered to the upstream: ${(err as Error).message}`);
-        }
-        return { status: 200, body: { id: session.info.id, cancel_sent: true } };
+        return { status: 200, body: await sessions.cancel(params.id) };
       },
     },
     {
-      // Terminate: the client gets FATAL 57P01, the upstream connection is ended with Terminate.
       method: 'DELETE',
       path: '/api/sessions/:id',
-      handle({ params }) {
-        const session = find(params.id);
-        session.terminate();
-        return { status: 200, body: { id: session.info.id, terminated: true } };
+      async handle({ params }) {
+        return { status: 200, body: await sessions.terminate(params.id) };
+      },
+    },
+  ];
+}
+
+/**
+ * The statements in flight (with `--workers N`, every worker's, as last reported:
+ * up to 250 ms behind, and only those of 750 ms and more, at most 200 per worker),
+ * oldest first, with the counts by shape of everything in flight.
+ */
+export function inFlightRoutes(view: InFlightView): Route[] {
+  return [
+    {
+      method: 'GET',
+      path: '/api/inflight',
+      handle({ query }) {
+        const raw = query.get('min_ms') ?? '1000';
+        const minMs = Number(raw);
+        if (!/^\d+$/.test(raw) || !Number.isSafeInteger(minMs))
+          throw new ApiError(400, `min_ms must be a whole number of milliseconds, not '${raw}'`);
+        const statements = view.inFlight(minMs).map((s) => ({
+          session: s.worker === undefined ? s.session : workerSessionId(s.worker, s.session),
+          user: s.user,
+          database: s.database,
+          fingerprint: s.fingerprint,
+          query: s.query,
+          since: new Date(s.since).toISOString(),
+          age_ms: Math.round(s.ageMs),
+        }));
+        const by_shape = [...view.countsByShape()]
+          .map(([fingerprint, count]) => ({ fingerprint, count }))
+          .sort((a, b) => b.count - a.count || a.fingerprint.localeCompare(b.fingerprint));
+        return { status: 200, body: { statements, by_shape } };
       },
     },
   ];

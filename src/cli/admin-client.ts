@@ -12,6 +12,7 @@ export interface Output {
 export interface AdminResponse {
   status: number;
   body: unknown;
+  headers?: Headers;
 }
 
 export interface AdminClient {
@@ -50,9 +51,9 @@ export function adminClient(
       });
       const text = await response.text();
       try {
-        return { status: response.status, body: JSON.parse(text) };
+        return { status: response.status, body: JSON.parse(text), headers: response.headers };
       } catch {
-        return { status: response.status, body: text };
+        return { status: response.status, body: text, headers: response.headers };
       }
     },
   };

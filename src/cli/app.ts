@@ -8,9 +8,10 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import type { AdminServer } from '../admin/server.ts';
+import { localSessions, statementShapes } from '../admin/sessions-api.ts';
 import { systemClock, type Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
-import { InFlightTracker } from '../detect/inflight.ts';
+import { InFlightMerge, InFlightTracker, type InFlightView } from '../detect/inflight.ts';
 import type { IncidentManager } from '../detect/incidents.ts';
 import type { NewShapeWatch } from '../detect/newshapes.ts';
 import type { SchemaWatcher } from '../detect/schema.ts';
@@ -27,7 +28,7 @@ import { ShapeFinder } from '../shapes/fingerprint.ts';
 import { keepGeneratedToken, startAdmin } from './build-admin.ts';
 import { startObservers, type Observers } from './build-observers.ts';
 import { configRules, openRules } from './build-rules.ts';
-import type { ClusterRole } from './workers.ts';
+import { INFLIGHT_STALE_MS, type ClusterRole } from './workers.ts';
 
 export interface App {
   readonly proxy: ProxyServer;
@@ -36,8 +37,8 @@ export interface App {
   readonly incidents: IncidentManager | null;
   readonly sampler: PlanSampler | null;
   readonly schema: SchemaWatcher | null;
-  /** Statements forwarded and not yet completed (null without statistics). */
-  readonly inflight: InFlightTracker | null;
+  /** Statements forwarded and not yet completed, with --workers all workers' (null without statistics). */
+  readonly inflight: InFlightView | null;
   readonly newShapes: NewShapeWatch | null;
   readonly rules: RuleStore;
   readonly admin: AdminServer | null;
@@ -109,9 +110,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
 
   const rules = await openRules(config, log, clock, events, finder, worker);
   // The in-flight tracker wraps the rules' gate: it sees every statement forwarded.
-  // (Not in a cluster worker: statements stuck in a worker are not reported to the primary yet.)
-  const inflight = config.stats && !worker ? new InFlightTracker(rules.gate, finder) : null;
-  proxy.setGate(inflight ?? rules.gate);
+  // A cluster worker reports its statements in flight; the primary merges them with its own.
+  const tracker = config.stats ? new InFlightTracker(rules.gate, finder) : null;
+  proxy.setGate(tracker ?? rules.gate);
+  const merged = tracker && hub ? new InFlightMerge(tracker, INFLIGHT_STALE_MS) : null;
+  const inflight: InFlightView | null = merged ?? tracker;
 
   // A cluster worker only relays and reports; everything after a query completes runs where the statistics are.
   const monitor = config.monitor_url && !worker ? openMonitor(config, log) : null;
@@ -120,11 +123,15 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       ? new WebhookSender({ url: config.alert_webhook_url, log: log.child({ component: 'webhook' }) })
       : null;
   let observers: Observers | null = null;
-  if (worker) worker.start(proxy, rules.gate, config.stats ? finder : null);
-  else if (config.stats)
+  if (worker) {
+    worker.start(proxy, rules.gate, config.stats ? finder : null, tracker);
+    worker.serveSessions(
+      localSessions(proxy, config.stats ? statementShapes(finder) : null, config.upstream, worker.id),
+    );
+  } else if (config.stats)
     observers = await startObservers({ config, log, clock, proxy, finder, events, rules, monitor, webhook, inflight });
 
-  hub?.attach({ collector: observers?.collector ?? null, rules: rules.store, gate: rules.gate });
+  hub?.attach({ collector: observers?.collector ?? null, rules: rules.store, gate: rules.gate, inflight: merged });
   const proxyPort = hub ? 0 : (await proxy.listen()).port;
   const adminToken = config.admin_token ?? randomBytes(18).toString('base64url');
   let admin: { server: AdminServer; port: number } | null = null;
@@ -136,9 +143,11 @@ export async function startApp(config: Config, log: Logger, options: AppOptions 
       log,
       clock,
       token: adminToken,
-      proxy,
       counters,
-      finder,
+      sessions: hub
+        ? hub.sessions
+        : localSessions(proxy, config.stats ? statementShapes(finder) : null, config.upstream),
+      inflight,
       events,
       rules,
       observers,

@@ -10,15 +10,14 @@ import { eventJson, incidentRoutes, plansJson } from '../admin/incidents-api.ts'
 import { createMetrics, type ProxyCounters } from '../admin/metrics.ts';
 import { mitigationRoutes, ruleRoutes } from '../admin/rules-api.ts';
 import { AdminServer, upstreamProbe } from '../admin/server.ts';
-import { sessionRoutes } from '../admin/sessions-api.ts';
+import { inFlightRoutes, sessionRoutes, type SessionDirectory } from '../admin/sessions-api.ts';
 import { workloadRoutes } from '../admin/workload-api.ts';
 import type { Clock } from '../clock.ts';
 import { parseHostPort, type Config } from '../config.ts';
 import { loadDashboard } from '../dashboard/assets.ts';
+import type { InFlightView } from '../detect/inflight.ts';
 import type { EventLog } from '../events/timeline.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
-import type { ProxyServer } from '../proxy/server.ts';
-import type { ShapeFinder } from '../shapes/fingerprint.ts';
 import { ControlDatabase } from '../state/control.ts';
 import type { Observers } from './build-observers.ts';
 import type { RulesFeature } from './build-rules.ts';
@@ -28,14 +27,16 @@ export interface AdminInputs {
   readonly log: Logger;
   readonly clock: Clock;
   readonly token: string;
-  readonly proxy: ProxyServer;
   /** The proxy's counters: this process's, or with --workers all workers' (see workers.ts). */
   readonly counters: ProxyCounters;
-  readonly finder: ShapeFinder;
   readonly events: EventLog;
   readonly rules: RulesFeature;
   readonly observers: Observers | null;
   readonly monitor: MonitorPool | null;
+  /** The live sessions: this process's, or with --workers every worker's. */
+  readonly sessions: SessionDirectory;
+  /** Statements in flight (null with statistics off). */
+  readonly inflight: InFlightView | null;
 }
 
 /** Writes a generated token where only its owner can read it: logs travel further than the operator's terminal. */
@@ -95,16 +96,8 @@ export async function startAdmin(inputs: AdminInputs): Promise<{ server: AdminSe
       o ? (fp) => o.collector.registry.get(fp) : null,
     ),
     ...(o ? mitigationRoutes(o.policy) : []),
-    ...sessionRoutes(
-      inputs.proxy,
-      o
-        ? (text, index) => {
-            const shapes = inputs.finder.shapesOfText(text);
-            return shapes[Math.min(index, shapes.length - 1)];
-          }
-        : null,
-      config.upstream,
-    ),
+    ...sessionRoutes(inputs.sessions),
+    ...(inputs.inflight ? inFlightRoutes(inputs.inflight) : []),
     ...(o?.activity && inputs.monitor
       ? backendRoutes({ activity: o.activity, monitor: inputs.monitor, events, log: log.child({ component: 'admin' }) })
       : []),

@@ -12,7 +12,7 @@ import { touchedObjects } from '../detect/attribution.ts';
 import { PreparedPlanCauses, TimelineCauses, type CauseProvider } from '../detect/causes.ts';
 import { DdlWatch } from '../detect/ddlwatch.ts';
 import { DEFAULT_DETECTOR_OPTIONS, type DetectorOptions } from '../detect/detector.ts';
-import type { InFlightTracker } from '../detect/inflight.ts';
+import type { InFlightView } from '../detect/inflight.ts';
 import { IncidentManager } from '../detect/incidents.ts';
 import { LockCauses } from '../detect/locks.ts';
 import { NewShapeWatch } from '../detect/newshapes.ts';
@@ -45,7 +45,7 @@ export interface ObserverInputs {
   readonly rules: RulesFeature;
   readonly monitor: MonitorPool | null;
   readonly webhook: WebhookSender | null;
-  readonly inflight: InFlightTracker | null;
+  readonly inflight: InFlightView | null;
 }
 
 export interface Observers {

@@ -2,6 +2,7 @@
 // running pgwarden and what they run, as PgBouncer's SHOW CLIENTS, through its
 // admin API; cancel a session's running statement or end the session.
 
+import { UNANSWERED_HEADER } from '../admin/sessions-api.ts';
 import { adminClient, parseCommandArgs, refusal, type Output } from './admin-client.ts';
 
 export const SESSIONS_USAGE = `usage: pgwarden sessions [list|cancel|terminate] [ID] [options]
@@ -10,6 +11,9 @@ export const SESSIONS_USAGE = `usage: pgwarden sessions [list|cancel|terminate] 
                                       since, state, current (or last) statement's shape
   pgwarden sessions cancel ID         cancel the session's running statement (a CancelRequest)
   pgwarden sessions terminate ID      end the session (the client gets 57P01)
+
+With --workers N, IDs name the worker holding the session (w2-17), and a worker
+that does not answer in time is named on stderr (its sessions are not listed).
 
 connection: --admin HOST:PORT (PGWARDEN_ADMIN, default 127.0.0.1:6465)
             --token TOKEN (PGWARDEN_ADMIN_TOKEN)
@@ -23,7 +27,8 @@ const OPTIONS = {
 } as const;
 
 interface SessionJson {
-  id: number;
+  /** A number in one process; `w<worker>-<n>` with --workers. */
+  id: number | string;
   client_address: string;
   user: string;
   database: string;
@@ -69,6 +74,10 @@ export async function runSessions(
         return 1;
       }
       const sessions = response.body as SessionJson[];
+      // With --workers, a worker that did not answer in time: its sessions are missing, say so.
+      const unanswered = response.headers?.get(UNANSWERED_HEADER);
+      if (unanswered)
+        err.write(`pgwarden sessions: worker(s) ${unanswered} did not answer: their sessions are not listed\n`);
       if (values.json) out.write(`${JSON.stringify(sessions, null, 2)}\n`);
       else out.write(table(sessions));
       return 0;

@@ -16,15 +16,23 @@
 // (ceil rounding) without it, at the price of one worker queueing while another
 // has a free slot when connections are unevenly spread.
 //
-// Messages are objects with a `type` starting `pgwarden:stats`, `pgwarden:rules`:
+// Statements in flight travel with the summaries (the detector needs those stuck
+// on a lock before they complete): see InFlightMerge. The sessions stay in the
+// workers; GET /api/sessions and cancel/terminate ask them over the same channel
+// (WorkerHub.sessions: a request, one answer per worker, a short timeout).
+//
+// Messages are objects with a `type` starting `pgwarden:stats`, `pgwarden:rules`, `pgwarden:sessions`:
 // other IPC channels (cancel keys, reloads) coexist on the same connection and
 // are ignored here.
 
 import cluster, { type Worker } from 'node:cluster';
 import type { Logger } from 'pino';
 import type { ProxyCounters } from '../admin/metrics.ts';
+import { noSession, parseSessionId, type SessionDirectory, type SessionJson } from '../admin/sessions-api.ts';
+import { ApiError } from '../admin/server.ts';
 import type { Clock } from '../clock.ts';
 import { DDL_COMMANDS } from '../detect/ddlwatch.ts';
+import { STUCK_MIN_MS, type InFlightMerge, type InFlightReport, type InFlightTracker } from '../detect/inflight.ts';
 import type { ProxyServer, ProxyStats } from '../proxy/server.ts';
 import { CONNECTION_PHASES, REJECT_REASONS, type ConnectionPhase, type RejectReason } from '../proxy/connections.ts';
 import type { RulesGate } from '../rules/gate.ts';
@@ -39,6 +47,17 @@ import type { RulePersistence } from '../rules/persistence.ts';
 /** How often a worker reports: the API and the detector lag by at most this much. */
 export const REPORT_MS = 250;
 const RULES_TIMEOUT_MS = 30_000;
+/**
+ * Statements in flight a worker lists in each report: those running for at least
+ * INFLIGHT_MIN_AGE_MS (so all of STUCK_MIN_MS and more are on the primary despite
+ * the period's lag), at most INFLIGHT_MAX_STATEMENTS of them (the oldest), plus
+ * counts for at most INFLIGHT_MAX_SHAPES shapes (the most loaded). A report older
+ * than INFLIGHT_STALE_MS on the primary counts for nothing.
+ */
+const INFLIGHT_MIN_AGE_MS = STUCK_MIN_MS - REPORT_MS;
+const INFLIGHT_MAX_STATEMENTS = 200;
+const INFLIGHT_MAX_SHAPES = 500;
+export const INFLIGHT_STALE_MS = 4 * REPORT_MS;
 
 /** A worker's proxy counters (absolute since it started). */
 export interface ProxySnapshot {
@@ -62,6 +81,8 @@ export interface StatsMessage {
   readonly connectTimes: readonly number[];
   /** Queries refused or rerouted per rule id since the last report. */
   readonly applied: Readonly<Record<string, number>>;
+  /** Its statements in flight (absent with statistics off). */
+  readonly inflight?: InFlightReport;
 }
 
 export interface RulesMessage {
@@ -72,6 +93,28 @@ export interface RulesMessage {
 interface RulesRequest {
   readonly type: 'pgwarden:rules-request';
 }
+
+/** The primary asks a worker for its sessions, or to cancel or terminate one. */
+interface SessionsRequest {
+  readonly type: 'pgwarden:sessions-request';
+  readonly seq: number;
+  readonly op: 'list' | 'cancel' | 'terminate';
+  /** The API id (`w<worker>-<n>`) for cancel and terminate. */
+  readonly id?: string;
+}
+
+interface SessionsResponse {
+  readonly type: 'pgwarden:sessions-response';
+  readonly seq: number;
+  readonly status: number;
+  /** The sessions (list), the action's result, or `{ error }`. */
+  readonly body: unknown;
+}
+
+/** How long the primary waits for a worker's sessions (a worker that is late is named instead). */
+export const SESSIONS_LIST_TIMEOUT_MS = 500;
+/** ... and for a cancel or terminate (a cancel opens a connection to the upstream). */
+const SESSIONS_ACTION_TIMEOUT_MS = 5000;
 
 export type ClusterRole =
   | { readonly role: 'primary'; readonly hub: WorkerHub }
@@ -84,6 +127,8 @@ export interface HubTargets {
   readonly collector: ShapeCollector | null;
   readonly rules: RuleStore;
   readonly gate: RulesGate;
+  /** Where the workers' statements in flight go (null with statistics off). */
+  readonly inflight: InFlightMerge | null;
 }
 
 /**
@@ -97,10 +142,16 @@ export class WorkerHub {
   /** Counters of workers that have exited, so totals never go backwards. */
   private readonly departed: ProxySnapshot = emptySnapshot();
   private readonly connectTimes: number[] = [];
+  private seq = 0;
+  private readonly pending = new Map<number, { worker: number; settle: (response: SessionsResponse | null) => void }>();
 
   constructor(private readonly options: { readonly workers: number; readonly log: Logger }) {
     cluster.on('message', (worker, message: unknown) => {
       if (!isMessage(message)) return;
+      if (message.type === 'pgwarden:sessions-response') {
+        this.answered(worker, message as SessionsResponse);
+        return;
+      }
       if (message.type !== 'pgwarden:stats' && message.type !== 'pgwarden:rules-request') return;
       if (this.targets === null) this.early.push({ worker, message: message as StatsMessage | RulesRequest });
       else this.handle(worker, message as StatsMessage | RulesRequest);
@@ -110,6 +161,7 @@ export class WorkerHub {
       worker.on('error', (err: Error) => options.log.debug({ err, worker: worker.id }, 'worker IPC error')),
     );
     cluster.on('exit', (worker) => {
+      this.targets?.inflight?.drop(worker.id);
       const last = this.snapshots.get(worker.id);
       if (last === undefined) return;
       this.snapshots.delete(worker.id);
@@ -125,6 +177,75 @@ export class WorkerHub {
       for (const worker of Object.values(cluster.workers ?? {})) if (worker) this.sendRules(worker, rules);
     });
     for (const { worker, message } of this.early.splice(0)) this.handle(worker, message);
+  }
+
+  /**
+   * The sessions of all workers, for the admin API: each live worker is asked, and
+   * one that does not answer within SESSIONS_LIST_TIMEOUT_MS is named in the list's
+   * `unanswered` rather than failing it. Ids are `w<worker>-<n>`; a cancel or
+   * terminate goes to the worker the id names.
+   */
+  readonly sessions: SessionDirectory = {
+    list: async () => {
+      const workers = liveWorkers();
+      const answers = await Promise.all(workers.map((w) => this.ask(w, { op: 'list' }, SESSIONS_LIST_TIMEOUT_MS)));
+      const sessions: SessionJson[] = [];
+      const unanswered: string[] = [];
+      answers.forEach((answer, i) => {
+        if (answer === null || answer.status !== 200 || !Array.isArray(answer.body))
+          unanswered.push(`w${workers[i].id}`);
+        else sessions.push(...(answer.body as SessionJson[]));
+      });
+      // Oldest first, as in one process.
+      sessions.sort((a, b) => a.since.localeCompare(b.since) || String(a.id).localeCompare(String(b.id)));
+      return { sessions, unanswered };
+    },
+    cancel: (id) => this.act('cancel', id) as Promise<{ id: string; cancel_sent: true }>,
+    terminate: (id) => this.act('terminate', id) as Promise<{ id: string; terminated: true }>,
+  };
+
+  private async act(op: 'cancel' | 'terminate', id: string): Promise<unknown> {
+    const parsed = parseSessionId(id);
+    const worker = parsed?.worker != null ? cluster.workers?.[parsed.worker] : undefined;
+    if (worker === undefined || !worker.isConnected()) throw noSession(id);
+    const answer = await this.ask(worker, { op, id }, SESSIONS_ACTION_TIMEOUT_MS);
+    if (answer === null)
+      throw new ApiError(504, `worker w${worker.id} did not answer within ${SESSIONS_ACTION_TIMEOUT_MS} ms`);
+    if (answer.status !== 200) {
+      const error = (answer.body as { error?: unknown } | null)?.error;
+      throw new ApiError(answer.status, typeof error === 'string' ? error : `worker w${worker.id} refused`);
+    }
+    return answer.body;
+  }
+
+  /** Sends a sessions request to one worker; its answer, or null if none came in `timeoutMs`. */
+  private ask(
+    worker: Worker,
+    request: Pick<SessionsRequest, 'op' | 'id'>,
+    timeoutMs: number,
+  ): Promise<SessionsResponse | null> {
+    const seq = ++this.seq;
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => settle(null), timeoutMs);
+      const settle = (response: SessionsResponse | null) => {
+        clearTimeout(timer);
+        this.pending.delete(seq);
+        resolve(response);
+      };
+      this.pending.set(seq, { worker: worker.id, settle });
+      const message: SessionsRequest = { type: 'pgwarden:sessions-request', seq, ...request };
+      try {
+        worker.send(message, (err: Error | null) => err && settle(null));
+      } catch {
+        settle(null); // the channel closed under us
+      }
+    });
+  }
+
+  private answered(worker: Worker, response: SessionsResponse): void {
+    const pending = this.pending.get(response.seq);
+    // Only the worker asked may answer (a late answer after the timeout finds nothing).
+    if (pending !== undefined && pending.worker === worker.id) pending.settle(response);
   }
 
   /** The proxy counters of all workers, for /metrics (read at scrape time). */
@@ -161,6 +282,7 @@ export class WorkerHub {
     for (const ms of message.connectTimes) if (this.connectTimes.length < 10_000) this.connectTimes.push(ms);
     for (const [id, n] of Object.entries(message.applied))
       targets.gate.applied.set(id, (targets.gate.applied.get(id) ?? 0) + n);
+    if (message.inflight !== undefined) targets.inflight?.set(worker.id, message.inflight);
     if (targets.collector === null) return;
     for (const summary of message.shapes) {
       try {
@@ -237,6 +359,10 @@ function emptySnapshot(): ProxySnapshot {
   };
 }
 
+function liveWorkers(): Worker[] {
+  return Object.values(cluster.workers ?? {}).filter((w): w is Worker => w?.isConnected() ?? false);
+}
+
 function isMessage(message: unknown): message is { type: string } {
   return typeof message === 'object' && message !== null && typeof (message as { type?: unknown }).type === 'string';
 }
@@ -251,12 +377,19 @@ export class WorkerLink {
   private queue: CompletionQueue | null = null;
   private proxy: ProxyServer | null = null;
   private gate: RulesGate | null = null;
+  private inflight: InFlightTracker | null = null;
   private readonly appliedSent = new Map<string, number>();
   private timer: NodeJS.Timeout | null = null;
   private readonly ruleListeners: Array<(rules: Rule[]) => void> = [];
   private firstRules: ((rules: Rule[]) => void) | null = null;
+  private sessions: SessionDirectory | null = null;
   private readonly onMessage = (message: unknown) => {
-    if (!isMessage(message) || message.type !== 'pgwarden:rules') return;
+    if (!isMessage(message)) return;
+    if (message.type === 'pgwarden:sessions-request') {
+      void this.answerSessions(message as SessionsRequest);
+      return;
+    }
+    if (message.type !== 'pgwarden:rules') return;
     const rules = ((message as RulesMessage).rules ?? []).filter(isRule);
     if (this.firstRules) {
       this.firstRules(rules);
@@ -291,10 +424,14 @@ export class WorkerLink {
     close: async () => undefined,
   };
 
-  /** Starts reporting; `finder` null when statistics are off (only counters are sent). */
-  start(proxy: ProxyServer, gate: RulesGate, finder: ShapeFinder | null): void {
+  /**
+   * Starts reporting; `finder` and `inflight` (the tracker around the proxy's gate)
+   * null when statistics are off (only counters are sent).
+   */
+  start(proxy: ProxyServer, gate: RulesGate, finder: ShapeFinder | null, inflight: InFlightTracker | null): void {
     this.proxy = proxy;
     this.gate = gate;
+    this.inflight = inflight;
     if (finder !== null) {
       const batcher = new SummaryBatcher(finder, { clock: this.options.clock, everyExecutionOf: DDL_COMMANDS });
       this.batcher = batcher;
@@ -306,6 +443,33 @@ export class WorkerLink {
     }
     this.timer = setInterval(() => this.report(), REPORT_MS);
     this.timer.unref();
+  }
+
+  /** This worker's number in the cluster (its sessions' ids are `w<id>-<n>`). */
+  get id(): number {
+    return cluster.worker?.id ?? 0;
+  }
+
+  /** Answers the primary's session requests from `sessions` (this worker's, see localSessions). */
+  serveSessions(sessions: SessionDirectory): void {
+    this.sessions = sessions;
+  }
+
+  private async answerSessions(request: SessionsRequest): Promise<void> {
+    let status = 200;
+    let body: unknown;
+    try {
+      const sessions = this.sessions;
+      if (sessions === null) throw new ApiError(503, 'this worker is still starting');
+      if (request.op === 'list') body = (await sessions.list()).sessions;
+      else if (request.op === 'cancel' || request.op === 'terminate')
+        body = await sessions[request.op](String(request.id));
+      else throw new ApiError(400, `unknown sessions request '${String(request.op)}'`);
+    } catch (err) {
+      status = err instanceof ApiError ? err.status : 500;
+      body = { error: (err as Error).message };
+    }
+    send({ type: 'pgwarden:sessions-response', seq: request.seq, status, body } satisfies SessionsResponse);
   }
 
   /** Sends what is left (after the proxy drained) and stops. */
@@ -352,6 +516,7 @@ export class WorkerLink {
       },
       connectTimes: stats.connectTimes.splice(0),
       applied,
+      inflight: this.inflight?.report(INFLIGHT_MIN_AGE_MS, INFLIGHT_MAX_STATEMENTS, INFLIGHT_MAX_SHAPES),
     };
     return send(message, done);
   }

@@ -48,7 +48,7 @@ import type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentLis
 import type { RoundTripTracker } from './roundtrip.ts';
 import type { WebhookSender } from './webhook.ts';
 import { CAUSE_LOOKBACK_MS } from './causes.ts';
-import { STUCK_MIN_MS, stuckRegression, withStuck, type InFlightTracker } from './inflight.ts';
+import { STUCK_MIN_MS, stuckRegression, withStuck, type InFlightView } from './inflight.ts';
 
 export type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentListener } from './record.ts';
 
@@ -88,7 +88,7 @@ export interface IncidentOptions {
   /** Extra evidence consulted at attribution (settings, statistics, locks...). */
   readonly causeProviders?: readonly CauseProvider[];
   /** Statements still running, so a shape whose calls are all stuck (on a lock) is judged before any completes. */
-  readonly inflight?: InFlightTracker | null;
+  readonly inflight?: InFlightView | null;
   /** Baselines and history kept across restarts; none: memory only. */
   readonly store?: DetectorStateStore | null;
   /** How often the state is saved; default 30 s. */

@@ -9,10 +9,15 @@
 // every pending statement when the session ends). On the query path it stores two
 // references and a number in a per-session ring; shapes are only looked up when
 // someone asks who is stuck (every few seconds, for statements already old).
+//
+// With `--workers N` each worker runs its own tracker and sends report() with its
+// summaries; the primary reads InFlightMerge, its own tracker plus the workers'
+// latest reports, so a lock stalling a shape in any worker is seen where the
+// detector runs.
 
 import type { GateDecision, PreparedStatement, QueryGate, QueryRequest, SessionInfo } from '../proxy/seam.ts';
 import { FORWARD } from '../proxy/seam.ts';
-import type { ShapeFinder } from '../shapes/fingerprint.ts';
+import type { ShapeFinder, StatementShape } from '../shapes/fingerprint.ts';
 import type { DetectorOptions, Percentiles } from './detector.ts';
 
 const RING = 64;
@@ -27,6 +32,11 @@ class SessionFlight {
   head = 0;
   length = 0;
   lastActive: number;
+  /**
+   * The oldest statement's shape once looked up: a stuck statement is asked about at
+   * every evaluation (and, in a cluster worker, every report), its text parsed once.
+   */
+  headShape: StatementShape | undefined = undefined;
   /** One decision object per session, so forwarding allocates nothing per query. */
   readonly decision: GateDecision;
 
@@ -54,6 +64,7 @@ class SessionFlight {
     if (this.length === 0) return;
     this.texts[this.head] = null;
     this.statements[this.head] = null;
+    this.headShape = undefined;
     this.head = (this.head + 1) % RING;
     this.length--;
     this.lastActive = this.clock();
@@ -63,6 +74,8 @@ class SessionFlight {
 /** One statement in flight, as reported. */
 export interface InFlightStatement {
   readonly session: number;
+  /** The cluster worker running it (absent: this process). */
+  readonly worker?: number;
   readonly user: string;
   readonly database: string;
   readonly fingerprint: string;
@@ -71,6 +84,37 @@ export interface InFlightStatement {
   /** Epoch ms when the gate forwarded it. */
   readonly since: number;
   readonly ageMs: number;
+}
+
+/** One statement in flight in a cluster worker, as it reports it (its shape's text is in the report's `queries`). */
+export interface ReportedStatement {
+  readonly session: number;
+  readonly user: string;
+  readonly database: string;
+  readonly fingerprint: string;
+  readonly since: number;
+}
+
+/** A cluster worker's statements in flight, as sent to the primary (InFlightTracker.report). */
+export interface InFlightReport {
+  /** Statements in flight now per fingerprint, any age. */
+  readonly counts: Readonly<Record<string, number>>;
+  /** Those in flight for at least the report's minimum age, oldest first. */
+  readonly statements: readonly ReportedStatement[];
+  /** The normalized text of each fingerprint in `statements`. */
+  readonly queries: Readonly<Record<string, string>>;
+  /** Statements old enough but left out by the cap. */
+  readonly omitted: number;
+}
+
+/** What the detector and the lock and saturation evidence read: statements in flight, wherever they run. */
+export interface InFlightView {
+  /** Statements in flight for at least `minAgeMs`, oldest first. */
+  inFlight(minAgeMs?: number): InFlightStatement[];
+  /** Per shape, its statements in flight for at least `minAgeMs`. */
+  stuckByShape(minAgeMs: number): Map<string, StuckShape>;
+  /** How many statements of each shape are in flight now (any age). */
+  countsByShape(): Map<string, number>;
 }
 
 /** The stuck statements of one shape. */
@@ -82,7 +126,7 @@ export interface StuckShape {
   readonly ages: number[];
 }
 
-export class InFlightTracker implements QueryGate {
+export class InFlightTracker implements QueryGate, InFlightView {
   private readonly sessions = new Map<number, SessionFlight>();
   private sweptAt = 0;
 
@@ -144,12 +188,16 @@ export class InFlightTracker implements QueryGate {
         const slot = (flight.head + i) % RING;
         const since = flight.since[slot];
         if (now - since < minAgeMs) break; // younger ones follow
-        const statement = flight.statements[slot];
-        const shape =
-          statement !== null
-            ? this.finder.shapeOfStatement(statement)
-            : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
-        if (shape === undefined) continue;
+        let shape = i === 0 ? flight.headShape : undefined;
+        if (shape === undefined) {
+          const statement = flight.statements[slot];
+          shape =
+            statement !== null
+              ? this.finder.shapeOfStatement(statement)
+              : this.finder.shapesOfText(flight.texts[slot] ?? '')[0];
+          if (shape === undefined) continue;
+          if (i === 0) flight.headShape = shape;
+        }
         out.push({
           session: flight.sessionId,
           user: flight.user,
@@ -166,25 +214,44 @@ export class InFlightTracker implements QueryGate {
 
   /** Per shape, its statements in flight for at least `minAgeMs`. */
   stuckByShape(minAgeMs: number): Map<string, StuckShape> {
-    const out = new Map<string, { fingerprint: string; count: number; oldestSince: number; ages: number[] }>();
-    for (const s of this.inFlight(minAgeMs)) {
-      let entry = out.get(s.fingerprint);
-      if (entry === undefined) {
-        entry = { fingerprint: s.fingerprint, count: 0, oldestSince: s.since, ages: [] };
-        out.set(s.fingerprint, entry);
-      }
-      entry.count++;
-      entry.oldestSince = Math.min(entry.oldestSince, s.since);
-      entry.ages.push(s.ageMs);
-    }
-    return out;
+    return stuckOf(this.inFlight(minAgeMs));
   }
 
   /** How many statements of each shape are in flight now (any age). */
   countsByShape(): Map<string, number> {
-    const out = new Map<string, number>();
-    for (const s of this.inFlight(0)) out.set(s.fingerprint, (out.get(s.fingerprint) ?? 0) + 1);
-    return out;
+    return countsOf(this.inFlight(0));
+  }
+
+  /**
+   * What a cluster worker sends the primary with each summary (see InFlightMerge):
+   * the counts by shape of everything in flight, and the statements in flight for at
+   * least `minAgeMs`, oldest first. Bounded: at most `maxStatements` statements (the
+   * oldest: the most stuck; the rest only counted in `omitted`) and `maxShapes`
+   * shapes counted (the most loaded). Shapes travel as fingerprint and normalized
+   * text, never with literal values.
+   */
+  report(minAgeMs: number, maxStatements: number, maxShapes: number): InFlightReport {
+    const all = this.inFlight(0);
+    const counts = [...countsOf(all)].sort((a, b) => b[1] - a[1]).slice(0, maxShapes);
+    const statements: ReportedStatement[] = [];
+    const queries: Record<string, string> = {};
+    let omitted = 0;
+    for (const s of all) {
+      if (s.ageMs < minAgeMs) break; // oldest first: the rest are younger
+      if (statements.length === maxStatements) {
+        omitted++;
+        continue;
+      }
+      statements.push({
+        session: s.session,
+        user: s.user,
+        database: s.database,
+        fingerprint: s.fingerprint,
+        since: s.since,
+      });
+      queries[s.fingerprint] = s.query;
+    }
+    return { counts: Object.fromEntries(counts), statements, queries, omitted };
   }
 
   private sweep(now: number): void {
@@ -192,6 +259,94 @@ export class InFlightTracker implements QueryGate {
     this.sweptAt = now;
     for (const [id, flight] of this.sessions)
       if (flight.length === 0 && now - flight.lastActive > IDLE_FORGET_MS) this.sessions.delete(id);
+  }
+}
+
+function stuckOf(statements: readonly InFlightStatement[]): Map<string, StuckShape> {
+  const out = new Map<string, { fingerprint: string; count: number; oldestSince: number; ages: number[] }>();
+  for (const s of statements) {
+    let entry = out.get(s.fingerprint);
+    if (entry === undefined) {
+      entry = { fingerprint: s.fingerprint, count: 0, oldestSince: s.since, ages: [] };
+      out.set(s.fingerprint, entry);
+    }
+    entry.count++;
+    entry.oldestSince = Math.min(entry.oldestSince, s.since);
+    entry.ages.push(s.ageMs);
+  }
+  return out;
+}
+
+function countsOf(statements: readonly InFlightStatement[]): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const s of statements) out.set(s.fingerprint, (out.get(s.fingerprint) ?? 0) + 1);
+  return out;
+}
+
+/**
+ * One view over the statements in flight of this process and of every cluster
+ * worker (with `--workers N` the statements run in the workers, the detector in the
+ * primary). Keeps the latest report of each worker; a report older than `staleMs`
+ * (a worker that stopped reporting: busy, hung or gone) counts for nothing, and
+ * drop() forgets a worker that exited. Reports lag by up to one period, so a
+ * statement that completed since still shows until the next one.
+ *
+ * Workers list only their statements older than the report's minimum age
+ * (WorkerLink sends those of 750 ms and more, so everything of STUCK_MIN_MS is
+ * there) and at most a capped number: inFlight() with a smaller minimum misses
+ * their younger ones, which countsByShape() still counts.
+ */
+export class InFlightMerge implements InFlightView {
+  private readonly reports = new Map<number, { report: InFlightReport; receivedAt: number }>();
+
+  constructor(
+    private readonly local: InFlightView | null,
+    private readonly staleMs: number,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** Replaces the report of `worker`. */
+  set(worker: number, report: InFlightReport): void {
+    this.reports.set(worker, { report, receivedAt: this.now() });
+  }
+
+  drop(worker: number): void {
+    this.reports.delete(worker);
+  }
+
+  inFlight(minAgeMs = 0): InFlightStatement[] {
+    const now = this.now();
+    const out = this.local?.inFlight(minAgeMs) ?? [];
+    for (const [worker, report] of this.fresh(now)) {
+      for (const s of report.statements) {
+        const ageMs = now - s.since;
+        if (ageMs < minAgeMs) continue;
+        const query = report.queries[s.fingerprint];
+        if (typeof query !== 'string') continue; // a malformed report: no shape text, no statement
+        out.push({ ...s, worker, query, ageMs });
+      }
+    }
+    return out.sort((a, b) => a.since - b.since);
+  }
+
+  stuckByShape(minAgeMs: number): Map<string, StuckShape> {
+    return stuckOf(this.inFlight(minAgeMs));
+  }
+
+  countsByShape(): Map<string, number> {
+    const out = this.local?.countsByShape() ?? new Map<string, number>();
+    for (const [, report] of this.fresh(this.now()))
+      for (const [fingerprint, n] of Object.entries(report.counts))
+        if (Number.isFinite(n)) out.set(fingerprint, (out.get(fingerprint) ?? 0) + n);
+    return out;
+  }
+
+  /** The reports young enough to count, by worker; forgets the stale ones. */
+  private *fresh(now: number): Generator<[number, InFlightReport]> {
+    for (const [worker, entry] of this.reports) {
+      if (now - entry.receivedAt > this.staleMs) this.reports.delete(worker);
+      else yield [worker, entry.report];
+    }
   }
 }
 

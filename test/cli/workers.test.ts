@@ -12,9 +12,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { runSessions } from '../../src/cli/sessions.ts';
 import { perWorker } from '../../src/cli/workers.ts';
 import type { Rule, ShedRule } from '../../src/rules/rule.ts';
-import { testDatabase, waitFor } from '../harness/database.ts';
+import { testDatabase, waitFor, withClient } from '../harness/database.ts';
 
 const TOKEN = 'workers-test-token-0123456789';
 const CLIENTS = 8;
@@ -354,6 +355,210 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       stop = true;
       await Promise.all(loops);
       await Promise.all(list.map((c) => c.end()));
+    }
+  });
+  test("statements stuck on a lock in both workers show in the primary's in-flight view and open an incident before any completes; nothing stays stuck on release", async () => {
+    const table = 'pgw_wk_locked';
+    await withClient((c) => c.query(`drop table if exists ${table}; create table ${table} (id int)`));
+    const locker = new pg.Client({ connectionString: testDatabase().url, application_name: 'pgw-wk-locker' });
+    await locker.connect();
+    const list = await clients(6);
+    let stop = false;
+    let loops: Promise<unknown>[] = [];
+    try {
+      const relayedBy = await Promise.all(list.map(workerOf));
+      assert.equal(new Set(relayedBy).size, 2, 'the clients are spread over both workers');
+      // The shape runs through both workers until it has a baseline.
+      loops = list.map(async (c, i) => {
+        while (!stop) await c.query(`select count(*) as pgw_wk_stuck from ${table} where id = $1`, [8675309 + i]);
+      });
+      await waitFor(
+        async () => {
+          const shape = ((await api('/api/shapes?limit=10000')) as Shape[]).find((s) =>
+            s.query.includes('pgw_wk_stuck'),
+          );
+          if (!shape) return undefined;
+          const detail = await api(`/api/shapes/${shape.fingerprint}`);
+          return detail.series.filter((p: { timed: number }) => p.timed >= 5).length >= 12;
+        },
+        { timeoutMs: 60_000, intervalMs: 500, what: 'a baseline for the shape' },
+      );
+      await locker.query('begin');
+      await locker.query(`lock table ${table} in access exclusive mode`);
+      // Outside the proxy: no call of the shape completes, only the workers' in-flight reports show it.
+      const view = await waitFor(
+        async () => {
+          const body = await api('/api/inflight?min_ms=1000');
+          const ours = body.statements.filter((x: { query: string }) => x.query.includes('pgw_wk_stuck'));
+          return ours.length === list.length ? { body, ours } : undefined;
+        },
+        { timeoutMs: 15_000, intervalMs: 200, what: `the ${list.length} stuck statements in the in-flight view` },
+      );
+      const fingerprint = view.ours[0].fingerprint;
+      assert.ok(
+        view.ours.every((x: { fingerprint: string }) => x.fingerprint === fingerprint),
+        'one shape',
+      );
+      const workers = new Set(view.ours.map((x: { session: string }) => /^w(\d+)-\d+$/.exec(x.session)?.[1]));
+      assert.equal(workers.size, 2, `stuck in both workers: ${JSON.stringify(view.ours)}`);
+      assert.ok(view.ours.every((x: { age_ms: number }) => x.age_ms >= 1000));
+      assert.equal(
+        view.body.by_shape.find((x: { fingerprint: string }) => x.fingerprint === fingerprint)?.count,
+        list.length,
+        'counted by shape over both workers',
+      );
+      assert.ok(!JSON.stringify(view.body).includes('867530'), 'no literal value leaves a worker');
+      // The session ids are those of the sessions API.
+      const sessions = (await api('/api/sessions')) as { id: string }[];
+      for (const x of view.ours)
+        assert.ok(
+          sessions.some((s) => s.id === x.session),
+          `session ${x.session} listed`,
+        );
+      assert.equal(
+        (await api('/api/inflight?min_ms=soon', { status: 400 })).error,
+        "min_ms must be a whole number of milliseconds, not 'soon'",
+      );
+
+      // Before any of them completes (the lock is still held), the detector sees them.
+      // (As its root, or as a victim of the incident the test above may have left open.)
+      type Listed = { id: string; fingerprint: string; victims: { fingerprint: string }[] };
+      const incident = await waitFor(
+        async () =>
+          ((await api('/api/incidents')) as Listed[]).find(
+            (i) => i.fingerprint === fingerprint || i.victims.some((v) => v.fingerprint === fingerprint),
+          ),
+        { timeoutMs: 30_000, intervalMs: 250, what: 'an incident for the stuck shape while the lock is held' },
+      );
+      console.log(
+        `# stuck shape in incident ${incident.id} as ${incident.fingerprint === fingerprint ? 'root' : 'victim'}`,
+      );
+      const stillStuck = (await api('/api/inflight?min_ms=1000')).statements.filter(
+        (x: { fingerprint: string }) => x.fingerprint === fingerprint,
+      );
+      assert.equal(stillStuck.length, list.length, `the incident ${incident.id} opened with every call still stuck`);
+
+      await locker.query('rollback');
+      stop = true;
+      await Promise.all(loops);
+      await waitFor(
+        async () => {
+          const body = await api('/api/inflight?min_ms=0');
+          return (
+            !body.statements.some((x: { fingerprint: string }) => x.fingerprint === fingerprint) &&
+            !body.by_shape.some((x: { fingerprint: string }) => x.fingerprint === fingerprint)
+          );
+        },
+        { timeoutMs: 10_000, intervalMs: 100, what: 'nothing of the shape in flight after the release' },
+      );
+    } finally {
+      stop = true;
+      await locker.end().catch(() => undefined);
+      await Promise.allSettled(loops);
+      await Promise.all(list.map((c) => c.end().catch(() => undefined)));
+      await withClient((c) => c.query(`drop table if exists ${table}`));
+    }
+  });
+
+  test('the sessions of both workers are listed with worker-qualified ids, and terminate and cancel reach the right one', async () => {
+    const db = testDatabase();
+    const list = Array.from(
+      { length: 4 },
+      (_, i) =>
+        new pg.Client({
+          host: '127.0.0.1',
+          port: proxyPort,
+          user: db.user,
+          database: db.database,
+          application_name: `pgw-wk-s${i}`,
+        }),
+    );
+    const told: (Error | undefined)[] = list.map(() => undefined);
+    list.forEach((c, i) => c.on('error', (err) => (told[i] ??= err))); // the first: 57P01, then the socket's end
+    await Promise.all(list.map((c) => c.connect()));
+    try {
+      const relayedBy = await Promise.all(list.map(workerOf));
+      assert.equal(new Set(relayedBy).size, 2, 'the clients are spread over both workers');
+      type Listed = { id: string; application_name: string; state: string; statement: { running: boolean } | null };
+      const ours = async () =>
+        ((await api('/api/sessions')) as Listed[]).filter((s) => s.application_name.startsWith('pgw-wk-s'));
+      const listed = await waitFor(async () => ((await ours()).length === list.length ? ours() : undefined), {
+        what: 'the four sessions listed',
+      });
+      assert.equal(new Set(listed.map((s) => s.id)).size, list.length, 'ids are unique');
+      assert.ok(
+        listed.every((s) => /^w\d+-\d+$/.test(s.id)),
+        JSON.stringify(listed.map((s) => s.id)),
+      );
+      assert.equal(new Set(listed.map((s) => s.id.split('-')[0])).size, 2, 'sessions of both workers');
+
+      // Terminate one: the same 57P01 as in one process; the others carry on.
+      const victim = listed.find((s) => s.application_name === 'pgw-wk-s0')!;
+      assert.deepEqual(await api(`/api/sessions/${victim.id}`, { method: 'DELETE' }), {
+        id: victim.id,
+        terminated: true,
+      });
+      await waitFor(() => told[0] !== undefined, { what: 'the terminated client to be told' });
+      assert.equal((told[0] as pg.DatabaseError).code, '57P01', String(told[0]));
+      assert.equal(told[0]!.message, 'pgwarden: terminating connection due to administrator command (pgwarden)');
+      await waitFor(async () => !(await ours()).some((s) => s.id === victim.id), { what: 'the session to leave' });
+
+      // Cancel a running statement in the other worker than the victim's.
+      const other = listed.find((s) => s.id.split('-')[0] !== victim.id.split('-')[0])!;
+      const runner = list[Number(other.application_name.slice('pgw-wk-s'.length))];
+      const running = runner.query('select pg_sleep(30)').catch((err: pg.DatabaseError) => err);
+      await waitFor(async () => (await ours()).find((s) => s.id === other.id)?.statement?.running, {
+        what: 'the sleep to run',
+      });
+      assert.deepEqual(await api(`/api/sessions/${other.id}/query`, { method: 'DELETE' }), {
+        id: other.id,
+        cancel_sent: true,
+      });
+      assert.equal(((await running) as pg.DatabaseError).code, '57014');
+      assert.equal((await runner.query('select 1 as one')).rows[0].one, 1, 'the session survives a cancel');
+      for (const c of list.slice(1)) assert.equal((await c.query('select 2 as two')).rows[0].two, 2);
+
+      // Ids that name no live session.
+      const [w] = victim.id.split('-');
+      for (const id of [victim.id, `${w}-999999`, 'w99-1', '1', 'nonsense'])
+        assert.match((await api(`/api/sessions/${id}`, { method: 'DELETE', status: 404 })).error, /no live session/);
+
+      // A worker that does not answer (stopped) is named, and the other's sessions are still listed.
+      const stoppedPid = relayedBy[0]!;
+      process.kill(stoppedPid, 'SIGSTOP');
+      try {
+        const started = Date.now();
+        const response = await fetch(`http://127.0.0.1:${adminPort}/api/sessions`, {
+          headers: { Authorization: `Bearer ${TOKEN}` },
+        });
+        const body = (await response.json()) as Listed[];
+        assert.equal(response.status, 200);
+        assert.ok(Date.now() - started < 5000, 'the list does not wait for the stopped worker');
+        const unanswered = response.headers.get('x-pgwarden-unanswered-workers');
+        assert.match(unanswered ?? '', /^w\d+$/);
+        assert.ok(
+          body.every((s) => !s.id.startsWith(`${unanswered}-`)),
+          'nothing of the stopped worker',
+        );
+        assert.ok(
+          body.some((s) => s.application_name.startsWith('pgw-wk-s')),
+          "the other worker's sessions",
+        );
+        let out = '';
+        let err = '';
+        const code = await runSessions(
+          ['--admin', `127.0.0.1:${adminPort}`, '--token', TOKEN],
+          { write: (t: string) => (out += t) },
+          { write: (t: string) => (err += t) },
+        );
+        assert.equal(code, 0, err);
+        assert.equal(err, `pgwarden sessions: worker(s) ${unanswered} did not answer: their sessions are not listed\n`);
+        assert.match(out, /^w\d+-\d+\s/m, 'the table lists the ids with their worker');
+      } finally {
+        process.kill(stoppedPid, 'SIGCONT');
+      }
+    } finally {
+      await Promise.all(list.map((c) => c.end().catch(() => undefined)));
     }
   });
 });

@@ -7,7 +7,7 @@ import { describe, test } from 'node:test';
 import type { ActivitySample, Backend } from '../../src/detect/activity.ts';
 import { leadingCause, PreparedPlanCauses, TimelineCauses } from '../../src/detect/causes.ts';
 import { EventLog } from '../../src/events/timeline.ts';
-import { InFlightTracker, stuckRegression } from '../../src/detect/inflight.ts';
+import { InFlightMerge, InFlightTracker, stuckRegression } from '../../src/detect/inflight.ts';
 import { DEFAULT_DETECTOR_OPTIONS } from '../../src/detect/detector.ts';
 import { describeLockWait, lockWaitOf } from '../../src/detect/locks.ts';
 import { isSaturated, loadOf } from '../../src/detect/saturation.ts';
@@ -429,6 +429,106 @@ describe('InFlightTracker', async () => {
     decision.done!();
     assert.equal(released, 1);
     assert.equal(tracker.inFlight().length, 0);
+  });
+
+  test("a worker's report: counts of everything in flight, the old statements capped (oldest kept), shapes without values", () => {
+    let now = 50_000;
+    const tracker = new InFlightTracker({ decide: () => FORWARD }, finder, () => now);
+    const sessionOf = (id: number) => ({ ...session, id });
+    for (let i = 0; i < 5; i++)
+      tracker.decide({ ...request(`select * from users where id = ${100 + i}`), session: sessionOf(10 + i) });
+    now += 2000;
+    tracker.decide({ ...request("select * from orders where note = 'secret'"), session: sessionOf(20) });
+    now += 100;
+    const report = tracker.report(1000, 3, 10);
+    assert.equal(report.statements.length, 3, 'capped');
+    assert.equal(report.omitted, 2, 'the rest counted as left out');
+    assert.deepEqual(
+      report.statements.map((s) => s.session),
+      [10, 11, 12],
+      'the oldest are kept',
+    );
+    const fp = report.statements[0].fingerprint;
+    assert.deepEqual(report.queries, { [fp]: 'select * from users where id = $1' });
+    assert.equal(
+      Object.values(report.counts).reduce((a, b) => a + b, 0),
+      6,
+      'every statement counted, any age',
+    );
+    assert.equal(report.counts[fp], 5);
+    assert.ok(!JSON.stringify(report).includes('secret') && !JSON.stringify(report).includes('100'), 'no literal');
+    assert.equal(Object.keys(tracker.report(1000, 3, 1).counts).length, 1, 'shapes counted are capped too');
+  });
+
+  test('a stuck statement is parsed into its shape once, however often it is asked about', () => {
+    let now = 1000;
+    let lookups = 0;
+    const counting = {
+      shapesOfText: (text: string) => {
+        lookups++;
+        return finder.shapesOfText(text);
+      },
+      shapeOfStatement: finder.shapeOfStatement.bind(finder),
+    } as unknown as ShapeFinder;
+    const tracker = new InFlightTracker({ decide: () => FORWARD }, counting, () => now);
+    const decision = tracker.decide(request('select * from users where id = 5')) as GateDecision & {
+      done?: () => void;
+    };
+    now += 5000;
+    for (let i = 0; i < 10; i++) tracker.report(750, 200, 500);
+    assert.equal(tracker.stuckByShape(1000).size, 1);
+    assert.equal(lookups, 1);
+    decision.done!();
+    tracker.decide(request('select * from orders where id = 5'));
+    assert.equal(tracker.inFlight()[0].query, 'select * from orders where id = $1', 'the next statement is its own');
+    assert.equal(lookups, 2);
+  });
+
+  test("the merged view adds the workers' latest reports to its own, and forgets stale or departed workers", () => {
+    let now = 100_000;
+    const local = new InFlightTracker({ decide: () => FORWARD }, finder, () => now);
+    local.decide(request('select * from users where id = 1'));
+    const merge = new InFlightMerge(local, 1000, () => now);
+    const fp = local.inFlight()[0].fingerprint;
+    const report = (sessions: number[]) => ({
+      counts: { [fp]: sessions.length + 1, other: 1 },
+      statements: sessions.map((id) => ({
+        session: id,
+        user: 'app',
+        database: 'shop',
+        fingerprint: fp,
+        since: now - 1500,
+      })),
+      queries: { [fp]: 'select * from users where id = $1' },
+      omitted: 0,
+    });
+    merge.set(1, report([7, 8]));
+    merge.set(2, report([7]));
+    now += 2000; // the local statement is 2 s old, the workers' 3.5 s, reports 2 s old: stale
+    assert.equal(merge.stuckByShape(1000).get(fp)?.count, 1, 'stale reports count for nothing');
+    merge.set(1, report([7, 8]));
+    merge.set(2, report([7]));
+    now += 200;
+    const stuck = merge.stuckByShape(1000).get(fp)!;
+    assert.equal(stuck.count, 4, 'local and both workers');
+    assert.equal(stuck.oldestSince, 100_000, "the local statement's");
+    assert.deepEqual(
+      merge
+        .inFlight(1000)
+        .filter((s) => s.worker !== undefined)
+        .map((s) => [s.worker, s.session]),
+      [
+        [1, 7],
+        [1, 8],
+        [2, 7],
+      ],
+      'each statement keeps its worker: session numbers repeat across workers',
+    );
+    assert.equal(merge.stuckByShape(1800).get(fp)?.count, 1, 'the minimum age applies to reported statements');
+    assert.equal(merge.countsByShape().get(fp), 1 + 3 + 2);
+    assert.equal(merge.countsByShape().get('other'), 2);
+    merge.drop(1);
+    assert.equal(merge.stuckByShape(1000).get(fp)?.count, 2, 'a worker that exited is forgotten');
   });
 
   test('statements stuck far beyond the baseline are a regression; one stuck call or a slow-ish one is not', () => {
