@@ -22,7 +22,7 @@ const ROWS = 200_000;
 const TEXT = `select id from ${TABLE} where status = $1 order by id limit 20`;
 const SESSIONS = 3;
 
-describe('a prepared statement switched to its generic plan', { timeout: 90_000 }, () => {
+describe('a prepared statement switched to its generic plan', { timeout: 150_000 }, () => {
   let pgw: TestApp;
   let running = true;
   /** 'short': sessions of five 'pending' executions; 'long': five 'done', then 'pending' for good. */

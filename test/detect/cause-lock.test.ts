@@ -19,7 +19,7 @@ const TABLE = 'pgw_lock_users';
 const OTHER = 'pgw_lock_other';
 const ROWS = 20_000;
 
-describe('a lock held outside the proxy', { timeout: 90_000 }, () => {
+describe('a lock held outside the proxy', { timeout: 150_000 }, () => {
   let pgw: TestApp;
   let workload: RunningWorkload;
   let locker: pg.Client | null = null;
@@ -122,8 +122,9 @@ describe('a lock held outside the proxy', { timeout: 90_000 }, () => {
     // With the blocker gone the shape runs again and the incident resolves.
     const calls = workload.calls[0];
     await waitFor(() => workload.calls[0] > calls + 50, { timeoutMs: 10_000, what: 'the hot shape to run again' });
+    // Recovery needs a few quiet buckets; on a busy host the p95 comes back down slowly.
     await waitFor(async () => (await pgw.api(`/api/incidents/${incident.id}`)).body.status === 'resolved', {
-      timeoutMs: 30_000,
+      timeoutMs: 60_000,
       intervalMs: 500,
       what: 'the incident to resolve',
     });

@@ -18,7 +18,7 @@ const TENANTS = ['pgw_ta', 'pgw_tb'];
 const DECOY = 'pgw_t0';
 const ROWS = 100_000;
 
-describe('an index dropped in one tenant schema', { timeout: 90_000 }, () => {
+describe('an index dropped in one tenant schema', { timeout: 150_000 }, () => {
   let pgw: TestApp;
   const workloads: RunningWorkload[] = [];
 

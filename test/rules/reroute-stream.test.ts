@@ -90,6 +90,8 @@ class StreamingClient {
   private closedWith: ((answer: Answer) => void) | null = null;
   onBytes: ((total: number) => void) | null = null;
   closed = false;
+  /** The connection closed in the middle of a message (a row cut short). */
+  closedInsideMessage = false;
 
   private constructor(private readonly socket: net.Socket) {
     const kinds = kindTable(PASS, [[Backend.ErrorResponse, Backend.ReadyForQuery], WHOLE]);
@@ -117,6 +119,7 @@ class StreamingClient {
     socket.on('data', (chunk: Buffer) => this.framer.push(chunk));
     socket.on('close', () => {
       this.closed = true;
+      this.closedInsideMessage = this.framer.partial;
       this.closedWith?.(this.answer);
     });
   }
@@ -261,7 +264,7 @@ describe('a rerouted result streams', {
     }
   });
 
-  test('a replica connection lost mid-answer ends the statement with 08006 and the session goes on', async () => {
+  test('a replica connection lost between messages ends the statement with 08006 and the session goes on (inside a row: the connection)', async (t) => {
     const db = testDatabase();
     const client = await StreamingClient.connect(pgw.app.proxyPort, db.user, db.database);
     try {
@@ -280,7 +283,14 @@ describe('a rerouted result streams', {
       client.onBytes = null;
       assert.ok(killed !== null, 'the answer finished before the replica connection could be ended');
       await killed;
-      assert.equal(client.closed, false, 'the session was closed');
+      if (client.closed) {
+        // A backend blocked on a full socket when it is terminated dies without its
+        // FATAL, inside a row (likely when this host is busy): then the connection
+        // must go, as a row cannot be finished. Anything else closing it is a bug.
+        assert.ok(client.closedInsideMessage, 'the session was closed between messages');
+        t.diagnostic('the replica connection ended inside a row: the client connection was closed, as documented');
+        return;
+      }
       assert.equal(answer.sqlstate, '08006');
       assert.match(answer.message ?? '', /^pgwarden: reroute target replica1 failed during the statement/);
       assert.equal(answer.status, 'I');
