@@ -10,6 +10,7 @@ import type { Config } from '../config.ts';
 import { ActivitySampler } from '../detect/activity.ts';
 import { touchedObjects } from '../detect/attribution.ts';
 import { PreparedPlanCauses, TimelineCauses, type CauseProvider } from '../detect/causes.ts';
+import { DatabaseWatches } from '../detect/databases.ts';
 import { DdlWatch } from '../detect/ddlwatch.ts';
 import { DEFAULT_DETECTOR_OPTIONS, type DetectorOptions } from '../detect/detector.ts';
 import type { InFlightView } from '../detect/inflight.ts';
@@ -18,9 +19,9 @@ import { LockCauses } from '../detect/locks.ts';
 import { NewShapeWatch } from '../detect/newshapes.ts';
 import { RoundTripTracker } from '../detect/roundtrip.ts';
 import { SaturationCauses } from '../detect/saturation.ts';
-import { SchemaWatcher } from '../detect/schema.ts';
+import type { SchemaWatcher } from '../detect/schema.ts';
+import { inDatabases, shapeDatabases } from '../detect/scope.ts';
 import { SettingsWatcher } from '../detect/settings.ts';
-import { StatisticsWatcher } from '../detect/statistics.ts';
 import type { WebhookSender } from '../detect/webhook.ts';
 import type { EventLog } from '../events/timeline.ts';
 import type { MonitorPool } from '../plans/monitor.ts';
@@ -65,10 +66,10 @@ export interface Observers {
 /** The monitoring connection's side tasks: plans, catalog, settings, statistics, activity, round trip. */
 interface Monitoring {
   readonly sampler: PlanSampler;
-  readonly schema: SchemaWatcher;
+  /** The catalog and statistics watches, one pair per database with traffic (bounded). */
+  readonly watches: DatabaseWatches;
   readonly roundTrip: RoundTripTracker;
   readonly settings: SettingsWatcher;
-  readonly statistics: StatisticsWatcher;
   readonly activity: ActivitySampler;
   readonly causeProviders: CauseProvider[];
 }
@@ -172,7 +173,7 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
   return {
     collector,
     sampler,
-    schema: monitoring?.schema ?? null,
+    schema: monitoring?.watches.schema ?? null,
     activity: monitoring?.activity ?? null,
     incidents,
     policy,
@@ -187,11 +188,11 @@ export async function startObservers(inputs: ObserverInputs): Promise<Observers>
       incidents.stop();
       fleet?.stop();
       await incidents.save();
-      monitoring?.schema.stop();
+      // Not awaited, as before: a catalog check in flight finishes (or fails) on its own.
+      void monitoring?.watches.stop();
       monitoring?.roundTrip.stop();
       monitoring?.activity.stop();
       monitoring?.settings.stop();
-      monitoring?.statistics.stop();
       newShapes.stop();
       sampler?.stop();
     },
@@ -220,21 +221,25 @@ function startMonitoring(
   });
   collector.onShape(sampler.observe);
   const checkMs = config.schema_check_interval_s * 1000;
-  const schema = new SchemaWatcher({
+  const detectLog = log.child({ component: 'detect' });
+  // Catalog and statistics per database: the monitor URL's, then each one seen in
+  // traffic, as many as the monitor keeps pools for (a watch beyond that would
+  // reopen a connection at each check).
+  const watches = new DatabaseWatches({
     monitor,
     events,
     clock,
-    log: log.child({ component: 'schema' }),
+    schemaLog: log.child({ component: 'schema' }),
+    detectLog,
     intervalMs: checkMs,
+    maxDatabases: config.monitor_max_databases,
   });
-  schema.start();
+  collector.onShape(watches.observe);
+  watches.start();
   const roundTrip = new RoundTripTracker({ monitor, clock, log: plansLog, intervalMs: 2000 });
   roundTrip.start();
-  const detectLog = log.child({ component: 'detect' });
   const settings = new SettingsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
   settings.start();
-  const statistics = new StatisticsWatcher({ monitor, events, clock, log: detectLog, intervalMs: checkMs });
-  statistics.start();
   const tracker = inputs.inflight;
   const activity = new ActivitySampler({
     monitor,
@@ -246,18 +251,24 @@ function startMonitoring(
   });
   activity.start();
   const causeProviders: CauseProvider[] = [
-    new TimelineCauses(events, () => Math.min(settings.watchedUntil, statistics.watchedUntil)),
+    new TimelineCauses(events, (databases) =>
+      Math.min(settings.watchedUntil, watches.statisticsWatchedUntil(databases)),
+    ),
     new PreparedPlanCauses(),
     new LockCauses(activity),
     new SaturationCauses({ activity, registry, bucketMs, roundTrip }),
   ];
   // A schema change found in the catalog gets the affected shapes re-explained at
-  // once; so does a table's new statistics, and a setting change every shape.
+  // once; so does a table's new statistics, and a setting change every shape: each
+  // only among the shapes of the change's database when it names one.
+  const ofDatabase = (e: Parameters<typeof inDatabases>[0]) => (fingerprint: string) =>
+    inDatabases(e, shapeDatabases(registry.get(fingerprint)));
   events.onEvent((e) => {
-    if (e.type === 'schema_change' || e.type === 'statistics_change') sampler.resampleTouching(touchedObjects(e));
-    else if (e.type === 'setting_change') sampler.resampleTouching([]);
+    if (e.type === 'schema_change' || e.type === 'statistics_change')
+      sampler.resampleTouching(touchedObjects(e), ofDatabase(e));
+    else if (e.type === 'setting_change') sampler.resampleTouching([], ofDatabase(e));
   });
-  return { sampler, schema, roundTrip, settings, statistics, activity, causeProviders };
+  return { sampler, watches, roundTrip, settings, activity, causeProviders };
 }
 
 function collectorSettings(config: Config, log: Logger) {

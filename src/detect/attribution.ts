@@ -10,6 +10,7 @@ import type { EventLog, TimelineEvent } from '../events/timeline.ts';
 import { RelationSet, type RelationLookup } from '../plans/relations.ts';
 import type { Cause, Incident } from './record.ts';
 import { leadingCause } from './causes.ts';
+import { inDatabases } from './scope.ts';
 
 /** How far before the onset causes are looked for. */
 export const CAUSE_LOOKBACK_MS = 10 * 60_000;
@@ -88,6 +89,9 @@ export function causeOf(e: TimelineEvent, onset: number, relevant: boolean): Cau
 /**
  * Plan and schema causes of an incident from the timeline, as known at `until`.
  * `root` null (database-wide): schema changes near the onset only, none relevant.
+ * `databases`: where the root ran (null: unknown); a change in another database is
+ * no cause of it, not even a nearby one (the same table and index names recur
+ * across databases: one app's schema in each).
  */
 export function timelineCauses(
   events: EventLog,
@@ -95,9 +99,12 @@ export function timelineCauses(
   root: string | null,
   onset: number,
   until: number,
+  databases: ReadonlySet<string> | null = null,
 ): Cause[] {
   const from = onset - CAUSE_LOOKBACK_MS;
-  const schemaEvents = events.between(from, until, ['ddl', 'schema_change']);
+  const schemaEvents = events
+    .between(from, until, ['ddl', 'schema_change'])
+    .filter((e) => root === null || inDatabases(e, databases));
   if (root === null)
     return schemaEvents.filter((e) => whenOf(e).to >= onset - NEARBY_MS).map((e) => causeOf(e, onset, false));
   const planEvents = events.between(from, until, ['plan_change']).filter((e) => e.fingerprint === root);

@@ -9,6 +9,7 @@
 
 import type { Cause, CauseContext, CauseProvider } from './record.ts';
 import type { EventLog, TimelineEvent } from '../events/timeline.ts';
+import { inDatabases } from './scope.ts';
 
 export type { CauseContext, CauseProvider } from './record.ts';
 
@@ -28,27 +29,31 @@ export class TimelineCauses implements CauseProvider {
   readonly name = 'timeline';
 
   /**
-   * `watchedUntil`: the time up to which the settings and statistics watches have
-   * certainly seen every change (their last completed read). A plan change after it
-   * may have a cause they have not read yet, so no change is conclusive until they
-   * have: otherwise an older change would be frozen into the incident as its cause.
+   * `watchedUntil`: the time up to which the settings and statistics watches (those
+   * of the shape's databases; null: all) have certainly seen every change (their
+   * last completed read). A plan change after it may have a cause they have not
+   * read yet, so no change is conclusive until they have: otherwise an older change
+   * would be frozen into the incident as its cause.
    */
   constructor(
     private readonly events: EventLog,
-    private readonly watchedUntil: () => number = () => Number.POSITIVE_INFINITY,
+    private readonly watchedUntil: (databases: ReadonlySet<string> | null) => number = () => Number.POSITIVE_INFINITY,
   ) {}
 
   causes(context: CauseContext): Cause[] {
     const from = context.onset - CAUSE_LOOKBACK_MS;
     const out: Cause[] = [];
+    const databases = context.databases ?? null;
     const lastPlanChange = context.planChanges.at(-1)?.at ?? 0;
-    const complete = lastPlanChange <= this.watchedUntil();
-    const touching = this.events
+    const complete = lastPlanChange <= this.watchedUntil(databases);
+    // A change in another database (its statistics, ALTER DATABASE ... SET) is none of the shape's.
+    const changes = this.events
       .between(from, context.now, ['setting_change', 'statistics_change'])
-      .filter(
-        (e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())),
-      );
-    for (const e of this.events.between(from, context.now, ['setting_change', 'statistics_change'])) {
+      .filter((e) => inDatabases(e, databases));
+    const touching = changes.filter(
+      (e) => e.type === 'setting_change' || (e.objects ?? []).some((o) => context.objects.has(o.toLowerCase())),
+    );
+    for (const e of changes) {
       const planAfter = context.planChanges.find((p) => p.at >= e.at);
       const touches = touching.includes(e);
       // The plan reacted to the latest change before it, not to every earlier one.

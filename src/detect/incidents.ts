@@ -48,6 +48,7 @@ import type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentLis
 import type { RoundTripTracker } from './roundtrip.ts';
 import type { WebhookSender } from './webhook.ts';
 import { CAUSE_LOOKBACK_MS } from './causes.ts';
+import { inDatabases, shapeDatabases } from './scope.ts';
 import { STUCK_MIN_MS, stuckRegression, withStuck, type InFlightView } from './inflight.ts';
 
 export type { Cause, CauseProvider, Check, Incident, IncidentChange, IncidentListener } from './record.ts';
@@ -829,6 +830,7 @@ export class IncidentManager {
     if (e.type === 'plan_change') return e.fingerprint === incident.root && incident.root !== null;
     if (e.type !== 'ddl' && e.type !== 'schema_change') return false;
     if (incident.root === null) return true;
+    if (!inDatabases(e, shapeDatabases(this.options.registry.get(incident.root)))) return false;
     const objects = new RelationSet(incident.causes.flatMap((c) => c.objects));
     for (const o of this.planKnowledge()?.objects(incident.root) ?? []) objects.add(o);
     return touchedObjects(e).some((o) => objects.has(o));
@@ -876,17 +878,26 @@ export class IncidentManager {
   /** Recomputes causes, checks and the summary from the evidence up to `until`; freezes them once attributed. */
   private explain(incident: Incident, until: number): void {
     const onset = Date.parse(incident.onset);
-    const causes: Cause[] = timelineCauses(this.options.events, this.planKnowledge(), incident.root, onset, until);
+    const rootDatabases = incident.root === null ? null : shapeDatabases(this.options.registry.get(incident.root));
+    const causes: Cause[] = timelineCauses(
+      this.options.events,
+      this.planKnowledge(),
+      incident.root,
+      onset,
+      until,
+      rootDatabases,
+    );
     const providers = this.options.causeProviders ?? [];
     if (providers.length > 0) {
       // The shape the providers judge: the root, or a database-wide incident's busiest victim.
       const fingerprint = incident.root ?? incident.victims[0]?.fingerprint ?? '';
+      const databases = fingerprint ? shapeDatabases(this.options.registry.get(fingerprint)) : null;
       const planChanges = this.options.events
         .between(onset - CAUSE_LOOKBACK_MS, until, ['plan_change'])
         .filter((e) => e.fingerprint === fingerprint);
       const objects = new RelationSet(fingerprint ? (this.planKnowledge()?.objects(fingerprint) ?? []) : []);
       for (const e of planChanges) for (const o of e.objects ?? []) objects.add(o);
-      const context = { incident, fingerprint, onset, now: until, objects, planChanges };
+      const context = { incident, fingerprint, onset, now: until, objects, planChanges, databases };
       for (const provider of providers) {
         try {
           causes.push(...provider.causes(context));

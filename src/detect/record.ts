@@ -191,6 +191,8 @@ export interface CauseContext {
   readonly objects: RelationLookup;
   /** The shape's plan changes from the lookback to now, oldest first. */
   readonly planChanges: readonly TimelineEvent[];
+  /** The databases the shape ran in; null or absent: not known, any (see attribution.ts, shapeDatabases). */
+  readonly databases?: ReadonlySet<string> | null;
 }
 
 /**

@@ -75,7 +75,8 @@ export class StatisticsWatcher {
 
   async checkNow(): Promise<StatisticsChange[]> {
     const at = this.options.clock.now();
-    const { rows } = await this.options.monitor.query<TableStatistics>(STATS_SQL, [], this.options.database);
+    const database = this.options.database ?? this.options.monitor.defaultDatabase;
+    const { rows } = await this.options.monitor.query<TableStatistics>(STATS_SQL, [], database);
     const current = new Map(rows.map((r) => [Number(r.oid), normalize(r)]));
     const previous = this.previous;
     const since = this.previousAt;
@@ -92,11 +93,12 @@ export class StatisticsWatcher {
         at: when,
         summary: change.summary,
         objects: [change.table.toLowerCase()],
-        details: { ...change.details, since },
+        // The database too: a table of that name in another database is another table.
+        details: { ...change.details, database, since },
       });
     }
     if (changes.length > 0)
-      this.options.log.info({ changes: changes.map((c) => c.summary) }, 'statistics changes found');
+      this.options.log.info({ database, changes: changes.map((c) => c.summary) }, 'statistics changes found');
     return changes;
   }
 }

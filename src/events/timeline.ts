@@ -73,7 +73,7 @@ export interface EventDetails {
     kind_switch?: string;
   };
   setting_change: Windowed & { name: string } & Record<string, unknown>;
-  statistics_change: Windowed & Record<string, unknown>;
+  statistics_change: Windowed & { database: string } & Record<string, unknown>;
   new_shape: Record<string, unknown>;
   admin_action: {
     action: string;

@@ -255,10 +255,15 @@ export class PlanSampler {
     plans.wantEveryPath();
   }
 
-  /** Asks for fresh plans of every shape whose plans touch one of `objects` (all shapes if empty). */
-  resampleTouching(objects: readonly string[]): number {
+  /**
+   * Asks for fresh plans of every shape whose plans touch one of `objects` (all
+   * shapes if empty), among those `only` accepts (all if absent: the caller knows
+   * which shapes a change can concern, e.g. those of its database).
+   */
+  resampleTouching(objects: readonly string[], only?: (fingerprint: string) => boolean): number {
     let count = 0;
     for (const [fingerprint, plans] of this.shapes) {
+      if (only !== undefined && !only(fingerprint)) continue;
       const known = objects.length === 0 ? null : plans.objects();
       const touches = known === null || objects.some((o) => known.has(o));
       if (touches || plans.current === null) {

@@ -15,7 +15,8 @@ export { LATENCY_BUCKETS_MS, latencyBucket, OVERFLOW_FINGERPRINT, OVERFLOW_QUERY
 const BUCKET_COUNT = LATENCY_BUCKETS_MS.length;
 
 /** How many distinct users, databases and application names are kept per shape. */
-const MAX_NAMES = 32;
+export const MAX_NAMES_PER_SHAPE = 32;
+const MAX_NAMES = MAX_NAMES_PER_SHAPE;
 
 export class ShapeStats {
   calls = 0;
