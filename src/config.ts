@@ -138,7 +138,7 @@ export const OPTIONS = {
   monitor_max_databases: positiveInt
     .default(8)
     .describe(
-      "Databases the monitoring connection keeps a pool for at once (EXPLAIN runs in each session's own database); the least recently used pool is closed beyond it.",
+      "Databases the monitoring connection keeps a pool for at once (EXPLAIN runs in each session's own database); the least recently used pool is closed beyond it. Also the most databases whose catalog and statistics are watched (the monitor URL's and those seen in traffic, first come first watched).",
     ),
   monitor_statement_timeout_ms: positiveInt.default(5000).describe('statement_timeout of monitoring queries.'),
   monitor_lock_timeout_ms: positiveInt
