@@ -122,7 +122,7 @@ const ddlDetails = (statement: string) => ({
   command: statement.split(' ').slice(0, 2).join(' '),
   statement,
   user: 'app',
-  database: 'app',
+  database: 'shop', // the shapes' database: a change in another is no cause (scope.ts)
   application_name: '',
 });
 
@@ -362,7 +362,7 @@ describe('the regression detector', () => {
       type: 'schema_change',
       summary: 'index t_idx on public.t dropped',
       objects: ['t_idx', 't'],
-      details: { since: before, kind: 'index_dropped', database: 'app' },
+      details: { since: before, kind: 'index_dropped', database: 'shop' },
     });
     sim.events.add({
       type: 'plan_change',
