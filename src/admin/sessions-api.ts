@@ -5,7 +5,9 @@
 // live in the workers: the primary asks each of them (SessionDirectory, workers.ts).
 // Also the statements in flight, as the detector sees them (GET /api/inflight).
 
+import type { Logger } from 'pino';
 import type { InFlightView } from '../detect/inflight.ts';
+import type { EventLog } from '../events/timeline.ts';
 import type { ProxyServer } from '../proxy/server.ts';
 import type { Session } from '../proxy/session.ts';
 import type { ShapeFinder } from '../shapes/fingerprint.ts';
@@ -75,9 +77,16 @@ export interface SessionDirectory {
   /** The live sessions, and the workers that did not answer in time (named, e.g. `w2`). */
   list(): Promise<{ sessions: SessionJson[]; unanswered: string[] }>;
   /** Cancels the session's running statement: a CancelRequest with its key, as the client itself would send. */
-  cancel(id: string): Promise<{ id: number | string; cancel_sent: true }>;
+  cancel(id: string): Promise<SessionActed & { cancel_sent: true }>;
   /** Ends the session: the client gets FATAL 57P01, the upstream connection is ended with Terminate. */
-  terminate(id: string): Promise<{ id: number | string; terminated: true }>;
+  terminate(id: string): Promise<SessionActed & { terminated: true }>;
+}
+
+/** Whose session an action reached: the answer names it, and the audit event records it. */
+export interface SessionActed {
+  readonly id: number | string;
+  readonly user: string;
+  readonly application_name: string;
 }
 
 /** The shape of a statement of a text, as the sessions show it. */
@@ -96,6 +105,11 @@ export function localSessions(
   worker: number | null = null,
 ): SessionDirectory {
   const idOf = (session: Session) => (worker === null ? session.info.id : workerSessionId(worker, session.info.id));
+  const acted = (session: Session): SessionActed => ({
+    id: idOf(session),
+    user: session.info.user,
+    application_name: session.info.applicationName,
+  });
   const find = (id: string): Session => {
     const parsed = parseSessionId(id);
     const session = parsed !== null && parsed.worker === worker ? proxy.findSession(parsed.session) : undefined;
@@ -120,12 +134,12 @@ export function localSessions(
       } catch (err) {
         throw new ApiError(502, `cancel request not delivered to the upstream: ${(err as Error).message}`);
       }
-      return { id: idOf(session), cancel_sent: true };
+      return { ...acted(session), cancel_sent: true };
     },
     async terminate(id) {
       const session = find(id);
       session.terminate();
-      return { id: idOf(session), terminated: true };
+      return { ...acted(session), terminated: true };
     },
   };
 }
@@ -133,7 +147,27 @@ export function localSessions(
 /** Names the workers whose sessions are missing from a list (they did not answer in time). */
 export const UNANSWERED_HEADER = 'X-Pgwarden-Unanswered-Workers';
 
-export function sessionRoutes(sessions: SessionDirectory): Route[] {
+/** Where an operator's action on a session is recorded, as actions on blocking backends are. */
+export interface SessionAudit {
+  readonly events: EventLog;
+  readonly log: Logger;
+}
+
+function audited<T extends SessionActed>(audit: SessionAudit, action: 'cancel' | 'terminate', acted: T): T {
+  const who = `user ${acted.user}, application ${acted.application_name || '(none)'}`;
+  audit.events.add({
+    type: 'admin_action',
+    summary: `${action} session ${acted.id} (${who})${action === 'cancel' ? ': cancel request sent' : ''}`,
+    details: { action, session: acted.id, user: acted.user, application: acted.application_name },
+  });
+  audit.log.warn(
+    { action, session: acted.id, user: acted.user, application: acted.application_name },
+    'admin action on a session',
+  );
+  return acted;
+}
+
+export function sessionRoutes(sessions: SessionDirectory, audit: SessionAudit): Route[] {
   return [
     {
       method: 'GET',
@@ -151,14 +185,14 @@ export function sessionRoutes(sessions: SessionDirectory): Route[] {
       method: 'DELETE',
       path: '/api/sessions/:id/query',
       async handle({ params }) {
-        return { status: 200, body: await sessions.cancel(params.id) };
+        return { status: 200, body: audited(audit, 'cancel', await sessions.cancel(params.id)) };
       },
     },
     {
       method: 'DELETE',
       path: '/api/sessions/:id',
       async handle({ params }) {
-        return { status: 200, body: await sessions.terminate(params.id) };
+        return { status: 200, body: audited(audit, 'terminate', await sessions.terminate(params.id)) };
       },
     },
   ];

@@ -96,7 +96,7 @@ export async function startAdmin(inputs: AdminInputs): Promise<{ server: AdminSe
       o ? (fp) => o.collector.registry.get(fp) : null,
     ),
     ...(o ? mitigationRoutes(o.policy) : []),
-    ...sessionRoutes(inputs.sessions),
+    ...sessionRoutes(inputs.sessions, { events, log: log.child({ component: 'admin' }) }),
     ...(inputs.inflight ? inFlightRoutes(inputs.inflight) : []),
     ...(o?.activity && inputs.monitor
       ? backendRoutes({ activity: o.activity, monitor: inputs.monitor, events, log: log.child({ component: 'admin' }) })

@@ -28,7 +28,13 @@
 import cluster, { type Worker } from 'node:cluster';
 import type { Logger } from 'pino';
 import type { ProxyCounters } from '../admin/metrics.ts';
-import { noSession, parseSessionId, type SessionDirectory, type SessionJson } from '../admin/sessions-api.ts';
+import {
+  noSession,
+  parseSessionId,
+  type SessionActed,
+  type SessionDirectory,
+  type SessionJson,
+} from '../admin/sessions-api.ts';
 import { ApiError } from '../admin/server.ts';
 import type { Clock } from '../clock.ts';
 import { DDL_COMMANDS } from '../detect/ddlwatch.ts';
@@ -200,8 +206,8 @@ export class WorkerHub {
       sessions.sort((a, b) => a.since.localeCompare(b.since) || String(a.id).localeCompare(String(b.id)));
       return { sessions, unanswered };
     },
-    cancel: (id) => this.act('cancel', id) as Promise<{ id: string; cancel_sent: true }>,
-    terminate: (id) => this.act('terminate', id) as Promise<{ id: string; terminated: true }>,
+    cancel: (id) => this.act('cancel', id) as Promise<SessionActed & { cancel_sent: true }>,
+    terminate: (id) => this.act('terminate', id) as Promise<SessionActed & { terminated: true }>,
   };
 
   private async act(op: 'cancel' | 'terminate', id: string): Promise<unknown> {

@@ -11,7 +11,7 @@ export type EventType =
   | 'setting_change' // a server, per-database or per-role setting changed (settings watch)
   | 'statistics_change' // a table was analyzed (statistics watch)
   | 'new_shape' // a shape first seen recently is slow or heavy (new-shape watch)
-  | 'admin_action' // an operator cancelled or terminated a backend through the admin API
+  | 'admin_action' // an operator cancelled or terminated a blocking backend or a session through the admin API
   | 'incident_opened'
   | 'incident_resolved'
   | 'rule_added'
@@ -75,16 +75,25 @@ export interface EventDetails {
   setting_change: Windowed & { name: string } & Record<string, unknown>;
   statistics_change: Windowed & { database: string } & Record<string, unknown>;
   new_shape: Record<string, unknown>;
-  admin_action: {
-    action: string;
-    pid: number;
-    ok: boolean;
-    reason: string | null;
-    blocking: readonly number[];
-    user: string | null;
-    application: string | null;
-    query: string | null;
-  };
+  admin_action:
+    | {
+        /** On a backend that blocks others (POST /api/backends/:pid/...). */
+        action: string;
+        pid: number;
+        ok: boolean;
+        reason: string | null;
+        blocking: readonly number[];
+        user: string | null;
+        application: string | null;
+        query: string | null;
+      }
+    | {
+        /** On a session through the proxy (DELETE /api/sessions/:id...). */
+        action: 'cancel' | 'terminate';
+        session: number | string;
+        user: string;
+        application: string;
+      };
   incident_opened: { incident: string; kind: string; severity: number; victims: readonly string[] };
   incident_resolved: { incident: string; kind: string };
   rule_added: { rule: unknown };

@@ -109,8 +109,13 @@ describe('live sessions', () => {
     const told: Error[] = [];
     victim.on('error', (err) => told.push(err));
     const s = await waitFor(async () => (await sessions()).find((x) => x.application_name === 'to-terminate'));
-    const { status } = await pgw.api(`/api/sessions/${s.id}`, { method: 'DELETE' });
+    const { status, body } = await pgw.api(`/api/sessions/${s.id}`, { method: 'DELETE' });
     assert.equal(status, 200);
+    assert.deepEqual(body, { id: s.id, user: s.user, application_name: 'to-terminate', terminated: true });
+    // An operator's action is on the timeline and in the log, as one on a blocking backend is.
+    const { body: events } = await pgw.api('/api/events?type=admin_action');
+    assert.equal(events.at(-1).summary, `terminate session ${s.id} (user ${s.user}, application to-terminate)`);
+    assert.ok(pgw.logLines.some((l) => l.msg === 'admin action on a session' && l.session === s.id));
     await waitFor(() => told.length > 0, { what: 'the client to be told' });
     assert.equal((told[0] as pg.DatabaseError).code, '57P01');
     await waitFor(async () => !(await sessions()).some((x) => x.id === s.id), {

@@ -479,7 +479,13 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
     try {
       const relayedBy = await Promise.all(list.map(workerOf));
       assert.equal(new Set(relayedBy).size, 2, 'the clients are spread over both workers');
-      type Listed = { id: string; application_name: string; state: string; statement: { running: boolean } | null };
+      type Listed = {
+        id: string;
+        user: string;
+        application_name: string;
+        state: string;
+        statement: { running: boolean } | null;
+      };
       const ours = async () =>
         ((await api('/api/sessions')) as Listed[]).filter((s) => s.application_name.startsWith('pgw-wk-s'));
       const listed = await waitFor(async () => ((await ours()).length === list.length ? ours() : undefined), {
@@ -496,6 +502,8 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       const victim = listed.find((s) => s.application_name === 'pgw-wk-s0')!;
       assert.deepEqual(await api(`/api/sessions/${victim.id}`, { method: 'DELETE' }), {
         id: victim.id,
+        user: victim.user,
+        application_name: 'pgw-wk-s0',
         terminated: true,
       });
       await waitFor(() => told[0] !== undefined, { what: 'the terminated client to be told' });
@@ -512,8 +520,19 @@ describe('pgwarden start --workers 2', { timeout: 180_000 }, () => {
       });
       assert.deepEqual(await api(`/api/sessions/${other.id}/query`, { method: 'DELETE' }), {
         id: other.id,
+        user: other.user,
+        application_name: other.application_name,
         cancel_sent: true,
       });
+      // The primary records both actions, whichever worker carried them out.
+      const actions = (await api('/api/events?type=admin_action')) as { summary: string }[];
+      assert.deepEqual(
+        actions.slice(-2).map((e) => e.summary),
+        [
+          `terminate session ${victim.id} (user ${victim.user}, application pgw-wk-s0)`,
+          `cancel session ${other.id} (user ${other.user}, application ${other.application_name}): cancel request sent`,
+        ],
+      );
       assert.equal(((await running) as pg.DatabaseError).code, '57014');
       assert.equal((await runner.query('select 1 as one')).rows[0].one, 1, 'the session survives a cancel');
       for (const c of list.slice(1)) assert.equal((await c.query('select 2 as two')).rows[0].two, 2);
