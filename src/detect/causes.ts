@@ -63,8 +63,14 @@ export class TimelineCauses implements CauseProvider {
       const nearby = e.at >= context.onset - NEARBY_MS && e.at <= context.onset + 30_000;
       if (!decisive && !(touches && nearby)) continue;
       let summary = e.type === 'setting_change' ? `setting changed: ${e.summary}` : `statistics changed: ${e.summary}`;
-      if (planAfter && decisive)
-        summary += `; the plan changed ${Math.max(0, Math.round((planAfter.at - e.at) / 1000))} s later`;
+      if (planAfter && decisive) {
+        const seconds = Math.max(0, Math.round((planAfter.at - e.at) / 1000));
+        // A setting change is placed at the start of the window it was found in: an upper bound.
+        summary +=
+          e.type === 'setting_change'
+            ? `; the plan changed within ${seconds} s`
+            : `; the plan changed ${seconds} s later`;
+      }
       const details = planAfter?.type === 'plan_change' ? planAfter.details : undefined;
       // New statistics act through the planner's estimates: show them moving.
       if (planAfter && e.type === 'statistics_change' && details?.estimates_before)

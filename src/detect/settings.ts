@@ -117,11 +117,14 @@ export class SettingsWatcher {
     this.previousAt = at;
     if (previous === null) return [];
     const changes = diffSettings(previous, snapshot);
-    // A server setting took effect at the reload, when that falls between the two reads.
-    const reloaded =
-      snapshot.reloadedAt > since && snapshot.reloadedAt <= at && snapshot.reloadedAt !== previous.reloadedAt;
     for (const change of changes) {
-      const when = reloaded && change.details.scope === 'server' ? snapshot.reloadedAt : at;
+      // A change found now was made after the previous read, not at this one: it is
+      // placed at the start of that window (as the catalog watch's "between"), so a
+      // plan that flipped before this read still counts as after it. The reload time
+      // the server reports cannot narrow it: pg_conf_load_time() is the monitor
+      // session's own, and an idle session applies a reload only when its next
+      // command arrives, possibly after the plans of busy sessions have flipped.
+      const when = since + 1;
       this.options.events.add({
         type: 'setting_change',
         at: when,

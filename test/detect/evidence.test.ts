@@ -279,7 +279,7 @@ describe('setting and statistics causes', () => {
     });
     const decisive = causes.filter((c) => c.conclusive).map((c) => c.summary);
     assert.deepEqual(decisive, [
-      'setting changed: random_page_cost 4 -> 1000 (ALTER SYSTEM); the plan changed 5 s later',
+      'setting changed: random_page_cost 4 -> 1000 (ALTER SYSTEM); the plan changed within 5 s',
     ]);
     assert.ok(
       !causes.some((c) => c.type === 'statistics_change'),
