@@ -16,8 +16,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { startPostgres } from '../test/harness/postgres.ts';
 import { initPgbench, runPgbench, type Mode, MODE_NAMES } from './lib/pgbench.ts';
-import { buildPgwarden } from './lib/pgwarden.ts';
-import { freePort, listeningOrStopped, spawnDaemon } from './lib/processes.ts';
+import { buildPgwarden, startPgwarden, statsFlag } from './lib/pgwarden.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 
@@ -102,34 +101,14 @@ async function main(): Promise<void> {
   try {
     const database = { host: server.host, port: server.port, user: server.superuser, database: 'postgres' };
     await initPgbench(database, 1, abort.signal);
-    const port = await freePort();
-    const adminPort = await freePort();
-    const daemon = await spawnDaemon({
+    const { daemon, port } = await startPgwarden(`${server.host}:${server.port}`, {
       name: 'pgwarden',
-      command: process.execPath,
-      args: [
-        '--cpu-prof',
-        '--cpu-prof-dir',
-        dir,
-        path.join(ROOT, 'bin', 'pgwarden.js'),
-        'start',
-        '--listen',
-        `127.0.0.1:${port}`,
-        '--upstream',
-        `${server.host}:${server.port}`,
-        '--admin',
-        `127.0.0.1:${adminPort}`,
-        '--stats',
-        values.stats!,
-        '--state-file',
-        path.join(dir, 'state.json'),
-      ],
-      env: { ...process.env, PGWARDEN_LOG_LEVEL: 'warn', PGWARDEN_ADMIN_TOKEN: 'pgwarden-bench-admin-token' },
-      cwd: ROOT,
-      logFile: path.join(dir, 'pgwarden.log'),
+      stats: statsFlag(values.stats!),
+      extraArgs: [],
+      tempDir: dir,
+      nodeArgs: ['--cpu-prof', '--cpu-prof-dir', dir],
     });
     try {
-      await listeningOrStopped(daemon, '127.0.0.1', port);
       const endpoint = { ...database, host: '127.0.0.1', port };
       const result = await runPgbench(
         endpoint,

@@ -18,13 +18,10 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
 import { startPostgres } from '../test/harness/postgres.ts';
-import { buildPgwarden } from './lib/pgwarden.ts';
-import { freePort, listeningOrStopped, spawnDaemon } from './lib/processes.ts';
+import { ADMIN_TOKEN, buildPgwarden, startPgwarden, statsFlag } from './lib/pgwarden.ts';
 import { treeRssKib } from './lib/procfs.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '..');
 const COLUMNS = 20;
-const ADMIN_TOKEN = 'pgwarden-bench-admin-token';
 
 /** The i-th distinct statement (i >= 1): the columns of i's bits, a literal that changes too. */
 export function distinctStatement(i: number): string {
@@ -62,32 +59,13 @@ async function main(): Promise<void> {
     );
     await setup.end();
 
-    const port = await freePort();
-    const adminPort = await freePort();
-    const daemon = await spawnDaemon({
+    const { daemon, port, adminPort } = await startPgwarden(`${server.host}:${server.port}`, {
       name: 'pgwarden',
-      command: process.execPath,
-      args: [
-        path.join(ROOT, 'bin', 'pgwarden.js'),
-        'start',
-        '--listen',
-        `127.0.0.1:${port}`,
-        '--upstream',
-        `${server.host}:${server.port}`,
-        '--admin',
-        `127.0.0.1:${adminPort}`,
-        '--stats',
-        values.stats!,
-        '--state-file',
-        path.join(dir, 'state.json'),
-        ...values['pgwarden-args']!.split(' ').filter(Boolean),
-      ],
-      env: { ...process.env, PGWARDEN_LOG_LEVEL: 'warn', PGWARDEN_ADMIN_TOKEN: ADMIN_TOKEN },
-      cwd: ROOT,
-      logFile: path.join(dir, 'pgwarden.log'),
+      stats: statsFlag(values.stats!),
+      extraArgs: values['pgwarden-args']!.split(' ').filter(Boolean),
+      tempDir: dir,
     });
     try {
-      await listeningOrStopped(daemon, '127.0.0.1', port);
       const pool = await Promise.all(
         Array.from({ length: clients }, async () => {
           const client = new pg.Client({ ...database, host: '127.0.0.1', port });

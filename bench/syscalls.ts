@@ -23,7 +23,7 @@ import { parseArgs } from 'node:util';
 import { startPostgres } from '../test/harness/postgres.ts';
 import { initPgbench, runPgbench, type Mode, MODE_NAMES, type Endpoint } from './lib/pgbench.ts';
 import { findPgbouncer, startPgbouncer } from './lib/pgbouncer.ts';
-import { buildPgwarden, startPgwarden, type StartedProxy } from './lib/pgwarden.ts';
+import { buildPgwarden, startPgwarden, statsFlag, type StartedProxy } from './lib/pgwarden.ts';
 import { clockTicksPerSecond, treeCpuSplitTicks } from './lib/procfs.ts';
 import { findExecutable } from './lib/processes.ts';
 
@@ -53,8 +53,7 @@ function parse(argv: string[]): Options {
   const durationS = Number(values.duration);
   if (!Number.isInteger(clients) || clients < 1) throw new Error('--clients must be a positive integer');
   if (!Number.isFinite(durationS) || durationS <= 0) throw new Error('--duration must be a positive number');
-  if (values.stats !== 'true' && values.stats !== 'false') throw new Error('--stats must be true or false');
-  return { mode, clients, durationS, stats: values.stats === 'true', strace: values.strace! };
+  return { mode, clients, durationS, stats: statsFlag(values.stats!), strace: values.strace! };
 }
 
 /** One pgbench run through `proxy`, with the proxy's user and system CPU per transaction. */

@@ -47,7 +47,7 @@ export async function startPgbouncer(binary: string, upstream: Endpoint, tempDir
     logFile: path.join(dir, 'pgbouncer.log'),
   });
   await listeningOrStopped(daemon, '127.0.0.1', port);
-  return { daemon, port };
+  return { daemon, port, adminPort: 0 };
 }
 
 /** pgbouncer.ini and its auth file; returns the path of the ini. */

@@ -9,12 +9,14 @@ import path from 'node:path';
 import { execFileAsync, freePort, spawnDaemon, tail, listeningOrStopped, type Daemon } from './processes.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..', '..');
-/** The schema wants at least 16 characters; the admin API is not used by the benchmark. */
-const ADMIN_TOKEN = 'pgwarden-bench-admin-token';
+/** The schema wants at least 16 characters; only the memory benchmark reads the admin API. */
+export const ADMIN_TOKEN = 'pgwarden-bench-admin-token';
 
 export interface StartedProxy {
   daemon: Daemon;
   port: number;
+  /** pgwarden's admin API (PgBouncer has none: 0). */
+  adminPort: number;
 }
 
 /** `npm run build`; throws with the end of its output when dist/ cannot be produced. */
@@ -50,6 +52,14 @@ export interface PgwardenSpec {
   /** --pgwarden-args; they come last, so they can override the benchmark's other defaults. */
   extraArgs: string[];
   tempDir: string;
+  /** Node's own flags, before the script (--cpu-prof for the profile). */
+  nodeArgs?: string[];
+}
+
+/** --stats as pgwarden takes it: true or false, nothing else. */
+export function statsFlag(value: string): boolean {
+  if (value !== 'true' && value !== 'false') throw new Error(`--stats must be true or false; got '${value}'`);
+  return value === 'true';
 }
 
 /** The flags the benchmark gives `pgwarden start` besides --listen, --upstream and --admin. */
@@ -72,6 +82,7 @@ export async function startPgwarden(upstream: string, spec: PgwardenSpec): Promi
     name: spec.name,
     command: process.execPath,
     args: [
+      ...(spec.nodeArgs ?? []),
       path.join(ROOT, 'bin', 'pgwarden.js'),
       'start',
       '--listen',
@@ -87,5 +98,5 @@ export async function startPgwarden(upstream: string, spec: PgwardenSpec): Promi
     logFile: path.join(spec.tempDir, `${spec.name}.log`),
   });
   await listeningOrStopped(daemon, '127.0.0.1', port);
-  return { daemon, port };
+  return { daemon, port, adminPort };
 }
