@@ -5,11 +5,11 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
 import { explainableStatement, explainSample } from '../../src/plans/explain.ts';
-import { MonitorPool } from '../../src/plans/monitor.ts';
+import type { MonitorPool } from '../../src/plans/monitor.ts';
 import { summarizePlan } from '../../src/plans/plan.ts';
 import { testDatabase, waitFor, withClient } from '../harness/database.ts';
+import { singleConnectionMonitor } from '../harness/monitor.ts';
 
 const TABLE = 'pgw_explain_items';
 const PG_VERSION = Number(process.env.PGWARDEN_TEST_PG_VERSION ?? 0);
@@ -79,12 +79,7 @@ describe('explainSample', () => {
 
   before(async () => {
     // One connection, so a transaction left open by one EXPLAIN would be seen by the next.
-    monitor = new MonitorPool({
-      url: testDatabase().url,
-      concurrency: 1,
-      statementTimeoutMs: 5_000,
-      log: pino({ level: 'silent' }),
-    });
+    monitor = singleConnectionMonitor();
     database = monitor.defaultDatabase;
     await withClient(async (c) => {
       await c.query(`drop table if exists ${TABLE}`);
@@ -232,12 +227,7 @@ describe('explainSample', () => {
 
 describe('MonitorPool', () => {
   test("serverMajorVersion is the server's major version", async () => {
-    const monitor = new MonitorPool({
-      url: testDatabase().url,
-      concurrency: 1,
-      statementTimeoutMs: 5_000,
-      log: pino({ level: 'silent' }),
-    });
+    const monitor = singleConnectionMonitor();
     try {
       const version = await monitor.serverMajorVersion();
       assert.ok(Number.isInteger(version) && version >= 13, String(version));
@@ -249,13 +239,7 @@ describe('MonitorPool', () => {
 
   test('keeps pools for at most maxDatabases databases, closing the least recently used', async () => {
     const appName = 'pgwarden-monitor';
-    const monitor = new MonitorPool({
-      url: testDatabase().url,
-      concurrency: 1,
-      statementTimeoutMs: 5_000,
-      maxDatabases: 1,
-      log: pino({ level: 'silent' }),
-    });
+    const monitor = singleConnectionMonitor({ maxDatabases: 1 });
     const databases = async () =>
       withClient(async (c) => {
         const { rows } = await c.query<{ datname: string }>(

@@ -9,11 +9,11 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
 import { explainExecution, planChoice } from '../../src/plans/explain.ts';
-import { MonitorPool } from '../../src/plans/monitor.ts';
+import type { MonitorPool } from '../../src/plans/monitor.ts';
 import { summarizePlan } from '../../src/plans/plan.ts';
 import { testDatabase, withClient } from '../harness/database.ts';
+import { singleConnectionMonitor } from '../harness/monitor.ts';
 
 const TABLE = 'pgw_prepared_jobs';
 const PG_VERSION = Number(process.env.PGWARDEN_TEST_PG_VERSION ?? 0);
@@ -41,12 +41,7 @@ describe('prepared statements: custom or generic plan', () => {
 
   before(async () => {
     // One connection: a prepared statement left behind would be seen by the next test.
-    monitor = new MonitorPool({
-      url: testDatabase().url,
-      concurrency: 1,
-      statementTimeoutMs: 5_000,
-      log: pino({ level: 'silent' }),
-    });
+    monitor = singleConnectionMonitor();
     database = monitor.defaultDatabase;
     await withClient(async (c) => {
       await c.query(`drop table if exists ${TABLE}`);
